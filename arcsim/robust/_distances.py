@@ -1,0 +1,29 @@
+"""Pairwise squared distances from one matrix product."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pairwise_sq_distances(x: Tensor) -> Tensor:
+    """Return the (n, n) matrix of squared Euclidean distances between the rows of ``x``.
+
+    .. math::
+        D_{ij} = \\|y_i\\|^2 + \\|y_j\\|^2 - 2 \\langle y_i, y_j \\rangle, \\qquad y_i = x_i - x_c
+
+    computed from one Gram matrix ``y @ y.T``. Distances do not depend on the origin, but the rounding
+    error of the Gram form grows with the rows' norms, so the rows are first centred on ``x_c``, the
+    row of median norm: when honest rows are the majority that norm lies within the honest norms, so
+    rows far away (huge Byzantine vectors) cannot inflate the honest rows' coordinates. The diagonal
+    is exactly zero and negative round-off is clamped to zero.
+    """
+    n = x.shape[0]
+    norms = torch.linalg.vector_norm(x, dim=1)
+    centre = x[torch.argsort(norms, stable=True)[(n - 1) // 2]]
+    y = x - centre
+    sq = torch.linalg.vector_norm(y, dim=1).square()
+    d = sq[:, None] + sq[None, :] - 2.0 * (y @ y.T)
+    d.clamp_(min=0.0)
+    d.fill_diagonal_(0.0)
+    return d

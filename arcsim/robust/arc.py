@@ -1,0 +1,64 @@
+"""Adaptive Robust Clipping (ARC)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_matrix, check_minority
+
+
+def arc_num_clipped(n: int, f: int) -> int:
+    """The number of vectors ARC clips: :math:`k = \\lfloor 2 f (n - f) / n \\rfloor`, in integer arithmetic.
+
+    A float product truncated with ``int()`` is wrong for some (n, f), e.g. n = 242, f = 33.
+
+    >>> arc_num_clipped(242, 33)
+    57
+    """
+    return (2 * f * (n - f)) // n
+
+
+def arc_with_report(x: Tensor, *, f: int) -> tuple[Tensor, float, Tensor]:
+    """ARC, also returning the clip threshold C and the boolean mask of the rows it changed."""
+    n = x.shape[0]
+    k = arc_num_clipped(n, f)
+    norms = torch.linalg.vector_norm(x, dim=1)
+    if k == 0:
+        return x.clone(), float(norms.max()), torch.zeros(n, dtype=torch.bool, device=x.device)
+    # The (k+1)-th largest norm; topk over n values, not over the data.
+    threshold = torch.topk(norms, k + 1, largest=True, sorted=True).values[k]
+    clipped = norms > threshold
+    scale = torch.where(clipped, threshold / norms, torch.ones_like(norms))
+    return x * scale[:, None], float(threshold), clipped
+
+
+def arc(x: Tensor, *, f: int) -> Tensor:
+    """Adaptive Robust Clipping: clip the k largest vectors to the (k+1)-th largest norm.
+
+    .. math::
+        k = \\left\\lfloor \\frac{2 f (n - f)}{n} \\right\\rfloor, \\qquad
+        C = \\|x_{\\tau(k+1)}\\|, \\qquad
+        \\mathrm{ARC}(x)_i = \\min\\left(1, \\frac{C}{\\|x_i\\|}\\right) x_i
+
+    where
+        - n is the number of input vectors (rows of ``x``) and f the number of Byzantine ones,
+        - :math:`\\tau` orders the rows by decreasing norm, so C is the (k+1)-th largest norm.
+
+    Only rows whose norm exceeds C change (at most k of them); the others are returned bitwise
+    equal. f = 0 gives k = 0 and ARC is the identity. Needs 2f < n.
+
+    Reference: Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Boosting Robustness by Clipping
+    Gradients in Distributed Learning", arXiv:2405.14432.
+
+    Example (PAPER.md): f = 1, n = 3 gives k = 1 and C = ||[4, 5, 6]||; only the last row changes.
+
+    >>> import torch
+    >>> arc(torch.tensor([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]]), f=1)
+    tensor([[1.0000, 2.0000, 3.0000],
+            [4.0000, 5.0000, 6.0000],
+            [4.4100, 5.0400, 5.6701]])
+    """
+    check_matrix(x, rule="arc")
+    check_minority(x.shape[0], f, rule="arc")
+    return arc_with_report(x, f=f)[0]

@@ -1,0 +1,44 @@
+"""Bucketing: average random groups of s vectors."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_matrix
+
+
+def bucketing(x: Tensor, *, s: int, generator: torch.Generator | None = None) -> Tensor:
+    """Shuffle the vectors and average them in buckets of s.
+
+    .. math::
+        y_b = \\frac{1}{|B_b|} \\sum_{i \\in B_b} x_{\\pi(i)}, \\qquad
+        B_b = \\{ b s, \\dots, \\min((b+1) s, n) - 1 \\}, \\quad b = 0, \\dots, \\lceil n/s \\rceil - 1
+
+    where :math:`\\pi` is a uniformly random permutation drawn from ``generator`` and s >= 1 the
+    bucket size. The output has :math:`\\lceil n / s \\rceil` rows (the last bucket may be smaller),
+    so a rule after it sees fewer, more homogeneous vectors; with f Byzantine inputs at most f
+    buckets are affected, so the next rule keeps the same f and needs 2f < ceil(n / s).
+
+    Reference: Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
+    Bucketing", ICLR 2022.
+
+    >>> import torch
+    >>> bucketing(torch.tensor([[1.], [3.], [5.]]), s=2, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([2, 1])
+    """
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        raise ValueError(f"bucketing: s must be a positive integer, got s = {s!r}")
+    check_matrix(x, rule="bucketing")
+    return bucketing_impl(x, s=s, generator=generator)
+
+
+def bucketing_impl(x: Tensor, *, s: int, generator: torch.Generator | None = None) -> Tensor:
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=generator, device="cpu").to(x.device)
+    buckets = -(-n // s)
+    bucket_of = torch.arange(n, device=x.device) // s
+    sums = torch.zeros((buckets, x.shape[1]), dtype=x.dtype, device=x.device)
+    sums.index_add_(0, bucket_of, x[perm])
+    counts = torch.bincount(bucket_of, minlength=buckets).to(x.dtype)
+    return sums / counts[:, None]

@@ -1,0 +1,50 @@
+"""Centered clipping."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_matrix, check_positive
+
+
+def centered_clip_impl(x: Tensor, *, tau: float, iters: int, center: Tensor | None) -> Tensor:
+    v = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if center is None else center.to(x)
+    for _ in range(iters):
+        diff = x - v
+        norms = torch.linalg.vector_norm(diff, dim=1)
+        scale = torch.where(norms > tau, tau / norms, torch.ones_like(norms))
+        v = v + (scale / x.shape[0]) @ diff
+    return v
+
+
+def centered_clip(x: Tensor, *, tau: float, iters: int = 1, center: Tensor | None = None) -> Tensor:
+    """Centered clipping: move a centre towards the vectors, each clipped around it to radius tau.
+
+    .. math::
+        v_{l+1} = v_l + \\frac{1}{n} \\sum_{i=1}^{n} \\min\\left(1, \\frac{\\tau}{\\|x_i - v_l\\|}\\right)(x_i - v_l),
+        \\qquad l = 0, \\dots, L - 1
+
+    where
+        - :math:`v_0` is ``center`` (the previous aggregate in the paper; zeros when None),
+        - :math:`\\tau > 0` is the clipping radius and L = ``iters`` (the paper finds L = 1 enough).
+
+    Reference: Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
+    ICML 2021.
+
+    >>> import torch
+    >>> centered_clip(torch.tensor([[1., 0.], [0., 1.], [30., 40.]]), tau=5.0)
+    tensor([1.3333, 1.6667])
+    """
+    check_positive(tau, name="tau", rule="centered_clip")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"centered_clip: iters must be a positive integer, got iters = {iters!r}")
+    check_matrix(x, rule="centered_clip")
+    if center is not None:
+        if center.shape != (x.shape[1],):
+            raise ValueError(
+                f"centered_clip: center must have shape ({x.shape[1]},), got {tuple(center.shape)}"
+            )
+        if not bool(torch.isfinite(center).all()):
+            raise ValueError("centered_clip: center has non-finite values")
+    return centered_clip_impl(x, tau=tau, iters=iters, center=center)

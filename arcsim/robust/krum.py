@@ -1,0 +1,82 @@
+"""Krum and Multi-Krum."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_f, check_matrix
+from ._distances import pairwise_sq_distances
+
+
+def check_krum_n(n: int, f: int, *, rule: str) -> None:
+    check_f(f, rule=rule)
+    if not n > 2 * f + 2:
+        raise ValueError(f"{rule}: needs n > 2f + 2, got n = {n}, f = {f}")
+
+
+def krum_scores(dist: Tensor, *, f: int) -> Tensor:
+    """Krum scores from an (n, n) squared-distance matrix: each row's sum over its n - f - 2 nearest others."""
+    n = dist.shape[0]
+    # Sorted distances of each row; position 0 is the row itself (distance 0), which is skipped.
+    nearest = torch.sort(dist, dim=1).values[:, 1 : n - f - 1]
+    return nearest.sum(dim=1)
+
+
+def multi_krum_selection(x: Tensor, *, f: int, m: int) -> Tensor:
+    """Indices of the m rows with the lowest Krum scores (ties broken by row index), in score order."""
+    scores = krum_scores(pairwise_sq_distances(x), f=f)
+    return torch.argsort(scores, stable=True)[:m]
+
+
+def krum(x: Tensor, *, f: int) -> Tensor:
+    """Krum: the input vector closest to its n - f - 2 nearest neighbours.
+
+    .. math::
+        s_i = \\sum_{j \\in N_i} \\|x_i - x_j\\|^2, \\qquad \\mathrm{Krum}(x) = x_{i^*}, \\quad
+        i^* = \\arg\\min_i s_i
+
+    where N_i is the set of the n - f - 2 rows closest to x_i (x_i excluded). Ties go to the lowest
+    row index. Distances come from one Gram matrix. Needs n > 2f + 2.
+
+    Reference: Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries:
+    Byzantine Tolerant Gradient Descent", NeurIPS 2017.
+
+    >>> import torch
+    >>> krum(torch.tensor([[0.], [1.], [2.], [3.], [50.]]), f=1)
+    tensor([1.])
+    """
+    check_matrix(x, rule="krum")
+    check_krum_n(x.shape[0], f, rule="krum")
+    return x[multi_krum_selection(x, f=f, m=1)[0]].clone()
+
+
+def check_m(m: int | None, n: int, f: int, *, rule: str) -> int:
+    if m is None:
+        return n - f
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+        raise ValueError(f"{rule}: m must be an integer in [1, n], got m = {m!r}, n = {n}")
+    return m
+
+
+def multi_krum(x: Tensor, *, f: int, m: int | None = None) -> Tensor:
+    """Multi-Krum: the average of the m input vectors with the lowest Krum scores.
+
+    .. math::
+        \\mathrm{MultiKrum}(x) = \\frac{1}{m} \\sum_{i \\in S_m} x_i
+
+    where S_m holds the m rows with the smallest Krum scores :math:`s_i` (see :func:`krum`) and
+    m defaults to n - f. m = 1 is Krum. Needs n > 2f + 2.
+
+    Reference: El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning in
+    Byzantium", ICML 2018.
+
+    >>> import torch
+    >>> multi_krum(torch.tensor([[0.], [1.], [2.], [3.], [50.]]), f=1)
+    tensor([1.5000])
+    """
+    check_matrix(x, rule="multi_krum")
+    n = x.shape[0]
+    check_krum_n(n, f, rule="multi_krum")
+    m = check_m(m, n, f, rule="multi_krum")
+    return x[multi_krum_selection(x, f=f, m=m)].mean(dim=0)

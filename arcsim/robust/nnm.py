@@ -1,0 +1,46 @@
+"""Nearest Neighbour Mixing (NNM)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_matrix, check_minority
+from ._distances import pairwise_sq_distances
+
+
+def nnm_impl(x: Tensor, *, f: int) -> Tensor:
+    n = x.shape[0]
+    if f == 0:
+        # Every row's n - 0 nearest neighbours are all the rows.
+        return x.mean(dim=0, keepdim=True).expand(n, -1).clone()
+    dist = pairwise_sq_distances(x)
+    # Row i's n - f nearest rows (itself included, at distance 0); stable order breaks ties by index.
+    nearest = torch.argsort(dist, dim=1, stable=True)[:, : n - f]
+    mix = torch.zeros((n, n), dtype=x.dtype, device=x.device)
+    mix.scatter_(1, nearest, 1.0 / (n - f))
+    return mix @ x
+
+
+def nnm(x: Tensor, *, f: int) -> Tensor:
+    """Nearest Neighbour Mixing: replace every vector by the mean of its n - f nearest neighbours.
+
+    .. math::
+        \\mathrm{NNM}(x)_i = \\frac{1}{n - f} \\sum_{j \\in N_i} x_j
+
+    where N_i is the set of the n - f rows closest to x_i in Euclidean distance (x_i included).
+    The distances come from one Gram matrix and the mixing is one (n, n) x (n, d) product. Ties
+    between equidistant neighbours are broken by row index. Needs 2f < n.
+
+    Reference: Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, "Fixing by Mixing: A Recipe
+    for Optimal Byzantine ML under Heterogeneity", AISTATS 2023.
+
+    >>> import torch
+    >>> nnm(torch.tensor([[0.], [1.], [10.]]), f=1)
+    tensor([[0.5000],
+            [0.5000],
+            [5.5000]])
+    """
+    check_matrix(x, rule="nnm")
+    check_minority(x.shape[0], f, rule="nnm")
+    return nnm_impl(x, f=f)

@@ -1,0 +1,274 @@
+"""Pipelines of robust rules, built from a spec such as ``"arc > nnm > cwtm"``.
+
+A spec is zero or more pre-aggregators ((n, d) -> (m, d)) followed by exactly one aggregator
+((m, d) -> (d,)), separated by ``>`` and applied left to right. The pipeline validates the input
+once, checks each stage's n-dependent condition when called, and returns the aggregate together
+with an :class:`AggregationReport` of what each stage did (clip threshold and clipped rows for
+the clipping stages, selected rows for Krum-like stages, time per stage), which the coordinator
+turns into metrics by role.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import check_f, check_matrix, check_minority, check_positive
+from .arc import arc_with_report
+from .bucketing import bucketing_impl
+from .bulyan import bulyan_impl
+from .centered_clip import centered_clip_impl
+from .cwmed import cwmed_impl
+from .cwtm import cwtm_impl
+from .geometric_median import DEFAULT_MAX_ITER, DEFAULT_NU, DEFAULT_TOL, geometric_median_impl
+from .krum import check_krum_n, check_m, multi_krum_selection
+from .nnm import nnm_impl
+from .static_clip import static_clip_with_report
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What one stage did. Row indices and masks refer to the rows the stage received."""
+
+    name: str
+    seconds: float
+    clip_threshold: float | None = None
+    clipped: Tensor | None = None  # (n,) bool: rows the clipping changed
+    selected: Tensor | None = None  # int64 indices of the rows a Krum-like rule kept
+    iterations: int | None = None  # iterations of an iterative rule
+
+
+@dataclass(frozen=True)
+class AggregationReport:
+    stages: tuple[StageReport, ...]
+
+    def _first(self, attribute: str) -> Any:
+        for stage in self.stages:
+            value = getattr(stage, attribute)
+            if value is not None:
+                return value
+        return None
+
+    @property
+    def clip_threshold(self) -> float | None:
+        """The threshold of the first clipping stage (ARC or static clipping), if any."""
+        return self._first("clip_threshold")
+
+    @property
+    def clipped(self) -> Tensor | None:
+        """The (n,) mask of input rows changed by the first clipping stage, if any."""
+        return self._first("clipped")
+
+    @property
+    def selected(self) -> Tensor | None:
+        """Indices of the rows kept by the first Krum-like stage, if any."""
+        return self._first("selected")
+
+
+# A stage function takes (x, f, params, generator) and returns (output, report fields).
+StageFn = Callable[[Tensor, int, Mapping[str, Any], torch.Generator | None], tuple[Tensor, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    kind: str  # "pre" (n, d) -> (m, d) or "agg" (n, d) -> (d,)
+    run: StageFn
+    check_n: Callable[[int, int, Mapping[str, Any]], None]
+    required: tuple[str, ...] = ()
+    optional: Mapping[str, Any] = field(default_factory=dict)
+    check_params: Callable[[Mapping[str, Any]], None] = lambda params: None
+
+
+def _no_condition(n: int, f: int, params: Mapping[str, Any]) -> None:
+    return None
+
+
+def _minority(rule: str) -> Callable[[int, int, Mapping[str, Any]], None]:
+    return lambda n, f, params: check_minority(n, f, rule=rule)
+
+
+def _krum_condition(rule: str) -> Callable[[int, int, Mapping[str, Any]], None]:
+    def check(n: int, f: int, params: Mapping[str, Any]) -> None:
+        check_krum_n(n, f, rule=rule)
+        check_m(params.get("m"), n, f, rule=rule)
+
+    return check
+
+
+def _bulyan_condition(n: int, f: int, params: Mapping[str, Any]) -> None:
+    if not n >= 4 * f + 3:
+        raise ValueError(f"bulyan: needs n >= 4f + 3, got n = {n}, f = {f}")
+
+
+def _positive_int(rule: str, name: str) -> Callable[[Mapping[str, Any]], None]:
+    def check(params: Mapping[str, Any]) -> None:
+        value = params[name]
+        if value is None and name == "m":
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{rule}: {name} must be a positive integer, got {name} = {value!r}")
+
+    return check
+
+
+def _positive(rule: str, *names: str) -> Callable[[Mapping[str, Any]], None]:
+    def check(params: Mapping[str, Any]) -> None:
+        for name in names:
+            check_positive(params[name], name=name, rule=rule)
+
+    return check
+
+
+def _gm_params(params: Mapping[str, Any]) -> None:
+    _positive("geometric_median", "tol", "nu")(params)
+    _positive_int("geometric_median", "max_iter")(params)
+
+
+def _cc_params(params: Mapping[str, Any]) -> None:
+    _positive("centered_clip", "tau")(params)
+    _positive_int("centered_clip", "iters")(params)
+
+
+def _run_arc(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    out, threshold, clipped = arc_with_report(x, f=f)
+    return out, {"clip_threshold": threshold, "clipped": clipped}
+
+
+def _run_static_clip(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    out, threshold, clipped = static_clip_with_report(x, c=p["c"])
+    return out, {"clip_threshold": threshold, "clipped": clipped}
+
+
+def _run_multi_krum(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    m = check_m(p.get("m"), x.shape[0], f, rule="multi_krum")
+    selected = multi_krum_selection(x, f=f, m=m)
+    return x[selected].mean(dim=0), {"selected": selected}
+
+
+def _run_krum(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    selected = multi_krum_selection(x, f=f, m=1)
+    return x[selected[0]].clone(), {"selected": selected}
+
+
+def _run_gm(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    out, iterations = geometric_median_impl(x, tol=p["tol"], max_iter=p["max_iter"], nu=p["nu"])
+    return out, {"iterations": iterations}
+
+
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule("arc", "pre", _run_arc, _minority("arc")),
+        Rule("static_clip", "pre", _run_static_clip, _no_condition, required=("c",),
+             check_params=_positive("static_clip", "c")),
+        Rule("nnm", "pre", lambda x, f, p, g: (nnm_impl(x, f=f), {}), _minority("nnm")),
+        Rule("bucketing", "pre", lambda x, f, p, g: (bucketing_impl(x, s=p["s"], generator=g), {}),
+             _no_condition, required=("s",), check_params=_positive_int("bucketing", "s")),
+        Rule("mean", "agg", lambda x, f, p, g: (x.mean(dim=0), {}), _no_condition),
+        Rule("cwtm", "agg", lambda x, f, p, g: (cwtm_impl(x, f=f), {}), _minority("cwtm")),
+        Rule("cwmed", "agg", lambda x, f, p, g: (cwmed_impl(x), {}), _no_condition),
+        Rule("geometric_median", "agg", _run_gm, _no_condition,
+             optional={"tol": DEFAULT_TOL, "max_iter": DEFAULT_MAX_ITER, "nu": DEFAULT_NU},
+             check_params=_gm_params),
+        Rule("krum", "agg", _run_krum, _krum_condition("krum")),
+        Rule("multi_krum", "agg", _run_multi_krum, _krum_condition("multi_krum"), optional={"m": None},
+             check_params=_positive_int("multi_krum", "m")),
+        Rule("centered_clip", "agg",
+             lambda x, f, p, g: (centered_clip_impl(x, tau=p["tau"], iters=p["iters"], center=p.get("center")), {}),
+             _no_condition, required=("tau",), optional={"iters": 1, "center": None}, check_params=_cc_params),
+        Rule("bulyan", "agg", lambda x, f, p, g: (bulyan_impl(x, f=f), {}), _bulyan_condition),
+    )
+}
+PRE_AGGREGATORS = tuple(name for name, rule in RULES.items() if rule.kind == "pre")
+AGGREGATORS = tuple(name for name, rule in RULES.items() if rule.kind == "agg")
+
+
+class Pipeline:
+    """A validated chain of robust rules. Call it on an (n, d) tensor: ``aggregate, report = p(x)``."""
+
+    def __init__(self, spec: str, rules: tuple[Rule, ...], f: int, params: tuple[Mapping[str, Any], ...]):
+        self.spec = spec
+        self.f = f
+        self._rules = rules
+        self._params = params
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(rule.name for rule in self._rules)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.spec!r}, f={self.f})"
+
+    def __call__(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, AggregationReport]:
+        check_matrix(x, rule=self.spec)
+        reports = []
+        sync = x.is_cuda
+        for rule, params in zip(self._rules, self._params):
+            rule.check_n(x.shape[0], self.f, params)
+            start = time.perf_counter()
+            x, fields = rule.run(x, self.f, params, generator)
+            if sync:
+                torch.cuda.synchronize(x.device)
+            reports.append(StageReport(name=rule.name, seconds=time.perf_counter() - start, **fields))
+        return x, AggregationReport(stages=tuple(reports))
+
+
+def parse_spec(spec: str) -> tuple[str, ...]:
+    """Split ``"arc > nnm > cwtm"`` into stage names and check the grammar (not the parameters)."""
+    valid = f"pre-aggregators: {', '.join(PRE_AGGREGATORS)}; aggregators: {', '.join(AGGREGATORS)}"
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"pipeline spec must be a non-empty string like 'arc > nnm > cwtm', got {spec!r}")
+    names = tuple(part.strip() for part in spec.split(">"))
+    for position, name in enumerate(names):
+        if name not in RULES:
+            raise ValueError(f"pipeline {spec!r}: unknown rule {name!r}; valid names are {valid}")
+        kind = RULES[name].kind
+        last = position == len(names) - 1
+        if last and kind != "agg":
+            raise ValueError(f"pipeline {spec!r}: must end with an aggregator ({', '.join(AGGREGATORS)}), got {name!r}")
+        if not last and kind != "pre":
+            raise ValueError(
+                f"pipeline {spec!r}: {name!r} is an aggregator and must come last; "
+                f"only pre-aggregators ({', '.join(PRE_AGGREGATORS)}) may precede it"
+            )
+    return names
+
+
+def build_pipeline(spec: str, *, f: int, **params: Any) -> Pipeline:
+    """Build a pipeline from a spec such as ``"arc > nnm > cwtm"``.
+
+    ``f`` is the number of Byzantine vectors the rules defend against (the declared f). Keyword
+    ``params`` are handed to every stage that takes them: ``c`` (static_clip), ``s`` (bucketing),
+    ``m`` (multi_krum), ``tol``/``max_iter``/``nu`` (geometric_median), ``tau``/``iters``/``center``
+    (centered_clip). A parameter no stage takes, or a missing required one, raises ValueError.
+
+    >>> import torch
+    >>> pipeline = build_pipeline("arc > nnm > cwtm", f=1)
+    >>> aggregate, report = pipeline(torch.tensor([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]]))
+    >>> report.clipped.tolist()
+    [False, False, True]
+    """
+    check_f(f, rule="build_pipeline")
+    names = parse_spec(spec)
+    rules = tuple(RULES[name] for name in names)
+    known = {key for rule in rules for key in (*rule.required, *rule.optional)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(
+            f"pipeline {spec!r}: unexpected parameters {unknown}; its stages take {sorted(known) or 'none'}"
+        )
+    stage_params = []
+    for rule in rules:
+        missing = [key for key in rule.required if key not in params]
+        if missing:
+            raise ValueError(f"pipeline {spec!r}: {rule.name} needs parameter(s) {missing}")
+        chosen = {**rule.optional, **{k: v for k, v in params.items() if k in (*rule.required, *rule.optional)}}
+        rule.check_params(chosen)
+        stage_params.append(chosen)
+    return Pipeline(" > ".join(names), rules, f, tuple(stage_params))

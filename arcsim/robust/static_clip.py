@@ -1,0 +1,36 @@
+"""Static clipping with a fixed threshold."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_matrix, check_positive
+
+
+def static_clip_with_report(x: Tensor, *, c: float) -> tuple[Tensor, float, Tensor]:
+    """Static clipping, also returning the threshold and the boolean mask of the rows it changed."""
+    norms = torch.linalg.vector_norm(x, dim=1)
+    clipped = norms > c
+    scale = torch.where(clipped, c / norms, torch.ones_like(norms))
+    return x * scale[:, None], float(c), clipped
+
+
+def static_clip(x: Tensor, *, c: float) -> Tensor:
+    """Clip every vector to norm at most ``c``.
+
+    .. math::
+        \\mathrm{clip}_c(x)_i = \\min\\left(1, \\frac{c}{\\|x_i\\|}\\right) x_i
+
+    where c > 0 is a fixed threshold chosen in advance. Rows with norm at most c are returned
+    bitwise equal. No fixed c preserves robustness for every input (Lemma 3.1 of the ARC paper,
+    arXiv:2405.14432); the paper uses c = 2 as a baseline.
+
+    >>> import torch
+    >>> static_clip(torch.tensor([[3., 4.], [0.3, 0.4]]), c=1.0)
+    tensor([[0.6000, 0.8000],
+            [0.3000, 0.4000]])
+    """
+    check_positive(c, name="c", rule="static_clip")
+    check_matrix(x, rule="static_clip")
+    return static_clip_with_report(x, c=c)[0]
