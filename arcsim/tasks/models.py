@@ -1,0 +1,123 @@
+"""Classification models with seeded, process-independent initialisation.
+
+All models map a batch ``(B, *input_shape)`` to log-probabilities ``(B, num_classes)``
+(train with ``F.nll_loss``). Names (``MODELS``):
+
+* ``"cnn"``: the paper's MNIST/Fashion-MNIST CNN (Allouah et al., arXiv:2405.14432):
+  Conv(C->20, 5x5)-ReLU-MaxPool(2) -> Conv(20->50, 5x5)-ReLU-MaxPool(2) -> Linear(F->500)-ReLU
+  -> Linear(500->num_classes) -> log-softmax, where ``F = 50 * h * w`` with
+  ``h = ((H - 4) // 2 - 4) // 2`` (and ``w`` likewise). For ``(1, 28, 28)`` and 10 classes
+  ``F = 800`` and the model has 431,080 parameters. Inputs smaller than 16x16 are rejected.
+* ``"mlp"``: flatten -> Linear(D->200)-ReLU -> Linear(200->num_classes) -> log-softmax,
+  ``D = prod(input_shape)``.
+* ``"logreg"``: flatten -> Linear(D->num_classes) -> log-softmax.
+
+Initialisation is PyTorch's default for Linear/Conv2d layers (weights and biases
+``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), but drawn from ``arcsim.seeding.generator(seed,
+"model", name)`` in layer order, after building the layers on the ``meta`` device. The global RNG
+is neither read nor advanced, so the same seed gives bitwise identical parameters in any process
+or thread.
+
+Example:
+
+>>> model = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, seed=0)
+>>> num_parameters(model)
+431080
+>>> tuple(model(torch.zeros(2, 1, 28, 28)).shape)
+(2, 10)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from arcsim.seeding import generator
+
+__all__ = ["CNN", "MLP", "MODELS", "LogisticRegression", "build_model", "num_parameters"]
+
+MODELS: tuple[str, ...] = ("cnn", "mlp", "logreg")
+
+_META = torch.device("meta")
+
+
+class CNN(nn.Module):
+    """The paper's two-conv CNN (see the module docstring)."""
+
+    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = input_shape
+        out_h, out_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
+        if (height - 4) // 2 < 6 or (width - 4) // 2 < 6:  # the second conv+pool needs >= 6
+            raise ValueError(f"the cnn needs inputs of at least 16x16 pixels, got input_shape={input_shape}")
+        self.conv1 = nn.Conv2d(channels, 20, kernel_size=5, device=_META)
+        self.conv2 = nn.Conv2d(20, 50, kernel_size=5, device=_META)
+        self.fc1 = nn.Linear(50 * out_h * out_w, 500, device=_META)
+        self.fc2 = nn.Linear(500, num_classes, device=_META)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class MLP(nn.Module):
+    """One hidden layer of 200 ReLU units."""
+
+    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(math.prod(input_shape), 200, device=_META)
+        self.fc2 = nn.Linear(200, num_classes, device=_META)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.fc2(F.relu(self.fc1(torch.flatten(x, 1)))), dim=1)
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on the flattened input."""
+
+    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_classes, device=_META)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
+
+
+_CLASSES: dict[str, type[nn.Module]] = {"cnn": CNN, "mlp": MLP, "logreg": LogisticRegression}
+
+
+def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
+    """Build model ``name`` (one of ``MODELS``) on the CPU with parameters drawn from ``seed``.
+
+    ``input_shape`` excludes the batch dimension (``(C, H, W)`` for the CNN); ``num_classes >= 2``.
+    Move the model to another device with ``.to(device)`` afterwards.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    input_shape = tuple(input_shape)
+    if not input_shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape):
+        raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {input_shape}")
+    if name == "cnn" and len(input_shape) != 3:
+        raise ValueError(f"the cnn needs input_shape=(channels, height, width), got {input_shape}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    model = _CLASSES[name](input_shape=input_shape, num_classes=num_classes)
+    model.to_empty(device="cpu")
+    gen = generator(seed, "model", name)
+    with torch.no_grad():
+        for module in model.modules():  # registration order: deterministic
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                module.weight.uniform_(-bound, bound, generator=gen)
+                module.bias.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Total number of scalar parameters (trainable or not) of ``model``."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,128 @@
+"""Split a train set among honest workers: iid, Dirichlet label skew, extreme heterogeneity.
+
+Every worker rebuilds the same partition from ``(labels, num_workers, method, alpha, seed)`` and
+takes its own shard, so only the config crosses the network.
+
+Methods (``PARTITIONERS``):
+
+* ``"iid"``: a seeded permutation of all indices cut into ``K = num_workers`` shards whose sizes
+  differ by at most one.
+* ``"dirichlet"``: label skew (Hsu et al., 2019, arXiv:1909.06335). For each class ``c`` with
+  ``N_c`` samples, draw proportions over the workers
+
+  .. math:: p_c \\sim \\operatorname{Dir}(\\alpha \\mathbf{1}_K), \\qquad
+            n_{c,k} = \\operatorname{round}\\big(N_c \\textstyle\\sum_{j \\le k} p_{c,j}\\big)
+                    - \\operatorname{round}\\big(N_c \\textstyle\\sum_{j < k} p_{c,j}\\big)
+
+  and deal the class's shuffled indices out in those counts. Small ``alpha`` gives each worker
+  few labels; large ``alpha`` approaches iid. No worker is left empty: while some worker has no
+  sample, the worker with the most samples (lowest id on ties) hands one sample of its largest
+  class (lowest label on ties) to the empty worker with the lowest id. This moves at most
+  ``K - 1`` samples and needs ``N >= K``.
+* ``"extreme"``: the paper's extreme heterogeneity: indices sorted by label (stable, so ties keep
+  their order) and cut into ``K`` contiguous shards of ``floor(N / K)`` samples each; the last
+  ``N mod K`` indices of the sorted order (from the largest label) are dropped so that all shards
+  are equal. With ``K >= num_classes`` and balanced classes each worker holds one or two labels.
+
+Each shard is an int64 tensor of indices into the train set, sorted ascending; shards are
+pairwise disjoint and (except for ``extreme``'s dropped remainder) cover every index.
+
+Example:
+
+>>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+>>> [s.tolist() for s in partition(labels, num_workers=3, method="extreme")]
+[[0, 1], [2, 3], [4, 5]]
+>>> [len(s) for s in partition(labels, num_workers=3, method="iid", seed=0)]
+[3, 2, 2]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from arcsim.seeding import derive_seed, generator
+
+__all__ = ["PARTITIONERS", "partition"]
+
+PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "extreme")
+
+
+def partition(
+    labels: Tensor,
+    *,
+    num_workers: int,
+    method: str,
+    alpha: float | None = None,
+    seed: int = 0,
+) -> list[Tensor]:
+    """Return ``num_workers`` disjoint int64 index tensors into ``labels`` (see the module docstring).
+
+    ``alpha`` is the Dirichlet concentration: required (> 0) for ``"dirichlet"`` and must be
+    ``None`` for the other methods. ``labels`` is a 1-D integer tensor and is not modified.
+    """
+    if method not in PARTITIONERS:
+        raise ValueError(f"unknown partition method {method!r}; valid methods: {', '.join(PARTITIONERS)}")
+    integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
+    if labels.dim() != 1 or not integer:
+        raise ValueError(
+            f"labels must be a 1-D integer tensor, got dtype {labels.dtype} and shape {tuple(labels.shape)}"
+        )
+    num_samples = labels.shape[0]
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 1 <= num_workers <= num_samples:
+        raise ValueError(
+            f"num_workers must be an int in [1, {num_samples}] (the number of samples), got {num_workers!r}"
+        )
+    if method == "dirichlet":
+        if alpha is None or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"the dirichlet partition needs a finite alpha > 0, got alpha={alpha}")
+    elif alpha is not None:
+        raise ValueError(
+            f"alpha applies only to the dirichlet partition; got alpha={alpha} with method {method!r}"
+        )
+
+    labels = labels.detach().to(device="cpu", dtype=torch.int64)
+    if method == "iid":
+        perm = torch.randperm(num_samples, generator=generator(seed, "partition", "iid"))
+        shards = list(torch.tensor_split(perm, num_workers))
+    elif method == "extreme":
+        order = torch.sort(labels, stable=True).indices
+        size = num_samples // num_workers
+        shards = list(order[: size * num_workers].reshape(num_workers, size))
+    else:
+        assert alpha is not None  # checked above
+        shards = _dirichlet(labels, num_workers=num_workers, alpha=float(alpha), seed=seed)
+    return [torch.sort(shard).values for shard in shards]
+
+
+def _dirichlet(labels: Tensor, *, num_workers: int, alpha: float, seed: int) -> list[Tensor]:
+    classes = torch.unique(labels)  # sorted
+    # torch's Dirichlet cannot take a generator; numpy's Generator.dirichlet is seeded and handles
+    # tiny alpha (it switches to a beta-based construction instead of returning NaN).
+    rng = np.random.Generator(np.random.PCG64(derive_seed(seed, "partition", "dirichlet", "proportions")))
+    shuffle_gen = generator(seed, "partition", "dirichlet", "shuffle")
+    members = []
+    counts = np.zeros((classes.numel(), num_workers), dtype=np.int64)
+    for row, cls in enumerate(classes.tolist()):  # setup time: one pass per class
+        idx = torch.nonzero(labels == cls).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=shuffle_gen)]
+        members.append(idx)
+        proportions = rng.dirichlet(np.full(num_workers, alpha))
+        cuts = np.rint(np.cumsum(proportions) * idx.numel()).astype(np.int64)
+        cuts[-1] = idx.numel()  # guard against the cumulative sum ending at 1 - eps
+        counts[row] = np.diff(cuts, prepend=0)
+
+    totals = counts.sum(axis=0)
+    while (totals == 0).any():  # at most K - 1 passes; N >= K guarantees a donor with >= 2
+        empty = int(np.flatnonzero(totals == 0)[0])
+        donor = int(np.argmax(totals))
+        row = int(np.argmax(counts[:, donor]))
+        counts[row, donor] -= 1
+        counts[row, empty] += 1
+        totals = counts.sum(axis=0)
+
+    pieces = [torch.split(idx, counts[row].tolist()) for row, idx in enumerate(members)]
+    return [torch.cat([per_class[worker] for per_class in pieces]) for worker in range(num_workers)]
