@@ -1,0 +1,220 @@
+"""The run config: one validated, frozen object built from YAML.
+
+Unknown keys are rejected with a message naming the key; every value is type- and range-checked
+when the config is loaded, so a bad config fails before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from arcsim.robust import build_pipeline
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message says which key and why."""
+
+
+DATASETS = ("fashion-mnist", "mnist-5k", "digits", "synthetic")
+MODELS = ("cnn", "mlp", "logreg")
+PARTITIONERS = ("iid", "dirichlet", "extreme")
+ATTACKS = (
+    "none",
+    "sign_flip",
+    "foe",
+    "alie",
+    "mimic",
+    "gaussian",
+    "inf",
+    "nan",
+    "label_flip",
+    "optimal_alie",
+    "optimal_foe",
+)
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run. Two runs with equal configs give the same final parameters."""
+
+    task: str = "fashion-mnist"
+    model: str = "cnn"
+    num_honest: int = 10
+    num_byzantine: int = 3
+    declared_f: int | None = None  # f the pipeline defends against; defaults to num_byzantine
+    attack: str = "alie"
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    pipeline: str = "arc > nnm > cwtm"
+    pipeline_params: dict[str, Any] = field(default_factory=dict)
+    partitioner: str = "extreme"
+    alpha: float | None = None  # Dirichlet concentration (partitioner: dirichlet)
+    rounds: int = 200
+    lr: float = 0.1
+    lr_schedule: str = "constant"
+    lr_milestones: list[int] = field(default_factory=list)  # rounds where a step schedule multiplies lr
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 25
+    eval_every: int = 20
+    eval_batch_size: int = 1000
+    seed: int = 1
+    round_deadline: float = 60.0  # seconds a round stays open for submissions
+    data_root: str | None = None
+
+    @property
+    def f(self) -> int:
+        """The f the pipeline is built with (declared_f, or num_byzantine when unset)."""
+        return self.num_byzantine if self.declared_f is None else self.declared_f
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_honest + self.num_byzantine
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """A short stable id of the config (used as the run id)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def lr_at(self, round_: int) -> float:
+        """The learning rate of round ``round_`` (0-based) under the configured schedule."""
+        if self.lr_schedule == "step":
+            return self.lr * self.lr_gamma ** sum(1 for m in self.lr_milestones if round_ >= m)
+        if self.lr_schedule == "cosine":
+            import math
+
+            return 0.5 * self.lr * (1.0 + math.cos(math.pi * round_ / self.rounds))
+        return self.lr
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return from_dict({**self.to_dict(), **changes})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _fail(key: str, message: str) -> ConfigError:
+    return ConfigError(f"config key {key!r}: {message}")
+
+
+def _int(data: dict[str, Any], key: str, *, minimum: int) -> None:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(key, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise _fail(key, f"must be >= {minimum}, got {value}")
+
+
+def _number(data: dict[str, Any], key: str, *, low: float, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> None:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _fail(key, f"must be a number, got {value!r}")
+    data[key] = float(value)
+    if value < low or (low_open and value == low):
+        raise _fail(key, f"must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise _fail(key, f"must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
+    value = data[key]
+    if value not in choices:
+        raise _fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a mapping and build a RunConfig; raises ConfigError naming the bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(str(key), list(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(_FIELDS)}")
+    data = {**RunConfig().to_dict(), **raw}
+    _choice(data, "task", DATASETS)
+    _choice(data, "model", MODELS)
+    _int(data, "num_honest", minimum=1)
+    _int(data, "num_byzantine", minimum=0)
+    if data["declared_f"] is not None:
+        _int(data, "declared_f", minimum=0)
+    _choice(data, "attack", ATTACKS)
+    for key in ("attack_params", "pipeline_params"):
+        if not isinstance(data[key], dict):
+            raise _fail(key, f"must be a mapping, got {data[key]!r}")
+        data[key] = dict(data[key])
+    if data["num_byzantine"] > 0 and data["attack"] == "none":
+        raise _fail("attack", f"num_byzantine = {data['num_byzantine']} needs an attack other than 'none'")
+    _choice(data, "partitioner", PARTITIONERS)
+    if data["partitioner"] == "dirichlet":
+        if data["alpha"] is None:
+            raise _fail("alpha", "the dirichlet partitioner needs alpha > 0")
+        _number(data, "alpha", low=0.0, low_open=True)
+    elif data["alpha"] is not None:
+        raise _fail("alpha", f"is only used by the dirichlet partitioner, not {data['partitioner']!r}")
+    _int(data, "rounds", minimum=1)
+    _number(data, "lr", low=0.0, low_open=True)
+    _choice(data, "lr_schedule", LR_SCHEDULES)
+    if not isinstance(data["lr_milestones"], list) or not all(
+        isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in data["lr_milestones"]
+    ):
+        raise _fail("lr_milestones", f"must be a list of non-negative round numbers, got {data['lr_milestones']!r}")
+    _number(data, "lr_gamma", low=0.0, low_open=True)
+    _number(data, "momentum", low=0.0, high=1.0, high_open=True)
+    _number(data, "weight_decay", low=0.0)
+    _int(data, "batch_size", minimum=1)
+    _int(data, "eval_every", minimum=1)
+    _int(data, "eval_batch_size", minimum=1)
+    _int(data, "seed", minimum=0)
+    _number(data, "round_deadline", low=0.0, low_open=True)
+    if data["data_root"] is not None and not isinstance(data["data_root"], str):
+        raise _fail("data_root", f"must be a path string, got {data['data_root']!r}")
+    config = RunConfig(**data)
+    n = config.num_workers
+    try:
+        build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
+    except ValueError as error:
+        raise _fail("pipeline", str(error)) from None
+    if 2 * config.f >= n:
+        raise _fail("declared_f", f"f = {config.f} must be below half of the {n} workers (2f < n)")
+    return config
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config file; ``overrides`` replace keys after reading."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    return loads_config(text, source=str(path), overrides=overrides)
+
+
+def loads_config(text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None) -> RunConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of keys to values")
+    return from_dict({**raw, **(overrides or {})})

@@ -1,0 +1,109 @@
+"""The honest worker's computation, free of any transport.
+
+Each round, worker i draws a batch from its own shard with a generator seeded by
+(seed, "batch", round, i), computes the gradient g_i of the loss at the announced parameters
+theta_t, and updates its Polyak momentum
+
+.. math:: m_i \\leftarrow \\beta m_i + (1 - \\beta) g_i, \\qquad m_i = 0 \\text{ before round } 0,
+
+which is the vector it sends (Robust D-SGD, PAPER.md). The service (workers/service.py) and the
+in-process engine (coordinator/inproc.py) both use this class, so they compute the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from arcsim.config import RunConfig
+from arcsim.seeding import generator
+from arcsim.tasks import Dataset, build_model, load_dataset, partition
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def build_task_model(config: RunConfig, dataset: Dataset) -> torch.nn.Module:
+    return build_model(config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed)
+
+
+def shards(config: RunConfig, dataset: Dataset) -> list[Tensor]:
+    """The honest workers' shards: every process derives the same ones from (dataset, partitioner, seed)."""
+    return partition(dataset.train_y, num_workers=config.num_honest, method=config.partitioner,
+                     alpha=config.alpha, seed=config.seed)
+
+
+class GradientWorker:
+    """Computes momentum vectors on one shard of the training set.
+
+    ``shard_index`` picks the shard (an honest worker uses its own id); ``label_map`` rewrites
+    labels before the loss (the label-flipping adversary passes ``9 - y``).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        worker_id: int,
+        *,
+        shard_index: int | None = None,
+        label_map: Callable[[Tensor], Tensor] | None = None,
+        device: torch.device | str = "cpu",
+        dataset: Dataset | None = None,
+        shard_list: list[Tensor] | None = None,
+    ) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.device = torch.device(device)
+        dataset = dataset if dataset is not None else load_dataset(config.task, root=config.data_root, seed=config.seed)
+        shard = (shard_list if shard_list is not None else shards(config, dataset))[
+            worker_id if shard_index is None else shard_index
+        ]
+        labels = dataset.train_y[shard]
+        if label_map is not None:
+            labels = label_map(labels)
+        self._x = dataset.train_x[shard].to(self.device)
+        self._y = labels.to(self.device)
+        self.model = build_task_model(config, dataset).to(self.device)
+        self._params = list(self.model.parameters())
+        self.num_parameters = sum(p.numel() for p in self._params)
+        self.momentum: Tensor | None = None
+        self.last_loss = float("nan")
+
+    def set_momentum(self, momentum: Tensor | None) -> None:
+        """Restore the momentum (after a restart, from the coordinator's checkpoint)."""
+        self.momentum = None if momentum is None else momentum.to(self.device, torch.float32).clone()
+
+    def step(self, params: Tensor, round_: int) -> Tensor:
+        """Compute this round's momentum at ``params`` (flat float32) and return it (on the CPU)."""
+        batch = self._batch_indices(round_)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(params.to(self.device), self._params)
+        for p in self._params:
+            p.grad = None
+        loss = F.nll_loss(self.model(self._x[batch]), self._y[batch])
+        loss.backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in self._params])
+        beta = self.config.momentum
+        if self.momentum is None:
+            self.momentum = grad.mul_(1.0 - beta)
+        else:
+            self.momentum.mul_(beta).add_(grad, alpha=1.0 - beta)
+        self.last_loss = float(loss.detach())
+        return self.momentum.detach().to("cpu", copy=True)
+
+    def _batch_indices(self, round_: int) -> Tensor:
+        size = self._y.shape[0]
+        g = generator(self.config.seed, "batch", round_, self.worker_id)
+        batch = torch.randperm(size, generator=g)[: min(self.config.batch_size, size)]
+        return batch.to(self.device)
