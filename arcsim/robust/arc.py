@@ -16,21 +16,38 @@ def arc_num_clipped(n: int, f: int) -> int:
     >>> arc_num_clipped(242, 33)
     57
     """
+    check_minority(n, f, rule="arc")  # also keeps n = 0 from dividing by zero
     return (2 * f * (n - f)) // n
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """The rows' Euclidean norms, in float64 when one of them overflows x's dtype.
+
+    Finite entries can overflow a squared norm (float32 from about 1e19 / sqrt(d)), and an infinite
+    norm would scale its row to zero instead of clipping it. Then the norms are recomputed in
+    float64, each row first divided by a power of two near its largest entry (exact).
+    """
+    norms = torch.linalg.vector_norm(x, dim=1)
+    if bool(torch.isfinite(norms).all()):
+        return norms
+    wide = x.to(torch.float64)
+    unit = torch.exp2(torch.frexp(wide.abs().amax(dim=1)).exponent.to(torch.float64))
+    return torch.linalg.vector_norm(wide / unit[:, None], dim=1) * unit
 
 
 def arc_with_report(x: Tensor, *, f: int) -> tuple[Tensor, float, Tensor]:
     """ARC, also returning the clip threshold C and the boolean mask of the rows it changed."""
     n = x.shape[0]
     k = arc_num_clipped(n, f)
-    norms = torch.linalg.vector_norm(x, dim=1)
+    norms = row_norms(x)
     if k == 0:
         return x.clone(), float(norms.max()), torch.zeros(n, dtype=torch.bool, device=x.device)
     # The (k+1)-th largest norm; topk over n values, not over the data.
     threshold = torch.topk(norms, k + 1, largest=True, sorted=True).values[k]
     clipped = norms > threshold
     scale = torch.where(clipped, threshold / norms, torch.ones_like(norms))
-    return x * scale[:, None], float(threshold), clipped
+    # Both casts are no-ops unless the norms had to be taken in float64.
+    return (x.to(norms.dtype) * scale[:, None]).to(x.dtype), float(threshold), clipped
 
 
 def arc(x: Tensor, *, f: int) -> Tensor:

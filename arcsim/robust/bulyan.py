@@ -25,7 +25,11 @@ def bulyan_selection(x: Tensor, *, f: int) -> Tensor:
         remaining = n - step
         masked = torch.where(available[None, :] & available[:, None], dist, inf)
         # Each available row's distances to the other available rows, nearest first (self at 0).
-        nearest = torch.sort(masked, dim=1).values[:, 1 : max(remaining - f - 1, 1)]
+        # Krum's count (remaining - f - 2) drops to 0 or 1 in the last selections: with 0 every score
+        # ties and with 1 a mutually nearest pair ties, so row order would decide. At least 2 (when
+        # that many remain) keeps the selection independent of the order of the rows.
+        neighbours = min(max(remaining - f - 2, 2), remaining - 1)
+        nearest = torch.sort(masked, dim=1).values[:, 1 : 1 + neighbours]
         scores = torch.where(available, nearest.sum(dim=1), inf)
         winner = torch.argmin(scores)  # first minimum: ties go to the lowest index
         chosen.append(winner)
@@ -41,7 +45,8 @@ def bulyan(x: Tensor, *, f: int) -> Tensor:
         \\mathrm{Bulyan}(x)_k = \\frac{1}{\\beta} \\sum_{i \\in M_k} x_{i,k}, \\quad \\beta = \\theta - 2f
 
     where S is built by selecting the Krum winner (with n - f - 2 replaced by the remaining count
-    minus f minus 2) and removing it, theta times, and M_k holds the beta members of S whose k-th
+    minus f minus 2, but at least 2, so that the last selections do not tie and fall to row order)
+    and removing it, theta times, and M_k holds the beta members of S whose k-th
     coordinate is closest to the median of S's k-th coordinates. Needs n >= 4f + 3.
 
     Reference: El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning in
@@ -49,7 +54,7 @@ def bulyan(x: Tensor, *, f: int) -> Tensor:
 
     >>> import torch
     >>> bulyan(torch.tensor([[0.], [1.], [2.], [3.], [4.], [5.], [100.]]), f=1)
-    tensor([2.])
+    tensor([3.])
     """
     check_matrix(x, rule="bulyan")
     n = x.shape[0]

@@ -8,6 +8,19 @@ from torch import Tensor
 from ._checks import check_matrix, check_positive
 
 
+def check_center(center: Tensor | None, d: int | None) -> None:
+    """Raise ValueError unless ``center`` is None or a finite tensor of shape (d,) (any length if d is None)."""
+    if center is None:
+        return
+    if not isinstance(center, Tensor):
+        raise ValueError(f"centered_clip: center must be a tensor or None, got {type(center).__name__}")
+    if center.dim() != 1 or (d is not None and center.shape[0] != d):
+        expected = "(d,)" if d is None else f"({d},)"
+        raise ValueError(f"centered_clip: center must have shape {expected}, got {tuple(center.shape)}")
+    if not bool(torch.isfinite(center).all()):
+        raise ValueError("centered_clip: center has non-finite values")
+
+
 def centered_clip_impl(x: Tensor, *, tau: float, iters: int, center: Tensor | None) -> Tensor:
     v = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if center is None else center.to(x)
     for _ in range(iters):
@@ -40,11 +53,5 @@ def centered_clip(x: Tensor, *, tau: float, iters: int = 1, center: Tensor | Non
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"centered_clip: iters must be a positive integer, got iters = {iters!r}")
     check_matrix(x, rule="centered_clip")
-    if center is not None:
-        if center.shape != (x.shape[1],):
-            raise ValueError(
-                f"centered_clip: center must have shape ({x.shape[1]},), got {tuple(center.shape)}"
-            )
-        if not bool(torch.isfinite(center).all()):
-            raise ValueError("centered_clip: center has non-finite values")
+    check_center(center, x.shape[1])
     return centered_clip_impl(x, tau=tau, iters=iters, center=center)

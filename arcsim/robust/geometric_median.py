@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -15,16 +17,42 @@ DEFAULT_NU = 1e-8
 def geometric_median_impl(
     x: Tensor, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER, nu: float = DEFAULT_NU
 ) -> tuple[Tensor, int]:
-    """The smoothed Weiszfeld iteration; returns the estimate and the number of iterations run."""
+    """The smoothed Weiszfeld iteration; returns the estimate and the number of iterations run.
+
+    Huge finite entries (float32 from about 1e19 / sqrt(d)) overflow the squared distances; the
+    weights would vanish and the estimate be NaN. Such a float32 x is run in float64; a float64 x
+    is divided by a power of two (exact), with nu and the tolerance in the same unit.
+    """
     z = x.mean(dim=0)
+    dist = torch.linalg.vector_norm(x - z, dim=1)
+    finfo = torch.finfo(x.dtype)
+    # Every later distance is at most twice the largest first one: its square stays finite.
+    if float(dist.max()) <= math.sqrt(finfo.max) / 4:
+        return _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0)
+    if x.dtype != torch.float64:
+        z, iterations = geometric_median_impl(x.to(torch.float64), tol=tol, max_iter=max_iter, nu=nu)
+        return z.to(x.dtype), iterations
+    unit = 2.0 ** math.frexp(float(x.abs().max()))[1]
+    x = x / unit
+    z = x.mean(dim=0)
+    dist = torch.linalg.vector_norm(x - z, dim=1)
+    nu = max(nu / unit, 2.0 * x.shape[0] / finfo.max)  # keeps the summed weights finite
+    z, iterations = _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0 / unit)
+    return z * unit, iterations
+
+
+def _weiszfeld(
+    x: Tensor, z: Tensor, dist: Tensor, *, tol: float, max_iter: int, nu: float, unit: float
+) -> tuple[Tensor, int]:
+    """Weiszfeld steps from z (dist: the rows' distances to z); ``unit`` is 1 in x's own units."""
     for it in range(1, max_iter + 1):
-        dist = torch.linalg.vector_norm(x - z, dim=1)
         weights = 1.0 / dist.clamp(min=nu)
         z_next = (weights / weights.sum()) @ x
         step = float(torch.linalg.vector_norm(z_next - z))
         z = z_next
-        if step <= tol * (1.0 + float(torch.linalg.vector_norm(z))):
+        if step <= tol * (unit + float(torch.linalg.vector_norm(z))):
             return z, it
+        dist = torch.linalg.vector_norm(x - z, dim=1)
     return z, max_iter
 
 

@@ -22,7 +22,7 @@ from ._checks import check_f, check_matrix, check_minority, check_positive
 from .arc import arc_with_report
 from .bucketing import bucketing_impl
 from .bulyan import bulyan_impl
-from .centered_clip import centered_clip_impl
+from .centered_clip import centered_clip_impl, check_center
 from .cwmed import cwmed_impl
 from .cwtm import cwtm_impl
 from .geometric_median import DEFAULT_MAX_ITER, DEFAULT_NU, DEFAULT_TOL, geometric_median_impl
@@ -133,6 +133,7 @@ def _gm_params(params: Mapping[str, Any]) -> None:
 def _cc_params(params: Mapping[str, Any]) -> None:
     _positive("centered_clip", "tau")(params)
     _positive_int("centered_clip", "iters")(params)
+    check_center(params["center"], None)  # its length is checked against d when called
 
 
 def _run_arc(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
@@ -154,6 +155,11 @@ def _run_multi_krum(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator 
 def _run_krum(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
     selected = multi_krum_selection(x, f=f, m=1)
     return x[selected[0]].clone(), {"selected": selected}
+
+
+def _run_centered_clip(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    check_center(p["center"], x.shape[1])
+    return centered_clip_impl(x, tau=p["tau"], iters=p["iters"], center=p["center"]), {}
 
 
 def _run_gm(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
@@ -179,8 +185,7 @@ RULES: dict[str, Rule] = {
         Rule("krum", "agg", _run_krum, _krum_condition("krum")),
         Rule("multi_krum", "agg", _run_multi_krum, _krum_condition("multi_krum"), optional={"m": None},
              check_params=_positive_int("multi_krum", "m")),
-        Rule("centered_clip", "agg",
-             lambda x, f, p, g: (centered_clip_impl(x, tau=p["tau"], iters=p["iters"], center=p.get("center")), {}),
+        Rule("centered_clip", "agg", _run_centered_clip,
              _no_condition, required=("tau",), optional={"iters": 1, "center": None}, check_params=_cc_params),
         Rule("bulyan", "agg", lambda x, f, p, g: (bulyan_impl(x, f=f), {}), _bulyan_condition),
     )
@@ -220,7 +225,11 @@ class Pipeline:
 
 
 def parse_spec(spec: str) -> tuple[str, ...]:
-    """Split ``"arc > nnm > cwtm"`` into stage names and check the grammar (not the parameters)."""
+    """Split ``"arc > nnm > cwtm"`` into stage names and check the grammar (not the parameters).
+
+    >>> parse_spec("arc>nnm > cwtm")
+    ('arc', 'nnm', 'cwtm')
+    """
     valid = f"pre-aggregators: {', '.join(PRE_AGGREGATORS)}; aggregators: {', '.join(AGGREGATORS)}"
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"pipeline spec must be a non-empty string like 'arc > nnm > cwtm', got {spec!r}")

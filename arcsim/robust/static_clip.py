@@ -6,14 +6,15 @@ import torch
 from torch import Tensor
 
 from ._checks import check_matrix, check_positive
+from .arc import row_norms
 
 
 def static_clip_with_report(x: Tensor, *, c: float) -> tuple[Tensor, float, Tensor]:
     """Static clipping, also returning the threshold and the boolean mask of the rows it changed."""
-    norms = torch.linalg.vector_norm(x, dim=1)
+    norms = row_norms(x)  # float64 if a norm overflowed x's dtype
     clipped = norms > c
     scale = torch.where(clipped, c / norms, torch.ones_like(norms))
-    return x * scale[:, None], float(c), clipped
+    return (x.to(norms.dtype) * scale[:, None]).to(x.dtype), float(c), clipped
 
 
 def static_clip(x: Tensor, *, c: float) -> Tensor:

@@ -186,6 +186,12 @@ def load_dataset(name: str, *, root: str | Path | None = None, seed: int = 0) ->
     return _synthetic(seed)
 
 
+def clear_cache() -> None:
+    """Forget the datasets loaded so far (a worker keeps only its shard after building it)."""
+    for loader in (_fashion_mnist_from, _mnist_5k_from, _digits, _synthetic):
+        loader.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # Fashion-MNIST
 

@@ -1,0 +1,5 @@
+import sys
+
+from arcsim.cli import main
+
+sys.exit(main())

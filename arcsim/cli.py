@@ -1,0 +1,242 @@
+"""The ``arcsim`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                                 "logger": record.name}
+        try:
+            parsed = json.loads(message)
+            entry.update(parsed if isinstance(parsed, dict) else {"message": message})
+        except ValueError:
+            entry["message"] = message
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, *, json_logs: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _uvloop_run(coro):
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# --- commands ---------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from arcsim.config import load_config
+    from arcsim.progress import Progress, format_summary
+    from arcsim.tasks import load_dataset
+
+    config_path = Path(args.config)
+    config = load_config(config_path, _overrides(args.set))
+    out_dir = Path(args.out) if args.out else Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and not (out_dir / "checkpoints").is_dir():
+        raise ValueError(f"--resume: {out_dir} has no checkpoints to resume from")
+    if not args.resume and (out_dir / "summary.json").exists():
+        raise ValueError(f"{out_dir} already holds a finished run; choose another --out or pass --resume")
+    load_dataset(config.task, root=config.data_root, seed=config.seed)  # fail early, with the fix, if data is missing
+    _one_thread()
+    if args.engine == "inproc":
+        from coordinator.inproc import run_inproc
+
+        display = Progress(config.rounds) if not args.no_progress else None
+        metrics = None
+        if args.metrics_port is not None:
+            from coordinator.metrics import CoordinatorMetrics
+
+            metrics = CoordinatorMetrics()
+            metrics.serve(args.metrics_port)
+
+        def on_round(state, record) -> None:
+            if metrics is not None:
+                metrics.observe_round(record)
+            if display is not None:
+                display.update(json.loads(record.to_json()))
+
+        try:
+            summary = run_inproc(config, out_dir, resume=args.resume, device=args.device, on_round=on_round)
+        finally:
+            if display is not None:
+                display.close()
+    else:
+        if config_path.suffix not in (".yaml", ".yml") or args.set:
+            resolved = out_dir / "config.requested.yaml"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            resolved.write_text(config.to_yaml())
+            config_path = resolved
+        from arcsim.launcher import run_grpc
+
+        summary = run_grpc(config_path, config, out_dir, resume=args.resume, metrics_port=args.metrics_port,
+                           device=args.device, progress=not args.no_progress)
+    print(format_summary(summary, str(out_dir)))
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from arcsim.auth import read_secret
+    from arcsim.config import load_config
+    from coordinator.service import CoordinatorSettings, serve
+
+    _setup_logging(args.log_level, json_logs=True)
+    _one_thread()
+    config = load_config(args.config)
+    settings = CoordinatorSettings(
+        config=config, out_dir=Path(args.out), secret=read_secret(args.secret_file), host=args.host, port=args.port,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=args.resume, quorum=args.quorum,
+        join_timeout=args.join_timeout, device=args.device,
+    )
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    summary = _uvloop_run(serve(settings))
+    logging.getLogger("arcsim.coordinator").info(json.dumps({"event": "summary", **{
+        k: summary[k] for k in ("status", "rounds_completed", "final_accuracy", "final_params_sha256")}}))
+    return 0 if summary["status"] in ("completed", "stopped") else 1
+
+
+def _worker_settings(args: argparse.Namespace):
+    from arcsim.auth import TOKEN_ENV
+    from workers.service import WorkerSettings
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise ValueError(f"no credentials: pass --token-file or set {TOKEN_ENV}")
+    return WorkerSettings(coordinator=args.coordinator, worker_id=args.worker_id, token=token, device=args.device,
+                          max_retry_seconds=args.max_retry_seconds)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.service import run_worker
+
+    _setup_logging(args.log_level, json_logs=True)
+    _one_thread()
+    _uvloop_run(run_worker(_worker_settings(args)))
+    return 0
+
+
+def cmd_adversary(args: argparse.Namespace) -> int:
+    from adversaries.service import run_adversary
+
+    _setup_logging(args.log_level, json_logs=True)
+    _one_thread()
+    _uvloop_run(run_adversary(_worker_settings(args)))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from arcsim.tasks.datasets import download_fashion_mnist, user_cache_dir
+
+    dest = Path(args.dest) if args.dest else user_cache_dir() / "fashion-mnist"
+    path = download_fashion_mnist(dest)
+    print(f"fashion-mnist downloaded and verified in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arcsim", description="Byzantine-robust distributed learning testbed (ARC).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment on this machine")
+    run.add_argument("config", help="YAML run config (e.g. configs/default.yaml)")
+    run.add_argument("--engine", choices=("grpc", "inproc"), default="grpc",
+                     help="grpc: real services over loopback (default); inproc: one process, same results")
+    run.add_argument("--out", help="results folder (default runs/<config>-<time>)")
+    run.add_argument("--metrics-port", type=int, help="serve the coordinator's /metrics on this port")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where workers compute")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--no-progress", action="store_true", help="no live progress line")
+    run.set_defaults(func=cmd_run)
+
+    coord = sub.add_parser("coordinator", help="the coordinator service")
+    coord.add_argument("--config", required=True)
+    coord.add_argument("--out", required=True, help="results and checkpoints folder")
+    coord.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    coord.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    coord.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
+    coord.add_argument("--metrics-host", default="127.0.0.1")
+    coord.add_argument("--resume", action="store_true")
+    coord.add_argument("--secret-file", help="run secret (else $ARCSIM_SECRET)")
+    coord.add_argument("--quorum", type=int, help="vectors that close a round early (default: all workers)")
+    coord.add_argument("--join-timeout", type=float, default=120.0)
+    coord.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    coord.add_argument("--log-level", default="info")
+    coord.set_defaults(func=cmd_coordinator)
+
+    for name, func, help_text in (("worker", cmd_worker, "an honest worker service"),
+                                  ("adversary", cmd_adversary, "a Byzantine worker service")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+        p.add_argument("--worker-id", type=int, required=True)
+        p.add_argument("--token-file", help="credentials (else $ARCSIM_TOKEN)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        p.add_argument("--max-retry-seconds", type=float, default=300.0)
+        p.add_argument("--log-level", default="info")
+        p.set_defaults(func=func)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    download = data_sub.add_parser("download", help="download a dataset with checksum verification")
+    download.add_argument("name", choices=("fashion-mnist",))
+    download.add_argument("--dest")
+    download.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("arcsim: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one clear line for the user; the services' logs keep the details
+        from arcsim.config import ConfigError
+        from arcsim.tasks import DatasetUnavailable
+
+        known = (ConfigError, DatasetUnavailable, ValueError, OSError, RuntimeError)
+        if not isinstance(error, known):
+            raise
+        print(f"arcsim: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, (ConfigError, ValueError)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""``arcsim run --engine grpc``: the coordinator, the workers and the adversaries as OS processes.
+
+The coordinator binds a free loopback port and writes it to ``DIR/coordinator.json``; the launcher
+then starts one process per honest worker and per adversary with their own credentials (derived
+from a fresh run secret, passed through the environment), follows ``DIR/rounds.jsonl`` for the
+progress display, and stops every child it started on exit or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from arcsim.auth import SECRET_ENV, TOKEN_ENV, new_secret, worker_token
+from arcsim.config import RunConfig
+from arcsim.progress import Progress
+
+
+class LaunchError(RuntimeError):
+    """A service failed to start or died; the message says which and points at its log."""
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    # One torch thread per process: parallelism comes from processes (2-core machines oversubscribe
+    # badly), and equal thread counts give bitwise-equal results across engines.
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_grpc(
+    config_path: Path,
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    metrics_port: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    startup_timeout: float = 120.0,
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    endpoint_file = out_dir / "coordinator.json"
+    endpoint_file.unlink(missing_ok=True)
+    secret = new_secret()
+    python = [sys.executable, "-m", "arcsim"]
+    children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log_file = open(logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(python + args, env=_child_env(env), stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        log_file.close()
+        children.append((name, proc))
+        return proc
+
+    coordinator_args = ["coordinator", "--config", str(config_path), "--out", str(out_dir), "--port", "0",
+                        "--host", "127.0.0.1"]
+    if metrics_port is not None:
+        coordinator_args += ["--metrics-port", str(metrics_port)]
+    if resume:
+        coordinator_args.append("--resume")
+    display = Progress(config.rounds) if progress else None
+    try:
+        coordinator = start("coordinator", coordinator_args, {SECRET_ENV: secret})
+        deadline = time.monotonic() + startup_timeout
+        while not endpoint_file.exists():
+            if coordinator.poll() is not None:
+                raise LaunchError(_died("coordinator", logs))
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the coordinator did not start within {startup_timeout:.0f}s; see {logs}/coordinator.log")
+            time.sleep(0.05)
+        endpoint = json.loads(endpoint_file.read_text())
+        address = f"127.0.0.1:{endpoint['port']}"
+        for worker_id in range(config.num_workers):
+            honest = worker_id < config.num_honest
+            role = "honest" if honest else "byzantine"
+            start(f"{'worker' if honest else 'adversary'}-{worker_id}",
+                  ["worker" if honest else "adversary", "--coordinator", address, "--worker-id", str(worker_id),
+                   "--device", device],
+                  {TOKEN_ENV: worker_token(secret, role, worker_id)})
+        _follow(coordinator, children, out_dir, display)
+        if coordinator.returncode != 0:
+            raise LaunchError(_died("coordinator", logs))
+        for name, proc in children[1:]:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        summary_file = out_dir / "summary.json"
+        return json.loads(summary_file.read_text())
+    finally:
+        if display is not None:
+            display.close()
+        _stop_all(children)
+
+
+def _follow(coordinator: subprocess.Popen, children: list, out_dir: Path, display: Progress | None) -> None:
+    """Show progress from rounds.jsonl until the coordinator exits; fail fast if a worker dies badly."""
+    rounds_file = out_dir / "rounds.jsonl"
+    position = 0
+    pending = ""
+    while True:
+        finished = coordinator.poll() is not None
+        if rounds_file.exists():
+            with open(rounds_file) as handle:
+                handle.seek(position)
+                pending += handle.read()
+                position = handle.tell()
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                if line.strip() and display is not None:
+                    display.update(json.loads(line))
+        if finished:
+            return
+        for name, proc in children[1:]:
+            code = proc.poll()
+            if code not in (None, 0):
+                raise LaunchError(_died(name, out_dir / "logs"))
+        time.sleep(0.1)
+
+
+def _died(name: str, logs: Path) -> str:
+    log_path = logs / f"{name}.log"
+    tail = ""
+    if log_path.exists():
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        tail = lines[-1] if lines else ""
+    return f"{name} exited: {tail or 'no output'} (log: {log_path})"
+
+
+def _stop_all(children: list) -> None:
+    for _, proc in children:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + 10
+    for _, proc in children:
+        try:
+            proc.wait(timeout=max(end - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,419 @@
+"""The gRPC coordinator: grpc.aio on uvloop, rounds with a quorum and a deadline.
+
+Lifecycle (top-down): settings -> RunState (fresh or resumed) -> gRPC server (Coordinator, health,
+reflection) and the /metrics server on its own port -> wait for the workers to join -> rounds ->
+RunEnd to every stream -> summary.json -> graceful stop. SIGTERM/SIGINT stop the run after the
+current round's checkpoint; a second signal exits at once.
+
+A round t: the parameters theta_t go out on every ``Rounds`` stream; submissions are checked (who,
+which round, once, well-formed, finite) and kept by worker id; adversaries may ``Observe`` the
+honest vectors once all honest ones are in (or half the deadline has passed); the round closes
+when ``quorum`` vectors are in or at its deadline, and RunState aggregates, steps, evaluates and
+checkpoints in a worker thread so the event loop keeps serving (and rejecting late submissions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+try:  # optional: serve without them where they are not installed (e.g. a bare CUDA image)
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+except ImportError:  # pragma: no cover
+    health = None
+try:
+    from grpc_reflection.v1alpha import reflection
+except ImportError:  # pragma: no cover
+    reflection = None
+
+from arcsim import codec
+from arcsim.auth import TokenBook, token_from_metadata
+from arcsim.config import RunConfig
+from arcsim.v1 import coordinator_pb2 as pb
+from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
+
+from .metrics import CoordinatorMetrics
+from .rounds import BYZANTINE, HONEST, RoundRecord, RunState
+
+log = logging.getLogger("arcsim.coordinator")
+
+SERVICE_NAME = "arcsim.v1.Coordinator"
+_ROLE_NAMES = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
+
+
+def grpc_options(max_bytes: int) -> list[tuple[str, int]]:
+    """Channel options shared by the server and the clients."""
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    config: RunConfig
+    out_dir: Path
+    secret: str
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port; the bound port is written to out_dir/coordinator.json
+    metrics_port: int | None = None  # None: no /metrics server; 0: any free port
+    metrics_host: str = "127.0.0.1"
+    resume: bool = False
+    quorum: int | None = None  # vectors that close a round early; default: every worker
+    join_timeout: float = 120.0  # seconds to wait for all workers before round 0 starts anyway
+    observe_cutoff: float = 0.5  # fraction of the deadline after which Observe answers with what is in
+    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
+    device: str = "cpu"
+    grace: float = 5.0
+    server_credentials: grpc.ServerCredentials | None = field(default=None, compare=False)
+
+
+class Rejection(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+class OpenRound:
+    def __init__(self, number: int, deadline_seconds: float) -> None:
+        self.number = number
+        self.opened_at = time.perf_counter()
+        self.deadline = time.monotonic() + deadline_seconds
+        self.deadline_unix_ms = int((time.time() + deadline_seconds) * 1000)
+        self.vectors: dict[int, torch.Tensor] = {}
+        self.losses: dict[int, float] = {}
+        self.closed = False
+        self.honest_complete = asyncio.Event()
+        self.quorum_reached = asyncio.Event()
+
+
+class Coordinator(pb_grpc.CoordinatorServicer):
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.config = settings.config
+        self.state = RunState(settings.config, settings.out_dir, resume=settings.resume, device=settings.device)
+        self.metrics = CoordinatorMetrics()
+        self.metrics.round.set(self.state.round)
+        self.tokens = TokenBook(settings.secret, num_honest=self.config.num_honest,
+                                num_byzantine=self.config.num_byzantine)
+        self.quorum = settings.quorum or self.config.num_workers
+        self.max_bytes = self.state.num_parameters * 4
+        self.run_id = self.config.digest()
+        self.joined: set[int] = set()
+        self.subscribed: dict[int, int] = {}  # worker id -> open Rounds streams
+        self._changed = asyncio.Condition()
+        self._round: OpenRound | None = None
+        self._events: list[pb.RoundEvent] = []
+        self._ended: str | None = None
+        self._stop = asyncio.Event()
+        self._all_subscribed = asyncio.Event()
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _reject(self, reason: str, code: grpc.StatusCode, message: str) -> Rejection:
+        self.metrics.rejected.labels(reason).inc()
+        return Rejection(code, reason, message)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, int]:
+        owner = self.tokens.owner(token_from_metadata(context.invocation_metadata()))
+        if owner is None:
+            raise self._reject("unauthenticated", grpc.StatusCode.UNAUTHENTICATED,
+                               "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        return owner
+
+    def _check_worker(self, owner: tuple[str, int], worker_id: int) -> None:
+        if owner[1] != worker_id:
+            raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
+                               f"these credentials belong to worker {owner[1]}, not worker {worker_id}")
+
+    # --- RPCs -----------------------------------------------------------------------------------
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        try:
+            owner = self._caller(context)
+            if not 0 <= request.worker_id < self.config.num_workers:
+                raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"worker_id {request.worker_id} is not in 0..{self.config.num_workers - 1}")
+            self._check_worker(owner, request.worker_id)
+            if _ROLE_NAMES.get(request.role) != owner[0]:
+                raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
+                                   f"worker {request.worker_id} joins as {owner[0]}, not as role {request.role}")
+        except Rejection as error:
+            await context.abort(error.code, error.message)
+        if self._ended is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the run has ended ({self._ended})")
+        self.joined.add(request.worker_id)
+        momentum = self.state.momenta.get(request.worker_id)
+        log.info("worker %d (%s) joined", request.worker_id, owner[0])
+        return pb.JoinReply(run_id=self.run_id, config_yaml=self.config.to_yaml(),
+                            num_parameters=self.state.num_parameters, current_round=self.state.round,
+                            chunk_bytes=self.settings.chunk_bytes,
+                            has_momentum=momentum is not None)
+
+    async def FetchMomentum(self, request: pb.FetchMomentumRequest, context: grpc.aio.ServicerContext):
+        try:
+            owner = self._caller(context)
+            self._check_worker(owner, request.worker_id)
+        except Rejection as error:
+            await context.abort(error.code, error.message)
+        momentum = self.state.momenta.get(request.worker_id)
+        if momentum is not None:
+            for event in codec.observe_events({request.worker_id: momentum}, chunk_bytes=self.settings.chunk_bytes):
+                yield event
+
+    async def Rounds(self, request: pb.RoundsRequest, context: grpc.aio.ServicerContext):
+        try:
+            owner = self._caller(context)
+            self._check_worker(owner, request.worker_id)
+        except Rejection as error:
+            await context.abort(error.code, error.message)
+        if request.worker_id not in self.joined:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {request.worker_id} has not joined")
+        role = owner[0]
+        self.metrics.connected.labels(role).inc()
+        async with self._changed:
+            self.subscribed[request.worker_id] = self.subscribed.get(request.worker_id, 0) + 1
+            if len(self.subscribed) >= self.config.num_workers:
+                self._all_subscribed.set()
+        sent = request.from_round - 1
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(
+                        lambda: self._ended is not None or (self._round is not None and self._round.number > sent))
+                    current, events, ended = self._round, self._events, self._ended
+                if current is not None and current.number > sent and not current.closed:
+                    skip_params = request.have_params and current.number == request.from_round
+                    for event in events[:1] if skip_params else events:
+                        if skip_params:
+                            event = pb.RoundEvent(round_start=pb.RoundStart(
+                                round=current.number, deadline_unix_ms=current.deadline_unix_ms))
+                        await context.write(event)
+                    sent = current.number
+                    continue
+                if ended is not None:
+                    await context.write(codec.run_end_event(rounds_completed=self.state.round, reason=ended))
+                    return
+                if current is not None:
+                    sent = current.number  # a round that closed before we could send it
+        finally:
+            self.metrics.connected.labels(role).dec()
+            async with self._changed:
+                self.subscribed[request.worker_id] -= 1
+                if not self.subscribed[request.worker_id]:
+                    del self.subscribed[request.worker_id]
+
+    async def SubmitGradient(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        try:
+            owner = self._caller(context)
+            reader = codec.GradientReader(max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,),
+                                          expected_dtype="float32")
+            first = True
+            received = 0
+            try:
+                async for message in request_iterator:
+                    received += len(message.data)
+                    if reader.add(message) and first:
+                        first = False
+                        self._check_submission(owner, reader.worker_id, reader.round)
+                vector = reader.finish()
+            except codec.CodecError as error:
+                raise self._reject(error.reason if error.reason in _CODEC_REASONS else "malformed",
+                                   error.status_code, str(error)) from None
+            worker_id, round_ = reader.worker_id, reader.round
+            self._check_submission(owner, worker_id, round_)  # again: the round may have closed meanwhile
+        except Rejection as error:
+            await context.abort(error.code, error.message)
+        current = self._round
+        current.vectors[worker_id] = vector
+        if reader.train_loss is not None:
+            current.losses[worker_id] = reader.train_loss
+        self.metrics.submissions.labels(owner[0]).inc()
+        self.metrics.received_bytes.inc(received)
+        honest_in = sum(1 for i in current.vectors if i < self.config.num_honest)
+        if honest_in >= self.config.num_honest:
+            current.honest_complete.set()
+        if len(current.vectors) >= self.quorum:
+            current.quorum_reached.set()
+        return pb.SubmitReply(accepted=True, round=round_, message="accepted")
+
+    def _check_submission(self, owner: tuple[str, int], worker_id: int, round_: int) -> None:
+        if not 0 <= worker_id < self.config.num_workers:
+            raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
+                               f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}")
+        self._check_worker(owner, worker_id)
+        current = self._round
+        if current is None or current.closed or round_ < current.number:
+            open_round = "none" if current is None or current.closed else str(current.number)
+            raise self._reject("stale_round", grpc.StatusCode.FAILED_PRECONDITION,
+                               f"round {round_} is not open (open round: {open_round})")
+        if round_ > current.number:
+            raise self._reject("future_round", grpc.StatusCode.FAILED_PRECONDITION,
+                               f"round {round_} has not started (open round: {current.number})")
+        if worker_id in current.vectors:
+            raise self._reject("duplicate", grpc.StatusCode.ALREADY_EXISTS,
+                               f"worker {worker_id} already submitted a vector for round {round_}")
+
+    async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext):
+        try:
+            owner = self._caller(context)
+            self._check_worker(owner, request.worker_id)
+            if owner[0] != BYZANTINE:
+                raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
+                                   "Observe is only for adversary credentials")
+        except Rejection as error:
+            await context.abort(error.code, error.message)
+        current = self._round
+        if current is None or current.closed or current.number != request.round:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"round {request.round} is not the open round")
+        cutoff = self.config.round_deadline * self.settings.observe_cutoff
+        wait = current.deadline - time.monotonic() - (self.config.round_deadline - cutoff)
+        try:
+            await asyncio.wait_for(current.honest_complete.wait(), timeout=max(wait, 0.0))
+        except TimeoutError:
+            pass
+        honest = {i: v for i, v in sorted(current.vectors.items()) if i < self.config.num_honest}
+        for event in codec.observe_events(honest, chunk_bytes=self.settings.chunk_bytes):
+            await context.write(event)
+
+    # --- the run --------------------------------------------------------------------------------
+    async def run_rounds(self) -> str:
+        """Run rounds until done or stopped; returns why it ended."""
+        loop = asyncio.get_running_loop()
+        if not self.state.done:
+            try:
+                await asyncio.wait_for(self._wait_any(self._all_subscribed.wait()), self.settings.join_timeout)
+            except TimeoutError:
+                log.warning("round %d starts with %d of %d workers subscribed", self.state.round,
+                            len(self.subscribed), self.config.num_workers)
+        while not self.state.done and not self._stop.is_set():
+            current = OpenRound(self.state.round, self.config.round_deadline)
+            events = list(codec.round_events(self.state.params, round=current.number,
+                                             deadline_unix_ms=current.deadline_unix_ms,
+                                             chunk_bytes=self.settings.chunk_bytes))
+            async with self._changed:
+                self._round, self._events = current, events
+                self._changed.notify_all()
+            timeout = max(current.deadline - time.monotonic(), 0.0)
+            try:
+                await asyncio.wait_for(self._wait_any(current.quorum_reached.wait()), timeout)
+            except TimeoutError:
+                log.warning("round %d: deadline passed with %d of %d vectors", current.number,
+                            len(current.vectors), self.config.num_workers)
+            current.closed = True
+            current.honest_complete.set()  # release any Observe still waiting
+            record: RoundRecord = await loop.run_in_executor(
+                None, lambda: self.state.close_round(dict(current.vectors), train_losses=dict(current.losses),
+                                                     opened_at=current.opened_at))
+            self.metrics.observe_round(record)
+            log.info(json.dumps({"event": "round", "round": record.round, "accuracy": record.accuracy,
+                                 "clip_threshold": record.clip_threshold,
+                                 "received": record.received_honest + record.received_byzantine}))
+        return "completed" if self.state.done else "stopped"
+
+    async def _wait_any(self, awaitable) -> None:
+        """Wait for ``awaitable`` unless the run is stopped first."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait({stop, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            task.cancel()
+
+    async def end(self, reason: str) -> None:
+        async with self._changed:
+            self._ended = reason
+            self._changed.notify_all()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+_CODEC_REASONS = {"missing_header", "unexpected_header", "bad_dtype", "bad_shape", "size_mismatch", "oversized",
+                  "truncated", "checksum", "non_finite"}
+
+
+async def serve(settings: CoordinatorSettings) -> dict:
+    """Run one coordinator to the end of its run; returns the summary."""
+    coordinator = Coordinator(settings)
+    server = grpc.aio.server(options=grpc_options(coordinator.max_bytes + (1 << 16)))
+    pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+    health_servicer = None
+    if health is not None:
+        health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if reflection is not None:
+        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+    address = f"{settings.host}:{settings.port}"
+    if settings.server_credentials is not None:
+        port = server.add_secure_port(address, settings.server_credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (address in use or not available)")
+    metrics_port = None
+    if settings.metrics_port is not None:
+        try:
+            metrics_port = coordinator.metrics.serve(settings.metrics_port, settings.metrics_host)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
+                          f"{error.strerror}") from None
+    await server.start()
+    await _set_health(health_servicer, serving=True)
+    endpoint = {"host": settings.host, "port": port, "metrics_port": metrics_port, "pid": os.getpid(),
+                "run_id": coordinator.run_id}
+    tmp = settings.out_dir / "coordinator.json.tmp"
+    tmp.write_text(json.dumps(endpoint))
+    tmp.replace(settings.out_dir / "coordinator.json")
+    log.info(json.dumps({"event": "serving", **endpoint}))
+
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            os._exit(130)
+        log.warning("stopping after the current round (signal again to exit at once)")
+        coordinator.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        reason = await coordinator.run_rounds()
+        summary = coordinator.state.summary(engine="grpc", reason=reason)
+        await coordinator.end(reason)
+        await _set_health(health_servicer, serving=False)
+        # Give the streams a moment to deliver RunEnd before the server goes away.
+        await asyncio.sleep(0.2)
+        return summary
+    finally:
+        await server.stop(settings.grace)
+        (settings.out_dir / "coordinator.json").unlink(missing_ok=True)
+
+
+async def _set_health(servicer, *, serving: bool) -> None:
+    if servicer is None:
+        return
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        result = servicer.set(name, status)
+        if asyncio.iscoroutine(result):
+            await result

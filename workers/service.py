@@ -1,0 +1,199 @@
+"""The worker service: joins the coordinator, follows its rounds, submits a vector per round.
+
+The honest worker (``arcsim worker``) and the adversary (``arcsim adversary``, adversaries/service.py)
+share this client; they differ only in what they compute from a round's parameters. The client
+reconnects by itself (retry with exponential backoff) when the coordinator is unreachable or
+restarts, keeping its momentum in memory; a worker that restarts fetches its momentum from the
+coordinator instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from arcsim import codec
+from arcsim.auth import bearer
+from arcsim.config import RunConfig, loads_config
+from arcsim.v1 import coordinator_pb2 as pb
+from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger("arcsim.worker")
+
+# Errors after which the worker reconnects rather than giving up.
+_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+          grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    coordinator: str  # host:port
+    worker_id: int
+    token: str
+    device: str = "auto"
+    max_retry_seconds: float = 300.0  # give up after this long without reaching the coordinator
+    channel_credentials: grpc.ChannelCredentials | None = field(default=None, compare=False)
+
+
+class Participant:
+    """What a worker computes; subclasses: the honest worker and the adversary."""
+
+    role: int = pb.HONEST
+
+    def setup(self, config: RunConfig, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def set_momentum(self, momentum: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    async def compute(
+        self, stub: pb_grpc.CoordinatorStub, round_: int, params: torch.Tensor
+    ) -> tuple[torch.Tensor, float] | None:
+        """This round's vector and training loss, or None to sit the round out."""
+        raise NotImplementedError
+
+
+class Session:
+    def __init__(self, settings: WorkerSettings, participant: Participant) -> None:
+        self.settings = settings
+        self.participant = participant
+        self.metadata = bearer(settings.token)
+        self.config: RunConfig | None = None
+        self.num_parameters = 0
+        self.chunk_bytes = codec.DEFAULT_CHUNK_BYTES
+        self.run_id: str | None = None
+        self.rounds_done = 0
+
+    def _channel(self, max_bytes: int) -> grpc.aio.Channel:
+        from coordinator.service import grpc_options
+
+        options = grpc_options(max_bytes)
+        if self.settings.channel_credentials is not None:
+            return grpc.aio.secure_channel(self.settings.coordinator, self.settings.channel_credentials, options)
+        return grpc.aio.insecure_channel(self.settings.coordinator, options=options)
+
+    async def run(self) -> str:
+        """Follow the run to its end; returns the RunEnd reason."""
+        delay = 0.2
+        waited = 0.0
+        while True:
+            try:
+                reason = await self._connect_and_follow()
+                return reason
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRY:
+                    raise
+                if waited >= self.settings.max_retry_seconds:
+                    raise
+                log.warning("coordinator unreachable (%s); retrying in %.1fs", error.code().name, delay)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0) * (0.75 + 0.5 * random.random())
+
+    async def _connect_and_follow(self) -> str:
+        max_bytes = max(self.num_parameters * 8, 64 << 20)
+        async with self._channel(max_bytes + (1 << 16)) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            reply = await stub.Join(pb.JoinRequest(worker_id=self.settings.worker_id, role=self.participant.role),
+                                    metadata=self.metadata, wait_for_ready=True, timeout=30)
+            if self.config is None or reply.run_id != self.run_id:
+                self._setup(reply)
+                if reply.has_momentum:
+                    self.participant.set_momentum(await self._fetch_momentum(stub))
+            return await self._follow(stub, reply.current_round)
+
+    def _setup(self, reply: pb.JoinReply) -> None:
+        from workers.honest import resolve_device
+
+        self.config = loads_config(reply.config_yaml, source="the coordinator's config")
+        self.run_id = reply.run_id
+        self.num_parameters = reply.num_parameters
+        self.chunk_bytes = reply.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
+        self.participant.setup(self.config, resolve_device(self.settings.device))
+
+    async def _fetch_momentum(self, stub: pb_grpc.CoordinatorStub) -> torch.Tensor | None:
+        reader = codec.ObserveEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
+                                          expected_dtype="float32")
+        found = None
+        async for event in stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=self.settings.worker_id),
+                                              metadata=self.metadata):
+            item = reader.feed(event)
+            if item is not None:
+                found = item.vector
+        reader.finish()
+        return found
+
+    async def _follow(self, stub: pb_grpc.CoordinatorStub, from_round: int) -> str:
+        reader = codec.RoundEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
+                                        expected_dtype="float32")
+        stream = stub.Rounds(pb.RoundsRequest(worker_id=self.settings.worker_id, from_round=from_round),
+                             metadata=self.metadata)
+        async for event in stream:
+            item = reader.feed(event)
+            if isinstance(item, codec.RoundParams) and item.params is not None:
+                await self._do_round(stub, item.round, item.params)
+            elif isinstance(item, pb.RunEnd):
+                log.info("run ended after %d rounds: %s", item.rounds_completed, item.reason)
+                return item.reason
+        reader.finish()
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="the round stream ended without RunEnd")
+
+    async def _do_round(self, stub: pb_grpc.CoordinatorStub, round_: int, params: torch.Tensor) -> None:
+        result = await self.participant.compute(stub, round_, params)
+        if result is None:
+            return
+        vector, loss = result
+        try:
+            await stub.SubmitGradient(
+                codec.gradient_chunks(vector, round=round_, worker_id=self.settings.worker_id,
+                                      chunk_bytes=self.chunk_bytes, train_loss=loss),
+                metadata=self.metadata)
+            self.rounds_done += 1
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                log.warning("round %d: submission not taken: %s", round_, error.details())
+            elif error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # A Byzantine vector the coordinator refuses (e.g. NaN) is expected; an honest one is a bug.
+                log.warning("round %d: submission rejected: %s", round_, error.details())
+            else:
+                raise
+
+
+class HonestParticipant(Participant):
+    role = pb.HONEST
+
+    def __init__(self, worker_id: int) -> None:
+        self.worker_id = worker_id
+        self.worker = None
+        self._momentum: torch.Tensor | None = None
+
+    def setup(self, config: RunConfig, device: torch.device) -> None:
+        from arcsim.tasks.datasets import clear_cache
+        from workers.honest import GradientWorker
+
+        if not 0 <= self.worker_id < config.num_honest:
+            raise ValueError(f"honest worker ids run from 0 to {config.num_honest - 1}, got {self.worker_id}")
+        self.worker = GradientWorker(config, self.worker_id, device=device)
+        clear_cache()  # keep only this worker's shard in memory
+        self.worker.set_momentum(self._momentum)
+
+    def set_momentum(self, momentum: torch.Tensor | None) -> None:
+        self._momentum = momentum
+        if self.worker is not None:
+            self.worker.set_momentum(momentum)
+
+    async def compute(self, stub, round_: int, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        vector = await asyncio.to_thread(self.worker.step, params, round_)
+        return vector, self.worker.last_loss
+
+
+async def run_worker(settings: WorkerSettings, participant: Participant | None = None) -> str:
+    participant = participant if participant is not None else HonestParticipant(settings.worker_id)
+    return await Session(settings, participant).run()
