@@ -1,0 +1,493 @@
+"""Tables and plots of a run or a sweep, by ByzFL's protocol (the paper's metric).
+
+For every setting, number of Byzantine workers f, pipeline and attack, the runs of the different
+seeds are averaged round by round, and the score is the maximum over evaluations of that
+seed-averaged test accuracy:
+
+.. math::
+
+    \\mathrm{acc}(P, a) = \\max_{t \\in E} \\frac{1}{|S|} \\sum_{s \\in S} \\mathrm{acc}_{s}(P, a, t),
+    \\qquad \\mathrm{worst}(P) = \\min_{a \\in A} \\mathrm{acc}(P, a)
+
+where E are the evaluated rounds that every seed has, S the seeds, A the attacks and P the
+pipeline. (Averaging first and taking the maximum second is not the same as the mean of each
+seed's maximum.) Reference: Allouah et al., arXiv:2405.14432, and ByzFL's benchmark.
+
+``arcsim report DIR`` writes ``DIR/report.md`` (one table per setting and f: rows = pipelines,
+columns = attacks and the worst case) and PNG plots under ``DIR/plots/``:
+
+* ``accuracy-*.png``: seed-averaged accuracy over rounds, one panel per attack, for a base
+  pipeline P without clipping, with ARC (``arc > P``) and with static clipping (``static_clip > P``);
+* ``worst_case_vs_f-*.png``: worst-case accuracy against f, per base pipeline, for the same three;
+* ``arc_clipping-*.png``: ARC's clip threshold and the number of clipped vectors by role (honest,
+  Byzantine) over rounds, per attack.
+
+The computations (:func:`seed_average`, :func:`best_accuracy`, :func:`worst_case`,
+:func:`attack_tables`) are plain functions on plain data; the rest reads run folders and draws.
+
+Example on a hand-made table (two seeds, two evaluations):
+
+>>> points = [
+...     {"setting": "s", "f": 1, "pipeline": "P", "attack": "alie", "seed": 1, "round": 5, "accuracy": 0.5},
+...     {"setting": "s", "f": 1, "pipeline": "P", "attack": "alie", "seed": 1, "round": 10, "accuracy": 0.7},
+...     {"setting": "s", "f": 1, "pipeline": "P", "attack": "alie", "seed": 2, "round": 5, "accuracy": 0.7},
+...     {"setting": "s", "f": 1, "pipeline": "P", "attack": "alie", "seed": 2, "round": 10, "accuracy": 0.5},
+... ]
+>>> best_accuracy(points)
+{('s', 1, 'P', 'alie'): 0.6}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "KEY_FIELDS",
+    "ReportResult",
+    "RunData",
+    "attack_tables",
+    "best_accuracy",
+    "cell_fields",
+    "clipping_variant",
+    "group_curves",
+    "load_runs",
+    "markdown_tables",
+    "points_from_runs",
+    "seed_average",
+    "worst_case",
+    "write_report",
+]
+
+KEY_FIELDS = ("setting", "f", "pipeline", "attack")
+"""What identifies one cell of the tables: everything but the seed."""
+
+NO_CLIPPING, ARC, STATIC_CLIP = "none", "arc", "static_clip"
+VARIANT_LABELS = {NO_CLIPPING: "without clipping", ARC: "with ARC", STATIC_CLIP: "static clipping"}
+_VARIANT_STYLE = {NO_CLIPPING: ("tab:blue", "-"), ARC: ("tab:red", "-"), STATIC_CLIP: ("tab:green", "--")}
+
+# Config keys that never change the numbers, and those the keys of a cell already name.
+_IGNORED_KEYS = frozenset({"data_root", "round_deadline", "eval_batch_size"})
+_CELL_KEYS = frozenset({"seed", "attack", "attack_params", "pipeline", "pipeline_params", "num_byzantine"})
+_SETTING_CORE = ("task", "model", "num_honest", "partitioner", "alpha", "declared_f")
+
+
+# --- the computations (plain data in, plain data out) -----------------------------------------
+def seed_average(curves: Mapping[Any, Mapping[int, float]]) -> dict[int, float]:
+    """Average per-seed curves (seed -> {round: value}) at the rounds that every seed has.
+
+    >>> seed_average({1: {5: 0.5, 10: 0.7}, 2: {5: 0.7, 10: 0.5, 15: 0.9}})
+    {5: 0.6, 10: 0.6}
+    """
+    if not curves:
+        return {}
+    rounds = set.intersection(*(set(curve) for curve in curves.values()))
+    count = len(curves)
+    return {r: _round(sum(curve[r] for curve in curves.values()) / count) for r in sorted(rounds)}
+
+
+def _round(value: float) -> float:
+    return round(value, 12)  # hides float noise such as 0.6000000000000001 in tables and doctests
+
+
+def group_curves(points: Iterable[Mapping[str, Any]], *, keys: Sequence[str] = KEY_FIELDS,
+                 value: str = "accuracy") -> dict[tuple[Any, ...], dict[Any, dict[int, float]]]:
+    """Long-format points -> {key: {seed: {round: value}}}; points whose value is None are left out.
+
+    Every point has the fields ``keys``, ``"seed"``, ``"round"`` and ``value``.
+    """
+    grouped: dict[tuple[Any, ...], dict[Any, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for point in points:
+        if point.get(value) is None:
+            continue
+        grouped[tuple(point[k] for k in keys)][point["seed"]][int(point["round"])] = float(point[value])
+    return {key: {seed: dict(curve) for seed, curve in seeds.items()} for key, seeds in grouped.items()}
+
+
+def best_accuracy(points: Iterable[Mapping[str, Any]], *,
+                  keys: Sequence[str] = KEY_FIELDS) -> dict[tuple[Any, ...], float]:
+    """For each key: the maximum over evaluations of the seed-averaged accuracy.
+
+    Keys whose seeds share no evaluated round are left out.
+    """
+    best = {}
+    for key, curves in group_curves(points, keys=keys).items():
+        averaged = seed_average(curves)
+        if averaged:
+            best[key] = max(averaged.values())
+    return best
+
+
+def worst_case(scores: Mapping[str, float]) -> tuple[str, float]:
+    """The attack with the lowest score and that score (the first such attack on ties).
+
+    >>> worst_case({"sign_flip": 0.81, "alie": 0.62, "foe": 0.75})
+    ('alie', 0.62)
+    """
+    if not scores:
+        raise ValueError("worst_case: no attack scores given (scores = {})")
+    attack = min(scores, key=lambda a: scores[a])
+    return attack, scores[attack]
+
+
+def attack_tables(best: Mapping[tuple[Any, ...], float]) -> dict[tuple[Any, Any], dict[str, dict[str, float]]]:
+    """{(setting, f, pipeline, attack): score} -> {(setting, f): {pipeline: {attack: score}}}."""
+    tables: dict[tuple[Any, Any], dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (setting, f, pipeline, attack), score in best.items():
+        tables[(setting, f)][pipeline][attack] = score
+    return {key: {p: dict(row) for p, row in rows.items()} for key, rows in tables.items()}
+
+
+def clipping_variant(pipeline: str) -> tuple[str, str]:
+    """Split a pipeline spec into its leading clipping stage and the base pipeline behind it.
+
+    >>> clipping_variant("arc > nnm > cwtm"), clipping_variant("nnm > cwtm")
+    (('arc', 'nnm > cwtm'), ('none', 'nnm > cwtm'))
+    """
+    stages = [stage.strip() for stage in pipeline.split(">")]
+    if len(stages) > 1 and stages[0] in (ARC, STATIC_CLIP):
+        return stages[0], " > ".join(stages[1:])
+    return NO_CLIPPING, " > ".join(stages)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_tables(tables: Mapping[tuple[Any, Any], Mapping[str, Mapping[str, float]]],
+                    seeds: Mapping[tuple[Any, ...], int] | None = None) -> str:
+    """One markdown table per (setting, f): rows = pipelines, columns = attacks, then the worst case.
+
+    Accuracies are in percent; the best worst case of each table is in bold. ``seeds`` (number
+    of seeds per (setting, f, pipeline, attack)) adds a line saying how many seeds each cell has.
+    """
+    blocks = []
+    for (setting, f) in sorted(tables, key=lambda k: (str(k[0]), _sortable(k[1]))):
+        rows = tables[(setting, f)]
+        attacks = sorted({attack for row in rows.values() for attack in row})
+        worst = {pipeline: worst_case(row) for pipeline, row in rows.items() if row}
+        top = max((score for _, score in worst.values()), default=None)
+        lines = [f"### {setting}, f = {f}", "",
+                 "| pipeline | " + " | ".join(attacks) + " | worst case |",
+                 "|---|" + "---:|" * (len(attacks) + 1)]
+        for pipeline in sorted(rows, key=lambda p: (clipping_variant(p)[1], clipping_variant(p)[0])):
+            row = rows[pipeline]
+            cells = [_pct(row.get(attack)) for attack in attacks]
+            attack, score = worst[pipeline]
+            text = f"{_pct(score)} ({attack})"
+            lines.append(f"| {pipeline} | " + " | ".join(cells) + f" | {f'**{text}**' if score == top else text} |")
+        if seeds:
+            counts = sorted({n for (s, ff, _, _), n in seeds.items() if s == setting and ff == f})
+            if counts:
+                span = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+                lines += ["", f"Seeds per cell: {span}."]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
+
+# --- run folders -> plain data ----------------------------------------------------------------
+@dataclass(frozen=True)
+class RunData:
+    """A completed run as read from its folder."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    records: tuple[dict[str, Any], ...]  # rounds.jsonl
+
+
+def _read_run(run_dir: Path) -> RunData | None:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        lines = (run_dir / "rounds.jsonl").read_text().splitlines()
+        records = tuple(json.loads(line) for line in lines if line.strip())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "completed":
+        return None
+    if not isinstance(summary.get("config"), dict):
+        return None
+    return RunData(run_dir=run_dir, config=summary["config"], summary=summary, records=records)
+
+
+def load_runs(path: str | Path) -> tuple[list[RunData], list[Path]]:
+    """The completed runs of a run folder or a sweep folder, and the run folders left out (not complete).
+
+    A run folder has a summary.json; a sweep folder has a sweep.csv (its ``run_dir`` column names
+    the runs) or run folders one level down.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"report: {path} is not a folder")
+    if (path / "summary.json").exists() or (path / "rounds.jsonl").exists():
+        candidates = [path]
+    elif (path / "sweep.csv").exists():
+        import csv
+
+        with open(path / "sweep.csv", newline="") as handle:
+            candidates = [path / row["run_dir"] for row in csv.DictReader(handle) if row.get("run_dir")]
+    else:
+        candidates = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.yaml").exists())
+    runs, left_out = [], []
+    for candidate in candidates:
+        run = _read_run(candidate)
+        if run is None:
+            left_out.append(candidate)
+        else:
+            runs.append(run)
+    if not runs:
+        raise ValueError(f"report: no completed run in {path} "
+                         f"({len(left_out)} run folders not complete)" if left_out else f"report: no run in {path}")
+    return runs, left_out
+
+
+def _label(name: str, params: Mapping[str, Any]) -> str:
+    if not params:
+        return name
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _setting_label(config: Mapping[str, Any], extra_keys: Sequence[str]) -> str:
+    partitioner = config["partitioner"]
+    if config.get("alpha") is not None:
+        partitioner += f" (alpha={config['alpha']:g})"
+    parts = [f"{config['task']} / {config['model']}", f"{config['num_honest']} honest", partitioner]
+    if config.get("declared_f") is not None:
+        parts.append(f"declared f={config['declared_f']}")
+    parts += [f"{key}={config[key]}" for key in extra_keys]
+    return ", ".join(parts)
+
+
+def cell_fields(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Per run: its cell (setting, f, pipeline, attack), seed, and the base pipeline and clipping variant.
+
+    The setting names the task, model, honest workers and partitioner, plus any other config key
+    that differs between the runs (e.g. lr), so runs that differ in it are never averaged together.
+    """
+    other = [key for key in (runs[0].config if runs else {})
+             if key not in _IGNORED_KEYS and key not in _CELL_KEYS and key not in _SETTING_CORE
+             and len({_canonical(run.config.get(key)) for run in runs}) > 1]
+    cells = []
+    for run in runs:
+        config = run.config
+        pipeline_params = dict(config.get("pipeline_params") or {})
+        variant, base = clipping_variant(config["pipeline"])
+        base_params = {k: v for k, v in pipeline_params.items() if not (variant == STATIC_CLIP and k == "c")}
+        cells.append({
+            "setting": _setting_label(config, other),
+            "f": config["num_byzantine"],
+            "pipeline": _label(config["pipeline"], pipeline_params),
+            "attack": _label(config["attack"], config.get("attack_params") or {}),
+            "seed": config["seed"],
+            "base": _label(base, base_params),
+            "variant": variant,
+            "variant_label": (_label("static clipping", {"c": pipeline_params["c"]})
+                              if variant == STATIC_CLIP and "c" in pipeline_params else VARIANT_LABELS[variant]),
+        })
+    return cells
+
+
+def points_from_runs(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Long-format rows, one per run and round: the cell fields, ``round`` (rounds done, 1-based)
+    and the round record's accuracy, clip threshold and clipped vectors by role."""
+    points = []
+    for run, cell in zip(runs, cell_fields(runs)):
+        for record in run.records:
+            points.append({**cell, "round": int(record["round"]) + 1, "accuracy": record.get("accuracy"),
+                           "clip_threshold": record.get("clip_threshold"),
+                           "clipped_honest": record.get("clipped_honest"),
+                           "clipped_byzantine": record.get("clipped_byzantine")})
+    return points
+
+
+# --- plots -----------------------------------------------------------------------------------
+def _slug(text: str, limit: int = 60) -> str:
+    slug = re.sub(r"[^a-z0-9.]+", "_", str(text).lower()).strip("_")
+    if len(slug) > limit:
+        slug = f"{slug[:limit].rstrip('_')}_{hashlib.sha256(str(text).encode()).hexdigest()[:6]}"
+    return slug
+
+
+def _figure(panels: int, *, columns: int, width: float = 4.2, height: float = 3.2):
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas by default
+
+    rows = math.ceil(panels / columns)
+    columns = min(columns, panels)
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for extra in axes[panels:]:
+        extra.set_visible(False)
+    return figure, axes[:panels]
+
+
+def _save(figure: Any, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in figure.axes:  # rounds and f are integers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(tmp, dpi=100, format="png")
+    tmp.replace(path)
+    return path
+
+
+def _variant_order(variant: str) -> int:
+    return (NO_CLIPPING, ARC, STATIC_CLIP).index(variant)
+
+
+def _plot_accuracy(points: Sequence[Mapping[str, Any]], plots: Path) -> list[Path]:
+    curves = group_curves(points, keys=("setting", "f", "base", "attack", "variant", "variant_label"))
+    by_figure: dict[tuple[Any, ...], dict[str, list[tuple[str, str, dict[int, float]]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for (setting, f, base, attack, variant, label), seeds in curves.items():
+        by_figure[(setting, f, base)][attack].append((variant, label, seed_average(seeds)))
+    paths = []
+    for (setting, f, base), by_attack in sorted(by_figure.items(), key=lambda kv: _figure_order(kv[0])):
+        attacks = sorted(by_attack)
+        figure, axes = _figure(len(attacks), columns=3)
+        for ax, attack in zip(axes, attacks):
+            for variant, label, curve in sorted(by_attack[attack], key=lambda v: (_variant_order(v[0]), v[1])):
+                color, style = _VARIANT_STYLE[variant]
+                ax.plot(list(curve), [100 * v for v in curve.values()], style, color=color, marker="o",
+                        markersize=3, label=label)
+            ax.set_title(f"attack: {attack}")
+            ax.set_xlabel("round")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        figure.suptitle(f"{base}: {setting}, f = {f} (mean over seeds)", fontsize="medium")
+        paths.append(_save(figure, plots / f"accuracy-{_slug(setting)}-f{f}-{_slug(base)}.png"))
+    return paths
+
+
+def _figure_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(_sortable(part) for part in key)
+
+
+def _plot_worst_case(points: Sequence[Mapping[str, Any]], plots: Path) -> list[Path]:
+    keys = ("setting", "f", "base", "variant", "variant_label", "attack")
+    best = best_accuracy(points, keys=keys)
+    by_attack: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
+    for (setting, f, base, variant, label, attack), score in best.items():
+        by_attack[(setting, base, variant, label, f)][attack] = score
+    series: dict[str, dict[str, dict[tuple[str, str], dict[Any, float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict)))
+    for (setting, base, variant, label, f), scores in by_attack.items():
+        series[setting][base][(variant, label)][f] = worst_case(scores)[1]
+    paths = []
+    for setting in sorted(series):
+        bases = sorted(series[setting])
+        figure, axes = _figure(len(bases), columns=3, width=5.0)
+        for ax, base in zip(axes, bases):
+            for (variant, label), by_f in sorted(series[setting][base].items(),
+                                                 key=lambda kv: (_variant_order(kv[0][0]), kv[0][1])):
+                color, style = _VARIANT_STYLE[variant]
+                fs = sorted(by_f)
+                ax.plot(fs, [100 * by_f[f] for f in fs], style, color=color, marker="o", label=label)
+            ax.set_title(base)
+            ax.set_xlabel("f (Byzantine workers)")
+            ax.set_ylabel("worst-case accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        figure.suptitle(f"{setting}\nworst case over attacks", fontsize="medium")
+        paths.append(_save(figure, plots / f"worst_case_vs_f-{_slug(setting)}.png"))
+    return paths
+
+
+def _plot_arc_clipping(points: Sequence[Mapping[str, Any]], plots: Path) -> list[Path]:
+    arc_points = [p for p in points if p["variant"] == ARC]
+    keys = ("setting", "f", "pipeline", "attack")
+    series = {name: group_curves(arc_points, keys=keys, value=name)
+              for name in ("clip_threshold", "clipped_honest", "clipped_byzantine")}
+    figures: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for key in set().union(*(s.keys() for s in series.values())):
+        figures[key[:3]].append(key[3])
+    paths = []
+    for (setting, f, pipeline), attacks in sorted(figures.items(), key=lambda kv: _figure_order(kv[0])):
+        figure, (top, bottom) = _figure(2, columns=1, width=7.0, height=3.0)
+        colors = [f"C{i}" for i in range(10)]
+        for i, attack in enumerate(sorted(attacks)):
+            color = colors[i % len(colors)]
+            key = (setting, f, pipeline, attack)
+            threshold = seed_average(series["clip_threshold"].get(key, {}))
+            top.plot(list(threshold), list(threshold.values()), color=color, label=attack)
+            for role, style in (("honest", "-"), ("byzantine", "--")):
+                clipped = seed_average(series[f"clipped_{role}"].get(key, {}))
+                bottom.plot(list(clipped), list(clipped.values()), style, color=color, label=f"{attack}: {role}")
+        top.set_ylabel("clip threshold C")
+        if _spans_decades(series["clip_threshold"], setting, f, pipeline):
+            top.set_yscale("log")
+        bottom.set_ylabel("clipped vectors (mean over seeds)")
+        for ax in (top, bottom):
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small", ncol=2)
+        figure.suptitle(f"ARC in {pipeline}: {setting}, f = {f}", fontsize="medium")
+        paths.append(_save(figure, plots / f"arc_clipping-{_slug(setting)}-f{f}-{_slug(pipeline)}.png"))
+    return paths
+
+
+def _spans_decades(grouped: Mapping[tuple[Any, ...], Mapping[Any, Mapping[int, float]]], *prefix: Any) -> bool:
+    values = [v for key, seeds in grouped.items() if key[:3] == prefix for curve in seeds.values()
+              for v in curve.values()]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 100
+
+
+# --- the report ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReportResult:
+    markdown: Path
+    plots: tuple[Path, ...]
+    runs: int
+    left_out: tuple[Path, ...]
+
+
+def write_report(path: str | Path) -> ReportResult:
+    """Read the runs under ``path``, write ``path/report.md`` and ``path/plots/*.png``."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError("arcsim report needs matplotlib: pip install 'arcsim[report]'") from None
+    path = Path(path)
+    runs, left_out = load_runs(path)
+    points = points_from_runs(runs)
+    best = best_accuracy(points)
+    seeds = {key: len(curves) for key, curves in group_curves(points).items()}
+    plots_dir = path / "plots"
+    plots = [*_plot_accuracy(points, plots_dir), *_plot_worst_case(points, plots_dir),
+             *_plot_arc_clipping(points, plots_dir)]
+    lines = [
+        f"# arcsim report: {path.name or path}",
+        "",
+        f"{len(runs)} completed runs. Each cell is the maximum over evaluations of the seed-averaged test "
+        "accuracy (%) for one pipeline and attack; the worst case is the minimum over attacks (ByzFL's "
+        "protocol, as in Allouah et al., arXiv:2405.14432). f is the number of Byzantine workers.",
+    ]
+    if left_out:
+        lines += ["", f"Left out ({len(left_out)} runs not complete): "
+                      + ", ".join(f"`{p.name}`" for p in left_out[:20]) + (" ..." if len(left_out) > 20 else "")]
+    lines += ["", "## Tables", "", markdown_tables(attack_tables(best), seeds), "", "## Plots", ""]
+    for plot in plots:
+        lines.append(f"![{plot.stem}](plots/{plot.name})")
+        lines.append("")
+    markdown = path / "report.md"
+    tmp = path / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(markdown)
+    return ReportResult(markdown=markdown, plots=tuple(plots), runs=len(runs), left_out=tuple(left_out))

@@ -1,0 +1,256 @@
+"""arcsim report: the protocol's numbers on hand-made tables, and the report of a tiny sweep."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from arcsim import report
+from arcsim.cli import main
+from arcsim.report import (
+    attack_tables,
+    best_accuracy,
+    clipping_variant,
+    load_runs,
+    markdown_tables,
+    points_from_runs,
+    seed_average,
+    worst_case,
+    write_report,
+)
+from arcsim.sweep import plan_sweep, run_sweep
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_doctests() -> None:
+    result = doctest.testmod(report)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# --- the protocol on a hand-made table --------------------------------------------------------
+def _points(table: dict[tuple[str, str], dict[int, dict[int, float]]], *, f: int = 1) -> list[dict]:
+    """{(pipeline, attack): {seed: {round: accuracy}}} -> long-format points of one setting."""
+    return [{"setting": "s", "f": f, "pipeline": pipeline, "attack": attack, "seed": seed, "round": r,
+             "accuracy": accuracy}
+            for (pipeline, attack), seeds in table.items() for seed, curve in seeds.items()
+            for r, accuracy in curve.items()]
+
+
+# Two pipelines x two attacks x two seeds, evaluations at rounds 5 and 10.
+HAND_TABLE = {
+    ("P", "alie"): {1: {5: 0.50, 10: 0.70}, 2: {5: 0.70, 10: 0.50}},  # means 0.60, 0.60 -> 0.60
+    ("P", "sign_flip"): {1: {5: 0.40, 10: 0.80}, 2: {5: 0.60, 10: 0.60}},  # means 0.50, 0.70 -> 0.70
+    ("arc > P", "alie"): {1: {5: 0.60, 10: 0.90}, 2: {5: 0.80, 10: 0.70}},  # means 0.70, 0.80 -> 0.80
+    ("arc > P", "sign_flip"): {1: {5: 0.75, 10: 0.65}, 2: {5: 0.85, 10: 0.65}},  # means 0.80, 0.65 -> 0.80
+}
+
+
+def test_best_accuracy_is_the_max_over_evaluations_of_the_seed_average() -> None:
+    # Execute
+    best = best_accuracy(_points(HAND_TABLE))
+    # Assert: P/alie is 0.60 (max of the mean), not 0.70 (mean of each seed's max)
+    assert best == {("s", 1, "P", "alie"): 0.60, ("s", 1, "P", "sign_flip"): 0.70,
+                    ("s", 1, "arc > P", "alie"): 0.80, ("s", 1, "arc > P", "sign_flip"): 0.80}
+
+
+def test_worst_case_is_the_minimum_over_attacks() -> None:
+    # Prepare
+    tables = attack_tables(best_accuracy(_points(HAND_TABLE)))
+    # Execute
+    worst = {pipeline: worst_case(row) for pipeline, row in tables[("s", 1)].items()}
+    # Assert: ties go to the first attack listed
+    assert worst == {"P": ("alie", 0.60), "arc > P": ("alie", 0.80)}
+
+
+def test_worst_case_of_nothing_raises() -> None:
+    with pytest.raises(ValueError, match="no attack scores"):
+        worst_case({})
+
+
+def test_seed_average_uses_only_the_rounds_every_seed_has() -> None:
+    assert seed_average({1: {5: 0.2, 10: 0.4}, 2: {5: 0.4}}) == {5: 0.3}
+    assert seed_average({}) == {}
+
+
+def test_points_without_accuracy_are_not_evaluations() -> None:
+    points = _points({("P", "alie"): {1: {5: 0.5, 10: 0.6}}})
+    points.append({**points[0], "round": 7, "accuracy": None})  # a round without evaluation
+    assert best_accuracy(points) == {("s", 1, "P", "alie"): 0.6}
+
+
+def test_markdown_table_has_a_row_per_pipeline_and_bolds_the_best_worst_case() -> None:
+    # Prepare
+    best = best_accuracy(_points(HAND_TABLE))
+    # Execute
+    text = markdown_tables(attack_tables(best), seeds={key: 2 for key in best})
+    # Assert
+    lines = text.splitlines()
+    assert lines[0] == "### s, f = 1"
+    assert "| pipeline | alie | sign_flip | worst case |" in lines
+    assert "| P | 60.0 | 70.0 | 60.0 (alie) |" in lines
+    assert "| arc > P | 80.0 | 80.0 | **80.0 (alie)** |" in lines
+    assert "Seeds per cell: 2." in lines
+
+
+def test_markdown_marks_missing_cells() -> None:
+    text = markdown_tables({("s", 1): {"P": {"alie": 0.5}, "Q": {"foe": 0.4}}})
+    assert "| P | 50.0 | – | **50.0 (alie)** |" in text.splitlines()
+
+
+def test_clipping_variant_splits_the_leading_clipping_stage() -> None:
+    assert clipping_variant("static_clip > nnm > cwtm") == ("static_clip", "nnm > cwtm")
+    assert clipping_variant("arc>cwmed") == ("arc", "cwmed")
+    assert clipping_variant("arc") == ("none", "arc")  # not a valid pipeline, but never split to nothing
+
+
+# --- reading run folders ----------------------------------------------------------------------
+TINY = {"task": "synthetic", "model": "logreg", "num_honest": 4, "partitioner": "iid", "rounds": 10,
+        "eval_every": 5}
+SWEEP = {
+    **TINY,
+    "num_byzantine": [0, 1],
+    "attack": ["sign_flip", "alie"],
+    "pipeline": ["nnm > cwtm", "arc > nnm > cwtm",
+                 {"pipeline": "static_clip > nnm > cwtm", "pipeline_params": {"c": 2}}],
+    "seed": [1, 2],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """18 runs (f = 0: 3 pipelines; f = 1: 3 pipelines x 2 attacks; 2 seeds each), about 5 s."""
+    out = tmp_path_factory.mktemp("sweep")
+    outcome = run_sweep(plan_sweep(SWEEP), out, executor="inline", echo=lambda line: None)
+    assert outcome.ok
+    return out
+
+
+@pytest.fixture
+def sweep_copy(tiny_sweep: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny sweep a test may write its report into."""
+    return Path(shutil.copytree(tiny_sweep, tmp_path / "sweep"))
+
+
+def test_load_runs_reads_every_run_of_a_sweep(tiny_sweep: Path) -> None:
+    runs, left_out = load_runs(tiny_sweep)
+    assert len(runs) == 18 and left_out == []
+    assert all(len(run.records) == 10 for run in runs)
+
+
+def test_incomplete_runs_are_left_out_and_named(sweep_copy: Path) -> None:
+    # Prepare: one run loses its summary (as if killed before the end)
+    victim = sorted(p for p in sweep_copy.iterdir() if (p / "summary.json").exists())[0]
+    (victim / "summary.json").unlink()
+    # Execute
+    result = write_report(sweep_copy)
+    # Assert
+    assert result.runs == 17 and result.left_out == (victim,)
+    assert f"`{victim.name}`" in result.markdown.read_text()
+
+
+def test_load_runs_of_a_missing_folder_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_runs(tmp_path / "missing")
+
+
+def test_load_runs_of_an_empty_folder_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no run in"):
+        load_runs(tmp_path)
+
+
+def test_load_runs_with_only_incomplete_runs_raises(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("task: synthetic\n")
+    with pytest.raises(ValueError, match="no completed run .*1 run folders not complete"):
+        load_runs(tmp_path)
+
+
+def test_runs_that_differ_in_another_key_are_never_averaged_together(tiny_sweep: Path) -> None:
+    # Prepare: the same cells with another learning rate
+    runs, _ = load_runs(tiny_sweep)
+    other = [report.RunData(run.run_dir, {**run.config, "lr": 0.05}, run.summary, run.records) for run in runs]
+    # Execute
+    settings = {point["setting"] for point in points_from_runs(runs + other)}
+    # Assert
+    assert settings == {"synthetic / logreg, 4 honest, iid, lr=0.1", "synthetic / logreg, 4 honest, iid, lr=0.05"}
+
+
+# --- the report -------------------------------------------------------------------------------
+def _assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_report_of_a_sweep_has_the_tables_and_valid_plots(sweep_copy: Path) -> None:
+    # Execute
+    result = write_report(sweep_copy)
+    # Assert: one table per f, a row per pipeline with the attacks and the worst case
+    text = result.markdown.read_text()
+    assert result.runs == 18
+    assert "### synthetic / logreg, 4 honest, iid, f = 0" in text
+    assert "### synthetic / logreg, 4 honest, iid, f = 1" in text
+    assert "| pipeline | alie | sign_flip | worst case |" in text
+    assert "| pipeline | none | worst case |" in text
+    for pipeline in ("nnm > cwtm", "arc > nnm > cwtm", "static_clip > nnm > cwtm (c=2)"):
+        assert text.count(f"| {pipeline} | ") == 2
+    # The plots: accuracy per attack (per f), worst case against f, ARC's clipping (per f)
+    names = sorted(path.name for path in result.plots)
+    assert names == [
+        "accuracy-synthetic_logreg_4_honest_iid-f0-nnm_cwtm.png",
+        "accuracy-synthetic_logreg_4_honest_iid-f1-nnm_cwtm.png",
+        "arc_clipping-synthetic_logreg_4_honest_iid-f0-arc_nnm_cwtm.png",
+        "arc_clipping-synthetic_logreg_4_honest_iid-f1-arc_nnm_cwtm.png",
+        "worst_case_vs_f-synthetic_logreg_4_honest_iid.png",
+    ]
+    for path in result.plots:
+        assert path.parent == sweep_copy / "plots"
+        _assert_png(path)
+        assert f"](plots/{path.name})" in text
+
+
+def test_report_numbers_match_the_runs(sweep_copy: Path) -> None:
+    # Prepare: the f = 0 baseline of nnm > cwtm, computed by hand from its two runs' summaries
+    runs, _ = load_runs(sweep_copy)
+    curves = {}
+    for run in runs:
+        if run.config["num_byzantine"] == 0 and run.config["pipeline"] == "nnm > cwtm":
+            curves[run.config["seed"]] = {r["round"]: r["accuracy"] for r in run.records if r["accuracy"] is not None}
+    expected = max((curves[1][r] + curves[2][r]) / 2 for r in curves[1])
+    # Execute
+    text = write_report(sweep_copy).markdown.read_text()
+    # Assert
+    assert f"| nnm > cwtm | {100 * expected:.1f} | " in text
+
+
+def test_report_of_a_single_run(tiny_sweep: Path, tmp_path: Path) -> None:
+    # Prepare: one ARC run folder on its own
+    run = next(p for p in sorted(tiny_sweep.iterdir()) if p.name.startswith("alie-arc_nnm_cwtm"))
+    folder = Path(shutil.copytree(run, tmp_path / "run"))
+    # Execute
+    result = write_report(folder)
+    # Assert
+    summary = json.loads((folder / "summary.json").read_text())
+    assert result.runs == 1
+    assert f"| arc > nnm > cwtm | {100 * summary['max_accuracy']:.1f} | " in result.markdown.read_text()
+    assert len(result.plots) == 3
+    for path in result.plots:
+        _assert_png(path)
+
+
+def test_cli_report(sweep_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(sweep_copy)]) == 0
+    assert "report of 18 runs" in capsys.readouterr().out
+    assert (sweep_copy / "report.md").exists()
+
+
+def test_cli_report_of_a_missing_folder_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
