@@ -116,6 +116,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from arcsim.config import load_config
     from coordinator.service import CoordinatorSettings, serve
 
+    from arcsim.launcher import follow_parent
+
+    follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
     config = load_config(args.config)
@@ -143,8 +146,10 @@ def _worker_settings(args: argparse.Namespace):
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from arcsim.launcher import follow_parent
     from workers.service import run_worker
 
+    follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
     _uvloop_run(run_worker(_worker_settings(args)))
@@ -153,7 +158,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_adversary(args: argparse.Namespace) -> int:
     from adversaries.service import run_adversary
+    from arcsim.launcher import follow_parent
 
+    follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
     _uvloop_run(run_adversary(_worker_settings(args)))
@@ -166,6 +173,32 @@ def cmd_data(args: argparse.Namespace) -> int:
     dest = Path(args.dest) if args.dest else user_cache_dir() / "fashion-mnist"
     path = download_fashion_mnist(dest)
     print(f"fashion-mnist downloaded and verified in {path}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from arcsim.sweep import is_complete, load_sweep, run_sweep
+
+    plan = load_sweep(args.config)
+    out_dir = Path(args.out) if args.out else Path("runs") / plan.name  # fixed: a rerun resumes the same sweep
+    print(plan.describe(), flush=True)
+    if args.dry_run:
+        for run in plan.runs:
+            print(f"  {'complete' if is_complete(out_dir / run.name, run.config) else 'to run  '}  {run.name}")
+        print(f"results would go to {out_dir}")
+        return 0
+    outcome = run_sweep(plan, out_dir, jobs=args.jobs, executor=args.executor, ray_address=args.ray_address,
+                        device=args.device)
+    return 0 if outcome.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from arcsim.report import write_report
+
+    result = write_report(args.dir)
+    print(f"report of {result.runs} runs: {result.markdown} and {len(result.plots)} plots in "
+          f"{result.markdown.parent / 'plots'}" + (f" ({len(result.left_out)} runs not complete, left out)"
+                                                    if result.left_out else ""))
     return 0
 
 
@@ -210,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-retry-seconds", type=float, default=300.0)
         p.add_argument("--log-level", default="info")
         p.set_defaults(func=func)
+
+    sweep = sub.add_parser("sweep", help="run a grid of experiments (any config value may be a list), resumable")
+    sweep.add_argument("config", help="YAML sweep config: a run config whose values may be lists (see arcsim.sweep)")
+    sweep.add_argument("--jobs", type=int, help="runs in parallel (default: CPU cores; ray: no limit)")
+    sweep.add_argument("--out", help="sweep folder (default runs/<sweep name>); rerunning resumes it")
+    sweep.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local: a process pool here (default); ray: tasks on a Ray cluster")
+    sweep.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray instance)")
+    sweep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each run computes")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are complete; run nothing")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="tables (markdown) and plots (PNG) of a run or a sweep")
+    report.add_argument("dir", help="a run folder or a sweep folder")
+    report.set_defaults(func=cmd_report)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,6 @@ class RunConfig:
         if self.lr_schedule == "step":
             return self.lr * self.lr_gamma ** sum(1 for m in self.lr_milestones if round_ >= m)
         if self.lr_schedule == "cosine":
-            import math
-
             return 0.5 * self.lr * (1.0 + math.cos(math.pi * round_ / self.rounds))
         return self.lr
 
@@ -125,6 +124,8 @@ def _number(data: dict[str, Any], key: str, *, low: float, high: float | None = 
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _fail(key, f"must be a number, got {value!r}")
+    if not math.isfinite(value):  # e.g. YAML .inf: an infinite lr or deadline breaks the run later
+        raise _fail(key, f"must be a finite number, got {value!r}")
     data[key] = float(value)
     if value < low or (low_open and value == low):
         raise _fail(key, f"must be {'>' if low_open else '>='} {low}, got {value}")
@@ -136,6 +137,30 @@ def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
     value = data[key]
     if value not in choices:
         raise _fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_attack_params(config: RunConfig) -> None:
+    """Fail at load time, not in round 0, on attack_params the attack does not take or accept.
+
+    The attack is crafted once on a tiny stand-in ``(num_honest, 2)`` matrix of honest vectors
+    with the run's worker counts, so its own checks (names and values, e.g. a negative ``tau``,
+    a ``mimic`` index outside the honest workers) run here and give the attack's message.
+    """
+    attack, params = config.attack, config.attack_params
+    from adversaries.attacks import DATA_ATTACKS, craft  # lazy: the attack library imports torch
+
+    if attack == "none" or attack in DATA_ATTACKS:
+        if params:
+            raise _fail("attack_params", f"attack {attack!r} takes no attack_params, got {sorted(params)}")
+        return
+    import torch
+
+    honest = torch.arange(2.0 * config.num_honest).reshape(config.num_honest, 2)
+    try:
+        craft(attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
+              aggregate=lambda x: x.mean(dim=0), generator=torch.Generator().manual_seed(0), **params)
+    except (ValueError, TypeError) as error:
+        raise _fail("attack_params", str(error)) from None
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
@@ -193,6 +218,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         raise _fail("pipeline", str(error)) from None
     if 2 * config.f >= n:
         raise _fail("declared_f", f"f = {config.f} must be below half of the {n} workers (2f < n)")
+    _check_attack_params(config)
     return config
 
 

@@ -3,7 +3,13 @@
 The coordinator binds a free loopback port and writes it to ``DIR/coordinator.json``; the launcher
 then starts one process per honest worker and per adversary with their own credentials (derived
 from a fresh run secret, passed through the environment), follows ``DIR/rounds.jsonl`` for the
-progress display, and stops every child it started on exit or Ctrl-C.
+progress display, and stops every child it started on exit, Ctrl-C or SIGTERM.
+
+The children run in their own sessions, so a terminal's Ctrl-C reaches the launcher alone, which
+then stops each child once (a coordinator that got the terminal's SIGINT and then the launcher's
+SIGTERM would take the second signal as "exit at once"). A child also stops when the launcher
+dies without cleaning up (SIGKILL, a crash): :func:`follow_parent`, called by the service
+commands, ties its life to the launcher's, so no service runs on unattended.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,15 +29,54 @@ from arcsim.config import RunConfig
 from arcsim.progress import Progress
 
 
+PARENT_ENV = "ARCSIM_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 class LaunchError(RuntimeError):
     """A service failed to start or died; the message says which and points at its log."""
+
+
+def follow_parent() -> None:
+    """In a service started by the launcher: get SIGTERM when the launcher dies.
+
+    Does nothing unless ``$ARCSIM_LAUNCHER_PID`` is set. On Linux the kernel sends the signal
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread checks the parent id every second.
+    If the launcher is already gone, the signal is sent at once. SIGTERM then stops the service as
+    it would under any supervisor (the coordinator stops at its last checkpoint, see
+    coordinator/service.py).
+    """
+    value = os.environ.get(PARENT_ENV)
+    if not value:
+        return
+    parent = int(value)
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="arcsim-follow-parent", daemon=True).start()
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     # One torch thread per process: parallelism comes from processes (2-core machines oversubscribe
     # badly), and equal thread counts give bitwise-equal results across engines.
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                PARENT_ENV: str(os.getpid())})
     env.update(extra)
     return env
 
@@ -58,7 +104,7 @@ def run_grpc(
     def start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         log_file = open(logs / f"{name}.log", "ab")
         proc = subprocess.Popen(python + args, env=_child_env(env), stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         log_file.close()
         children.append((name, proc))
         return proc
@@ -70,6 +116,12 @@ def run_grpc(
     if resume:
         coordinator_args.append("--resume")
     display = Progress(config.rounds) if progress else None
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # stop like Ctrl-C: the finally below stops every child first
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         coordinator = start("coordinator", coordinator_args, {SECRET_ENV: secret})
         deadline = time.monotonic() + startup_timeout
@@ -102,6 +154,8 @@ def run_grpc(
         if display is not None:
             display.close()
         _stop_all(children)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _follow(coordinator: subprocess.Popen, children: list, out_dir: Path, display: Progress | None) -> None:
@@ -134,7 +188,7 @@ def _died(name: str, logs: Path) -> str:
     tail = ""
     if log_path.exists():
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        tail = lines[-1] if lines else ""
+        tail = lines[-1].removeprefix("arcsim: error: ") if lines else ""
     return f"{name} exited: {tail or 'no output'} (log: {log_path})"
 
 

@@ -47,6 +47,9 @@ def run_inproc(
         observed = torch.stack([vectors[w.worker_id] for w in honest]) if byzantine else None
         for w in byzantine:
             vectors[w.worker_id] = w.vector(params=state.params, round_=t, honest=observed)
+        # The gRPC coordinator refuses non-finite vectors at its edge (reason non_finite), so they never
+        # enter a round there; drop them here too, so that both engines aggregate the same vectors.
+        vectors = {i: v for i, v in vectors.items() if bool(torch.isfinite(v).all())}
         losses = {w.worker_id: w.last_loss for w in honest}
         record = state.close_round(vectors, train_losses=losses, opened_at=opened_at)
         if on_round is not None:

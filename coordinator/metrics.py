@@ -7,6 +7,9 @@ registry, so several can live in one process (tests).
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .rounds import BYZANTINE, HONEST, ROLES, RoundRecord
@@ -16,6 +19,7 @@ REJECTION_REASONS = (
     "unauthenticated",
     "permission_denied",
     "unknown_worker",
+    "not_joined",
     "stale_round",
     "future_round",
     "duplicate",
@@ -41,6 +45,7 @@ _STAGE_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 
 class CoordinatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._http: tuple[Any, threading.Thread] | None = None  # the /metrics server, once started
         r = self.registry
         self.round = Gauge("arcsim_round", "Rounds completed so far (the next round to run).", registry=r)
         self.round_duration = Histogram("arcsim_round_duration_seconds",
@@ -77,9 +82,25 @@ class CoordinatorMetrics:
             self.rejected.labels(reason)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics over HTTP on its own port; returns the port bound (useful with port 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics over HTTP on its own port; returns the port bound (useful with port 0).
+
+        Raises ``OSError`` naming the address when it cannot listen there (e.g. the port is taken).
+        """
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {error.strerror or error}") from None
+        self._http = (server, thread)
         return int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stop the /metrics server, if one was started, and release its port."""
+        http, self._http = self._http, None
+        if http is not None:
+            server, thread = http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
 
     def observe_round(self, record: RoundRecord) -> None:
         self.round.set(record.round + 1)

@@ -218,9 +218,19 @@ class RunState:
         self.last_accuracy = values["last_accuracy"]
         self.wall_seconds_before = float(values["wall_seconds"])
         self.started = time.time()
-        # Keep the records of the rounds the checkpoint covers; drop any written after it.
+        # Keep the records of the rounds the checkpoint covers; drop any written after it, and a
+        # torn line (a crash in the middle of writing a record).
         lines = self._rounds_path.read_text().splitlines() if self._rounds_path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["round"] < self.round]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if line.strip():
+                    log.warning("--resume: dropping a torn line of %s: %.60s", self._rounds_path.name, line)
+                continue
+            if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] < self.round:
+                kept.append(line)
         self._rounds_path.write_text("".join(line + "\n" for line in kept))
         log.info("resumed from %s at round %d", found.path.name, self.round)
 

@@ -2,8 +2,10 @@
 
 Lifecycle (top-down): settings -> RunState (fresh or resumed) -> gRPC server (Coordinator, health,
 reflection) and the /metrics server on its own port -> wait for the workers to join -> rounds ->
-RunEnd to every stream -> summary.json -> graceful stop. SIGTERM/SIGINT stop the run after the
-current round's checkpoint; a second signal exits at once.
+RunEnd to every stream -> summary.json -> graceful stop. SIGTERM/SIGINT stop the run at the last
+checkpoint: a round still open is abandoned rather than aggregated from the part of its vectors
+that arrived (a resumed run opens it again, so the result does not depend on when the signal
+came); a second signal exits at once.
 
 A round t: the parameters theta_t go out on every ``Rounds`` stream; submissions are checked (who,
 which round, once, well-formed, finite) and kept by worker id; adversaries may ``Observe`` the
@@ -95,9 +97,13 @@ class OpenRound:
         self.deadline_unix_ms = int((time.time() + deadline_seconds) * 1000)
         self.vectors: dict[int, torch.Tensor] = {}
         self.losses: dict[int, float] = {}
+        # Workers that answered the round: their vector was accepted, or refused for its content (e.g.
+        # a NaN vector). A worker that answered has nothing more to send, so the round need not wait
+        # for its deadline once every worker has answered.
+        self.answered: set[int] = set()
         self.closed = False
-        self.honest_complete = asyncio.Event()
-        self.quorum_reached = asyncio.Event()
+        self.honest_complete = asyncio.Event()  # every honest worker answered: Observe may answer
+        self.quorum_reached = asyncio.Event()  # the round may close before its deadline
 
 
 class Coordinator(pb_grpc.CoordinatorServicer):
@@ -146,7 +152,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
                                    f"worker_id {request.worker_id} is not in 0..{self.config.num_workers - 1}")
             self._check_worker(owner, request.worker_id)
-            if _ROLE_NAMES.get(request.role) != owner[0]:
+            if request.role not in _ROLE_NAMES:
+                raise self._reject("malformed", grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"role must be HONEST or BYZANTINE, got {request.role}")
+            if _ROLE_NAMES[request.role] != owner[0]:
                 raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
                                    f"worker {request.worker_id} joins as {owner[0]}, not as role {request.role}")
         except Rejection as error:
@@ -219,16 +228,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             owner = self._caller(context)
             reader = codec.GradientReader(max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,),
                                           expected_dtype="float32")
-            first = True
+            claimed: OpenRound | None = None  # the open round, once the sender may submit to it
             received = 0
             try:
                 async for message in request_iterator:
                     received += len(message.data)
-                    if reader.add(message) and first:
-                        first = False
-                        self._check_submission(owner, reader.worker_id, reader.round)
+                    if claimed is None:
+                        # The first message names the sender and the round: check them before decoding.
+                        self._check_submission(owner, message.worker_id, message.round)
+                        claimed = self._round
+                    reader.add(message)
                 vector = reader.finish()
             except codec.CodecError as error:
+                if claimed is not None and not claimed.closed:
+                    self._answered(claimed, owner[1])  # a refused vector still answers the round
                 raise self._reject(error.reason if error.reason in _CODEC_REASONS else "malformed",
                                    error.status_code, str(error)) from None
             worker_id, round_ = reader.worker_id, reader.round
@@ -241,18 +254,24 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             current.losses[worker_id] = reader.train_loss
         self.metrics.submissions.labels(owner[0]).inc()
         self.metrics.received_bytes.inc(received)
-        honest_in = sum(1 for i in current.vectors if i < self.config.num_honest)
-        if honest_in >= self.config.num_honest:
-            current.honest_complete.set()
-        if len(current.vectors) >= self.quorum:
-            current.quorum_reached.set()
+        self._answered(current, worker_id)
         return pb.SubmitReply(accepted=True, round=round_, message="accepted")
+
+    def _answered(self, current: OpenRound, worker_id: int) -> None:
+        current.answered.add(worker_id)
+        if sum(1 for i in current.answered if i < self.config.num_honest) >= self.config.num_honest:
+            current.honest_complete.set()
+        if len(current.vectors) >= self.quorum or len(current.answered) >= self.config.num_workers:
+            current.quorum_reached.set()
 
     def _check_submission(self, owner: tuple[str, int], worker_id: int, round_: int) -> None:
         if not 0 <= worker_id < self.config.num_workers:
             raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
                                f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}")
         self._check_worker(owner, worker_id)
+        if worker_id not in self.joined:
+            raise self._reject("not_joined", grpc.StatusCode.FAILED_PRECONDITION,
+                               f"worker {worker_id} has not joined the run")
         current = self._round
         if current is None or current.closed or round_ < current.number:
             open_round = "none" if current is None or current.closed else str(current.number)
@@ -314,9 +333,22 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                             len(current.vectors), self.config.num_workers)
             current.closed = True
             current.honest_complete.set()  # release any Observe still waiting
-            record: RoundRecord = await loop.run_in_executor(
+            if self._stop.is_set() and not current.quorum_reached.is_set():
+                # Stopped mid-round: aggregating the part that arrived would make the result depend on
+                # when the signal came. The round stays unapplied; a resumed run opens it again.
+                log.warning("round %d abandoned by the stop (%d of %d vectors in)", current.number,
+                            len(current.vectors), self.config.num_workers)
+                break
+            closing = loop.run_in_executor(
                 None, lambda: self.state.close_round(dict(current.vectors), train_losses=dict(current.losses),
                                                      opened_at=current.opened_at))
+            try:
+                record: RoundRecord = await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                # Cancelled (e.g. the task running serve()): let the thread finish writing the round's
+                # record and checkpoint, so nothing writes to out_dir after serve() has returned.
+                await asyncio.wait({closing})
+                raise
             self.metrics.observe_round(record)
             log.info(json.dumps({"event": "round", "round": record.round, "accuracy": record.accuracy,
                                  "clip_threshold": record.clip_threshold,
@@ -368,9 +400,9 @@ async def serve(settings: CoordinatorSettings) -> dict:
     if settings.metrics_port is not None:
         try:
             metrics_port = coordinator.metrics.serve(settings.metrics_port, settings.metrics_host)
-        except OSError as error:
-            raise OSError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
-                          f"{error.strerror}") from None
+        except OSError:
+            await server.stop(None)  # release the gRPC port bound above
+            raise
     await server.start()
     await _set_health(health_servicer, serving=True)
     endpoint = {"host": settings.host, "port": port, "metrics_port": metrics_port, "pid": os.getpid(),
@@ -388,13 +420,15 @@ async def serve(settings: CoordinatorSettings) -> dict:
         signals += 1
         if signals > 1:
             os._exit(130)
-        log.warning("stopping after the current round (signal again to exit at once)")
+        log.warning("stopping at the last checkpoint; an open round is abandoned (signal again to exit at once)")
         coordinator.request_stop()
 
+    handled = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, on_signal)
-        except (NotImplementedError, RuntimeError):
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
     try:
         reason = await coordinator.run_rounds()
@@ -405,6 +439,9 @@ async def serve(settings: CoordinatorSettings) -> dict:
         await asyncio.sleep(0.2)
         return summary
     finally:
+        for sig in handled:  # give the process its default handling back (serve() may run inside a larger program)
+            loop.remove_signal_handler(sig)
+        coordinator.metrics.close()
         await server.stop(settings.grace)
         (settings.out_dir / "coordinator.json").unlink(missing_ok=True)
 

@@ -104,8 +104,6 @@ class Session:
                                     metadata=self.metadata, wait_for_ready=True, timeout=30)
             if self.config is None or reply.run_id != self.run_id:
                 self._setup(reply)
-                if reply.has_momentum:
-                    self.participant.set_momentum(await self._fetch_momentum(stub))
             return await self._follow(stub, reply.current_round)
 
     def _setup(self, reply: pb.JoinReply) -> None:
@@ -134,9 +132,18 @@ class Session:
                                         expected_dtype="float32")
         stream = stub.Rounds(pb.RoundsRequest(worker_id=self.settings.worker_id, from_round=from_round),
                              metadata=self.metadata)
+        synced = False
         async for event in stream:
             item = reader.feed(event)
             if isinstance(item, codec.RoundParams) and item.params is not None:
+                if not synced:
+                    # Take the momentum the coordinator holds for this worker as of the round before this
+                    # one (every earlier round is closed once this one is open), also after a reconnect:
+                    # the in-memory one may include a step of a round the coordinator never applied (it
+                    # restarted from a checkpoint, or this worker's vector of the open round was
+                    # accepted and gets recomputed now), and would then be one step ahead.
+                    self.participant.set_momentum(await self._fetch_momentum(stub))
+                    synced = True
                 await self._do_round(stub, item.round, item.params)
             elif isinstance(item, pb.RunEnd):
                 log.info("run ended after %d rounds: %s", item.rounds_completed, item.reason)

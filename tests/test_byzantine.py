@@ -1,0 +1,257 @@
+"""Tests of the Byzantine worker (adversaries/byzantine.py): label flipping, collusion, cross-process agreement."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adversaries.attacks import ATTACKS, craft
+from adversaries.byzantine import ByzantineWorker, Crafter
+from arcsim.config import RunConfig, from_dict
+from arcsim.robust import build_pipeline
+from arcsim.seeding import generator
+from arcsim.tasks import load_dataset
+from workers.honest import GradientWorker, build_task_model, shards
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _config(**changes: object) -> RunConfig:
+    base = {"task": "synthetic", "model": "logreg", "partitioner": "iid", "num_honest": 4, "num_byzantine": 1,
+            "attack": "sign_flip", "batch_size": 8, "momentum": 0.5, "seed": 3}
+    return from_dict({**base, **changes})
+
+
+def _honest(config: RunConfig, d: int, *, seed: int = 0) -> Tensor:
+    return torch.randn((config.num_honest, d), generator=torch.Generator().manual_seed(seed))
+
+
+def _params(config: RunConfig) -> Tensor:
+    dataset = load_dataset(config.task, seed=config.seed)
+    model = build_task_model(config, dataset)
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+# --- label flipping -------------------------------------------------------------------------------
+def test_label_flip_trains_on_flipped_labels_of_shard_id_minus_h_mod_h() -> None:
+    # Prepare: 3 honest, 4 Byzantine (declared f = 1), so Byzantine ids 3..6 use shards 0, 1, 2, 0.
+    config = _config(num_honest=3, num_byzantine=4, declared_f=1, attack="label_flip")
+    dataset = load_dataset(config.task, seed=config.seed)
+    shard_list = shards(config, dataset)
+    # Execute
+    workers = [ByzantineWorker(config, i) for i in range(3, 7)]
+    # Assert
+    for worker, shard_index in zip(workers, (0, 1, 2, 0)):
+        shard = shard_list[shard_index]
+        assert not worker.needs_observation
+        assert worker.trainer is not None
+        assert torch.equal(worker.trainer._x, dataset.train_x[shard])
+        assert torch.equal(worker.trainer._y, 9 - dataset.train_y[shard])
+
+
+def test_label_flip_vector_is_the_momentum_of_the_flipped_loss() -> None:
+    # Prepare: the same computation written out by hand for worker 4 (shard 0), rounds 0 and 1.
+    config = _config(num_honest=4, num_byzantine=1, attack="label_flip")
+    dataset = load_dataset(config.task, seed=config.seed)
+    shard = shards(config, dataset)[0]
+    x, y = dataset.train_x[shard], 9 - dataset.train_y[shard]
+    model = build_task_model(config, dataset)
+    params = _params(config)
+    beta = config.momentum
+
+    def gradient(round_: int, theta: Tensor) -> Tensor:
+        batch = torch.randperm(len(shard), generator=generator(config.seed, "batch", round_, 4))[: config.batch_size]
+        torch.nn.utils.vector_to_parameters(theta, model.parameters())
+        model.zero_grad()
+        F.nll_loss(model(x[batch]), y[batch]).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    theta_1 = params - 0.1
+    expected_0 = (1 - beta) * gradient(0, params)
+    expected_1 = beta * expected_0 + (1 - beta) * gradient(1, theta_1)
+    worker = ByzantineWorker(config, 4)
+    # Execute
+    got_0 = worker.vector(params=params, round_=0, honest=None)
+    got_1 = worker.vector(params=theta_1, round_=1, honest=None)
+    # Assert
+    torch.testing.assert_close(got_0, expected_0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_1, expected_1, rtol=1e-5, atol=1e-7)
+    assert worker.last_loss == worker.last_loss  # a number, not NaN
+
+
+def test_label_flip_differs_from_the_honest_worker_of_the_same_shard() -> None:
+    config = _config(num_honest=4, num_byzantine=1, attack="label_flip")
+    params = _params(config)
+    honest = GradientWorker(config, 0).step(params, 0)
+    byzantine = ByzantineWorker(config, 4).vector(params=params, round_=0, honest=None)
+    assert not torch.allclose(honest, byzantine)
+
+
+def test_label_flip_momentum_restored_continues_bitwise() -> None:
+    # A restarted Byzantine worker that gets its momentum back computes the same next vector.
+    config = _config(attack="label_flip")
+    params = _params(config)
+    uninterrupted = ByzantineWorker(config, 4)
+    after_round_0 = uninterrupted.vector(params=params, round_=0, honest=None)
+    expected = uninterrupted.vector(params=params * 0.5, round_=1, honest=None)
+    restarted = ByzantineWorker(config, 4)
+    # Execute
+    restarted.set_momentum(after_round_0)
+    got = restarted.vector(params=params * 0.5, round_=1, honest=None)
+    # Assert
+    assert torch.equal(got, expected)
+
+
+# --- colluding workers ------------------------------------------------------------------------------
+def test_colluding_workers_submit_the_rows_of_one_crafted_matrix() -> None:
+    # Prepare: Gaussian noise makes every row different, so the row each worker takes is visible.
+    config = _config(num_honest=4, num_byzantine=2, attack="gaussian")
+    honest = _honest(config, 6)
+    crafter = Crafter(config)
+    expected = craft("gaussian", honest, num_byzantine=2, num_workers=6, generator=generator(config.seed, "attack", 5))
+    # Execute
+    got = [ByzantineWorker(config, i, crafter=crafter).vector(params=torch.zeros(6), round_=5, honest=honest)
+           for i in (4, 5)]
+    # Assert
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], got[1])
+
+
+def test_workers_with_their_own_crafters_agree_with_a_shared_one() -> None:
+    # The gRPC engine gives each adversary process its own Crafter; inproc shares one.
+    config = _config(num_honest=4, num_byzantine=2, attack="gaussian")
+    honest = _honest(config, 6)
+    shared = Crafter(config)
+    for worker_id in (4, 5):
+        own = ByzantineWorker(config, worker_id).vector(params=torch.zeros(6), round_=2, honest=honest)
+        together = ByzantineWorker(config, worker_id, crafter=shared).vector(params=torch.zeros(6), round_=2,
+                                                                              honest=honest)
+        assert torch.equal(own, together)
+
+
+def test_optimal_attack_searches_against_the_configured_pipeline() -> None:
+    config = _config(num_honest=4, num_byzantine=1, attack="optimal_alie", pipeline="arc > nnm > cwtm")
+    honest = _honest(config, 5)
+    pipeline = build_pipeline(config.pipeline, f=config.f)
+    expected = craft("optimal_alie", honest, num_byzantine=1, num_workers=5, aggregate=lambda x: pipeline(x)[0])
+    got = ByzantineWorker(config, 4).vector(params=torch.zeros(5), round_=0, honest=honest)
+    assert torch.equal(got, expected[0])
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_every_crafting_attack_gives_one_vector_of_the_model_size(attack: str) -> None:
+    config = _config(num_honest=4, num_byzantine=1, attack=attack)
+    honest = _honest(config, 7)
+    worker = ByzantineWorker(config, 4)
+    got = worker.vector(params=torch.zeros(7), round_=0, honest=honest)
+    assert worker.needs_observation
+    assert got.shape == (7,) and got.dtype == torch.float32
+    assert bool(torch.isfinite(got).all()) == (attack not in ("inf", "nan"))
+
+
+def test_vector_does_not_expose_the_cached_matrix() -> None:
+    config = _config(num_honest=4, num_byzantine=2, attack="sign_flip")
+    honest = _honest(config, 3)
+    crafter = Crafter(config)
+    worker = ByzantineWorker(config, 4, crafter=crafter)
+    first = worker.vector(params=torch.zeros(3), round_=0, honest=honest)
+    first.fill_(123.0)
+    again = ByzantineWorker(config, 5, crafter=crafter).vector(params=torch.zeros(3), round_=0, honest=honest)
+    torch.testing.assert_close(again, -honest.mean(dim=0))
+
+
+def test_honest_input_is_not_modified() -> None:
+    config = _config(num_honest=4, num_byzantine=1, attack="alie")
+    honest = _honest(config, 4)
+    before = honest.clone()
+    ByzantineWorker(config, 4).vector(params=torch.zeros(4), round_=0, honest=honest)
+    assert torch.equal(honest, before)
+
+
+# --- determinism across instances and processes -----------------------------------------------------
+def test_gaussian_attack_is_identical_across_crafter_instances() -> None:
+    # Prepare: two crafters as in two processes, with the global RNG in different states.
+    config = _config(num_honest=4, num_byzantine=2, attack="gaussian")
+    honest = _honest(config, 50)
+    torch.manual_seed(1)
+    first = Crafter(config).craft_all(honest, 7)
+    torch.manual_seed(2)
+    torch.rand(10)
+    # Execute
+    second = Crafter(config).craft_all(honest, 7)
+    # Assert
+    assert torch.equal(first, second)
+
+
+def test_gaussian_attack_changes_with_the_round_and_the_seed() -> None:
+    config = _config(num_honest=4, num_byzantine=2, attack="gaussian")
+    honest = _honest(config, 50)
+    base = Crafter(config).craft_all(honest, 7)
+    assert not torch.equal(Crafter(config).craft_all(honest, 8), base)
+    assert not torch.equal(Crafter(config.replace(seed=4)).craft_all(honest, 7), base)
+
+
+def test_crafter_crafts_once_per_round() -> None:
+    config = _config(num_honest=4, num_byzantine=2, attack="gaussian")
+    crafter = Crafter(config)
+    honest = _honest(config, 5)
+    first = crafter.craft_all(honest, 0)
+    assert crafter.craft_all(honest, 0) is first
+    assert crafter.craft_all(honest, 1) is not first
+
+
+def _matrix_digest(config: RunConfig, honest: Tensor, round_: int) -> str:
+    matrix = Crafter(config).craft_all(honest, round_)
+    return hashlib.sha256(matrix.numpy().tobytes()).hexdigest()
+
+
+def test_gaussian_attack_is_identical_in_another_process() -> None:
+    # Prepare
+    config = _config(num_honest=4, num_byzantine=2, attack="gaussian")
+    honest = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 64) / 100
+    script = textwrap.dedent(f"""
+        import hashlib, torch
+        from adversaries.byzantine import Crafter
+        from arcsim.config import loads_config
+        torch.manual_seed(12345)  # a different global RNG state must not matter
+        config = loads_config({config.to_yaml()!r})
+        honest = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 64) / 100
+        print(hashlib.sha256(Crafter(config).craft_all(honest, 3).numpy().tobytes()).hexdigest())
+    """)
+    # Execute
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == _matrix_digest(config, honest, 3)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("worker_id", [0, 3, 5, -1])
+def test_worker_id_outside_the_byzantine_range_is_rejected(worker_id: int) -> None:
+    config = _config(num_honest=4, num_byzantine=1)
+    with pytest.raises(ValueError, match=rf"Byzantine worker ids run from 4 to 4, got {worker_id}"):
+        ByzantineWorker(config, worker_id)
+
+
+def test_crafting_attack_without_honest_vectors_is_rejected() -> None:
+    config = _config(attack="alie")
+    with pytest.raises(ValueError, match="attack 'alie' needs the honest vectors of round 2"):
+        ByzantineWorker(config, 4).vector(params=torch.zeros(3), round_=2, honest=None)
+
+
+def test_crafting_attack_with_zero_honest_vectors_is_rejected() -> None:
+    config = _config(attack="sign_flip")
+    with pytest.raises(ValueError, match="needs the honest vectors of round 0"):
+        ByzantineWorker(config, 4).vector(params=torch.zeros(3), round_=0, honest=torch.zeros((0, 3)))

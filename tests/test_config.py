@@ -1,0 +1,384 @@
+"""Tests of the run config (arcsim/config.py): loading, every validation error, learning-rate schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from arcsim.config import ConfigError, RunConfig, from_dict, load_config, loads_config
+
+REPO = Path(__file__).resolve().parent.parent
+# The run configs shipped in configs/ (sweep configs, with a top-level `sweep:` key, are arcsim.sweep's).
+CONFIG_FILES = sorted(path for path in (REPO / "configs").glob("*.yaml")
+                      if not re.search(r"^sweep:", path.read_text(), flags=re.MULTILINE))
+
+# A small valid base (the defaults plus nothing) is RunConfig(); the cases below change one thing.
+
+
+# --- loading ----------------------------------------------------------------------------------
+def test_defaults_load_from_an_empty_mapping_and_an_empty_file() -> None:
+    # Prepare / Execute
+    from_mapping = from_dict({})
+    from_text = loads_config("")
+    # Assert
+    assert from_mapping == RunConfig()
+    assert from_text == RunConfig()
+    assert from_mapping.f == from_mapping.num_byzantine == 3
+    assert from_mapping.num_workers == 13
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(REPO)) for p in CONFIG_FILES])
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_the_shipped_configs_include_small() -> None:
+    assert REPO / "configs" / "small.yaml" in CONFIG_FILES
+
+
+def test_load_config_applies_overrides_after_reading(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "c.yaml"
+    path.write_text("task: synthetic\nmodel: mlp\nrounds: 7\n")
+    # Execute
+    config = load_config(path, {"rounds": 3, "seed": 9})
+    # Assert
+    assert (config.task, config.model, config.rounds, config.seed) == ("synthetic", "mlp", 3, 9)
+
+
+def test_numbers_are_normalised_to_float() -> None:
+    config = from_dict({"lr": 1, "momentum": 0, "alpha": 2, "partitioner": "dirichlet"})
+    assert isinstance(config.lr, float) and isinstance(config.momentum, float) and isinstance(config.alpha, float)
+    assert config.digest() == from_dict({"lr": 1.0, "momentum": 0.0, "alpha": 2.0, "partitioner": "dirichlet"}).digest()
+
+
+def test_yaml_round_trip_keeps_the_config_and_its_digest() -> None:
+    # Prepare
+    config = from_dict({"task": "synthetic", "model": "logreg", "attack": "alie", "attack_params": {"tau": 1.5},
+                        "lr_schedule": "step", "lr_milestones": [3, 5], "partitioner": "dirichlet", "alpha": 0.5})
+    # Execute
+    again = loads_config(config.to_yaml())
+    # Assert
+    assert again == config
+    assert again.digest() == config.digest()
+
+
+def test_digest_changes_with_any_key() -> None:
+    base = RunConfig()
+    assert base.digest() == RunConfig().digest()
+    assert base.replace(seed=2).digest() != base.digest()
+    assert base.replace(lr=0.05).digest() != base.digest()
+
+
+def test_config_is_frozen() -> None:
+    config = RunConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.rounds = 5  # type: ignore[misc]
+
+
+def test_replace_validates() -> None:
+    with pytest.raises(ConfigError, match="'rounds'"):
+        RunConfig().replace(rounds=0)
+
+
+def test_declared_f_overrides_num_byzantine() -> None:
+    config = from_dict({"num_honest": 5, "num_byzantine": 1, "declared_f": 2})
+    assert (config.f, config.num_byzantine, config.num_workers) == (2, 1, 6)
+
+
+def test_declared_f_may_be_zero_with_byzantine_workers() -> None:
+    # An undefended baseline: the pipeline is built with f = 0 (ARC is then the identity).
+    config = from_dict({"num_honest": 4, "num_byzantine": 1, "declared_f": 0, "pipeline": "mean"})
+    assert config.f == 0
+
+
+def test_no_byzantine_with_attack_none() -> None:
+    config = from_dict({"num_byzantine": 0, "attack": "none"})
+    assert (config.num_byzantine, config.f, config.attack) == (0, 0, "none")
+
+
+# --- unknown keys -----------------------------------------------------------------------------
+def test_unknown_key_is_named_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"rouns": 5})
+    message = str(caught.value)
+    assert "'rouns'" in message
+    assert "did you mean 'rounds'" in message
+
+
+def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
+    with pytest.raises(ConfigError) as caught:
+        loads_config("zzzzzz: 1\n")
+    message = str(caught.value)
+    assert "'zzzzzz'" in message and "did you mean" not in message
+    assert "num_byzantine" in message
+
+
+def test_unknown_key_in_overrides_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds: 3\n")
+    with pytest.raises(ConfigError, match="'sed'.*did you mean 'seed'"):
+        load_config(path, {"sed": 1})
+
+
+# --- types ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_honest", "4"),
+        ("num_honest", 4.0),
+        ("num_honest", True),
+        ("num_byzantine", None),
+        ("declared_f", 1.5),
+        ("rounds", "ten"),
+        ("batch_size", [25]),
+        ("eval_every", False),
+        ("eval_batch_size", 10.5),
+        ("seed", "1"),
+    ],
+)
+def test_integer_keys_reject_other_types(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key}': must be an integer"):
+        from_dict({key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lr", "0.1"),
+        ("lr", True),
+        ("lr", None),
+        ("lr", math.nan),
+        ("momentum", [0.9]),
+        ("weight_decay", "none"),
+        ("lr_gamma", {}),
+        ("round_deadline", "60s"),
+    ],
+)
+def test_number_keys_reject_other_types(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key}': must be a number"):
+        from_dict({key: value})
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "lr_gamma", "round_deadline", "momentum"])
+def test_number_keys_reject_infinity(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key}': must be a finite number"):
+        from_dict({key: value})
+
+
+def test_alpha_rejects_a_string() -> None:
+    with pytest.raises(ConfigError, match="'alpha': must be a number"):
+        from_dict({"partitioner": "dirichlet", "alpha": "x"})
+
+
+@pytest.mark.parametrize("key", ["attack_params", "pipeline_params"])
+def test_params_must_be_a_mapping(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key}': must be a mapping"):
+        from_dict({key: [1, 2]})
+
+
+@pytest.mark.parametrize("value", [5, "0, 10", [1, -1], [True], [1.5]])
+def test_lr_milestones_must_be_a_list_of_rounds(value: Any) -> None:
+    with pytest.raises(ConfigError, match="'lr_milestones'"):
+        from_dict({"lr_milestones": value})
+
+
+def test_data_root_must_be_a_string() -> None:
+    with pytest.raises(ConfigError, match="'data_root': must be a path string"):
+        from_dict({"data_root": 5})
+
+
+# --- ranges -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "value", "bound"),
+    [
+        ("num_honest", 0, ">= 1"),
+        ("num_byzantine", -1, ">= 0"),
+        ("declared_f", -1, ">= 0"),
+        ("rounds", 0, ">= 1"),
+        ("batch_size", 0, ">= 1"),
+        ("eval_every", 0, ">= 1"),
+        ("eval_batch_size", 0, ">= 1"),
+        ("seed", -1, ">= 0"),
+        ("lr", 0.0, "> 0.0"),
+        ("lr", -0.1, "> 0.0"),
+        ("lr_gamma", 0, "> 0.0"),
+        ("momentum", -0.1, ">= 0.0"),
+        ("momentum", 1.0, "< 1.0"),
+        ("weight_decay", -1e-4, ">= 0.0"),
+        ("round_deadline", 0, "> 0.0"),
+    ],
+)
+def test_out_of_range_values_are_rejected(key: str, value: float, bound: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({key: value})
+    assert str(caught.value) == f"config key {key!r}: must be {bound}, got {value}"
+
+
+def test_momentum_zero_is_allowed() -> None:
+    assert from_dict({"momentum": 0}).momentum == 0.0
+
+
+# --- choices ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "value", "listed"),
+    [
+        ("task", "cifar10", "fashion-mnist"),
+        ("model", "resnet", "cnn"),
+        ("partitioner", "random", "dirichlet"),
+        ("attack", "flip", "sign_flip"),
+        ("lr_schedule", "linear", "cosine"),
+    ],
+)
+def test_unknown_choice_lists_the_valid_ones(key: str, value: str, listed: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({key: value})
+    message = str(caught.value)
+    assert f"'{key}'" in message and repr(value) in message and listed in message
+
+
+# --- conditions between keys ------------------------------------------------------------------
+def test_dirichlet_needs_alpha() -> None:
+    with pytest.raises(ConfigError, match="'alpha': the dirichlet partitioner needs alpha"):
+        from_dict({"partitioner": "dirichlet"})
+
+
+@pytest.mark.parametrize("alpha", [0, -1.0])
+def test_dirichlet_alpha_must_be_positive(alpha: float) -> None:
+    with pytest.raises(ConfigError, match="'alpha': must be > 0.0"):
+        from_dict({"partitioner": "dirichlet", "alpha": alpha})
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "extreme"])
+def test_alpha_is_rejected_without_dirichlet(partitioner: str) -> None:
+    with pytest.raises(ConfigError, match=f"'alpha': is only used by the dirichlet partitioner, not '{partitioner}'"):
+        from_dict({"partitioner": partitioner, "alpha": 1.0})
+
+
+def test_attack_none_with_byzantine_workers_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="'attack': num_byzantine = 2 needs an attack other than 'none'"):
+        from_dict({"num_byzantine": 2, "attack": "none"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "f", "n"),
+    [
+        ({"num_honest": 2, "num_byzantine": 2}, 2, 4),
+        ({"num_honest": 3, "num_byzantine": 4}, 4, 7),
+        ({"num_honest": 5, "num_byzantine": 1, "declared_f": 3}, 3, 6),
+    ],
+)
+def test_f_must_be_below_half_of_the_workers(raw: dict[str, Any], f: int, n: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({**raw, "pipeline": "mean"})
+    assert f"f = {f} must be below half of the {n} workers (2f < n)" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "params", "expected"),
+    [
+        ("arc > nope", {}, "unknown rule 'nope'"),
+        ("", {}, "non-empty string"),
+        (5, {}, "non-empty string"),
+        ("arc > nnm", {}, "'pipeline'"),
+        ("arc > nnm > cwtm", {"bogus": 1}, "unexpected parameters ['bogus']"),
+    ],
+)
+def test_bad_pipeline_spec_is_rejected(pipeline: Any, params: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"pipeline": pipeline, "pipeline_params": params})
+    message = str(caught.value)
+    assert message.startswith("config key 'pipeline':")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("attack", "params", "expected"),
+    [
+        ("alie", {"bogus": 1.0}, "unexpected parameters ['bogus']"),
+        ("sign_flip", {"tau": 1.0}, "unexpected parameters ['tau']"),
+        ("foe", {"tau": "big"}, "tau"),
+        ("mimic", {"index": 10}, "index"),
+        ("label_flip", {"tau": 1.0}, "takes no attack_params"),
+    ],
+)
+def test_bad_attack_params_are_rejected_when_loading(attack: str, params: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"attack": attack, "attack_params": params})
+    message = str(caught.value)
+    assert message.startswith("config key 'attack_params':")
+    assert expected in message
+
+
+def test_attack_none_takes_no_attack_params() -> None:
+    with pytest.raises(ConfigError, match="'attack_params': .*takes no attack_params"):
+        from_dict({"num_byzantine": 0, "attack": "none", "attack_params": {"tau": 1.0}})
+
+
+def test_good_attack_params_are_kept() -> None:
+    config = from_dict({"attack": "foe", "attack_params": {"tau": 0.5}})
+    assert config.attack_params == {"tau": 0.5}
+
+
+# --- files ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["- rounds\n- 5\n", "just a string\n", "42\n"])
+def test_yaml_that_is_not_a_mapping_is_rejected(text: str) -> None:
+    with pytest.raises(ConfigError, match="my.yaml: a config must be a mapping of keys to values"):
+        loads_config(text, source="my.yaml")
+
+
+def test_from_dict_rejects_a_non_mapping() -> None:
+    with pytest.raises(ConfigError, match="a config must be a mapping of keys to values, got list"):
+        from_dict([("rounds", 5)])  # type: ignore[arg-type]
+
+
+def test_invalid_yaml_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="my.yaml: not valid YAML"):
+        loads_config("rounds: [1, 2\n", source="my.yaml")
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"config file not found: {missing}"):
+        load_config(missing)
+
+
+def test_unreadable_path_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"cannot read config file {tmp_path}"):
+        load_config(tmp_path)  # a directory
+
+
+# --- learning-rate schedules --------------------------------------------------------------------
+def test_constant_schedule() -> None:
+    config = from_dict({"lr": 0.2, "rounds": 10})
+    assert [config.lr_at(t) for t in (0, 5, 9)] == [0.2, 0.2, 0.2]
+
+
+def test_step_schedule_multiplies_at_each_milestone() -> None:
+    # Prepare: lr 0.4, gamma 0.5, milestones 2 and 4 -> 0.4, 0.4, 0.2, 0.2, 0.1, 0.1
+    config = from_dict({"lr": 0.4, "lr_schedule": "step", "lr_milestones": [4, 2], "lr_gamma": 0.5, "rounds": 6})
+    # Execute
+    rates = [config.lr_at(t) for t in range(6)]
+    # Assert
+    assert rates == pytest.approx([0.4, 0.4, 0.2, 0.2, 0.1, 0.1])
+
+
+def test_step_schedule_without_milestones_is_constant() -> None:
+    config = from_dict({"lr": 0.3, "lr_schedule": "step"})
+    assert config.lr_at(0) == config.lr_at(150) == 0.3
+
+
+def test_cosine_schedule() -> None:
+    # lr_t = lr / 2 * (1 + cos(pi t / T)), T = 8: t = 0 -> lr, t = 4 -> lr / 2, t = 2 -> lr (2 + sqrt 2) / 4
+    config = from_dict({"lr": 0.8, "lr_schedule": "cosine", "rounds": 8})
+    assert config.lr_at(0) == pytest.approx(0.8)
+    assert config.lr_at(4) == pytest.approx(0.4)
+    assert config.lr_at(2) == pytest.approx(0.8 * (2 + math.sqrt(2)) / 4)
+    assert config.lr_at(7) > 0.0
