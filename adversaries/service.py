@@ -22,9 +22,7 @@ from .byzantine import ByzantineWorker
 class AdversaryParticipant(Participant):
     role = pb.BYZANTINE
 
-    def __init__(self, worker_id: int, metadata) -> None:
-        self.worker_id = worker_id
-        self.metadata = metadata
+    def __init__(self) -> None:
         self.worker: ByzantineWorker | None = None
         self._momentum: torch.Tensor | None = None
         self.num_parameters = 0
@@ -58,6 +56,4 @@ class AdversaryParticipant(Participant):
 
 
 async def run_adversary(settings: WorkerSettings) -> str:
-    session = Session(settings, AdversaryParticipant(settings.worker_id, None))
-    session.participant.metadata = session.metadata
-    return await session.run()
+    return await Session(settings, AdversaryParticipant()).run()

@@ -1,6 +1,8 @@
 """Per-worker credentials derived from one run secret.
 
 Worker ``i`` of role ``r`` holds the bearer token ``HMAC-SHA256(secret, "arcsim/v1/<r>/<i>")`` (hex).
+A role token (``<i>`` = ``*``) allows only ``Join`` with worker id -1: the coordinator assigns the
+first free id of the role and returns that id's token (scaled containers all start alike).
 The coordinator, which knows the secret, recomputes the tokens of every worker of the run and
 maps a presented token to exactly one (role, worker id): a token cannot be used for another id or
 role, and only Byzantine (adversary) tokens may call ``Observe``. Tokens travel in the call
@@ -17,6 +19,7 @@ import secrets
 from pathlib import Path
 
 METADATA_KEY = "authorization"
+ANY_ID = -1  # the worker id a role token stands for
 SECRET_ENV = "ARCSIM_SECRET"
 TOKEN_ENV = "ARCSIM_TOKEN"
 
@@ -26,7 +29,9 @@ def new_secret() -> str:
 
 
 def worker_token(secret: str, role: str, worker_id: int) -> str:
-    message = f"arcsim/v1/{role}/{int(worker_id)}".encode()
+    """The token of worker ``worker_id`` of ``role``; ``ANY_ID`` gives the role token."""
+    part = "*" if worker_id == ANY_ID else str(int(worker_id))
+    message = f"arcsim/v1/{role}/{part}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
@@ -46,10 +51,16 @@ class TokenBook:
     """Maps every valid token of a run to its (role, worker id)."""
 
     def __init__(self, secret: str, *, num_honest: int, num_byzantine: int) -> None:
+        self._secret = secret
         self._owners: dict[str, tuple[str, int]] = {}
         for worker_id in range(num_honest + num_byzantine):
             role = "honest" if worker_id < num_honest else "byzantine"
             self._owners[worker_token(secret, role, worker_id)] = (role, worker_id)
+        for role in ("honest", "byzantine"):
+            self._owners[worker_token(secret, role, ANY_ID)] = (role, ANY_ID)
+
+    def token_for(self, role: str, worker_id: int) -> str:
+        return worker_token(self._secret, role, worker_id)
 
     def owner(self, token: str | None) -> tuple[str, int] | None:
         # A hash-table lookup, not a scan: it does not reveal how much of a wrong token matched.

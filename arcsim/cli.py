@@ -122,9 +122,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
     config = load_config(args.config)
+    resume = args.resume or (args.resume_if_present and any((Path(args.out) / "checkpoints").glob("*.ckpt")))
     settings = CoordinatorSettings(
         config=config, out_dir=Path(args.out), secret=read_secret(args.secret_file), host=args.host, port=args.port,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=args.resume, quorum=args.quorum,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=resume, quorum=args.quorum,
         join_timeout=args.join_timeout, device=args.device,
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -134,13 +135,30 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "stopped") else 1
 
 
-def _worker_settings(args: argparse.Namespace):
-    from arcsim.auth import TOKEN_ENV
+def _worker_id(text: str) -> int:
+    from arcsim.auth import ANY_ID
+
+    if text == "auto":
+        return ANY_ID
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a worker id is a non-negative integer or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a worker id is a non-negative integer or 'auto', got {text!r}")
+    return value
+
+
+def _worker_settings(args: argparse.Namespace, role: str):
+    from arcsim.auth import SECRET_ENV, TOKEN_ENV, worker_token
     from workers.service import WorkerSettings
 
     token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV, "")
+    if not token and os.environ.get(SECRET_ENV):
+        # A trusted testbed hands every service the run secret; each derives its own credentials.
+        token = worker_token(os.environ[SECRET_ENV], role, args.worker_id)
     if not token:
-        raise ValueError(f"no credentials: pass --token-file or set {TOKEN_ENV}")
+        raise ValueError(f"no credentials: pass --token-file, or set {TOKEN_ENV} (or {SECRET_ENV} on a trusted testbed)")
     return WorkerSettings(coordinator=args.coordinator, worker_id=args.worker_id, token=token, device=args.device,
                           max_retry_seconds=args.max_retry_seconds)
 
@@ -152,7 +170,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
-    _uvloop_run(run_worker(_worker_settings(args)))
+    _uvloop_run(run_worker(_worker_settings(args, "honest")))
     return 0
 
 
@@ -163,8 +181,31 @@ def cmd_adversary(args: argparse.Namespace) -> int:
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
-    _uvloop_run(run_adversary(_worker_settings(args)))
+    _uvloop_run(run_adversary(_worker_settings(args, "byzantine")))
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the coordinator at --address (or $ARCSIM_HEALTH_ADDRESS) reports SERVING.
+
+    With no address (a worker's container), the service is healthy while its process runs.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = args.address or os.environ.get("ARCSIM_HEALTH_ADDRESS", "")
+    if not address:
+        return 0
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="arcsim.v1.Coordinator"), timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"unhealthy: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print("serving" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if serving else 1
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -225,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     coord.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
     coord.add_argument("--metrics-host", default="127.0.0.1")
-    coord.add_argument("--resume", action="store_true")
+    coord.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    coord.add_argument("--resume-if-present", action="store_true",
+                       help="resume when --out holds checkpoints, else start fresh (for restarting containers)")
     coord.add_argument("--secret-file", help="run secret (else $ARCSIM_SECRET)")
     coord.add_argument("--quorum", type=int, help="vectors that close a round early (default: all workers)")
     coord.add_argument("--join-timeout", type=float, default=120.0)
@@ -237,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("adversary", cmd_adversary, "a Byzantine worker service")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
-        p.add_argument("--worker-id", type=int, required=True)
+        p.add_argument("--worker-id", type=_worker_id, required=True,
+                       help="this worker's id, or 'auto' for the first free id of its role")
         p.add_argument("--token-file", help="credentials (else $ARCSIM_TOKEN)")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         p.add_argument("--max-retry-seconds", type=float, default=300.0)
@@ -258,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables (markdown) and plots (PNG) of a run or a sweep")
     report.add_argument("dir", help="a run folder or a sweep folder")
     report.set_defaults(func=cmd_report)
+
+    health = sub.add_parser("health", help="check a coordinator's gRPC health (container health checks)")
+    health.add_argument("--address", help="host:port (default $ARCSIM_HEALTH_ADDRESS; none: healthy)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

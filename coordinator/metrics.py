@@ -20,6 +20,7 @@ REJECTION_REASONS = (
     "permission_denied",
     "unknown_worker",
     "not_joined",
+    "no_free_id",
     "stale_round",
     "future_round",
     "duplicate",

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
     reflection = None
 
 from arcsim import codec
-from arcsim.auth import TokenBook, token_from_metadata
+from arcsim.auth import ANY_ID, TokenBook, token_from_metadata
 from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
@@ -49,6 +49,7 @@ from .rounds import BYZANTINE, HONEST, RoundRecord, RunState
 log = logging.getLogger("arcsim.coordinator")
 
 SERVICE_NAME = "arcsim.v1.Coordinator"
+ASSIGNMENT_GRACE = 30.0  # seconds an assigned id stays reserved for the worker that got it to subscribe
 _ROLE_NAMES = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
 
 
@@ -126,6 +127,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._ended: str | None = None
         self._stop = asyncio.Event()
         self._all_subscribed = asyncio.Event()
+        self._handed_out: dict[int, float] = {}  # worker id -> when Join assigned it
 
     # --- helpers --------------------------------------------------------------------------------
     def _reject(self, reason: str, code: grpc.StatusCode, message: str) -> Rejection:
@@ -146,29 +148,52 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     # --- RPCs -----------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        token = ""
         try:
             owner = self._caller(context)
-            if not 0 <= request.worker_id < self.config.num_workers:
-                raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"worker_id {request.worker_id} is not in 0..{self.config.num_workers - 1}")
-            self._check_worker(owner, request.worker_id)
             if request.role not in _ROLE_NAMES:
                 raise self._reject("malformed", grpc.StatusCode.INVALID_ARGUMENT,
                                    f"role must be HONEST or BYZANTINE, got {request.role}")
             if _ROLE_NAMES[request.role] != owner[0]:
                 raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
-                                   f"worker {request.worker_id} joins as {owner[0]}, not as role {request.role}")
+                                   f"these credentials are for role {owner[0]}, not role {request.role}")
+            if owner[1] == ANY_ID:
+                if request.worker_id != ANY_ID:
+                    raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
+                                       f"a role token only asks for an id (worker_id {ANY_ID}), "
+                                       f"not for worker {request.worker_id}")
+                worker_id = self._assign_id(owner[0])
+                token = self.tokens.token_for(owner[0], worker_id)
+            else:
+                worker_id = request.worker_id
+                if not 0 <= worker_id < self.config.num_workers:
+                    raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}")
+                self._check_worker(owner, worker_id)
         except Rejection as error:
             await context.abort(error.code, error.message)
         if self._ended is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the run has ended ({self._ended})")
-        self.joined.add(request.worker_id)
-        momentum = self.state.momenta.get(request.worker_id)
-        log.info("worker %d (%s) joined", request.worker_id, owner[0])
+        self.joined.add(worker_id)
+        momentum = self.state.momenta.get(worker_id)
+        log.info(json.dumps({"event": "join", "worker_id": worker_id, "role": owner[0], "assigned": bool(token)}))
         return pb.JoinReply(run_id=self.run_id, config_yaml=self.config.to_yaml(),
                             num_parameters=self.state.num_parameters, current_round=self.state.round,
-                            chunk_bytes=self.settings.chunk_bytes,
-                            has_momentum=momentum is not None)
+                            chunk_bytes=self.settings.chunk_bytes, has_momentum=momentum is not None,
+                            worker_id=worker_id, token=token)
+
+    def _assign_id(self, role: str) -> int:
+        """The first id of ``role`` that nobody follows and that was not handed out recently."""
+        ids = range(self.config.num_honest) if role == HONEST else range(self.config.num_honest,
+                                                                          self.config.num_workers)
+        now = time.monotonic()
+        for worker_id in ids:
+            if worker_id in self.subscribed or now - self._handed_out.get(worker_id, -1e9) < ASSIGNMENT_GRACE:
+                continue
+            self._handed_out[worker_id] = now
+            return worker_id
+        raise self._reject("no_free_id", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"every {role} worker id is taken; waiting as a spare")
 
     async def FetchMomentum(self, request: pb.FetchMomentumRequest, context: grpc.aio.ServicerContext):
         try:

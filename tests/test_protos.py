@@ -127,7 +127,7 @@ def test_protos_build_doctests() -> None:
     assert result.failed == 0 and result.attempted > 0
 
 
-def test_service_has_four_rpcs_with_their_streaming_kinds() -> None:
+def test_service_has_its_rpcs_with_their_streaming_kinds() -> None:
     # Prepare
     service = pb.DESCRIPTOR.services_by_name["Coordinator"]
 
@@ -143,6 +143,7 @@ def test_service_has_four_rpcs_with_their_streaming_kinds() -> None:
         "Rounds": (False, True, "RoundsRequest", "RoundEvent"),
         "SubmitGradient": (True, False, "GradientChunk", "SubmitReply"),
         "Observe": (False, True, "ObserveRequest", "ObserveEvent"),
+        "FetchMomentum": (False, True, "FetchMomentumRequest", "ObserveEvent"),
     }
 
 
@@ -162,12 +163,16 @@ def test_messages_have_the_documented_fields() -> None:
         "num_parameters": 3,
         "current_round": 4,
         "chunk_bytes": 5,
+        "has_momentum": 6,
+        "worker_id": 7,
+        "token": 8,
     }
     assert fields("RoundsRequest") == {"worker_id": 1, "from_round": 2, "have_params": 3}
     assert fields("RoundEvent") == {"round_start": 1, "chunk": 2, "run_end": 3}
     assert fields("RoundStart") == {"round": 1, "deadline_unix_ms": 2, "params": 3}
     assert fields("RunEnd") == {"rounds_completed": 1, "reason": 2}
-    assert fields("GradientChunk") == {"round": 1, "worker_id": 2, "header": 3, "data": 4}
+    assert fields("GradientChunk") == {"round": 1, "worker_id": 2, "header": 3, "data": 4, "train_loss": 5}
+    assert fields("FetchMomentumRequest") == {"worker_id": 1}
     assert fields("SubmitReply") == {"accepted": 1, "round": 2, "message": 3}
     assert fields("ObserveRequest") == {"worker_id": 1, "round": 2}
     assert fields("ObserveEvent") == {"vector": 1, "chunk": 2}

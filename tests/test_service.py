@@ -9,6 +9,7 @@ bearer tokens, so each check sees exactly what a remote worker would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -27,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adversaries.byzantine import ByzantineWorker
 from adversaries.service import run_adversary
-from arcsim import codec
-from arcsim.auth import bearer, worker_token
+from arcsim import cli, codec
+from arcsim.auth import ANY_ID, bearer, worker_token
 from arcsim.config import RunConfig, from_dict
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
@@ -225,6 +226,51 @@ async def test_two_honest_workers_and_an_adversary_complete_the_run(start, tmp_p
     assert summary["final_params_sha256"] == inproc["final_params_sha256"]
 
 
+async def test_workers_with_auto_ids_take_the_free_ids_of_their_role_and_finish_the_run(start, tmp_path: Path) -> None:
+    # Prepare: every service holds only its role token (as scaled containers do) and asks for an id.
+    config = _config(num_honest=2, num_byzantine=1, attack="alie", rounds=3, eval_every=3)
+    running = await start(config)
+    address = f"127.0.0.1:{running.port}"
+
+    def settings(role: str) -> WorkerSettings:
+        return WorkerSettings(coordinator=address, worker_id=ANY_ID, token=worker_token(SECRET, role, ANY_ID),
+                              device="cpu", max_retry_seconds=10)
+
+    # Execute
+    clients = await asyncio.wait_for(asyncio.gather(
+        run_adversary(settings("byzantine")), run_worker(settings("honest")), run_worker(settings("honest"))), 120)
+    summary = await running.finish()
+    # Assert: the same run, bit for bit, as with fixed ids
+    assert clients == ["completed", "completed", "completed"]
+    assert summary["final_params_sha256"] == run_inproc(config, tmp_path / "inproc")["final_params_sha256"]
+
+
+async def test_a_role_token_gets_an_id_with_its_own_token_and_nothing_else(start) -> None:
+    # Prepare
+    config = _config(num_honest=2, num_byzantine=1, attack="alie")
+    running = await start(config, metrics_port=0)
+    role_md = bearer(worker_token(SECRET, "honest", ANY_ID))
+    join_any = pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST)
+    # Execute
+    first = await running.stub.Join(join_any, metadata=role_md)
+    second = await running.stub.Join(join_any, metadata=role_md)
+    spare = await _rpc_error(running.stub.Join(join_any, metadata=role_md))
+    fixed = await _rpc_error(running.stub.Join(pb.JoinRequest(worker_id=0, role=pb.HONEST), metadata=role_md))
+    wrong_role = await _rpc_error(running.stub.Join(pb.JoinRequest(worker_id=ANY_ID, role=pb.BYZANTINE),
+                                                    metadata=role_md))
+    rounds = running.stub.Rounds(pb.RoundsRequest(worker_id=0), metadata=role_md)
+    rounds_error = await _rpc_error(rounds.read())
+    # Assert: ids 0 and 1 with their own tokens; no third honest id; the role token can do nothing else
+    assert (first.worker_id, second.worker_id) == (0, 1)
+    assert first.token == worker_token(SECRET, "honest", 0) and second.token == worker_token(SECRET, "honest", 1)
+    assert spare.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert fixed.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert wrong_role.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert rounds_error.code() == grpc.StatusCode.PERMISSION_DENIED
+    text = await _metrics_text(running.metrics_port)
+    assert _sample(text, "arcsim_submissions_rejected_total", reason="no_free_id") == 1
+
+
 async def test_refused_vectors_answer_the_round_so_it_does_not_wait_for_the_deadline(start, tmp_path: Path) -> None:
     # Prepare: the adversary sends NaN vectors, which the coordinator refuses; with a 60 s deadline the
     # run must still take seconds, and aggregate the honest vectors exactly as the inproc engine does.
@@ -359,6 +405,23 @@ async def test_health_service_answers_serving(start) -> None:
     for service in ("", "arcsim.v1.Coordinator"):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_command_is_what_container_health_checks_run(start, monkeypatch) -> None:
+    # Prepare
+    running = await start(_config())
+    closed = await start(_config())
+    closed_port = closed.port
+    closed.task.cancel()
+    with contextlib.suppress(BaseException):
+        await closed.task
+    # Execute: `arcsim health` blocks, so it runs in a thread while this loop serves the coordinator
+    serving = await asyncio.to_thread(cli.main, ["health", "--address", f"127.0.0.1:{running.port}"])
+    down = await asyncio.to_thread(cli.main, ["health", "--address", f"127.0.0.1:{closed_port}", "--timeout", "1"])
+    monkeypatch.delenv("ARCSIM_HEALTH_ADDRESS", raising=False)
+    no_address = await asyncio.to_thread(cli.main, ["health"])
+    # Assert
+    assert (serving, down, no_address) == (0, 1, 0)
 
 
 async def test_cancelled_coordinator_releases_its_ports(start) -> None:

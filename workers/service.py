@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
 from arcsim import codec
-from arcsim.auth import bearer
+from arcsim.auth import ANY_ID, bearer
 from arcsim.config import RunConfig, loads_config
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
@@ -34,7 +33,7 @@ _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.S
 @dataclass(frozen=True)
 class WorkerSettings:
     coordinator: str  # host:port
-    worker_id: int
+    worker_id: int  # ANY_ID (-1): ask the coordinator for the first free id of the role (needs a role token)
     token: str
     device: str = "auto"
     max_retry_seconds: float = 300.0  # give up after this long without reaching the coordinator
@@ -45,8 +44,11 @@ class Participant:
     """What a worker computes; subclasses: the honest worker and the adversary."""
 
     role: int = pb.HONEST
+    worker_id: int = ANY_ID
+    metadata: tuple[tuple[str, str], ...] = ()  # the session's credentials, for the participant's own calls
 
     def setup(self, config: RunConfig, device: torch.device) -> None:
+        """Build the computation once the run's config and this worker's id are known."""
         raise NotImplementedError
 
     def set_momentum(self, momentum: torch.Tensor | None) -> None:
@@ -63,6 +65,7 @@ class Session:
     def __init__(self, settings: WorkerSettings, participant: Participant) -> None:
         self.settings = settings
         self.participant = participant
+        self.worker_id = settings.worker_id
         self.metadata = bearer(settings.token)
         self.config: RunConfig | None = None
         self.num_parameters = 0
@@ -87,6 +90,11 @@ class Session:
                 reason = await self._connect_and_follow()
                 return reason
             except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and self.config is None:
+                    # Every id of our role is taken: wait as a hot spare for one to free up.
+                    log.info("no free worker id yet (%s); waiting as a spare", error.details())
+                    await asyncio.sleep(5.0 * (0.75 + 0.5 * random.random()))
+                    continue
                 if error.code() not in _RETRY:
                     raise
                 if waited >= self.settings.max_retry_seconds:
@@ -100,8 +108,12 @@ class Session:
         max_bytes = max(self.num_parameters * 8, 64 << 20)
         async with self._channel(max_bytes + (1 << 16)) as channel:
             stub = pb_grpc.CoordinatorStub(channel)
-            reply = await stub.Join(pb.JoinRequest(worker_id=self.settings.worker_id, role=self.participant.role),
+            reply = await stub.Join(pb.JoinRequest(worker_id=self.worker_id, role=self.participant.role),
                                     metadata=self.metadata, wait_for_ready=True, timeout=30)
+            if reply.token:  # an id was assigned: keep it, with its own token, for every later call
+                self.worker_id = reply.worker_id
+                self.metadata = bearer(reply.token)
+                log.info("assigned worker id %d", self.worker_id)
             if self.config is None or reply.run_id != self.run_id:
                 self._setup(reply)
             return await self._follow(stub, reply.current_round)
@@ -113,13 +125,15 @@ class Session:
         self.run_id = reply.run_id
         self.num_parameters = reply.num_parameters
         self.chunk_bytes = reply.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
+        self.participant.worker_id = self.worker_id
+        self.participant.metadata = self.metadata
         self.participant.setup(self.config, resolve_device(self.settings.device))
 
     async def _fetch_momentum(self, stub: pb_grpc.CoordinatorStub) -> torch.Tensor | None:
         reader = codec.ObserveEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
                                           expected_dtype="float32")
         found = None
-        async for event in stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=self.settings.worker_id),
+        async for event in stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=self.worker_id),
                                               metadata=self.metadata):
             item = reader.feed(event)
             if item is not None:
@@ -130,7 +144,7 @@ class Session:
     async def _follow(self, stub: pb_grpc.CoordinatorStub, from_round: int) -> str:
         reader = codec.RoundEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
                                         expected_dtype="float32")
-        stream = stub.Rounds(pb.RoundsRequest(worker_id=self.settings.worker_id, from_round=from_round),
+        stream = stub.Rounds(pb.RoundsRequest(worker_id=self.worker_id, from_round=from_round),
                              metadata=self.metadata)
         synced = False
         async for event in stream:
@@ -159,7 +173,7 @@ class Session:
         vector, loss = result
         try:
             await stub.SubmitGradient(
-                codec.gradient_chunks(vector, round=round_, worker_id=self.settings.worker_id,
+                codec.gradient_chunks(vector, round=round_, worker_id=self.worker_id,
                                       chunk_bytes=self.chunk_bytes, train_loss=loss),
                 metadata=self.metadata)
             self.rounds_done += 1
@@ -176,8 +190,7 @@ class Session:
 class HonestParticipant(Participant):
     role = pb.HONEST
 
-    def __init__(self, worker_id: int) -> None:
-        self.worker_id = worker_id
+    def __init__(self) -> None:
         self.worker = None
         self._momentum: torch.Tensor | None = None
 
@@ -202,5 +215,5 @@ class HonestParticipant(Participant):
 
 
 async def run_worker(settings: WorkerSettings, participant: Participant | None = None) -> str:
-    participant = participant if participant is not None else HonestParticipant(settings.worker_id)
+    participant = participant if participant is not None else HonestParticipant()
     return await Session(settings, participant).run()

@@ -43,20 +43,24 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "config_yaml", "num_parameters", "current_round", "chunk_bytes", "has_momentum")
+    __slots__ = ("run_id", "config_yaml", "num_parameters", "current_round", "chunk_bytes", "has_momentum", "worker_id", "token")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     HAS_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_yaml: str
     num_parameters: int
     current_round: int
     chunk_bytes: int
     has_momentum: bool
-    def __init__(self, run_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., num_parameters: _Optional[int] = ..., current_round: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., has_momentum: _Optional[bool] = ...) -> None: ...
+    worker_id: int
+    token: str
+    def __init__(self, run_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., num_parameters: _Optional[int] = ..., current_round: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., has_momentum: _Optional[bool] = ..., worker_id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class RoundsRequest(_message.Message):
     __slots__ = ("worker_id", "from_round", "have_params")
