@@ -107,3 +107,57 @@ class GradientWorker:
         g = generator(self.config.seed, "batch", round_, self.worker_id)
         batch = torch.randperm(size, generator=g)[: min(self.config.batch_size, size)]
         return batch.to(self.device)
+
+
+class BatchedWorkers:
+    """Several workers' gradients at the same parameters in one vectorised call (torch.func.vmap).
+
+    Every honest worker computes its gradient at the same announced theta_t, on its own batch, so
+    the per-worker gradients are one ``vmap`` of ``grad(loss)`` over the stacked batches, with the
+    parameters shared (``in_dims=(None, 0, 0)``). It gives the same vectors as calling
+    :meth:`GradientWorker.step` on each worker, up to floating-point rounding (the batched kernels
+    sum in another order), so the in-process engine uses it only when asked (``batch_workers``):
+    measured on 2 CPU cores it was slower than the loop for the paper's CNN; on a GPU it batches h
+    small kernels into one (docs/benchmarks.md).
+    """
+
+    def __init__(self, workers: list[GradientWorker]) -> None:
+        from torch.func import functional_call, grad_and_value, vmap
+
+        if not workers:
+            raise ValueError("BatchedWorkers needs at least one worker")
+        self.workers = workers
+        first = workers[0]
+        self.model = first.model
+        names = [name for name, _ in self.model.named_parameters()]
+        self._names = names
+        self._shapes = [p.shape for p in self.model.parameters()]
+        self._sizes = [p.numel() for p in self.model.parameters()]
+
+        def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return F.nll_loss(functional_call(self.model, params, (x,)), y)
+
+        self._grad_fn = vmap(grad_and_value(loss), in_dims=(None, 0, 0))
+
+    def step(self, params: Tensor, round_: int) -> list[Tensor]:
+        """Every worker's momentum for the round (CPU tensors), updating each worker as ``step`` would."""
+        device = self.workers[0].device
+        batches = [w._batch_indices(round_) for w in self.workers]
+        if len({b.numel() for b in batches}) != 1:  # unequal batches (a tiny shard): no common shape
+            return [w.step(params, round_) for w in self.workers]
+        x = torch.stack([w._x[b] for w, b in zip(self.workers, batches)])
+        y = torch.stack([w._y[b] for w, b in zip(self.workers, batches)])
+        flat = params.to(device)
+        views = dict(zip(self._names, (v.view(s) for v, s in zip(flat.split(self._sizes), self._shapes))))
+        grads, losses = self._grad_fn(views, x, y)
+        g = torch.cat([grads[name].reshape(len(self.workers), -1) for name in self._names], dim=1)
+        out = []
+        for row, worker, loss in zip(g, self.workers, losses.tolist()):
+            beta = worker.config.momentum
+            if worker.momentum is None:
+                worker.momentum = row.mul(1.0 - beta)
+            else:
+                worker.momentum.mul_(beta).add_(row, alpha=1.0 - beta)
+            worker.last_loss = loss
+            out.append(worker.momentum.detach().to("cpu", copy=True))
+        return out
