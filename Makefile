@@ -14,6 +14,8 @@ help:
 	@echo "make demo-robust - the robust aggregation library alone: a table of robustness errors"
 	@echo "make bench       - run the benchmarks (figures go in docs/benchmarks.md)"
 	@echo "make protos      - regenerate the gRPC stubs from protos/"
+	@echo "make image       - the container image (VARIANT=cuda, AIRGAP=1: see docs/deploy.md)"
+	@echo "make e2e-docker  - the compose testbed end to end on a private Docker engine (root)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,3 +57,44 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# ---- Containers (docs/deploy.md) ------------------------------------------------------------------
+# make wheelhouse  every wheel the image needs (torch CPU, dependencies, arcsim's own) for the image's
+#                  python (CPython $(WHEEL_PYTHON), x86_64) in $(WHEELHOUSE)/; where no CPU torch wheel
+#                  is at hand, add TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# make base-image  Debian bookworm + python3 from a Debian mirror (debootstrap; root), imported as
+#                  $(BASE_IMAGE): no container registry needed
+# make image       the arcsim image $(IMAGE) with docker compose (VARIANT=cuda for CUDA torch); AIRGAP=1
+#                  builds it on $(BASE_IMAGE) from $(WHEELHOUSE)/ with no network
+# make e2e-docker  all of the above on a private Docker engine, then a short compose run checked from
+#                  outside (deploy/e2e-docker.sh; root)
+WHEELHOUSE      ?= wheelhouse
+WHEEL_PYTHON    ?= 3.11
+WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_5_x86_64 \
+                   manylinux1_x86_64 any
+TORCH_INDEX_URL ?=
+BASE_IMAGE      ?= arcsim-base
+IMAGE           ?= arcsim:latest
+VARIANT         ?= cpu
+COMPOSE         ?= $(if $(wildcard $(VENV)/bin/docker-compose),$(VENV)/bin/docker-compose,docker compose)
+
+.PHONY: wheelhouse base-image image e2e-docker
+
+wheelhouse: $(STAMP)
+	rm -f $(WHEELHOUSE)/arcsim-*.whl
+	$(PIP) wheel --quiet --no-deps --wheel-dir $(WHEELHOUSE) .
+	$(PIP) download --quiet --dest $(WHEELHOUSE) --only-binary=:all: --implementation cp \
+		--python-version $(WHEEL_PYTHON) --abi cp$(subst .,,$(WHEEL_PYTHON)) --abi abi3 --abi none \
+		$(addprefix --platform ,$(WHEEL_PLATFORMS)) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) \
+		"$(TORCH_SPEC)" $(WHEELHOUSE)/arcsim-*.whl
+
+base-image:
+	deploy/docker/base-image.sh $(BASE_IMAGE)
+
+image:
+	ARCSIM_IMAGE=$(IMAGE) ARCSIM_VARIANT=$(VARIANT) \
+	$(if $(AIRGAP),ARCSIM_BASE_IMAGE=$(BASE_IMAGE) ARCSIM_WHEELHOUSE=$(WHEELHOUSE) ARCSIM_BUILD_NETWORK=none) \
+	$(COMPOSE) build coordinator
+
+e2e-docker: $(STAMP)
+	VENV="$(VENV)" COMPOSE="$(COMPOSE)" deploy/e2e-docker.sh

@@ -127,7 +127,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     settings = CoordinatorSettings(
         config=config, out_dir=Path(args.out), secret=read_secret(args.secret_file), host=args.host, port=args.port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=resume, quorum=args.quorum,
-        join_timeout=args.join_timeout, device=args.device,
+        join_timeout=args.join_timeout, device=args.device, linger=args.linger,
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     summary = _uvloop_run(serve(settings))
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--secret-file", help="run secret (else $ARCSIM_SECRET)")
     coord.add_argument("--quorum", type=int, help="vectors that close a round early (default: all workers)")
     coord.add_argument("--join-timeout", type=float, default=120.0)
+    coord.add_argument("--linger", type=float, default=0.0,
+                       help="keep /metrics up this many seconds after the run ends (for Prometheus' last scrape)")
     coord.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     coord.add_argument("--log-level", default="info")
     coord.set_defaults(func=cmd_coordinator)

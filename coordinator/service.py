@@ -81,6 +81,7 @@ class CoordinatorSettings:
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
     device: str = "cpu"
     grace: float = 5.0
+    linger: float = 0.0  # seconds /metrics stays up after the run ends, so a scraper records the final values
     server_credentials: grpc.ServerCredentials | None = field(default=None, compare=False)
 
 
@@ -398,6 +399,17 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def wait_stopped(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds, or until a stop is requested."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout)
+        except TimeoutError:
+            pass
+
 
 _CODEC_REASONS = {"missing_header", "unexpected_header", "bad_dtype", "bad_shape", "size_mismatch", "oversized",
                   "truncated", "checksum", "non_finite"}
@@ -460,8 +472,11 @@ async def serve(settings: CoordinatorSettings) -> dict:
         summary = coordinator.state.summary(engine="grpc", reason=reason)
         await coordinator.end(reason)
         await _set_health(health_servicer, serving=False)
-        # Give the streams a moment to deliver RunEnd before the server goes away.
+        # Give the streams a moment to deliver RunEnd before the server goes away, and a scraper time to
+        # record the final metrics (a signal cuts the wait short).
         await asyncio.sleep(0.2)
+        if settings.linger > 0 and settings.metrics_port is not None and not coordinator.stopping:
+            await coordinator.wait_stopped(settings.linger)
         return summary
     finally:
         for sig in handled:  # give the process its default handling back (serve() may run inside a larger program)

@@ -145,9 +145,14 @@ def test_pipelines_are_permutation_invariant(spec, data):
     # Prepare: f rows are made large, as Byzantine vectors would be. In one dimension clipping maps
     # rows onto +-C exactly, which makes exact ties, and Krum-like selections break ties by row index:
     # those pipelines get d >= 2.
+    # Krum-like rules select rows by score: in float32 two rows' scores can tie to within the rounding
+    # of a permuted summation order, and then the permuted input may select the other row (seen:
+    # arc > nnm > multi_krum, n = 8, f = 1). That is rounding, not a lack of invariance: those
+    # pipelines are checked in float64, where such near-ties are vanishingly rare.
     n, f = draw_n_f(data, {**PAPER_PIPELINES, **OTHER_PIPELINES}[spec])
-    dtype = data.draw(DTYPES, label="dtype")
-    min_d = 2 if "krum" in spec or "bulyan" in spec else 1
+    selects = "krum" in spec or "bulyan" in spec
+    dtype = torch.float64 if selects else data.draw(DTYPES, label="dtype")
+    min_d = 2 if selects else 1
     x = draw_matrix(data, n, data.draw(st.integers(min_d, 6), label="d"), dtype, scale=1.0)
     x[:f] *= 1e4
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.draw(SEEDS, label="perm")))

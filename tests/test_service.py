@@ -9,6 +9,7 @@ bearer tokens, so each check sees exactly what a remote worker would.
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import json
 import re
@@ -269,6 +270,24 @@ async def test_a_role_token_gets_an_id_with_its_own_token_and_nothing_else(start
     assert rounds_error.code() == grpc.StatusCode.PERMISSION_DENIED
     text = await _metrics_text(running.metrics_port)
     assert _sample(text, "arcsim_submissions_rejected_total", reason="no_free_id") == 1
+
+
+async def test_metrics_linger_after_the_run_for_a_last_scrape(start) -> None:
+    # Prepare
+    config = _config(num_honest=1, rounds=2, eval_every=2)
+    running = await start(config, metrics_port=0, linger=30.0)
+    settings = WorkerSettings(coordinator=f"127.0.0.1:{running.port}", worker_id=0, token=_token(config, 0),
+                              device="cpu", max_retry_seconds=10)
+    # Execute: the worker sees RunEnd; the coordinator is still serving /metrics
+    assert await asyncio.wait_for(run_worker(settings), 60) == "completed"
+    await asyncio.sleep(0.5)
+    text = await _metrics_text(running.metrics_port)
+    # Assert: the final values are there, and a stop request ends the wait at once
+    assert not running.task.done()
+    assert _sample(text, "arcsim_round") == 2
+    os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it on this loop: it ends the linger
+    summary = await running.finish(timeout=10)
+    assert summary["status"] == "completed"
 
 
 async def test_refused_vectors_answer_the_round_so_it_does_not_wait_for_the_deadline(start, tmp_path: Path) -> None:
