@@ -7,12 +7,14 @@ and seed it ends with the same ``final_params_sha256`` as ``arcsim run --engine 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from adversaries.byzantine import ByzantineWorker, Crafter
 from arcsim.config import RunConfig
@@ -20,6 +22,8 @@ from arcsim.tasks import load_dataset
 from workers.honest import BatchedWorkers, GradientWorker, shards
 
 from .rounds import RoundRecord, RunState
+
+log = logging.getLogger("arcsim.inproc")
 
 
 def run_inproc(
@@ -30,13 +34,20 @@ def run_inproc(
     device: str = "cpu",
     on_round: Callable[[RunState, RoundRecord], None] | None = None,
     batch_workers: bool = False,
+    checkpoint_seconds: float = 10.0,
 ) -> dict[str, Any]:
     """Run ``config`` to the end in this process; returns the summary (also in ``out_dir/summary.json``).
 
     ``batch_workers`` computes the honest gradients in one vmapped call (workers.honest.BatchedWorkers):
     faster on a GPU, equal to the per-worker loop only up to rounding, so off by default.
+
+    ``checkpoint_seconds``: a checkpoint is written after the first round, then after the first round
+    that ends at least this many seconds after the previous checkpoint, after the last round, and when
+    the loop is left by an exception (``on_round`` raising, KeyboardInterrupt); 0 writes one after
+    every round. Results do not depend on it: a run killed outright (SIGKILL) and resumed redoes at
+    most this many seconds of rounds and ends with the same parameters.
     """
-    state = RunState(config, out_dir, resume=resume, device=device)
+    state = RunState(config, out_dir, resume=resume, device=device, checkpoint_seconds=checkpoint_seconds)
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
     shard_list = shards(config, dataset)
     honest = [GradientWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)
@@ -47,6 +58,25 @@ def run_inproc(
     for worker in (*honest, *byzantine):
         worker.set_momentum(state.momenta.get(worker.worker_id))
     batched = BatchedWorkers(honest) if batch_workers else None
+    try:
+        _loop(state, honest, byzantine, batched, on_round)
+    except BaseException:
+        try:
+            state.flush_checkpoint()
+        except Exception as error:  # keep the original exception; the previous checkpoint stays the newest
+            log.warning("could not write a checkpoint while stopping: %s", error)
+        raise
+    return state.summary(engine="inproc")
+
+
+def _all_finite(v: Tensor) -> bool:
+    """Whether ``v`` has no NaN or infinity: a finite sum implies it (NaN and infinities propagate
+    through a sum), and only a non-finite sum, which overflow can also cause, takes the exact test."""
+    return bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())
+
+
+def _loop(state: RunState, honest: list[GradientWorker], byzantine: list[ByzantineWorker],
+          batched: BatchedWorkers | None, on_round: Callable[[RunState, RoundRecord], None] | None) -> None:
     while not state.done:
         t = state.round
         opened_at = time.perf_counter()
@@ -54,14 +84,19 @@ def run_inproc(
             vectors = dict(zip((w.worker_id for w in honest), batched.step(state.params, t)))
         else:
             vectors = {w.worker_id: w.step(state.params, t) for w in honest}
-        observed = torch.stack([vectors[w.worker_id] for w in honest]) if byzantine else None
-        for w in byzantine:
-            vectors[w.worker_id] = w.vector(params=state.params, round_=t, honest=observed)
         # The gRPC coordinator refuses non-finite vectors at its edge (reason non_finite), so they never
-        # enter a round there; drop them here too, so that both engines aggregate the same vectors.
-        vectors = {i: v for i, v in vectors.items() if bool(torch.isfinite(v).all())}
+        # enter a round there, nor reach an adversary through Observe; drop them here too, so that both
+        # engines aggregate the same vectors. Honest vectors turn non-finite when the model diverged.
+        vectors = {i: v for i, v in vectors.items() if _all_finite(v)}
+        observed = [vectors[w.worker_id] for w in honest if w.worker_id in vectors]
+        matrix = torch.stack(observed) if observed and any(w.needs_observation for w in byzantine) else None
+        for w in byzantine:
+            if w.needs_observation and matrix is None:
+                continue  # nothing to observe: the adversary service sits the round out too
+            vector = w.vector(params=state.params, round_=t, honest=matrix)
+            if _all_finite(vector):
+                vectors[w.worker_id] = vector
         losses = {w.worker_id: w.last_loss for w in honest}
         record = state.close_round(vectors, train_losses=losses, opened_at=opened_at)
         if on_round is not None:
             on_round(state, record)
-    return state.summary(engine="inproc")

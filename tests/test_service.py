@@ -290,6 +290,35 @@ async def test_metrics_linger_after_the_run_for_a_last_scrape(start) -> None:
     assert summary["status"] == "completed"
 
 
+async def test_a_diverging_model_completes_the_run_like_the_inproc_engine(start, tmp_path: Path) -> None:
+    # Prepare: the plain mean under a huge FOE blows the model up; the honest gradients then turn
+    # non-finite, the coordinator refuses them, the adversary has nothing to observe, and the rounds
+    # are recorded as not aggregated, in both engines alike.
+    config = _config(num_honest=2, num_byzantine=1, model="mlp", attack="foe", attack_params={"tau": 1000.0},
+                     pipeline="mean", rounds=12, eval_every=4, lr=5.0, round_deadline=10.0)
+    running = await start(config)
+    address = f"127.0.0.1:{running.port}"
+
+    def settings(worker_id: int) -> WorkerSettings:
+        return WorkerSettings(coordinator=address, worker_id=worker_id, token=_token(config, worker_id),
+                              device="cpu", max_retry_seconds=10)
+
+    # Execute
+    started = time.monotonic()
+    clients = await asyncio.wait_for(asyncio.gather(
+        run_worker(settings(0)), run_worker(settings(1)), run_adversary(settings(2))), 300)
+    summary = await running.finish()
+    inproc = run_inproc(config, tmp_path / "inproc")
+    # Assert
+    assert clients == ["completed"] * 3 and summary["status"] == "completed"
+    skipped = [r for r in _records(running.out_dir) if not r["aggregated"]]
+    assert skipped, "the model was expected to diverge"
+    assert summary["final_params_sha256"] == inproc["final_params_sha256"]
+    assert [r["aggregated"] for r in _records(running.out_dir)] == [
+        r["aggregated"] for r in _records(tmp_path / "inproc")]
+    print(f"diverged run took {time.monotonic() - started:.1f}s")
+
+
 async def test_refused_vectors_answer_the_round_so_it_does_not_wait_for_the_deadline(start, tmp_path: Path) -> None:
     # Prepare: the adversary sends NaN vectors, which the coordinator refuses; with a 60 s deadline the
     # run must still take seconds, and aggregate the honest vectors exactly as the inproc engine does.
