@@ -1,13 +1,16 @@
-"""The adversary service: a Byzantine worker that observes the honest vectors and submits its own.
+"""The adversary service: Byzantine workers that observe the honest vectors and submit their own.
 
-It joins with adversary credentials, and for each round either trains on flipped labels
-(``label_flip``) or reads the round's honest vectors through ``Observe`` and crafts its vector
-with the configured attack (adversaries/byzantine.py).
+One process can hold several Byzantine ids (``arcsim adversary --worker-id 10 --worker-id 11 ...``):
+they collude, as the paper's omniscient adversary does, so each round the process reads the honest
+vectors once through ``Observe``, crafts the ``(num_byzantine, d)`` matrix once with the configured
+attack (adversaries/byzantine.py) and submits one row per id. ``label_flip`` workers instead train
+on flipped labels, each on its own shard.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import torch
 
@@ -16,19 +19,49 @@ from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
 from workers.service import Participant, Session, WorkerSettings
 
-from .byzantine import ByzantineWorker
+from .byzantine import ByzantineWorker, Crafter
+
+
+class Collusion:
+    """What the Byzantine workers of one process share: a Crafter and, per round, one crafted matrix."""
+
+    def __init__(self) -> None:
+        self.crafter: Crafter | None = None
+        self._round: int | None = None
+        self._matrix: asyncio.Future[torch.Tensor | None] | None = None
+
+    def crafter_for(self, config: RunConfig) -> Crafter:
+        if self.crafter is None or self.crafter.config != config:
+            self.crafter = Crafter(config)
+        return self.crafter
+
+    async def matrix(self, round_: int, produce: Callable[[], Awaitable[torch.Tensor | None]]) -> torch.Tensor | None:
+        """The round's crafted matrix: the first caller produces it, the others wait for it."""
+        if self._round != round_ or self._matrix is None:
+            self._round = round_
+            self._matrix = asyncio.get_running_loop().create_future()
+            future = self._matrix
+            try:
+                future.set_result(await produce())
+            except BaseException as error:
+                future.set_exception(error)
+                self._round = None  # let another id retry this round
+                raise
+            return future.result()
+        return await asyncio.shield(self._matrix)
 
 
 class AdversaryParticipant(Participant):
     role = pb.BYZANTINE
 
-    def __init__(self) -> None:
+    def __init__(self, collusion: Collusion | None = None) -> None:
+        self.collusion = collusion if collusion is not None else Collusion()
         self.worker: ByzantineWorker | None = None
         self._momentum: torch.Tensor | None = None
-        self.num_parameters = 0
 
     def setup(self, config: RunConfig, device: torch.device) -> None:
-        self.worker = ByzantineWorker(config, self.worker_id, device=device)
+        self.worker = ByzantineWorker(config, self.worker_id, device=device,
+                                      crafter=self.collusion.crafter_for(config))
         self.worker.set_momentum(self._momentum)
 
     def set_momentum(self, momentum: torch.Tensor | None) -> None:
@@ -37,8 +70,12 @@ class AdversaryParticipant(Participant):
             self.worker.set_momentum(momentum)
 
     async def compute(self, stub, round_: int, params: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        honest = None
-        if self.worker.needs_observation:
+        worker = self.worker
+        if not worker.needs_observation:  # label flipping: an honest computation on corrupted labels
+            vector = await asyncio.to_thread(worker.vector, params=params, round_=round_, honest=None)
+            return vector, worker.last_loss
+
+        async def observe_and_craft() -> torch.Tensor | None:
             d = params.numel()
             reader = codec.ObserveEventReader(max_bytes=d * 4, expected_shape=(d,), expected_dtype="float32")
             vectors = {}
@@ -51,9 +88,19 @@ class AdversaryParticipant(Participant):
             if not vectors:  # no honest vector arrived before the observation cut-off
                 return None
             honest = torch.stack([vectors[i] for i in sorted(vectors)])
-        vector = await asyncio.to_thread(self.worker.vector, params=params, round_=round_, honest=honest)
-        return vector, float("nan")
+            return await asyncio.to_thread(worker.crafter.craft_all, honest, round_)
+
+        matrix = await self.collusion.matrix(round_, observe_and_craft)
+        if matrix is None:
+            return None
+        return matrix[worker.index].clone(), float("nan")
 
 
-async def run_adversary(settings: WorkerSettings) -> str:
-    return await Session(settings, AdversaryParticipant()).run()
+async def run_adversary(settings: WorkerSettings, collusion: Collusion | None = None) -> str:
+    return await Session(settings, AdversaryParticipant(collusion)).run()
+
+
+async def run_adversaries(settings: list[WorkerSettings]) -> list[str]:
+    """Several colluding Byzantine ids in this process (one Observe and one crafting per round)."""
+    collusion = Collusion()
+    return list(await asyncio.gather(*(run_adversary(s, collusion) for s in settings)))

@@ -150,18 +150,29 @@ def _worker_id(text: str) -> int:
     return value
 
 
-def _worker_settings(args: argparse.Namespace, role: str):
+def _worker_settings(args: argparse.Namespace, role: str) -> list:
+    """One WorkerSettings per --worker-id, with its credentials.
+
+    Credentials: --token-file (one token per line, in the order of the ids), else $ARCSIM_TOKEN
+    (tokens separated by commas), else derived from $ARCSIM_SECRET on a trusted testbed.
+    """
     from arcsim.auth import SECRET_ENV, TOKEN_ENV, worker_token
     from workers.service import WorkerSettings
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV, "")
-    if not token and os.environ.get(SECRET_ENV):
+    ids = args.worker_id if isinstance(args.worker_id, list) else [args.worker_id]
+    if args.token_file:
+        tokens = [line.strip() for line in Path(args.token_file).read_text().splitlines() if line.strip()]
+    else:
+        tokens = [t.strip() for t in os.environ.get(TOKEN_ENV, "").split(",") if t.strip()]
+    if not tokens and os.environ.get(SECRET_ENV):
         # A trusted testbed hands every service the run secret; each derives its own credentials.
-        token = worker_token(os.environ[SECRET_ENV], role, args.worker_id)
-    if not token:
+        tokens = [worker_token(os.environ[SECRET_ENV], role, worker_id) for worker_id in ids]
+    if not tokens:
         raise ValueError(f"no credentials: pass --token-file, or set {TOKEN_ENV} (or {SECRET_ENV} on a trusted testbed)")
-    return WorkerSettings(coordinator=args.coordinator, worker_id=args.worker_id, token=token, device=args.device,
-                          max_retry_seconds=args.max_retry_seconds)
+    if len(tokens) != len(ids):
+        raise ValueError(f"{len(ids)} worker id(s) but {len(tokens)} token(s): give one token per id, in order")
+    return [WorkerSettings(coordinator=args.coordinator, worker_id=worker_id, token=token, device=args.device,
+                           max_retry_seconds=args.max_retry_seconds) for worker_id, token in zip(ids, tokens)]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -171,18 +182,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
-    _uvloop_run(run_worker(_worker_settings(args, "honest")))
+    _uvloop_run(run_worker(_worker_settings(args, "honest")[0]))
     return 0
 
 
 def cmd_adversary(args: argparse.Namespace) -> int:
-    from adversaries.service import run_adversary
+    from adversaries.service import run_adversaries
     from arcsim.launcher import follow_parent
 
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
-    _uvloop_run(run_adversary(_worker_settings(args, "byzantine")))
+    _uvloop_run(run_adversaries(_worker_settings(args, "byzantine")))
     return 0
 
 
@@ -285,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("adversary", cmd_adversary, "a Byzantine worker service")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
-        p.add_argument("--worker-id", type=_worker_id, required=True,
-                       help="this worker's id, or 'auto' for the first free id of its role")
+        if name == "adversary":
+            p.add_argument("--worker-id", type=_worker_id, required=True, action="append",
+                           help="a Byzantine id, or 'auto'; repeat it to hold several colluding ids in one process")
+        else:
+            p.add_argument("--worker-id", type=_worker_id, required=True,
+                           help="this worker's id, or 'auto' for the first free id of its role")
         p.add_argument("--token-file", help="credentials (else $ARCSIM_TOKEN)")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         p.add_argument("--max-retry-seconds", type=float, default=300.0)

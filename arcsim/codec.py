@@ -28,8 +28,9 @@ float32 vector              encode (bytes + crc)    decode (assemble + crc + fin
 1,048,576 values (4.19 MB)  ~3,700 / ~52,000 MB/s   ~3,200 / ~12,200 MB/s
 ==========================  ======================  ========================================
 
-A round of the default config moves 13 vectors each way and checks every one at both ends, so
-with zlib's CRC-32 the checksums alone cost ~30 ms of CPU per round (benchmarks/testbed.py).
+A round of the default config checks 13 vectors of 1.72 MB three times (the workers check the
+parameters and checksum their vectors, the coordinator checks the vectors): with zlib's CRC-32
+about 10 ms of CPU per pass, with zlib-ng's about 1 ms (docs/benchmarks.md).
 
 With the protobuf messages (``GradientChunk.FromString`` + :func:`assemble_gradient`) decoding
 runs at ~2,700 MB/s; building and serialising the messages varies from ~700 to ~2,800 MB/s with
@@ -66,7 +67,7 @@ from arcsim.v1 import coordinator_pb2 as pb
 
 try:  # zlib-ng's CRC-32: the same function as zlib's (same polynomial, same values), SIMD, ~10x faster
     from zlib_ng.zlib_ng import crc32 as _crc32
-except ImportError:  # pragma: no cover - optional (the "fast" extra); zlib's is the reference
+except ImportError:  # pragma: no cover - without the zlib-ng package: zlib's, the reference
     from zlib import crc32 as _crc32
 
 DEFAULT_CHUNK_BYTES: Final[int] = 1 << 20

@@ -1,8 +1,9 @@
 """``arcsim run --engine grpc``: the coordinator, the workers and the adversaries as OS processes.
 
 The coordinator binds a free loopback port and writes it to ``DIR/coordinator.json``; the launcher
-then starts one process per honest worker and per adversary with their own credentials (derived
-from a fresh run secret, passed through the environment), follows ``DIR/rounds.jsonl`` for the
+then starts one process per honest worker and one adversary process holding every Byzantine id
+(they collude: one observation and one crafted matrix per round), with their own credentials
+(derived from a fresh run secret, passed through the environment), follows ``DIR/rounds.jsonl`` for the
 progress display, and stops every child it started on exit, Ctrl-C or SIGTERM.
 
 The children run in their own sessions, so a terminal's Ctrl-C reaches the launcher alone, which
@@ -133,13 +134,18 @@ def run_grpc(
             time.sleep(0.05)
         endpoint = json.loads(endpoint_file.read_text())
         address = f"127.0.0.1:{endpoint['port']}"
-        for worker_id in range(config.num_workers):
-            honest = worker_id < config.num_honest
-            role = "honest" if honest else "byzantine"
-            start(f"{'worker' if honest else 'adversary'}-{worker_id}",
-                  ["worker" if honest else "adversary", "--coordinator", address, "--worker-id", str(worker_id),
-                   "--device", device],
-                  {TOKEN_ENV: worker_token(secret, role, worker_id)})
+        for worker_id in range(config.num_honest):
+            start(f"worker-{worker_id}", ["worker", "--coordinator", address, "--worker-id", str(worker_id),
+                                          "--device", device],
+                  {TOKEN_ENV: worker_token(secret, "honest", worker_id)})
+        byzantine = list(range(config.num_honest, config.num_workers))
+        if byzantine:
+            # One process for all the Byzantine ids: they collude, so it observes and crafts once a round.
+            args = ["adversary", "--coordinator", address, "--device", device]
+            for worker_id in byzantine:
+                args += ["--worker-id", str(worker_id)]
+            start("adversary", args,
+                  {TOKEN_ENV: ",".join(worker_token(secret, "byzantine", worker_id) for worker_id in byzantine)})
         _follow(coordinator, children, out_dir, display)
         if coordinator.returncode != 0:
             raise LaunchError(_died("coordinator", logs))

@@ -242,7 +242,7 @@ def test_grpc_run_learns_and_records_arc(runs: dict[str, Any]) -> None:
         assert (record["received_honest"], record["received_byzantine"]) == (2, 1)
     assert [r["round"] for r in records if r["accuracy"] is not None] == [9, 19, 29]
     assert (out / "config.yaml").exists() and sorted(p.name for p in (out / "logs").iterdir()) == [
-        "adversary-2.log", "coordinator.log", "worker-0.log", "worker-1.log"]
+        "adversary.log", "coordinator.log", "worker-0.log", "worker-1.log"]
     assert not (out / "coordinator.json").exists()
 
 

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from adversaries.byzantine import ByzantineWorker
-from adversaries.service import run_adversary
+from adversaries.service import run_adversaries, run_adversary
 from arcsim import cli, codec
 from arcsim.auth import ANY_ID, bearer, worker_token
 from arcsim.config import RunConfig, from_dict
@@ -37,7 +37,7 @@ from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 from coordinator.inproc import run_inproc
 from coordinator.metrics import REJECTION_REASONS
 from coordinator.rounds import RunState, params_sha256
-from coordinator.service import CoordinatorSettings, grpc_options, serve
+from coordinator.service import Coordinator, CoordinatorSettings, grpc_options, serve
 from workers.service import WorkerSettings, run_worker
 
 torch.set_num_threads(1)
@@ -317,6 +317,37 @@ async def test_a_diverging_model_completes_the_run_like_the_inproc_engine(start,
     assert [r["aggregated"] for r in _records(running.out_dir)] == [
         r["aggregated"] for r in _records(tmp_path / "inproc")]
     print(f"diverged run took {time.monotonic() - started:.1f}s")
+
+
+async def test_colluding_adversaries_in_one_process_observe_once_per_round(start, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    # Prepare: two Byzantine ids in one adversary process (as `arcsim run` starts them); count Observe calls
+    observes: list[int] = []
+    original = Coordinator.Observe
+
+    async def counting_observe(self, request, context):  # Observe writes its events with context.write
+        observes.append(request.round)
+        return await original(self, request, context)
+
+    monkeypatch.setattr(Coordinator, "Observe", counting_observe)
+    config = _config(num_honest=3, num_byzantine=2, attack="alie", rounds=3, eval_every=3)
+    running = await start(config, metrics_port=0)
+    address = f"127.0.0.1:{running.port}"
+
+    def settings(worker_id: int) -> WorkerSettings:
+        return WorkerSettings(coordinator=address, worker_id=worker_id, token=_token(config, worker_id),
+                              device="cpu", max_retry_seconds=10)
+
+    # Execute
+    results = await asyncio.wait_for(asyncio.gather(
+        run_worker(settings(0)), run_worker(settings(1)), run_worker(settings(2)),
+        run_adversaries([settings(3), settings(4)])), 120)
+    summary = await running.finish()
+    # Assert: the same run as the inproc engine; both ids submitted every round
+    assert results[:3] == ["completed"] * 3 and results[3] == ["completed", "completed"]
+    assert summary["final_params_sha256"] == run_inproc(config, tmp_path / "inproc")["final_params_sha256"]
+    assert all(r["received_byzantine"] == 2 for r in _records(running.out_dir))
+    assert observes == [0, 1, 2]  # one observation per round for both ids
 
 
 async def test_refused_vectors_answer_the_round_so_it_does_not_wait_for_the_deadline(start, tmp_path: Path) -> None:
