@@ -112,7 +112,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.config = settings.config
-        self.state = RunState(settings.config, settings.out_dir, resume=settings.resume, device=settings.device)
+        self.state = RunState(settings.config, settings.out_dir, resume=settings.resume, device=settings.device,
+                              background_checkpoints=True)
         self.metrics = CoordinatorMetrics()
         self.metrics.round.set(self.state.round)
         self.tokens = TokenBook(settings.secret, num_honest=self.config.num_honest,
@@ -483,6 +484,10 @@ async def serve(settings: CoordinatorSettings) -> dict:
             loop.remove_signal_handler(sig)
         coordinator.metrics.close()
         await server.stop(settings.grace)
+        try:  # nothing may still be writing into out_dir once serve() returns
+            await asyncio.to_thread(coordinator.state.wait_checkpoint)
+        except Exception as error:  # noqa: BLE001 - the previous checkpoint stays the newest
+            log.warning("the last checkpoint could not be written: %s", error)
         (settings.out_dir / "coordinator.json").unlink(missing_ok=True)
 
 
