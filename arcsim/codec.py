@@ -133,8 +133,8 @@ def _check_chunk_bytes(chunk_bytes: int) -> None:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
 
 
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    """CRC-32 (zlib) of ``data``, as an unsigned 32-bit int.
+def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """CRC-32 (zlib) of ``data``, as an unsigned 32-bit int; ``value`` continues a running CRC.
 
     It detects accidental corruption (a truncated or garbled transfer), not forgery: anyone can
     recompute it. Authenticity and integrity against an attacker come from the credentials and TLS.
@@ -142,7 +142,7 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
     >>> checksum(b"123456789") == 0xCBF43926
     True
     """
-    return _crc32(data) & 0xFFFFFFFF
+    return _crc32(data, value) & 0xFFFFFFFF
 
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
