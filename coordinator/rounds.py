@@ -13,7 +13,7 @@ vectors of a round, keyed by worker id, and it
    the first round, when that many seconds have passed since the last checkpoint, and after the last
    round, plus :meth:`RunState.flush_checkpoint` when a run is interrupted. A checkpoint holds the
    parameters and every worker's momentum (14 vectors of 431,080 floats for the paper's CNN with
-   10 + 3 workers, 24 MB with its SHA-256 and fsync), which costs about as much as the round's
+   10 + 3 workers, 24 MB with its CRC-32 and fsync), which costs about as much as the round's
    aggregation, so writing it every round would slow sweeps by a third (docs/benchmarks.md).
 
 Workers 0 .. num_honest - 1 are honest and the rest Byzantine: the simulator knows the ground
@@ -98,7 +98,7 @@ class RunState:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {checkpoint_seconds!r}")
         self.config = config
         self.checkpoint_seconds = checkpoint_seconds
-        # Background checkpoints: the write (SHA-256, fsync) of round t overlaps round t + 1; at most one
+        # Background checkpoints: the write (CRC-32, fsync) of round t overlaps round t + 1; at most one
         # write is in flight, and a crash in the middle of one leaves the previous checkpoint newest,
         # from which a resume recomputes the same rounds.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if background_checkpoints else None
