@@ -37,9 +37,14 @@ def _setup_logging(level: str, *, json_logs: bool) -> None:
 
 
 def _one_thread() -> None:
+    """Every arcsim process: one torch thread (parallelism comes from processes) and malloc that
+    reuses the per-round buffers (coordinator.inproc.reuse_freed_memory)."""
     import torch
 
+    from coordinator.inproc import reuse_freed_memory
+
     torch.set_num_threads(1)
+    reuse_freed_memory()
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
