@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -32,6 +32,8 @@ from arcsim.robust import (
     nnm,
     static_clip,
 )
+from arcsim.robust._distances import pairwise_sq_distances
+from arcsim.robust.krum import krum_scores
 
 # ARCSIM_HYPOTHESIS_EXAMPLES=2000 runs a thorough search (about 40 times longer).
 SETTINGS = settings(deadline=None, max_examples=int(os.environ.get("ARCSIM_HYPOTHESIS_EXAMPLES", "50")))
@@ -139,7 +141,7 @@ def test_aggregators_are_permutation_invariant(name, data):
 
 
 @pytest.mark.parametrize("spec", [*PAPER_PIPELINES, *OTHER_PIPELINES])
-@SETTINGS
+@settings(SETTINGS, suppress_health_check=[HealthCheck.filter_too_much])  # tied Krum inputs are left out
 @given(data=st.data())
 def test_pipelines_are_permutation_invariant(spec, data):
     # Prepare: f rows are made large, as Byzantine vectors would be. In one dimension clipping maps
@@ -157,6 +159,16 @@ def test_pipelines_are_permutation_invariant(spec, data):
     x[:f] *= 1e4
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.draw(SEEDS, label="perm")))
     pipeline = pipeline_for(spec, f)
+
+    if selects and "nnm > " in spec:
+        # NNM often makes rows equal (rows with the same neighbours), and then Krum scores of different
+        # rows can tie exactly or to within rounding; ties are broken by row index (documented), so
+        # such inputs are left out here; tests/test_robust.py checks the tie-breaking itself.
+        pre = arc(x, f=f) if spec.startswith("arc") else static_clip(x, c=0.5)
+        scores = torch.sort(krum_scores(pairwise_sq_distances(nnm(pre, f=f)), f=f)).values
+        m = 1 if spec.endswith("> krum") else n - f
+        if m < n:
+            assume(float(scores[m] - scores[m - 1]) > 1e-9 * (1.0 + float(scores.abs().max())))
 
     # Execute
     out, _ = pipeline(x)

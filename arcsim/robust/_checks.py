@@ -12,6 +12,12 @@ from torch import Tensor
 
 def check_matrix(x: Tensor, *, rule: str) -> None:
     """Raise ValueError unless ``x`` is a 2-D floating tensor with at least one row, all finite."""
+    check_shape(x, rule=rule)
+    check_finite(x, rule=rule)
+
+
+def check_shape(x: Tensor, *, rule: str) -> None:
+    """:func:`check_matrix` without the finiteness test (for callers that test it from the row norms)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{rule}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -20,16 +26,19 @@ def check_matrix(x: Tensor, *, rule: str) -> None:
         raise ValueError(f"{rule}: expected a floating tensor (float32 or float64), got {x.dtype}")
     if x.shape[0] < 1:
         raise ValueError(f"{rule}: expected at least one row (n >= 1), got n = 0")
-    check_finite(x, rule=rule)
 
 
-def check_finite(x: Tensor, *, rule: str) -> None:
+def check_finite(x: Tensor, *, rule: str, row_norms: Tensor | None = None) -> None:
     """Raise ValueError if ``x`` holds a NaN or an infinity.
 
-    The fast path reads ``x`` once (a sum); only when the sum is not finite (which finite inputs
-    can also cause, by overflow) is the exact element-wise test run.
+    The fast path reads ``x`` once (a sum), or not at all when the caller passes the row norms it
+    needs anyway (a norm is finite only if its whole row is); only when the sum or a norm is not
+    finite (which finite inputs can also cause, by overflow) is the exact element-wise test run.
     """
-    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+    if x.numel() == 0:
+        return
+    probe = x.sum() if row_norms is None else row_norms
+    if bool(torch.isfinite(probe).all()):
         return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_matrix, check_minority
+from ._checks import check_finite, check_minority, check_shape
 
 
 def arc_num_clipped(n: int, f: int) -> int:
@@ -20,14 +20,15 @@ def arc_num_clipped(n: int, f: int) -> int:
     return (2 * f * (n - f)) // n
 
 
-def row_norms(x: Tensor) -> Tensor:
+def row_norms(x: Tensor, norms: Tensor | None = None) -> Tensor:
     """The rows' Euclidean norms, in float64 when one of them overflows x's dtype.
 
     Finite entries can overflow a squared norm (float32 from about 1e19 / sqrt(d)), and an infinite
     norm would scale its row to zero instead of clipping it. Then the norms are recomputed in
-    float64, each row first divided by a power of two near its largest entry (exact).
+    float64, each row first divided by a power of two near its largest entry (exact). ``norms``:
+    ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already (saves a pass over x).
     """
-    norms = torch.linalg.vector_norm(x, dim=1)
+    norms = torch.linalg.vector_norm(x, dim=1) if norms is None else norms
     if bool(torch.isfinite(norms).all()):
         return norms
     wide = x.to(torch.float64)
@@ -35,11 +36,14 @@ def row_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(wide / unit[:, None], dim=1) * unit
 
 
-def arc_with_report(x: Tensor, *, f: int) -> tuple[Tensor, float, Tensor]:
-    """ARC, also returning the clip threshold C and the boolean mask of the rows it changed."""
+def arc_with_report(x: Tensor, *, f: int, norms: Tensor | None = None) -> tuple[Tensor, float, Tensor]:
+    """ARC, also returning the clip threshold C and the boolean mask of the rows it changed.
+
+    ``norms``: ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already.
+    """
     n = x.shape[0]
     k = arc_num_clipped(n, f)
-    norms = row_norms(x)
+    norms = row_norms(x, norms)
     if k == 0:
         return x.clone(), float(norms.max()), torch.zeros(n, dtype=torch.bool, device=x.device)
     # The (k+1)-th largest norm; topk over n values, not over the data.
@@ -76,6 +80,9 @@ def arc(x: Tensor, *, f: int) -> Tensor:
             [4.0000, 5.0000, 6.0000],
             [4.4100, 5.0400, 5.6701]])
     """
-    check_matrix(x, rule="arc")
+    check_shape(x, rule="arc")
+    # The row norms double as the finiteness test: x is read once before the scaling.
+    norms = torch.linalg.vector_norm(x, dim=1)
+    check_finite(x, rule="arc", row_norms=norms)
     check_minority(x.shape[0], f, rule="arc")
-    return arc_with_report(x, f=f)[0]
+    return arc_with_report(x, f=f, norms=norms)[0]

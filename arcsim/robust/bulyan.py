@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ._checks import check_f, check_matrix
 from ._distances import pairwise_sq_distances
+from ._sorting import sorted_rows
 from .cwmed import cwmed_impl
 
 
@@ -29,7 +30,7 @@ def bulyan_selection(x: Tensor, *, f: int) -> Tensor:
         # ties and with 1 a mutually nearest pair ties, so row order would decide. At least 2 (when
         # that many remain) keeps the selection independent of the order of the rows.
         neighbours = min(max(remaining - f - 2, 2), remaining - 1)
-        nearest = torch.sort(masked, dim=1).values[:, 1 : 1 + neighbours]
+        nearest = sorted_rows(masked)[:, 1 : 1 + neighbours]
         scores = torch.where(available, nearest.sum(dim=1), inf)
         winner = torch.argmin(scores)  # first minimum: ties go to the lowest index
         chosen.append(winner)

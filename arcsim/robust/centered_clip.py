@@ -23,8 +23,9 @@ def check_center(center: Tensor | None, d: int | None) -> None:
 
 def centered_clip_impl(x: Tensor, *, tau: float, iters: int, center: Tensor | None) -> Tensor:
     v = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if center is None else center.to(x)
+    diff = torch.empty_like(x)  # reused by every iteration (a fresh (n, d) buffer page-faults each time)
     for _ in range(iters):
-        diff = x - v
+        torch.sub(x, v, out=diff)
         norms = torch.linalg.vector_norm(diff, dim=1)
         scale = torch.where(norms > tau, tau / norms, torch.ones_like(norms))
         v = v + (scale / x.shape[0]) @ diff

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ._checks import check_matrix, check_minority
-
-
-def sorted_columns(x: Tensor) -> Tensor:
-    """Every coordinate's values sorted in increasing order, as an (n, d) tensor.
-
-    Sorting runs along the contiguous dimension of the transposed matrix, which is several times
-    faster on CPU than sorting the strided column of a row-major (n, d) matrix.
-    """
-    return torch.sort(x.T.contiguous(), dim=1).values.T
+from ._sorting import sorted_columns
 
 
 def cwtm_impl(x: Tensor, *, f: int) -> Tensor:

@@ -45,6 +45,9 @@ def _weiszfeld(
     x: Tensor, z: Tensor, dist: Tensor, *, tol: float, max_iter: int, nu: float, unit: float
 ) -> tuple[Tensor, int]:
     """Weiszfeld steps from z (dist: the rows' distances to z); ``unit`` is 1 in x's own units."""
+    # One (n, d) buffer for x - z, reused by every iteration: a fresh one each time cost more than
+    # the arithmetic (page faults on every large allocation).
+    diff = torch.empty_like(x)
     for it in range(1, max_iter + 1):
         weights = 1.0 / dist.clamp(min=nu)
         z_next = (weights / weights.sum()) @ x
@@ -52,7 +55,7 @@ def _weiszfeld(
         z = z_next
         if step <= tol * (unit + float(torch.linalg.vector_norm(z))):
             return z, it
-        dist = torch.linalg.vector_norm(x - z, dim=1)
+        dist = torch.linalg.vector_norm(torch.sub(x, z, out=diff), dim=1)
     return z, max_iter
 
 

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ._checks import check_f, check_matrix
 from ._distances import pairwise_sq_distances
+from ._sorting import sorted_rows
 
 
 def check_krum_n(n: int, f: int, *, rule: str) -> None:
@@ -19,7 +20,7 @@ def krum_scores(dist: Tensor, *, f: int) -> Tensor:
     """Krum scores from an (n, n) squared-distance matrix: each row's sum over its n - f - 2 nearest others."""
     n = dist.shape[0]
     # Sorted distances of each row; position 0 is the row itself (distance 0), which is skipped.
-    nearest = torch.sort(dist, dim=1).values[:, 1 : n - f - 1]
+    nearest = sorted_rows(dist)[:, 1 : n - f - 1]
     return nearest.sum(dim=1)
 
 

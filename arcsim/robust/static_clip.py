@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_matrix, check_positive
+from ._checks import check_finite, check_positive, check_shape
 from .arc import row_norms
 
 
-def static_clip_with_report(x: Tensor, *, c: float) -> tuple[Tensor, float, Tensor]:
-    """Static clipping, also returning the threshold and the boolean mask of the rows it changed."""
-    norms = row_norms(x)  # float64 if a norm overflowed x's dtype
+def static_clip_with_report(x: Tensor, *, c: float, norms: Tensor | None = None) -> tuple[Tensor, float, Tensor]:
+    """Static clipping, also returning the threshold and the boolean mask of the rows it changed.
+
+    ``norms``: ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already.
+    """
+    norms = row_norms(x, norms)  # float64 if a norm overflowed x's dtype
     clipped = norms > c
     scale = torch.where(clipped, c / norms, torch.ones_like(norms))
     return (x.to(norms.dtype) * scale[:, None]).to(x.dtype), float(c), clipped
@@ -33,5 +36,8 @@ def static_clip(x: Tensor, *, c: float) -> Tensor:
             [0.3000, 0.4000]])
     """
     check_positive(c, name="c", rule="static_clip")
-    check_matrix(x, rule="static_clip")
-    return static_clip_with_report(x, c=c)[0]
+    check_shape(x, rule="static_clip")
+    # The row norms double as the finiteness test: x is read once before the scaling.
+    norms = torch.linalg.vector_norm(x, dim=1)
+    check_finite(x, rule="static_clip", row_norms=norms)
+    return static_clip_with_report(x, c=c, norms=norms)[0]
