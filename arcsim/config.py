@@ -17,29 +17,17 @@ from typing import Any
 
 import yaml
 
+import adversaries.attacks as _attacks
 from arcsim.robust import build_pipeline
+from arcsim.tasks import DATASETS, MODELS, PARTITIONERS
 
 
 class ConfigError(ValueError):
     """A config that cannot be run; the message says which key and why."""
 
 
-DATASETS = ("fashion-mnist", "mnist-5k", "digits", "synthetic")
-MODELS = ("cnn", "mlp", "logreg")
-PARTITIONERS = ("iid", "dirichlet", "extreme")
-ATTACKS = (
-    "none",
-    "sign_flip",
-    "foe",
-    "alie",
-    "mimic",
-    "gaussian",
-    "inf",
-    "nan",
-    "label_flip",
-    "optimal_alie",
-    "optimal_foe",
-)
+# The valid names come from the libraries that implement them: one concept, one list.
+ATTACKS = ("none", *_attacks.ATTACKS, *_attacks.DATA_ATTACKS)
 LR_SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -147,7 +135,7 @@ def _check_attack_params(config: RunConfig) -> None:
     a ``mimic`` index outside the honest workers) run here and give the attack's message.
     """
     attack, params = config.attack, config.attack_params
-    from adversaries.attacks import DATA_ATTACKS, craft  # lazy: the attack library imports torch
+    from adversaries.attacks import DATA_ATTACKS, craft
 
     if attack == "none" or attack in DATA_ATTACKS:
         if params:
