@@ -491,6 +491,10 @@ class _Limits:
     expected_dtype: str | torch.dtype | None
     require_finite: bool
 
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
+
     def assembler(self, header: pb.TensorHeader) -> TensorAssembler:
         return TensorAssembler.from_header(
             header,
@@ -525,8 +529,6 @@ class GradientReader:
         expected_dtype: str | torch.dtype | None = None,
         require_finite: bool = True,
     ) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self._limits = _Limits(max_bytes, expected_shape, expected_dtype, require_finite)
         self._assembler: TensorAssembler | None = None
         self.round: int | None = None
@@ -603,8 +605,6 @@ class RoundEventReader:
         expected_dtype: str | torch.dtype | None = None,
         require_finite: bool = True,
     ) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self._limits = _Limits(max_bytes, expected_shape, expected_dtype, require_finite)
         self._assembler: TensorAssembler | None = None
         self._start: pb.RoundStart | None = None
@@ -687,8 +687,6 @@ class ObserveEventReader:
         expected_dtype: str | torch.dtype | None = None,
         require_finite: bool = True,
     ) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self._limits = _Limits(max_bytes, expected_shape, expected_dtype, require_finite)
         self._assembler: TensorAssembler | None = None
         self._worker_id: int | None = None

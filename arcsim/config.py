@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import adversaries.attacks as _attacks
@@ -135,17 +136,13 @@ def _check_attack_params(config: RunConfig) -> None:
     a ``mimic`` index outside the honest workers) run here and give the attack's message.
     """
     attack, params = config.attack, config.attack_params
-    from adversaries.attacks import DATA_ATTACKS, craft
-
-    if attack == "none" or attack in DATA_ATTACKS:
+    if attack == "none" or attack in _attacks.DATA_ATTACKS:
         if params:
             raise _fail("attack_params", f"attack {attack!r} takes no attack_params, got {sorted(params)}")
         return
-    import torch
-
     honest = torch.arange(2.0 * config.num_honest).reshape(config.num_honest, 2)
     try:
-        craft(attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
+        _attacks.craft(attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
               aggregate=lambda x: x.mean(dim=0), generator=torch.Generator().manual_seed(0), **params)
     except (ValueError, TypeError) as error:
         raise _fail("attack_params", str(error)) from None
