@@ -104,6 +104,7 @@ class CodecError(ValueError):
         "unexpected_header": grpc.StatusCode.INVALID_ARGUMENT,  # header on a later GradientChunk
         "unexpected_chunk": grpc.StatusCode.INVALID_ARGUMENT,  # Chunk event with no tensor in progress
         "bad_order": grpc.StatusCode.INVALID_ARGUMENT,  # observed vectors not in increasing worker id
+        "malformed": grpc.StatusCode.INVALID_ARGUMENT,  # bytes that are not a valid message (arcsim.wire)
         "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,  # num_bytes above the receiver's max_bytes
         "truncated": grpc.StatusCode.DATA_LOSS,  # fewer bytes than num_bytes when the tensor ended
         "checksum": grpc.StatusCode.DATA_LOSS,  # CRC-32 of the bytes differs from the header's
@@ -536,8 +537,17 @@ class GradientReader:
         self.header: TensorHeader | None = None
         self.train_loss: float | None = None
 
-    def add(self, message: pb.GradientChunk) -> bool:
-        """Take the next request message; True if it was the first one."""
+    def add(self, message: pb.GradientChunk | memoryview) -> bool:
+        """Take the next request message; True if it was the first one.
+
+        A ``memoryview`` stands for a message that carries only data (what :mod:`arcsim.wire`
+        reads such messages as).
+        """
+        if isinstance(message, memoryview):
+            if self._assembler is None:
+                raise CodecError("missing_header", "the first GradientChunk of a submission must carry the header")
+            self._assembler.add(message)
+            return False
         if self._assembler is None:
             if not message.HasField("header"):
                 raise CodecError("missing_header", "the first GradientChunk of a submission must carry the header")
@@ -622,8 +632,19 @@ class RoundEventReader:
                 f"{what} after {self._assembler.received} of {self._assembler.num_bytes} parameter bytes",
             )
 
-    def feed(self, event: pb.RoundEvent) -> RoundParams | pb.RunEnd | None:
-        """Take the next event; the completed item, if this event completed one."""
+    def _chunk(self, data: bytes | memoryview) -> RoundParams | None:
+        if self._assembler is None:
+            raise CodecError("unexpected_chunk", "a Chunk event with no parameters in progress")
+        self._assembler.add(data)
+        return self._complete() if self._assembler.complete else None
+
+    def feed(self, event: pb.RoundEvent | memoryview) -> RoundParams | pb.RunEnd | None:
+        """Take the next event; the completed item, if this event completed one.
+
+        A ``memoryview`` stands for a Chunk event's payload (see :mod:`arcsim.wire`).
+        """
+        if isinstance(event, memoryview):
+            return self._chunk(event)
         kind = event.WhichOneof("event")
         if kind == "round_start":
             self._check_idle("a new RoundStart")
@@ -633,10 +654,7 @@ class RoundEventReader:
             self._assembler, self._start = self._limits.assembler(start.params), start
             return self._complete() if self._assembler.complete else None
         if kind == "chunk":
-            if self._assembler is None:
-                raise CodecError("unexpected_chunk", "a Chunk event with no parameters in progress")
-            self._assembler.add(event.chunk.data)
-            return self._complete() if self._assembler.complete else None
+            return self._chunk(event.chunk.data)
         if kind == "run_end":
             self._check_idle("RunEnd")
             return event.run_end
@@ -706,8 +724,19 @@ class ObserveEventReader:
                 f"of worker {self._worker_id}'s vector",
             )
 
-    def feed(self, event: pb.ObserveEvent) -> ObservedTensor | None:
-        """Take the next event; the completed vector, if this event completed one."""
+    def _chunk(self, data: bytes | memoryview) -> ObservedTensor | None:
+        if self._assembler is None:
+            raise CodecError("unexpected_chunk", "a Chunk event with no observed vector in progress")
+        self._assembler.add(data)
+        return self._complete() if self._assembler.complete else None
+
+    def feed(self, event: pb.ObserveEvent | memoryview) -> ObservedTensor | None:
+        """Take the next event; the completed vector, if this event completed one.
+
+        A ``memoryview`` stands for a Chunk event's payload (see :mod:`arcsim.wire`).
+        """
+        if isinstance(event, memoryview):
+            return self._chunk(event)
         kind = event.WhichOneof("event")
         if kind == "vector":
             self._check_idle("a new ObservedVector")
@@ -718,10 +747,7 @@ class ObserveEventReader:
             self._worker_id = self._last_worker_id = worker_id
             return self._complete() if self._assembler.complete else None
         if kind == "chunk":
-            if self._assembler is None:
-                raise CodecError("unexpected_chunk", "a Chunk event with no observed vector in progress")
-            self._assembler.add(event.chunk.data)
-            return self._complete() if self._assembler.complete else None
+            return self._chunk(event.chunk.data)
         return None
 
     def finish(self) -> None:

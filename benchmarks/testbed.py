@@ -382,17 +382,17 @@ async def _arcsim_client(address: str, *, worker_id: int, secret: str, num_hones
     """A worker that answers every round at once with a constant vector (the calls of ``Session``)."""
     import torch
 
-    from arcsim import codec
+    from arcsim import codec, wire
     from arcsim.auth import bearer, worker_token
     from arcsim.v1 import coordinator_pb2 as pb
-    from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
+    from arcsim.wire import CoordinatorStub
     from coordinator.service import grpc_options
 
     honest = worker_id < num_honest
     metadata = bearer(worker_token(secret, "honest" if honest else "byzantine", worker_id))
     options = grpc_options(VECTOR_BYTES * 2 + (1 << 16)) + [("grpc.use_local_subchannel_pool", 1)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = CoordinatorStub(channel)
         reply = await stub.Join(pb.JoinRequest(worker_id=worker_id, role=pb.HONEST if honest else pb.BYZANTINE),
                                 metadata=metadata, wait_for_ready=True, timeout=60)
         d = reply.num_parameters
@@ -408,7 +408,7 @@ async def _arcsim_client(address: str, *, worker_id: int, secret: str, num_hones
                     await barrier.wait()
                     clock.mark_released(item.round)
                 await stub.SubmitGradient(
-                    codec.gradient_chunks(vector, round=item.round, worker_id=worker_id,
+                    wire.gradient_stream(vector, round=item.round, worker_id=worker_id,
                                           chunk_bytes=reply.chunk_bytes, train_loss=0.0),
                     metadata=metadata)
                 clock.mark_uploaded(item.round)

@@ -37,18 +37,18 @@ try:
 except ImportError:  # pragma: no cover
     reflection = None
 
-from arcsim import codec
+from arcsim import codec, wire
 from arcsim.auth import ANY_ID, TokenBook, token_from_metadata
 from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
+from arcsim.wire import SERVICE_NAME
 
 from .metrics import CoordinatorMetrics
 from .rounds import BYZANTINE, HONEST, RoundRecord, RunState
 
 log = logging.getLogger("arcsim.coordinator")
 
-SERVICE_NAME = "arcsim.v1.Coordinator"
 ASSIGNMENT_GRACE = 30.0  # seconds an assigned id stays reserved for the worker that got it to subscribe
 _ROLE_NAMES = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
 
@@ -205,7 +205,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             await context.abort(error.code, error.message)
         momentum = self.state.momenta.get(request.worker_id)
         if momentum is not None:
-            for event in codec.observe_events({request.worker_id: momentum}, chunk_bytes=self.settings.chunk_bytes):
+            for event in wire.observe_stream({request.worker_id: momentum}, chunk_bytes=self.settings.chunk_bytes):
                 yield event
 
     async def Rounds(self, request: pb.RoundsRequest, context: grpc.aio.ServicerContext):
@@ -259,11 +259,16 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             received = 0
             try:
                 async for message in request_iterator:
-                    received += len(message.data)
-                    if claimed is None:
-                        # The first message names the sender and the round: check them before decoding.
-                        self._check_submission(owner, message.worker_id, message.round)
-                        claimed = self._round
+                    if isinstance(message, wire.Malformed):
+                        raise codec.CodecError("malformed", message.error)
+                    if isinstance(message, memoryview):  # a data-only message (arcsim.wire)
+                        received += message.nbytes
+                    else:
+                        received += len(message.data)
+                        if claimed is None:
+                            # The first message names the sender and the round: check them before decoding.
+                            self._check_submission(owner, message.worker_id, message.round)
+                            claimed = self._round
                     reader.add(message)
                 vector = reader.finish()
             except codec.CodecError as error:
@@ -331,7 +336,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         except TimeoutError:
             pass
         honest = {i: v for i, v in sorted(current.vectors.items()) if i < self.config.num_honest}
-        for event in codec.observe_events(honest, chunk_bytes=self.settings.chunk_bytes):
+        for event in wire.observe_stream(honest, chunk_bytes=self.settings.chunk_bytes):
             await context.write(event)
 
     # --- the run --------------------------------------------------------------------------------
@@ -346,9 +351,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                             len(self.subscribed), self.config.num_workers)
         while not self.state.done and not self._stop.is_set():
             current = OpenRound(self.state.round, self.config.round_deadline)
-            events = list(codec.round_events(self.state.params, round=current.number,
-                                             deadline_unix_ms=current.deadline_unix_ms,
-                                             chunk_bytes=self.settings.chunk_bytes))
+            events = wire.round_stream(self.state.params, round=current.number,
+                                       deadline_unix_ms=current.deadline_unix_ms, chunk_bytes=self.settings.chunk_bytes)
             async with self._changed:
                 self._round, self._events = current, events
                 self._changed.notify_all()
@@ -420,7 +424,7 @@ async def serve(settings: CoordinatorSettings) -> dict:
     """Run one coordinator to the end of its run; returns the summary."""
     coordinator = Coordinator(settings)
     server = grpc.aio.server(options=grpc_options(coordinator.max_bytes + (1 << 16)))
-    pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+    wire.add_coordinator_to_server(coordinator, server)
     health_servicer = None
     if health is not None:
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

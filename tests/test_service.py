@@ -580,11 +580,20 @@ async def test_bad_submissions_are_rejected_counted_and_change_nothing(start, tm
     unauthenticated = await _rpc_error(_submit(running, config, round_1[1], round_=1, worker_id=1,
                                                metadata=bearer("forged")))
     assert unauthenticated.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Bytes that are not a GradientChunk, first or in the middle of a stream (the raw method sends bytes as they are).
+    raw_submit = running.channel.stream_unary("/arcsim.v1.Coordinator/SubmitGradient",
+                                              response_deserializer=pb.SubmitReply.FromString)
+    header_message = next(codec.gradient_chunks(round_1[1], round=1, worker_id=1, chunk_bytes=1024)).SerializeToString()
+    garbage = [[b"\xff\xff\xff\xff"], [header_message, b"\x22\x05ab"], [b"\x08"]]
+    for stream in garbage:
+        error = await _rpc_error(raw_submit(iter(stream), metadata=_md(config, 1)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a GradientChunk" in error.details()
     text = await _metrics_text(running.metrics_port)
     expected = {reason: 0 for reason in REJECTION_REASONS}
     for reason, *_ in bad:
         expected[reason] += 1
     expected["unauthenticated"] += 1
+    expected["malformed"] += len(garbage)
     counted = {reason: _sample(text, "arcsim_submissions_rejected_total", reason=reason) for reason in REJECTION_REASONS}
     assert counted == expected
     assert _sample(text, "arcsim_submissions_total", role="honest") == 4

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from arcsim import codec
+from arcsim import codec, wire
 from arcsim.auth import ANY_ID, bearer
 from arcsim.config import RunConfig, loads_config
 from arcsim.v1 import coordinator_pb2 as pb
-from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
+
 
 log = logging.getLogger("arcsim.worker")
 
@@ -55,7 +55,7 @@ class Participant:
         raise NotImplementedError
 
     async def compute(
-        self, stub: pb_grpc.CoordinatorStub, round_: int, params: torch.Tensor
+        self, stub: wire.CoordinatorStub, round_: int, params: torch.Tensor
     ) -> tuple[torch.Tensor, float] | None:
         """This round's vector and training loss, or None to sit the round out."""
         raise NotImplementedError
@@ -107,7 +107,7 @@ class Session:
     async def _connect_and_follow(self) -> str:
         max_bytes = max(self.num_parameters * 8, 64 << 20)
         async with self._channel(max_bytes + (1 << 16)) as channel:
-            stub = pb_grpc.CoordinatorStub(channel)
+            stub = wire.CoordinatorStub(channel)
             reply = await stub.Join(pb.JoinRequest(worker_id=self.worker_id, role=self.participant.role),
                                     metadata=self.metadata, wait_for_ready=True, timeout=30)
             if reply.token:  # an id was assigned: keep it, with its own token, for every later call
@@ -129,7 +129,7 @@ class Session:
         self.participant.metadata = self.metadata
         self.participant.setup(self.config, resolve_device(self.settings.device))
 
-    async def _fetch_momentum(self, stub: pb_grpc.CoordinatorStub) -> torch.Tensor | None:
+    async def _fetch_momentum(self, stub: wire.CoordinatorStub) -> torch.Tensor | None:
         reader = codec.ObserveEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
                                           expected_dtype="float32")
         found = None
@@ -141,7 +141,7 @@ class Session:
         reader.finish()
         return found
 
-    async def _follow(self, stub: pb_grpc.CoordinatorStub, from_round: int) -> str:
+    async def _follow(self, stub: wire.CoordinatorStub, from_round: int) -> str:
         reader = codec.RoundEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
                                         expected_dtype="float32")
         stream = stub.Rounds(pb.RoundsRequest(worker_id=self.worker_id, from_round=from_round),
@@ -166,14 +166,14 @@ class Session:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details="the round stream ended without RunEnd")
 
-    async def _do_round(self, stub: pb_grpc.CoordinatorStub, round_: int, params: torch.Tensor) -> None:
+    async def _do_round(self, stub: wire.CoordinatorStub, round_: int, params: torch.Tensor) -> None:
         result = await self.participant.compute(stub, round_, params)
         if result is None:
             return
         vector, loss = result
         try:
             await stub.SubmitGradient(
-                codec.gradient_chunks(vector, round=round_, worker_id=self.worker_id,
+                wire.gradient_stream(vector, round=round_, worker_id=self.worker_id,
                                       chunk_bytes=self.chunk_bytes, train_loss=loss),
                 metadata=self.metadata)
             self.rounds_done += 1

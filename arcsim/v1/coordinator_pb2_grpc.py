@@ -102,7 +102,7 @@ class CoordinatorServicer:
         INVALID_ARGUMENT     first message without header; a later message with a header; unknown
         dtype; dtype or shape not the model's; num_bytes not equal to
         prod(shape) * itemsize; more data than num_bytes; non-finite values
-        (NaN or +-Inf)
+        (NaN or +-Inf); a request that is not a GradientChunk (bad bytes)
         FAILED_PRECONDITION  the round is not the open round (late or early), or the worker has not
         joined
         ALREADY_EXISTS       this worker already submitted a vector for this round
