@@ -125,7 +125,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.subscribed: dict[int, int] = {}  # worker id -> open Rounds streams
         self._changed = asyncio.Condition()
         self._round: OpenRound | None = None
-        self._events: list[pb.RoundEvent] = []
+        self._events: list[bytes] = []  # the open round's Rounds events, serialised once (arcsim.wire)
         self._ended: str | None = None
         self._stop = asyncio.Event()
         self._all_subscribed = asyncio.Event()
@@ -261,14 +261,15 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 async for message in request_iterator:
                     if isinstance(message, wire.Malformed):
                         raise codec.CodecError("malformed", message.error)
-                    if isinstance(message, memoryview):  # a data-only message (arcsim.wire)
-                        received += message.nbytes
-                    else:
-                        received += len(message.data)
-                        if claimed is None:
-                            # The first message names the sender and the round: check them before decoding.
-                            self._check_submission(owner, message.worker_id, message.round)
-                            claimed = self._round
+                    size = message.nbytes if isinstance(message, memoryview) else len(message.data)
+                    if size > self.max_bytes:
+                        raise codec.CodecError("oversized", f"one message carries {size} bytes, more than a whole"
+                                                            f" vector ({self.max_bytes})")
+                    received += size
+                    if claimed is None and not isinstance(message, memoryview):  # memoryview: data only
+                        # The first message names the sender and the round: check them before decoding.
+                        self._check_submission(owner, message.worker_id, message.round)
+                        claimed = self._round
                     reader.add(message)
                 vector = reader.finish()
             except codec.CodecError as error:
@@ -280,6 +281,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._check_submission(owner, worker_id, round_)  # again: the round may have closed meanwhile
         except Rejection as error:
             await context.abort(error.code, error.message)
+        except asyncio.CancelledError:  # the client went away mid-stream (or the server is stopping)
+            self.metrics.rejected.labels("cancelled").inc()
+            raise
         current = self._round
         current.vectors[worker_id] = vector
         if reader.train_loss is not None:
@@ -423,7 +427,10 @@ _CODEC_REASONS = {"missing_header", "unexpected_header", "bad_dtype", "bad_shape
 async def serve(settings: CoordinatorSettings) -> dict:
     """Run one coordinator to the end of its run; returns the summary."""
     coordinator = Coordinator(settings)
-    server = grpc.aio.server(options=grpc_options(coordinator.max_bytes + (1 << 16)))
+    # gRPC refuses a message above its receive limit before the service sees it, and the service then
+    # sees the stream end as if the client had stopped sending: the limit is twice the vector, so that a
+    # message too large to be right but below it is refused here as "oversized", with its reason.
+    server = grpc.aio.server(options=grpc_options(2 * coordinator.max_bytes + (1 << 16)))
     wire.add_coordinator_to_server(coordinator, server)
     health_servicer = None
     if health is not None:
