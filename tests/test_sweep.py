@@ -411,3 +411,15 @@ def test_ray_executor_runs_the_grid_on_a_local_ray_instance(tmp_path: Path) -> N
     assert outcome.ok and outcome.completed == 2
     assert [r["final_params_sha256"] for r in outcome.rows] == [r["final_params_sha256"] for r in inline.rows]
     assert all((tmp_path / "ray" / run.name / "summary.json").exists() for run in plan.runs)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_committed_paper_grids_expand_into_valid_runs(path: Path) -> None:
+    plan = sweep.load_sweep(path)
+    names = [run.name for run in plan.runs]
+    assert names and len(set(names)) == len(names)
+    # The header comment gives the exact command that reproduces docs/results.md.
+    assert f"arcsim sweep configs/paper/{path.name}" in path.read_text()
