@@ -37,6 +37,7 @@ try:
 except ImportError:  # pragma: no cover
     reflection = None
 
+from adversaries.attacks import DATA_ATTACKS
 from arcsim import codec, wire
 from arcsim.auth import ANY_ID, TokenBook, token_from_metadata
 from arcsim.config import RunConfig
@@ -119,6 +120,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.tokens = TokenBook(settings.secret, num_honest=self.config.num_honest,
                                 num_byzantine=self.config.num_byzantine)
         self.quorum = settings.quorum or self.config.num_workers
+        # Whether the Byzantine workers craft their vectors from the honest ones (Observe), as every attack
+        # but the data attacks (label flipping) does.
+        self._observers = self.config.num_byzantine > 0 and self.config.attack not in DATA_ATTACKS
         self.max_bytes = self.state.num_parameters * 4
         self.run_id = self.config.digest()
         self.joined: set[int] = set()
@@ -295,8 +299,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _answered(self, current: OpenRound, worker_id: int) -> None:
         current.answered.add(worker_id)
-        if sum(1 for i in current.answered if i < self.config.num_honest) >= self.config.num_honest:
+        num_honest = self.config.num_honest
+        if sum(1 for i in current.answered if i < num_honest) >= num_honest:
             current.honest_complete.set()
+            if self._observers and not any(i < num_honest for i in current.vectors):
+                # Every honest vector was refused (a diverged model): adversaries that craft from the
+                # honest vectors observe none and sit the round out, so there is nothing left to wait for.
+                current.quorum_reached.set()
         if len(current.vectors) >= self.quorum or len(current.answered) >= self.config.num_workers:
             current.quorum_reached.set()
 

@@ -316,7 +316,9 @@ async def test_a_diverging_model_completes_the_run_like_the_inproc_engine(start,
     assert summary["final_params_sha256"] == inproc["final_params_sha256"]
     assert [r["aggregated"] for r in _records(running.out_dir)] == [
         r["aggregated"] for r in _records(tmp_path / "inproc")]
-    print(f"diverged run took {time.monotonic() - started:.1f}s")
+    # A round whose honest vectors were all refused closes once they are in: the adversary cannot craft
+    # anything, so waiting for its deadline (10 s) would change nothing.
+    assert time.monotonic() - started < config.round_deadline * 2, f"{len(skipped)} diverged rounds waited"
 
 
 async def test_colluding_adversaries_in_one_process_observe_once_per_round(start, tmp_path: Path,
