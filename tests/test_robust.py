@@ -1046,3 +1046,38 @@ def test_cuda_huge_rows():
     for name in ("arc", "static_clip", "geometric_median", "nnm", "krum", "cwtm"):
         out = RULES[name][0](x, 2)
         assert out.is_cuda and torch.isfinite(out).all(), name
+
+
+# --- the sorting behind CWTM and CWMed --------------------------------------------------------------
+
+from arcsim.robust._sorting import _NETWORK_MIN_COLUMNS, sorted_columns, sorting_network  # noqa: E402
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_the_sorting_network_sorts_every_zero_one_input(n: int) -> None:
+    # The 0-1 principle: a comparator network sorts every input iff it sorts every 0/1 input.
+    codes = torch.arange(2**n)
+    bits = ((codes.unsqueeze(0) >> torch.arange(n).unsqueeze(1)) & 1).to(torch.int8)
+    rows = list(bits.unbind(0))
+    for i, j in sorting_network(n):
+        assert i < j < n
+        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+    assert torch.equal(torch.stack(rows), torch.sort(bits, dim=0).values)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 13, 17, 31, 32, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sorted_columns_matches_a_plain_sort_with_ties_infinities_and_nan(n: int, dtype: torch.dtype) -> None:
+    g = generator(n)
+    d = _NETWORK_MIN_COLUMNS + 37  # not a multiple of any block width
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    x[:, :100] = torch.randint(0, 3, (n, 100), generator=g).to(dtype)  # ties
+    x[0, 200], x[n - 1, 201], x[n // 2, 202] = math.inf, -math.inf, math.inf
+    x[:, 300] = 1e30 * torch.randn(n, generator=g, dtype=dtype)
+    before = x.clone()
+    got = sorted_columns(x)
+    assert torch.equal(got, torch.sort(x, dim=0).values) and torch.equal(x, before)
+    with_nan = x.clone()
+    with_nan[n - 1, 5] = math.nan  # goes to numpy, which sorts NaN last, like torch.sort
+    assert torch.equal(sorted_columns(with_nan).isnan(), torch.sort(with_nan, dim=0).values.isnan())
+    assert torch.equal(sorted_columns(with_nan).nan_to_num(), torch.sort(with_nan, dim=0).values.nan_to_num())
