@@ -176,6 +176,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                     raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
                                        f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}")
                 self._check_worker(owner, worker_id)
+                # Reserved as if assigned: a worker joining with a role token meanwhile must not get this id
+                # before this worker subscribes to its rounds.
+                self._handed_out[worker_id] = time.monotonic()
         except Rejection as error:
             await context.abort(error.code, error.message)
         if self._ended is not None:

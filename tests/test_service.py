@@ -272,6 +272,20 @@ async def test_a_role_token_gets_an_id_with_its_own_token_and_nothing_else(start
     assert _sample(text, "arcsim_submissions_rejected_total", reason="no_free_id") == 1
 
 
+async def test_a_worker_joining_with_its_own_id_keeps_it_from_role_token_workers(start) -> None:
+    # Prepare: worker 0 joins with its own token and has not subscribed to its rounds yet.
+    config = _config(num_honest=2)
+    running = await start(config)
+    await _join(running, config, 0)
+    role_md = bearer(worker_token(SECRET, "honest", ANY_ID))
+    # Execute
+    assigned = await running.stub.Join(pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), metadata=role_md)
+    spare = await _rpc_error(running.stub.Join(pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), metadata=role_md))
+    # Assert: the role token gets id 1, not worker 0's id; then there is none left
+    assert assigned.worker_id == 1
+    assert spare.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 async def test_metrics_linger_after_the_run_for_a_last_scrape(start) -> None:
     # Prepare
     config = _config(num_honest=1, rounds=2, eval_every=2)
