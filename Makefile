@@ -13,6 +13,7 @@ help:
 	@echo "make test        - run the whole test suite (sets everything up first)"
 	@echo "make demo-robust - the robust aggregation library alone: a table of robustness errors"
 	@echo "make bench       - run the benchmarks (figures go in docs/benchmarks.md)"
+	@echo "make soak        - soak test of the coordinator with 10, 200 and 1,000 workers (not in make test)"
 	@echo "make protos      - regenerate the gRPC stubs from protos/"
 	@echo "make image       - the container image (VARIANT=cuda, AIRGAP=1: see docs/deploy.md)"
 	@echo "make e2e-docker  - the compose testbed end to end on a private Docker engine (root)"
@@ -51,6 +52,15 @@ test: $(STAMP)
 bench: data
 	$(PY) benchmarks/robust.py
 	$(PY) benchmarks/testbed.py
+
+# The soak test (benchmarks/soak.py): one coordinator and N lightweight workers sending vectors of
+# about 100,000 float32 (159,010: the nearest model) for SOAK_ROUNDS rounds; about 5 minutes on 2 cores.
+# Checks every submission is counted once and the coordinator's memory stays bounded; prints the table.
+SOAK_ROUNDS ?= 30
+SOAK_ARGS   ?= --workers 10 200 1000 --numel 100000 --rounds $(SOAK_ROUNDS)
+.PHONY: soak
+soak: data
+	$(PY) benchmarks/soak.py $(SOAK_ARGS)
 
 protos: $(STAMP)
 	$(PY) -m arcsim.protos_build

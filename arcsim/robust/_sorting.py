@@ -9,7 +9,7 @@ modified.
 On CPU, the columns of a matrix with few rows (the n workers of a round) and many coordinates are
 sorted by a sorting network instead: a fixed sequence of compare-exchanges between whole rows
 (element-wise minimum and maximum), which streams through memory instead of sorting d tiny columns
-one by one: 2 to 5 times faster than numpy's sort for n <= 32 (docs/benchmarks.md). A NaN would
+one by one: 2 to 5 times faster than numpy's sort for n <= 31 (docs/benchmarks.md). A NaN would
 spread through the minima and maxima, so a matrix with one (its sum is NaN; one pass) goes to
 numpy, which sorts NaN last.
 """
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Sorting networks for up to this many rows (Batcher's network for 32 has 191 compare-exchanges),
-# and only for at least this many columns (below, the Python calls per compare-exchange dominate).
-_NETWORK_MAX_ROWS = 32
+# Sorting networks below the transposed numpy path (so that the sorted matrix is laid out as before
+# and sums over it round as before), and only for at least this many columns (below, the Python calls
+# per compare-exchange dominate).
+_NETWORK_MAX_ROWS = 31
 _NETWORK_MIN_COLUMNS = 1024
 _NETWORK_BLOCK_BYTES = 2 << 20
 
@@ -89,6 +90,7 @@ def _network_sorted_columns(x: Tensor) -> Tensor:
 # Below this many rows numpy sorts the strided columns of x directly (it gathers each column into a
 # buffer); from it on, transposing first and sorting contiguous rows is faster (measured on 2 cores).
 _TRANSPOSE_FROM_ROWS = 32
+assert _NETWORK_MAX_ROWS < _TRANSPOSE_FROM_ROWS
 
 
 def _numpy_sortable(x: Tensor) -> bool:
