@@ -10,9 +10,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import grpc
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,6 +66,59 @@ def _uvloop_run(coro):
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+# --- TLS (arcsim.certs) -------------------------------------------------------------------------
+def _tls_path(value: str | None, env: str) -> str | None:
+    """A TLS flag's value, else its environment variable's (containers), else None (plaintext)."""
+    return value or os.environ.get(env) or None
+
+
+def _server_tls(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """The coordinator's ``grpc.ServerCredentials``, or None to serve plaintext (the default).
+
+    --tls-cert and --tls-key: TLS; --tls-client-ca as well: mutual TLS (clients need a certificate
+    signed by that CA). Each falls back to its $ARCSIM_TLS_SERVER_CERT / _SERVER_KEY / _CLIENT_CA.
+    """
+    from arcsim import certs
+
+    cert = _tls_path(args.tls_cert, certs.SERVER_CERT_ENV)
+    key = _tls_path(args.tls_key, certs.SERVER_KEY_ENV)
+    client_ca = _tls_path(args.tls_client_ca, certs.CLIENT_CA_ENV)
+    if (cert is None) != (key is None):
+        raise ValueError(f"--tls-cert and --tls-key go together (or ${certs.SERVER_CERT_ENV} and "
+                         f"${certs.SERVER_KEY_ENV}): give the coordinator's certificate and its key, or neither")
+    if cert is None:
+        if client_ca is not None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: the coordinator serves TLS "
+                             "before it can ask for client certificates")
+        return None
+    return certs.server_credentials(cert, key, client_ca=client_ca)
+
+
+def _client_tls(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """A client's (worker, adversary, health) ``grpc.ChannelCredentials`` and the name to check the
+    coordinator's certificate for; (None, None) for plaintext (the default).
+
+    --tls-ca: TLS, trusting that CA; --tls-cert and --tls-key as well: mutual TLS. Each falls back
+    to its $ARCSIM_TLS_CA / _CLIENT_CERT / _CLIENT_KEY / _SERVER_NAME.
+    """
+    from arcsim import certs
+
+    ca = _tls_path(args.tls_ca, certs.CA_ENV)
+    cert = _tls_path(args.tls_cert, certs.CLIENT_CERT_ENV)
+    key = _tls_path(args.tls_key, certs.CLIENT_KEY_ENV)
+    server_name = _tls_path(args.tls_server_name, certs.SERVER_NAME_ENV)
+    if (cert is None) != (key is None):
+        raise ValueError(f"--tls-cert and --tls-key go together (or ${certs.CLIENT_CERT_ENV} and "
+                         f"${certs.CLIENT_KEY_ENV}): give the client certificate and its key, or neither")
+    if ca is None:
+        if cert is not None or server_name is not None:
+            given = "--tls-cert/--tls-key" if cert is not None else "--tls-server-name"
+            raise ValueError(f"{given} needs --tls-ca (or ${certs.CA_ENV}): the CA that signed the coordinator's "
+                             "certificate")
+        return None, None
+    return certs.channel_credentials(ca, cert=cert, key=key), server_name
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -119,13 +175,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from arcsim.auth import read_secret
+    from arcsim.certs import CLIENT_CA_ENV
     from arcsim.config import load_config
     from coordinator.service import CoordinatorSettings, serve
 
     from arcsim.launcher import follow_parent
 
+    server_credentials = _server_tls(args)  # bad TLS options fail before anything starts
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
+    if server_credentials is not None:
+        mutual = _tls_path(args.tls_client_ca, CLIENT_CA_ENV) is not None
+        logging.getLogger("arcsim.coordinator").info(json.dumps({"event": "tls", "mutual": mutual}))
     _one_thread()
     config = load_config(args.config)
     resume = args.resume or (args.resume_if_present and any((Path(args.out) / "checkpoints").glob("*.ckpt")))
@@ -133,6 +194,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         config=config, out_dir=Path(args.out), secret=read_secret(args.secret_file), host=args.host, port=args.port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=resume, quorum=args.quorum,
         join_timeout=args.join_timeout, device=args.device, linger=args.linger,
+        server_credentials=server_credentials,
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     summary = _uvloop_run(serve(settings))
@@ -159,7 +221,7 @@ def _worker_settings(args: argparse.Namespace, role: str) -> list:
     """One WorkerSettings per --worker-id, with its credentials.
 
     Credentials: --token-file (one token per line, in the order of the ids), else $ARCSIM_TOKEN
-    (tokens separated by commas), else derived from $ARCSIM_SECRET on a trusted testbed.
+    (tokens separated by commas), else derived from $ARCSIM_SECRET on a trusted testbed. TLS: _client_tls.
     """
     from arcsim.auth import SECRET_ENV, TOKEN_ENV, worker_token
     from workers.service import WorkerSettings
@@ -176,18 +238,21 @@ def _worker_settings(args: argparse.Namespace, role: str) -> list:
         raise ValueError(f"no credentials: pass --token-file, or set {TOKEN_ENV} (or {SECRET_ENV} on a trusted testbed)")
     if len(tokens) != len(ids):
         raise ValueError(f"{len(ids)} worker id(s) but {len(tokens)} token(s): give one token per id, in order")
+    channel_credentials, server_name = _client_tls(args)
     return [WorkerSettings(coordinator=args.coordinator, worker_id=worker_id, token=token, device=args.device,
-                           max_retry_seconds=args.max_retry_seconds) for worker_id, token in zip(ids, tokens)]
+                           max_retry_seconds=args.max_retry_seconds, channel_credentials=channel_credentials,
+                           tls_server_name=server_name) for worker_id, token in zip(ids, tokens)]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from arcsim.launcher import follow_parent
     from workers.service import run_worker
 
+    settings = _worker_settings(args, "honest")[0]
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
-    _uvloop_run(run_worker(_worker_settings(args, "honest")[0]))
+    _uvloop_run(run_worker(settings))
     return 0
 
 
@@ -195,25 +260,33 @@ def cmd_adversary(args: argparse.Namespace) -> int:
     from adversaries.service import run_adversaries
     from arcsim.launcher import follow_parent
 
+    settings = _worker_settings(args, "byzantine")
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
-    _uvloop_run(run_adversaries(_worker_settings(args, "byzantine")))
+    _uvloop_run(run_adversaries(settings))
     return 0
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the coordinator at --address (or $ARCSIM_HEALTH_ADDRESS) reports SERVING.
 
-    With no address (a worker's container), the service is healthy while its process runs.
+    With no address (a worker's container), the service is healthy while its process runs. A TLS
+    coordinator is checked over TLS with the client's options (--tls-ca etc., or $ARCSIM_TLS_CA ...).
     """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from arcsim.certs import SERVER_NAME_OPTION
+
     address = args.address or os.environ.get("ARCSIM_HEALTH_ADDRESS", "")
     if not address:
         return 0
-    with grpc.insecure_channel(address) as channel:
+    credentials, server_name = _client_tls(args)
+    options = [(SERVER_NAME_OPTION, server_name)] if server_name else []
+    channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
+               else grpc.insecure_channel(address))
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="arcsim.v1.Coordinator"), timeout=args.timeout)
@@ -223,6 +296,20 @@ def cmd_health(args: argparse.Namespace) -> int:
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     print("serving" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     return 0 if serving else 1
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Make a testbed CA and the certificates for TLS and mutual TLS (arcsim.certs)."""
+    from arcsim.certs import make_certs, server_names
+
+    files = make_certs(args.dir, hosts=args.host, force=args.force)
+    print(f"testbed CA and certificates in {Path(args.dir)} (keys mode 0600)\n"
+          f"  coordinator: --tls-cert {files.server_cert} --tls-key {files.server_key}"
+          f"  [--tls-client-ca {files.ca_cert} for mutual TLS]\n"
+          f"  workers:     --tls-ca {files.ca_cert}  [--tls-cert {files.client_cert} --tls-key {files.client_key}]\n"
+          f"  the coordinator's certificate is valid for: {', '.join(str(n.value) for n in server_names(args.host))}\n"
+          f"  {files.ca_key} is only needed to issue certificates: give it to no service")
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -260,6 +347,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_client_tls(p: argparse.ArgumentParser) -> None:
+    """TLS options of a client of the coordinator (worker, adversary, health); plaintext by default."""
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="connect over TLS, trusting this CA, e.g. ca.pem of `arcsim certs` (else $ARCSIM_TLS_CA)")
+    p.add_argument("--tls-cert", metavar="PEM",
+                   help="mutual TLS: present this client certificate, e.g. client.pem (else $ARCSIM_TLS_CLIENT_CERT)")
+    p.add_argument("--tls-key", metavar="PEM", help="its private key (else $ARCSIM_TLS_CLIENT_KEY)")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="the name the coordinator's certificate must carry, when --coordinator/--address uses "
+                        "another (e.g. an IP address the certificate lacks; else $ARCSIM_TLS_SERVER_NAME)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arcsim", description="Byzantine-robust distributed learning testbed (ARC).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep /metrics up this many seconds after the run ends (for Prometheus' last scrape)")
     coord.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     coord.add_argument("--log-level", default="info")
+    coord.add_argument("--tls-cert", metavar="PEM",
+                       help="serve TLS with this certificate, e.g. server.pem of `arcsim certs` "
+                            "(else $ARCSIM_TLS_SERVER_CERT; default: plaintext)")
+    coord.add_argument("--tls-key", metavar="PEM", help="its private key (else $ARCSIM_TLS_SERVER_KEY)")
+    coord.add_argument("--tls-client-ca", metavar="PEM",
+                       help="mutual TLS: require client certificates signed by this CA, e.g. ca.pem "
+                            "(else $ARCSIM_TLS_CLIENT_CA)")
     coord.set_defaults(func=cmd_coordinator)
 
     for name, func, help_text in (("worker", cmd_worker, "an honest worker service"),
@@ -311,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         p.add_argument("--max-retry-seconds", type=float, default=300.0)
         p.add_argument("--log-level", default="info")
+        _add_client_tls(p)
         p.set_defaults(func=func)
 
     sweep = sub.add_parser("sweep", help="run a grid of experiments (any config value may be a list), resumable")
@@ -331,7 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="check a coordinator's gRPC health (container health checks)")
     health.add_argument("--address", help="host:port (default $ARCSIM_HEALTH_ADDRESS; none: healthy)")
     health.add_argument("--timeout", type=float, default=3.0)
+    _add_client_tls(health)
     health.set_defaults(func=cmd_health)
+
+    certs = sub.add_parser("certs", help="make a testbed CA and certificates for TLS and mutual TLS",
+                           description="Write ca.pem, ca.key (the testbed CA), server.pem, server.key (the "
+                                       "coordinator's) and client.pem, client.key (one client certificate for "
+                                       "every worker, for mutual TLS) into DIR; keys mode 0600.")
+    certs.add_argument("dir", help="folder for the PEM files (made if missing)")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="a DNS name or IP address workers reach the coordinator by; repeat it. Always "
+                            "included: localhost, 127.0.0.1, coordinator (the compose service)")
+    certs.add_argument("--force", action="store_true", help="replace the files of an earlier `arcsim certs`")
+    certs.set_defaults(func=cmd_certs)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -38,6 +38,7 @@ class WorkerSettings:
     device: str = "auto"
     max_retry_seconds: float = 300.0  # give up after this long without reaching the coordinator
     channel_credentials: grpc.ChannelCredentials | None = field(default=None, compare=False)
+    tls_server_name: str | None = None  # TLS: the name the coordinator's certificate must carry (default: its host)
 
 
 class Participant:
@@ -77,6 +78,8 @@ class Session:
         from coordinator.service import grpc_options
 
         options = grpc_options(max_bytes)
+        if self.settings.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.settings.tls_server_name))
         if self.settings.channel_credentials is not None:
             return grpc.aio.secure_channel(self.settings.coordinator, self.settings.channel_credentials, options)
         return grpc.aio.insecure_channel(self.settings.coordinator, options=options)
