@@ -102,7 +102,9 @@ class Session:
                     raise
                 if waited >= self.settings.max_retry_seconds:
                     raise
-                log.warning("coordinator unreachable (%s); retrying in %.1fs", error.code().name, delay)
+                # The details carry the cause (connection refused, a TLS handshake failure, ...).
+                log.warning("coordinator unreachable (%s: %s); retrying in %.1fs", error.code().name,
+                            error.details(), delay)
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0) * (0.75 + 0.5 * random.random())
@@ -112,7 +114,7 @@ class Session:
         async with self._channel(max_bytes + (1 << 16)) as channel:
             stub = wire.CoordinatorStub(channel)
             reply = await stub.Join(pb.JoinRequest(worker_id=self.worker_id, role=self.participant.role),
-                                    metadata=self.metadata, wait_for_ready=True, timeout=30)
+                                    metadata=self.metadata, timeout=30)  # fails fast: run() retries
             if reply.token:  # an id was assigned: keep it, with its own token, for every later call
                 self.worker_id = reply.worker_id
                 self.metadata = bearer(reply.token)
