@@ -38,7 +38,7 @@ from coordinator.inproc import run_inproc
 from coordinator.metrics import REJECTION_REASONS
 from coordinator.rounds import RunState, params_sha256
 from coordinator.service import Coordinator, CoordinatorSettings, grpc_options, serve
-from workers.service import WorkerSettings, run_worker
+from workers.service import HonestParticipant, WorkerSettings, run_worker
 
 torch.set_num_threads(1)
 
@@ -284,6 +284,45 @@ async def test_a_worker_joining_with_its_own_id_keeps_it_from_role_token_workers
     # Assert: the role token gets id 1, not worker 0's id; then there is none left
     assert assigned.worker_id == 1
     assert spare.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_worker_whose_vector_came_too_late_takes_the_coordinators_momentum(start) -> None:
+    # Prepare: worker 1 is late in round 1 (the round closes at its deadline without it), as after a
+    # network cut that the connection survived.
+    config = _config(num_honest=2, rounds=3, round_deadline=1.0)
+    running = await start(config)
+
+    class LateOnce(HonestParticipant):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent: dict[int, torch.Tensor] = {}
+            self.momenta: list[torch.Tensor | None] = []
+
+        def set_momentum(self, momentum: torch.Tensor | None) -> None:
+            self.momenta.append(None if momentum is None else momentum.clone())
+            super().set_momentum(momentum)
+
+        async def compute(self, stub, round_: int, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+            vector, loss = await super().compute(stub, round_, params)
+            self.sent[round_] = vector.clone()
+            if round_ == 1:
+                await asyncio.sleep(config.round_deadline + 0.5)
+            return vector, loss
+
+    def settings(worker_id: int) -> WorkerSettings:
+        return WorkerSettings(coordinator=f"127.0.0.1:{running.port}", worker_id=worker_id,
+                              token=_token(config, worker_id), device="cpu", max_retry_seconds=10)
+
+    late = LateOnce()
+    # Execute
+    clients = await asyncio.wait_for(asyncio.gather(run_worker(settings(0)), run_worker(settings(1), late)), 60)
+    await running.finish()
+    # Assert: round 1 closed without worker 1; its refused vector's step was dropped from its momentum,
+    # which it took back from the coordinator (its round-0 vector) before computing round 2.
+    assert clients == ["completed", "completed"]
+    assert [r["received_honest"] for r in _records(running.out_dir)] == [2, 1, 2]
+    assert late.momenta[0] is None and len(late.momenta) == 2
+    assert torch.equal(late.momenta[1], late.sent[0])
 
 
 async def test_metrics_linger_after_the_run_for_a_last_scrape(start) -> None:

@@ -73,6 +73,7 @@ class Session:
         self.chunk_bytes = codec.DEFAULT_CHUNK_BYTES
         self.run_id: str | None = None
         self.rounds_done = 0
+        self.reached = False  # a Join was answered since the last failure: the outage that follows is a new one
 
     def _channel(self, max_bytes: int) -> grpc.aio.Channel:
         from coordinator.service import grpc_options
@@ -85,14 +86,22 @@ class Session:
         return grpc.aio.insecure_channel(self.settings.coordinator, options=options)
 
     async def run(self) -> str:
-        """Follow the run to its end; returns the RunEnd reason."""
+        """Follow the run to its end; returns the RunEnd reason.
+
+        While the coordinator cannot be reached, retry with exponential backoff and jitter, and give
+        up after ``max_retry_seconds``; both start over once a Join is answered, so they bound each
+        outage rather than all the outages of a run together.
+        """
         delay = 0.2
         waited = 0.0
         while True:
+            self.reached = False
             try:
                 reason = await self._connect_and_follow()
                 return reason
             except grpc.aio.AioRpcError as error:
+                if self.reached:
+                    delay, waited = 0.2, 0.0
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and self.config is None:
                     # Every id of our role is taken: wait as a hot spare for one to free up.
                     log.info("no free worker id yet (%s); waiting as a spare", error.details())
@@ -115,6 +124,7 @@ class Session:
             stub = wire.CoordinatorStub(channel)
             reply = await stub.Join(pb.JoinRequest(worker_id=self.worker_id, role=self.participant.role),
                                     metadata=self.metadata, timeout=30)  # fails fast: run() retries
+            self.reached = True
             if reply.token:  # an id was assigned: keep it, with its own token, for every later call
                 self.worker_id = reply.worker_id
                 self.metadata = bearer(reply.token)
@@ -163,7 +173,9 @@ class Session:
                     # accepted and gets recomputed now), and would then be one step ahead.
                     self.participant.set_momentum(await self._fetch_momentum(stub))
                     synced = True
-                await self._do_round(stub, item.round, item.params)
+                # A vector refused as late (rounds queued during a network cut that the connection
+                # survived) left a step in the in-memory momentum that the coordinator never applied.
+                synced = await self._do_round(stub, item.round, item.params)
             elif isinstance(item, pb.RunEnd):
                 log.info("run ended after %d rounds: %s", item.rounds_completed, item.reason)
                 return item.reason
@@ -171,10 +183,11 @@ class Session:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details="the round stream ended without RunEnd")
 
-    async def _do_round(self, stub: wire.CoordinatorStub, round_: int, params: torch.Tensor) -> None:
+    async def _do_round(self, stub: wire.CoordinatorStub, round_: int, params: torch.Tensor) -> bool:
+        """Compute and submit round ``round_``; False if the momentum may now differ from the coordinator's."""
         result = await self.participant.compute(stub, round_, params)
         if result is None:
-            return
+            return True
         vector, loss = result
         try:
             await stub.SubmitGradient(
@@ -183,13 +196,17 @@ class Session:
                 metadata=self.metadata)
             self.rounds_done += 1
         except grpc.aio.AioRpcError as error:
-            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed meanwhile
+                log.warning("round %d: submission not taken: %s", round_, error.details())
+                return False
+            if error.code() == grpc.StatusCode.ALREADY_EXISTS:  # the same vector, taken before a reconnect
                 log.warning("round %d: submission not taken: %s", round_, error.details())
             elif error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # A Byzantine vector the coordinator refuses (e.g. NaN) is expected; an honest one is a bug.
                 log.warning("round %d: submission rejected: %s", round_, error.details())
             else:
                 raise
+        return True
 
 
 class HonestParticipant(Participant):
