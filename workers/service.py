@@ -22,7 +22,6 @@ from arcsim.auth import ANY_ID, bearer
 from arcsim.config import RunConfig, loads_config
 from arcsim.v1 import coordinator_pb2 as pb
 
-
 log = logging.getLogger("arcsim.worker")
 
 # Errors after which the worker reconnects rather than giving up.
