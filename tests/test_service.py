@@ -9,9 +9,10 @@ bearer tokens, so each check sees exactly what a remote worker would.
 from __future__ import annotations
 
 import asyncio
-import os
 import contextlib
+import functools
 import json
+import os
 import re
 import signal
 import time
@@ -167,6 +168,12 @@ async def _submit(running: Running, config: RunConfig, vector: torch.Tensor, *, 
     return await running.stub.SubmitGradient(iter(messages), metadata=metadata)
 
 
+def _worker_settings(running: Running, config: RunConfig, worker_id: int) -> WorkerSettings:
+    """The real worker service's settings for ``worker_id`` of ``running``'s run, with its own token."""
+    return WorkerSettings(coordinator=f"127.0.0.1:{running.port}", worker_id=worker_id,
+                          token=_token(config, worker_id), device="cpu", max_retry_seconds=10)
+
+
 def _vectors(round_: int, num_workers: int, d: int) -> dict[int, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + round_)
     return {i: torch.randn(d, generator=g) * 0.1 for i in range(num_workers)}
@@ -204,11 +211,8 @@ async def test_two_honest_workers_and_an_adversary_complete_the_run(start, tmp_p
     # Prepare: ALIE needs Observe, so the adversary exercises the whole protocol.
     config = _config(num_honest=2, num_byzantine=1, attack="alie", rounds=4, eval_every=2)
     running = await start(config)
-    address = f"127.0.0.1:{running.port}"
 
-    def settings(worker_id: int) -> WorkerSettings:
-        return WorkerSettings(coordinator=address, worker_id=worker_id, token=_token(config, worker_id),
-                              device="cpu", max_retry_seconds=10)
+    settings = functools.partial(_worker_settings, running, config)
 
     # Execute
     clients = await asyncio.wait_for(asyncio.gather(
@@ -309,9 +313,7 @@ async def test_a_worker_whose_vector_came_too_late_takes_the_coordinators_moment
                 await asyncio.sleep(config.round_deadline + 0.5)
             return vector, loss
 
-    def settings(worker_id: int) -> WorkerSettings:
-        return WorkerSettings(coordinator=f"127.0.0.1:{running.port}", worker_id=worker_id,
-                              token=_token(config, worker_id), device="cpu", max_retry_seconds=10)
+    settings = functools.partial(_worker_settings, running, config)
 
     late = LateOnce()
     # Execute
@@ -350,11 +352,8 @@ async def test_a_diverging_model_completes_the_run_like_the_inproc_engine(start,
     config = _config(num_honest=2, num_byzantine=1, model="mlp", attack="foe", attack_params={"tau": 1000.0},
                      pipeline="mean", rounds=12, eval_every=4, lr=5.0, round_deadline=10.0)
     running = await start(config)
-    address = f"127.0.0.1:{running.port}"
 
-    def settings(worker_id: int) -> WorkerSettings:
-        return WorkerSettings(coordinator=address, worker_id=worker_id, token=_token(config, worker_id),
-                              device="cpu", max_retry_seconds=10)
+    settings = functools.partial(_worker_settings, running, config)
 
     # Execute
     started = time.monotonic()
@@ -387,11 +386,8 @@ async def test_colluding_adversaries_in_one_process_observe_once_per_round(start
     monkeypatch.setattr(Coordinator, "Observe", counting_observe)
     config = _config(num_honest=3, num_byzantine=2, attack="alie", rounds=3, eval_every=3)
     running = await start(config, metrics_port=0)
-    address = f"127.0.0.1:{running.port}"
 
-    def settings(worker_id: int) -> WorkerSettings:
-        return WorkerSettings(coordinator=address, worker_id=worker_id, token=_token(config, worker_id),
-                              device="cpu", max_retry_seconds=10)
+    settings = functools.partial(_worker_settings, running, config)
 
     # Execute
     results = await asyncio.wait_for(asyncio.gather(
@@ -410,11 +406,8 @@ async def test_refused_vectors_answer_the_round_so_it_does_not_wait_for_the_dead
     # run must still take seconds, and aggregate the honest vectors exactly as the inproc engine does.
     config = _config(num_honest=3, num_byzantine=1, attack="nan", rounds=3, eval_every=3, round_deadline=60.0)
     running = await start(config)
-    address = f"127.0.0.1:{running.port}"
 
-    def settings(worker_id: int) -> WorkerSettings:
-        return WorkerSettings(coordinator=address, worker_id=worker_id, token=_token(config, worker_id),
-                              device="cpu", max_retry_seconds=10)
+    settings = functools.partial(_worker_settings, running, config)
 
     # Execute
     started = time.monotonic()
