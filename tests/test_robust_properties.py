@@ -358,13 +358,9 @@ def byzantine_directions(data: st.DataObject, f: int, d: int, honest: Tensor) ->
     return directions / torch.linalg.vector_norm(directions, dim=1, keepdim=True).clamp(min=1e-300)
 
 
-@pytest.mark.parametrize("spec", PAPER_PIPELINES)
-@SETTINGS
-@given(data=st.data())
-def test_paper_pipelines_stay_near_the_honest_rows(spec, data):
-    # Prepare: n - f honest rows in a ball (centre 0, or far from the origin), f rows of norm 1e6 in
-    # various directions (one each, all identical, against or along the honest mean), f up to the
-    # breakdown point 2f = n - 1.
+def draw_pipeline_case(data: st.DataObject, spec: str) -> tuple[int, int, int, torch.dtype]:
+    """(n, f, d, dtype) for a paper pipeline: 3 <= n <= 20, 1 <= f <= the pipeline's largest f for n
+    (often exactly at it, the breakdown point), 1 <= d <= 6."""
     max_f = PAPER_PIPELINES[spec]
     n = data.draw(st.integers(3, 20), label="n")
     at_breakdown = data.draw(st.booleans(), label="at breakdown")
@@ -372,7 +368,17 @@ def test_paper_pipelines_stay_near_the_honest_rows(spec, data):
     if max_f(n) < 1:
         n, f = 5, 1
     d = data.draw(st.integers(1, 6), label="d")
-    dtype = data.draw(DTYPES, label="dtype")
+    return n, f, d, data.draw(DTYPES, label="dtype")
+
+
+@pytest.mark.parametrize("spec", PAPER_PIPELINES)
+@SETTINGS
+@given(data=st.data())
+def test_paper_pipelines_stay_near_the_honest_rows(spec, data):
+    # Prepare: n - f honest rows in a ball (centre 0, or far from the origin), f rows of norm 1e6 in
+    # various directions (one each, all identical, against or along the honest mean), f up to the
+    # breakdown point 2f = n - 1.
+    n, f, d, dtype = draw_pipeline_case(data, spec)
     centre = draw_matrix(data, 1, d, torch.float64, scale=data.draw(st.sampled_from([0.0, 1.0, 10.0]), label="centre"))
     honest = centre + draw_matrix(data, n - f, d, torch.float64, scale=1.0)
     byzantine = 1e6 * byzantine_directions(data, f, d, honest)
@@ -416,14 +422,7 @@ def test_paper_pipelines_stay_inside_the_honest_range_when_attackers_are_apart(s
     # origin; f rows of norm 1e6 whose directions make an angle of at least 60 degrees with the centre
     # (some against it). ARC clips them to norm ~1000, at least ~1000 away from every honest row, so
     # NNM mixes each honest row with exactly the honest rows, and every rule returns the honest mean.
-    max_f = PAPER_PIPELINES[spec]
-    n = data.draw(st.integers(3, 20), label="n")
-    at_breakdown = data.draw(st.booleans(), label="at breakdown")
-    f = max_f(n) if at_breakdown else data.draw(st.integers(1, max(1, max_f(n))), label="f")
-    if max_f(n) < 1:
-        n, f = 5, 1
-    d = data.draw(st.integers(1, 6), label="d")
-    dtype = data.draw(DTYPES, label="dtype")
+    n, f, d, dtype = draw_pipeline_case(data, spec)
     axis = draw_matrix(data, 1, d, torch.float64, scale=1.0)[0]
     axis = axis / axis.norm()
     honest = 1000.0 * axis + draw_matrix(data, n - f, d, torch.float64, scale=1.0)

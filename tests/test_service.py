@@ -156,6 +156,17 @@ class Follower:
                 return item
 
 
+async def _join_and_follow(running: Running, config: RunConfig) -> tuple[int, list[Follower]]:
+    """Join every worker of the run by hand and read round 0 from each one's stream: (d, followers)."""
+    d = (await _join(running, config, 0)).num_parameters
+    for i in range(1, config.num_workers):
+        await _join(running, config, i)
+    followers = [Follower(running, config, i, d) for i in range(config.num_workers)]
+    for follower in followers:
+        await follower.next()
+    return d, followers
+
+
 async def _submit(running: Running, config: RunConfig, vector: torch.Tensor, *, round_: int, worker_id: int,
                   token_of: int | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                   mutate: Callable[[list[pb.GradientChunk]], list[pb.GradientChunk]] | None = None,
@@ -667,12 +678,7 @@ async def test_metrics_page_has_every_metric_and_no_worker_id(start) -> None:
     running = await start(config, metrics_port=0)
     endpoint = json.loads((running.out_dir / "coordinator.json").read_text())
     assert endpoint["metrics_port"] == running.metrics_port and running.metrics_port > 0
-    d = (await _join(running, config, 0)).num_parameters
-    for i in (1, 2):
-        await _join(running, config, i)
-    followers = [Follower(running, config, i, d) for i in range(3)]
-    for follower in followers:
-        await follower.next()
+    d, followers = await _join_and_follow(running, config)
     vectors = _vectors(0, 3, d)
     vectors[2] = vectors[2] * 100
     for i in range(3):
@@ -716,12 +722,7 @@ async def test_sigterm_stops_without_aggregating_the_open_round_and_resume_finis
     config = _config(num_honest=3, rounds=2)
     out = tmp_path / "stopped"
     running = await start(config, out_dir=out)
-    d = (await _join(running, config, 0)).num_parameters
-    for i in (1, 2):
-        await _join(running, config, i)
-    followers = [Follower(running, config, i, d) for i in range(3)]
-    for follower in followers:
-        await follower.next()
+    d, followers = await _join_and_follow(running, config)
     round_0, round_1 = _vectors(0, 3, d), _vectors(1, 3, d)
     for i in range(3):
         await _submit(running, config, round_0[i], round_=0, worker_id=i)
