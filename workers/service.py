@@ -38,6 +38,9 @@ class WorkerSettings:
     max_retry_seconds: float = 300.0  # give up after this long without reaching the coordinator
     channel_credentials: grpc.ChannelCredentials | None = field(default=None, compare=False)
     tls_server_name: str | None = None  # TLS: the name the coordinator's certificate must carry (default: its host)
+    # Prometheus /metrics of this worker (workers/metrics.py): None serves none, 0 any free port.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 class Participant:
