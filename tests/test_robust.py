@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import arcsim.robust as robust
+from arcsim.robust.arc import arc_with_report
 from arcsim.robust import (
     arc,
     arc_num_clipped,
@@ -246,6 +247,67 @@ def test_arc_near_float32_max():
     assert torch.equal(out, x)
 
 
+# Entries from 2**1023 up to float64's largest value: a power of two near them is 2**1024 = inf, and
+# norms of rows with two such entries exceed float64's range.
+F64_MAX = torch.finfo(torch.float64).max
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def test_arc_clips_rows_at_float64_max_to_the_threshold():
+    # Prepare: n = 5, f = 2 -> k = 2: the two huge rows are clipped to C = ||[3, 4]|| = 5.
+    x = t([[F64_MAX, F64_MAX], [F64_MAX, -F64_MAX], [1.0, 2.0], [3.0, 4.0], [0.0, 1.0]])
+
+    # Execute
+    out, threshold, clipped = arc_with_report(x, f=2)
+
+    # Assert
+    assert threshold == 5.0
+    assert clipped.tolist() == [True, True, False, False, False]
+    torch.testing.assert_close(out[:2], t([[1.0, 1.0], [1.0, -1.0]]) * (5 / math.sqrt(2)), rtol=1e-15, atol=0)
+    assert torch.equal(out[2:], x[2:])
+
+
+def test_arc_orders_norms_beyond_float64_range():
+    # Prepare: n = 3, f = 1 -> k = 1. ||row 0|| = sqrt(3) M and ||row 1|| = sqrt(2) M are both beyond
+    # float64's range; C = sqrt(2) M, so row 0 becomes sqrt(2/3) M in every entry and row 1 stays.
+    x = t([[F64_MAX, F64_MAX, F64_MAX], [F64_MAX, F64_MAX, 0.0], [1.0, 2.0, 3.0]])
+
+    # Execute
+    out, threshold, clipped = arc_with_report(x, f=1)
+
+    # Assert: the threshold is reported as inf (no float holds it); the largest row is clipped.
+    assert threshold == math.inf
+    assert clipped.tolist() == [True, False, False]
+    torch.testing.assert_close(out[0], torch.full((3,), math.sqrt(2 / 3) * F64_MAX, dtype=torch.float64),
+                               rtol=1e-15, atol=0)
+    assert torch.equal(out[1:], x[1:])
+
+
+def test_arc_mixed_float32_and_float64_maxima():
+    # Prepare: float64 rows holding float64's and float32's largest values among ordinary rows.
+    # n = 7, f = 2 -> k = floor(20 / 7) = 2: C is the norm of the float32-max row.
+    x = torch.cat([t([[F64_MAX, 0.0, -F64_MAX], [F64_MAX, 1.0, 1.0], [F32_MAX, F32_MAX, 0.0]]), randn(4, 3)])
+
+    # Execute
+    out, threshold, clipped = arc_with_report(x, f=2)
+
+    # Assert
+    assert threshold == pytest.approx(math.sqrt(2) * F32_MAX, rel=1e-15)
+    assert clipped.tolist() == [True, True, False, False, False, False, False]
+    norms = torch.linalg.vector_norm(out[:2], dim=1)
+    torch.testing.assert_close(norms, torch.full((2,), threshold, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert torch.equal(out[2:], x[2:])
+
+
+def test_arc_at_float32_max_in_float32():
+    x = torch.cat([torch.tensor([[F32_MAX, F32_MAX], [-F32_MAX, F32_MAX]]), t([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]],
+                                                                              torch.float32)])
+    out, threshold, clipped = arc_with_report(x, f=2)
+    assert threshold == 5.0
+    torch.testing.assert_close(out[:2], torch.tensor([[1.0, 1.0], [-1.0, 1.0]]) * (5 / math.sqrt(2)))
+    assert torch.equal(out[2:], x[2:])
+
+
 # --------------------------------------------------------------------------------------------------
 # Static clipping
 
@@ -274,6 +336,21 @@ def test_static_clip_overflowing_norm():
     out = static_clip(x, c=2.0)
     torch.testing.assert_close(out[0], torch.tensor([math.sqrt(2), 0.0, math.sqrt(2)]))
     assert torch.equal(out[1], x[1])
+
+
+@pytest.mark.parametrize(("big", "dtype"), [(F64_MAX, torch.float64), (F32_MAX, torch.float64),
+                                            (F32_MAX, torch.float32)])
+def test_static_clip_at_the_largest_values(big, dtype):
+    # Prepare: several huge rows, one with a norm beyond its dtype's range, and an ordinary row.
+    x = t([[big, 0.0, big], [0.0, -big, 0.0], [0.1, 0.0, 0.0]], dtype)
+
+    # Execute
+    out = static_clip(x, c=2.0)
+
+    # Assert
+    expected = t([[math.sqrt(2), 0.0, math.sqrt(2)], [0.0, -2.0, 0.0]], dtype)
+    torch.testing.assert_close(out[:2], expected)
+    assert torch.equal(out[2], x[2])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,6 +580,25 @@ def test_geometric_median_huge_rows_float32_matches_float64():
     # Assert
     torch.testing.assert_close(out32, torch.tensor([3.0, 4.0]), atol=1e-4, rtol=0)
     torch.testing.assert_close(out64, t([[3.0, 4.0]])[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("big", [F64_MAX, 2.0**1023, F32_MAX])
+def test_geometric_median_float64_huge_rows(big):
+    # Prepare: as above, one far row among (1, 2) and (3, 4): the median is (3, 4).
+    x = t([[big, big], [1.0, 2.0], [3.0, 4.0]])
+
+    # Execute
+    out = geometric_median(x)
+
+    # Assert
+    torch.testing.assert_close(out, t([[3.0, 4.0]])[0], atol=1e-4, rtol=0)
+
+
+def test_geometric_median_several_rows_at_float64_max_is_finite():
+    x = t([[F64_MAX, F64_MAX], [F64_MAX, -F64_MAX], [-F64_MAX, F64_MAX]])
+    out = geometric_median(x)
+    assert torch.isfinite(out).all()
+    assert out.abs().max() <= F64_MAX
 
 
 def test_geometric_median_near_float32_max_is_finite():

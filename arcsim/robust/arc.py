@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_finite, check_minority, check_shape
+from ._norms import clip_rows, exceeds, kth_largest, to_float, wide_norms
 
 
 def arc_num_clipped(n: int, f: int) -> int:
@@ -20,38 +21,29 @@ def arc_num_clipped(n: int, f: int) -> int:
     return (2 * f * (n - f)) // n
 
 
-def row_norms(x: Tensor, norms: Tensor | None = None) -> Tensor:
-    """The rows' Euclidean norms, in float64 when one of them overflows x's dtype.
-
-    Finite entries can overflow a squared norm (float32 from about 1e19 / sqrt(d)), and an infinite
-    norm would scale its row to zero instead of clipping it. Then the norms are recomputed in
-    float64, each row first divided by a power of two near its largest entry (exact). ``norms``:
-    ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already (saves a pass over x).
-    """
-    norms = torch.linalg.vector_norm(x, dim=1) if norms is None else norms
-    if bool(torch.isfinite(norms).all()):
-        return norms
-    wide = x.to(torch.float64)
-    unit = torch.exp2(torch.frexp(wide.abs().amax(dim=1)).exponent.to(torch.float64))
-    return torch.linalg.vector_norm(wide / unit[:, None], dim=1) * unit
-
-
 def arc_with_report(x: Tensor, *, f: int, norms: Tensor | None = None) -> tuple[Tensor, float, Tensor]:
     """ARC, also returning the clip threshold C and the boolean mask of the rows it changed.
 
-    ``norms``: ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already.
+    ``norms``: ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already. When one of them
+    is not finite (finite entries overflow a squared norm, or the norm exceeds the dtype's range), the
+    norms are taken as mantissa and exponent (arcsim.robust._norms); C is then a Python float that
+    may be inf, if the (k+1)-th largest norm is beyond float64's range.
     """
     n = x.shape[0]
     k = arc_num_clipped(n, f)
-    norms = row_norms(x, norms)
+    norms = torch.linalg.vector_norm(x, dim=1) if norms is None else norms
+    if not bool(torch.isfinite(norms).all()):
+        wide = wide_norms(x)
+        mantissa, exponent = kth_largest(wide, k)
+        clipped = exceeds(wide, mantissa, exponent)
+        return clip_rows(x, wide, clipped, mantissa, exponent), to_float(mantissa, exponent), clipped
     if k == 0:
         return x.clone(), float(norms.max()), torch.zeros(n, dtype=torch.bool, device=x.device)
     # The (k+1)-th largest norm; topk over n values, not over the data.
     threshold = torch.topk(norms, k + 1, largest=True, sorted=True).values[k]
     clipped = norms > threshold
     scale = torch.where(clipped, threshold / norms, torch.ones_like(norms))
-    # Both casts are no-ops unless the norms had to be taken in float64.
-    return (x.to(norms.dtype) * scale[:, None]).to(x.dtype), float(threshold), clipped
+    return x * scale[:, None], float(threshold), clipped
 
 
 def arc(x: Tensor, *, f: int) -> Tensor:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ._checks import check_matrix, check_positive
+from ._norms import clip_rows, exceeds, kth_largest, row_norms_exact, wide_norms
 
 DEFAULT_TOL = 1e-6
 DEFAULT_MAX_ITER = 1000
@@ -20,42 +22,64 @@ def geometric_median_impl(
     """The smoothed Weiszfeld iteration; returns the estimate and the number of iterations run.
 
     Huge finite entries (float32 from about 1e19 / sqrt(d)) overflow the squared distances; the
-    weights would vanish and the estimate be NaN. Such a float32 x is run in float64; a float64 x
-    is divided by a power of two (exact), with nu and the tolerance in the same unit.
+    weights would vanish and the estimate be NaN. Such a float32 x is run in float64. A float64 x
+    whose distances overflow too (from about 1e153) takes every norm row by row from the row divided
+    by a power of two near its largest entry (arcsim.robust._norms), so that neither the huge
+    distances overflow nor the small ones, between the iterate and the ordinary rows, underflow;
+    dividing all of x by one such power instead would push the ordinary rows to float64's smallest
+    values, where their distances vanish and the iteration stops far from them.
     """
     z = x.mean(dim=0)
     dist = torch.linalg.vector_norm(x - z, dim=1)
     finfo = torch.finfo(x.dtype)
     # Every later distance is at most twice the largest first one: its square stays finite.
     if float(dist.max()) <= math.sqrt(finfo.max) / 4:
-        return _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0)
+        return _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0, norms=_plain_norms)
     if x.dtype != torch.float64:
         z, iterations = geometric_median_impl(x.to(torch.float64), tol=tol, max_iter=max_iter, nu=nu)
         return z.to(x.dtype), iterations
-    unit = 2.0 ** math.frexp(float(x.abs().max()))[1]
-    x = x / unit
-    z = x.mean(dim=0)
-    dist = torch.linalg.vector_norm(x - z, dim=1)
-    nu = max(nu / unit, 2.0 * x.shape[0] / finfo.max)  # keeps the summed weights finite
-    z, iterations = _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0 / unit)
+    # Divide x by a power of two only as far as needed for the sums (of n rows, in the mean and the
+    # weighted average) and the differences and distances (up to 2 sqrt(d) times the largest entry)
+    # to stay finite: 2**(1024 - headroom) bounds the scaled entries.
+    n, d = x.shape
+    headroom = math.ceil(math.log2(n)) + math.ceil(math.log2(math.sqrt(d))) + 2
+    unit = math.ldexp(1.0, max(0, math.frexp(float(x.abs().max()))[1] - (1024 - headroom)))
+    x = x / unit if unit > 1.0 else x
+    # Start from the mean of the rows clipped to the median row norm, not from the plain mean, which
+    # the huge rows drag far away: Weiszfeld's steps back toward a median that is one of the rows
+    # only about halve the distance, and from 1e308 away take more than the 1,000 default iterations.
+    # (The coordinate-wise median would do too, but Weiszfeld cannot leave a start that is a row.)
+    wide = wide_norms(x)
+    mantissa, exponent = kth_largest(wide, n // 2)
+    z = clip_rows(x, wide, exceeds(wide, mantissa, exponent), mantissa, exponent).mean(dim=0)
+    dist = row_norms_exact(x - z)
+    nu = max(nu / unit, 2.0 * n / finfo.max)  # keeps the summed weights finite
+    z, iterations = _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0 / unit,
+                               norms=row_norms_exact)
     return z * unit, iterations
 
 
+def _plain_norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
 def _weiszfeld(
-    x: Tensor, z: Tensor, dist: Tensor, *, tol: float, max_iter: int, nu: float, unit: float
+    x: Tensor, z: Tensor, dist: Tensor, *, tol: float, max_iter: int, nu: float, unit: float,
+    norms: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, int]:
-    """Weiszfeld steps from z (dist: the rows' distances to z); ``unit`` is 1 in x's own units."""
+    """Weiszfeld steps from z (dist: the rows' distances to z); ``unit`` is 1 in x's own units;
+    ``norms`` takes the norms of the rows of a matrix or of one vector."""
     # One (n, d) buffer for x - z, reused by every iteration: a fresh one each time cost more than
     # the arithmetic (page faults on every large allocation).
     diff = torch.empty_like(x)
     for it in range(1, max_iter + 1):
         weights = 1.0 / dist.clamp(min=nu)
         z_next = (weights / weights.sum()) @ x
-        step = float(torch.linalg.vector_norm(z_next - z))
+        step = float(norms(z_next - z))
         z = z_next
-        if step <= tol * (unit + float(torch.linalg.vector_norm(z))):
+        if step <= tol * (unit + float(norms(z))):
             return z, it
-        dist = torch.linalg.vector_norm(torch.sub(x, z, out=diff), dim=1)
+        dist = norms(torch.sub(x, z, out=diff))
     return z, max_iter
 
 

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ._checks import check_finite, check_positive, check_shape
-from .arc import row_norms
+from ._norms import clip_rows, exceeds, wide_norms
 
 
 def static_clip_with_report(x: Tensor, *, c: float, norms: Tensor | None = None) -> tuple[Tensor, float, Tensor]:
     """Static clipping, also returning the threshold and the boolean mask of the rows it changed.
 
-    ``norms``: ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already.
+    ``norms``: ``torch.linalg.vector_norm(x, dim=1)`` when the caller has it already. When one of them
+    is not finite (finite entries overflow a squared norm, or the norm exceeds the dtype's range), the
+    norms are taken as mantissa and exponent (arcsim.robust._norms).
     """
-    norms = row_norms(x, norms)  # float64 if a norm overflowed x's dtype
+    norms = torch.linalg.vector_norm(x, dim=1) if norms is None else norms
+    if not bool(torch.isfinite(norms).all()):
+        wide = wide_norms(x)
+        mantissa, exponent = math.frexp(c)
+        clipped = exceeds(wide, mantissa, exponent)
+        return clip_rows(x, wide, clipped, mantissa, exponent), float(c), clipped
     clipped = norms > c
     scale = torch.where(clipped, c / norms, torch.ones_like(norms))
-    return (x.to(norms.dtype) * scale[:, None]).to(x.dtype), float(c), clipped
+    return x * scale[:, None], float(c), clipped
 
 
 def static_clip(x: Tensor, *, c: float) -> Tensor:
