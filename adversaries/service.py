@@ -36,19 +36,36 @@ class Collusion:
         return self.crafter
 
     async def matrix(self, round_: int, produce: Callable[[], Awaitable[torch.Tensor | None]]) -> torch.Tensor | None:
-        """The round's crafted matrix: the first caller produces it, the others wait for it."""
-        if self._round != round_ or self._matrix is None:
-            self._round = round_
-            self._matrix = asyncio.get_running_loop().create_future()
+        """The round's crafted matrix: the first caller produces it, the others wait for it.
+
+        A producer that fails raises its error to every id waiting; one that is cancelled leaves the
+        round to the next id, which produces it itself rather than dying of another id's cancellation.
+        """
+        while self._round == round_ and self._matrix is not None:
             future = self._matrix
             try:
-                future.set_result(await produce())
-            except BaseException as error:
-                future.set_exception(error)
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                if not future.cancelled() or asyncio.current_task().cancelling():
+                    raise  # this caller was cancelled, not the producer
+                # The producer was cancelled: take over (unless another waiter took over first).
+        self._round = round_
+        future = self._matrix = asyncio.get_running_loop().create_future()
+        try:
+            matrix = await produce()
+        except BaseException as error:
+            if self._matrix is future:
                 self._round = None  # let another id retry this round
-                raise
-            return future.result()
-        return await asyncio.shield(self._matrix)
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(error)
+                # Retrieved here: the error is this caller's to raise, so asyncio must not report it as
+                # never retrieved when no other id was waiting for the matrix.
+                future.exception()
+            raise
+        future.set_result(matrix)
+        return matrix
 
 
 class AdversaryParticipant(Participant):

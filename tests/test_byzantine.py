@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import hashlib
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from adversaries.attacks import ATTACKS, craft
 from adversaries.byzantine import ByzantineWorker, Crafter
+from adversaries.service import Collusion
 from arcsim.config import RunConfig, from_dict
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
@@ -255,3 +258,90 @@ def test_crafting_attack_with_zero_honest_vectors_is_rejected() -> None:
     config = _config(attack="sign_flip")
     with pytest.raises(ValueError, match="needs the honest vectors of round 0"):
         ByzantineWorker(config, 4).vector(params=torch.zeros(3), round_=0, honest=torch.zeros((0, 3)))
+
+
+# --- the collusion of one adversary process (adversaries/service.py) ------------------------------
+async def _reported_by_the_loop(body) -> list[dict]:
+    """What the running loop's exception handler is given while ``body()`` runs and its garbage is collected."""
+    loop = asyncio.get_running_loop()
+    reports: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reports.append(context))
+    try:
+        await body()
+        gc.collect()  # a future's unretrieved exception is reported when the future is collected
+    finally:
+        loop.set_exception_handler(previous)
+    return reports
+
+
+async def test_a_failed_crafting_that_nobody_else_waits_for_reports_nothing_to_the_loop() -> None:
+    # Prepare: one id's Observe fails (e.g. the coordinator went away) and no other id waits for the matrix.
+    async def fail() -> Tensor:
+        raise RuntimeError("observe failed")
+
+    async def body() -> None:
+        collusion = Collusion()
+        with pytest.raises(RuntimeError, match="observe failed"):
+            await collusion.matrix(0, fail)
+        del collusion
+
+    # Execute
+    reports = await _reported_by_the_loop(body)
+    # Assert: the caller got the error; asyncio has no "Future exception was never retrieved" to log
+    assert reports == []
+
+
+async def _two_ids(collusion: Collusion, round_: int, first, second) -> tuple[asyncio.Task, asyncio.Task]:
+    """One id producing the round's matrix with ``first``, then a second one asking for it while it runs."""
+    started = asyncio.Event()
+
+    async def producing() -> Tensor:
+        started.set()
+        return await first()
+
+    producer = asyncio.create_task(collusion.matrix(round_, producing))
+    await started.wait()
+    waiter = asyncio.create_task(collusion.matrix(round_, second))
+    await asyncio.sleep(0.01)  # the second id is now waiting for the first one's matrix
+    return producer, waiter
+
+
+async def _sevens() -> Tensor:
+    return torch.full((2, 3), 7.0)
+
+
+async def test_a_failed_crafting_reaches_every_waiting_id_and_the_next_caller_retries() -> None:
+    # Prepare
+    async def fail() -> Tensor:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("observe failed")
+
+    results: list[object] = []
+
+    async def body() -> None:
+        collusion = Collusion()
+        results.extend(await asyncio.gather(*await _two_ids(collusion, 4, fail, _sevens), return_exceptions=True))
+        results.append(await collusion.matrix(4, _sevens))
+
+    # Execute
+    reports = await _reported_by_the_loop(body)
+    # Assert: both ids got the error, the next caller crafted the matrix, and asyncio logged nothing
+    assert [type(r) for r in results[:2]] == [RuntimeError, RuntimeError]
+    assert torch.equal(results[2], torch.full((2, 3), 7.0))
+    assert reports == []
+
+
+async def test_a_cancelled_crafting_leaves_the_round_to_the_waiting_id() -> None:
+    # Prepare: the id producing the matrix is cancelled (its session stops) while another id waits.
+    async def stall() -> Tensor:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    producer, waiter = await _two_ids(Collusion(), 1, stall, _sevens)
+    # Execute
+    producer.cancel()
+    outcomes = await asyncio.gather(producer, waiter, return_exceptions=True)
+    # Assert: only the cancelled id is cancelled; the waiting one crafted the matrix itself
+    assert isinstance(outcomes[0], asyncio.CancelledError)
+    assert torch.equal(outcomes[1], torch.full((2, 3), 7.0))
