@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "compose.yaml"
@@ -163,15 +164,21 @@ def _used_metric_names() -> dict[str, set[str]]:
             "alerts": {n for e in rules for n in METRIC_NAME.findall(e)}}
 
 
-def _exported_by_the_modules() -> set[str]:
-    """Every sample name the coordinator's and a worker's metrics export (labelled series included)."""
+def _metrics_registries() -> tuple[CollectorRegistry, CollectorRegistry]:
+    """A fresh coordinator's and a fresh worker's registry, as their processes declare them."""
     import torch
 
-    from coordinator.metrics import CoordinatorMetrics, exported_sample_names
+    from coordinator.metrics import CoordinatorMetrics
     from workers.metrics import WorkerMetrics
 
-    worker = WorkerMetrics(role="honest", device=torch.device("cpu"))
-    return exported_sample_names(CoordinatorMetrics().registry) | exported_sample_names(worker.registry)
+    return CoordinatorMetrics().registry, WorkerMetrics(role="honest", device=torch.device("cpu")).registry
+
+
+def _exported_by_the_modules() -> set[str]:
+    """Every sample name the coordinator's and a worker's metrics export (labelled series included)."""
+    from coordinator.metrics import exported_sample_names
+
+    return {name for registry in _metrics_registries() for name in exported_sample_names(registry)}
 
 
 # --- compose -----------------------------------------------------------------------------------------
@@ -466,6 +473,20 @@ def test_every_metric_the_dashboard_and_alerts_use_is_declared() -> None:
         r"(?:increase|rate)\((arcsim_round)\b", e)}  # a gauge: neither rate() nor increase() applies
     assert used["dashboard"] - exported == set()
     assert used["alerts"] - exported == set()
+
+
+def test_the_metrics_table_of_the_deploy_docs_lists_every_metric() -> None:
+    # Prepare: the names as queried (a counter's with _total, an info's with _info), from the modules.
+    suffix = {"counter": "_total", "info": "_info"}
+    declared = {f.name + suffix.get(f.type, "") for registry in _metrics_registries() for f in registry.collect()
+                if f.name.startswith("arcsim_")}
+
+    # Execute
+    documented = re.findall(r"^\| `(arcsim_[a-z0-9_]+)` \|", (REPO / "docs" / "deploy.md").read_text(), re.MULTILINE)
+
+    # Assert
+    assert len(documented) == len(set(documented))
+    assert set(documented) == declared
 
 
 # --- a real coordinator and a real Prometheus ----------------------------------------------------------
