@@ -10,16 +10,26 @@ on flipped labels, each on its own shard.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
+import grpc
 import torch
 
 from arcsim import codec
 from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
+from workers.metrics import BYZANTINE, WorkerMetrics
 from workers.service import Participant, Session, WorkerSettings
 
 from .byzantine import ByzantineWorker, Crafter
+
+log = logging.getLogger("arcsim.adversary")
+
+# Observe answers after which the adversary sits the round out instead of reconnecting: the round
+# closed before it could be observed, the coordinator did not answer before the round's deadline, or
+# a newer Observe of the same id (after a reconnect) replaced this one.
+_SIT_OUT = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 
 
 class Collusion:
@@ -96,11 +106,18 @@ class AdversaryParticipant(Participant):
             d = params.numel()
             reader = codec.ObserveEventReader(max_bytes=d * 4, expected_shape=(d,), expected_dtype="float32")
             vectors = {}
-            async for event in stub.Observe(pb.ObserveRequest(worker_id=self.worker_id, round=round_),
-                                            metadata=self.metadata):
-                item = reader.feed(event)
-                if item is not None:
-                    vectors[item.worker_id] = item.vector
+            try:
+                async for event in stub.Observe(pb.ObserveRequest(worker_id=self.worker_id, round=round_),
+                                                metadata=self.metadata, timeout=self.round_timeout):
+                    item = reader.feed(event)
+                    if item is not None:
+                        vectors[item.worker_id] = item.vector
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _SIT_OUT:
+                    raise
+                log.warning("round %d: nothing observed (%s: %s); sitting the round out", round_,
+                            error.code().name, error.details())
+                return None
             reader.finish()
             if not vectors:  # no honest vector arrived before the observation cut-off
                 return None
@@ -113,11 +130,31 @@ class AdversaryParticipant(Participant):
         return matrix[worker.index].clone(), float("nan")
 
 
-async def run_adversary(settings: WorkerSettings, collusion: Collusion | None = None) -> str:
-    return await Session(settings, AdversaryParticipant(collusion)).run()
+async def run_adversary(settings: WorkerSettings, collusion: Collusion | None = None, *,
+                        metrics: WorkerMetrics | None = None) -> str:
+    """One Byzantine id; ``metrics``: shared with the other ids of this process (default: its own)."""
+    return await Session(settings, AdversaryParticipant(collusion), metrics=metrics).run()
 
 
 async def run_adversaries(settings: list[WorkerSettings]) -> list[str]:
-    """Several colluding Byzantine ids in this process (one Observe and one crafting per round)."""
+    """Several colluding Byzantine ids in this process (one Observe and one crafting per round).
+
+    They share one /metrics server (the process's), on the port their settings name.
+    """
+    from workers.honest import resolve_device
+
+    if not settings:
+        raise ValueError("run_adversaries needs the settings of at least one Byzantine id")
+    endpoints = {(s.metrics_port, s.metrics_host) for s in settings}
+    if len(endpoints) != 1:
+        raise ValueError("the ids of one adversary process share one /metrics endpoint, got "
+                         f"{sorted(endpoints, key=str)}")
+    port, host = endpoints.pop()
+    metrics = WorkerMetrics(role=BYZANTINE, device=resolve_device(settings[0].device))
+    if port is not None:
+        log.info("serving /metrics on %s:%d", host, metrics.serve(port, host))
     collusion = Collusion()
-    return list(await asyncio.gather(*(run_adversary(s, collusion) for s in settings)))
+    try:
+        return list(await asyncio.gather(*(run_adversary(s, collusion, metrics=metrics) for s in settings)))
+    finally:
+        metrics.close()

@@ -4,7 +4,9 @@ The honest worker (``arcsim worker``) and the adversary (``arcsim adversary``, a
 share this client; they differ only in what they compute from a round's parameters. The client
 reconnects by itself (retry with exponential backoff) when the coordinator is unreachable or
 restarts, keeping its momentum in memory; a worker that restarts fetches its momentum from the
-coordinator instead.
+coordinator instead. Every call has a deadline derived from the round's (``call_timeout``), so a
+coordinator that stops answering costs the worker a round, not the run. With ``metrics_port`` set, the
+worker serves its Prometheus metrics (workers/metrics.py) while it runs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +24,7 @@ from arcsim import codec, wire
 from arcsim.auth import ANY_ID, bearer
 from arcsim.config import RunConfig, loads_config
 from arcsim.v1 import coordinator_pb2 as pb
+from workers.metrics import BYZANTINE, HONEST, WorkerMetrics
 
 log = logging.getLogger("arcsim.worker")
 
@@ -41,6 +45,29 @@ class WorkerSettings:
     # Prometheus /metrics of this worker (workers/metrics.py): None serves none, 0 any free port.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Calls tied to a round (SubmitGradient, Observe) get the time left until the round's deadline plus
+    # this margin (for the clocks of worker and coordinator disagreeing), and never less than it;
+    # FetchMomentum gets a whole round's deadline plus it.
+    deadline_margin: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be None or a port in 0..65535, got {self.metrics_port}")
+        if not self.deadline_margin > 0:
+            raise ValueError(f"deadline_margin must be a positive number of seconds, got {self.deadline_margin}")
+
+
+def call_timeout(deadline_unix_ms: int, *, round_deadline: float, margin: float) -> float:
+    """Seconds a call tied to a round may take: the time left until the round's deadline, plus ``margin``.
+
+    The time left is taken between 0 (the deadline passed: the call still gets ``margin`` to hear the
+    refusal) and ``round_deadline`` (a worker whose clock is behind the coordinator's waits no longer
+    than a whole round). A round without a deadline (``deadline_unix_ms`` 0) gets a whole round.
+    """
+    if deadline_unix_ms <= 0:
+        return round_deadline + margin
+    left = deadline_unix_ms / 1000 - time.time()
+    return min(max(left, 0.0), round_deadline) + margin
 
 
 class Participant:
@@ -49,6 +76,7 @@ class Participant:
     role: int = pb.HONEST
     worker_id: int = ANY_ID
     metadata: tuple[tuple[str, str], ...] = ()  # the session's credentials, for the participant's own calls
+    round_timeout: float | None = None  # the open round's timeout for the participant's own calls (e.g. Observe)
 
     def setup(self, config: RunConfig, device: torch.device) -> None:
         """Build the computation once the run's config and this worker's id are known."""
@@ -65,9 +93,20 @@ class Participant:
 
 
 class Session:
-    def __init__(self, settings: WorkerSettings, participant: Participant) -> None:
+    """One worker id following a run. ``metrics``: shared by the sessions of one process (colluding
+    adversaries), which then serves it; by default the session makes its own, served on
+    ``settings.metrics_port`` while it runs."""
+
+    def __init__(self, settings: WorkerSettings, participant: Participant, *,
+                 metrics: WorkerMetrics | None = None) -> None:
+        from workers.honest import resolve_device
+
         self.settings = settings
         self.participant = participant
+        self.device = resolve_device(settings.device)
+        self._own_metrics = metrics is None
+        self.metrics = metrics if metrics is not None else WorkerMetrics(role=role_name(participant.role),
+                                                                         device=self.device)
         self.worker_id = settings.worker_id
         self.metadata = bearer(settings.token)
         self.config: RunConfig | None = None
@@ -94,6 +133,16 @@ class Session:
         up after ``max_retry_seconds``; both start over once a Join is answered, so they bound each
         outage rather than all the outages of a run together.
         """
+        if self._own_metrics and self.settings.metrics_port is not None:
+            port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+            log.info("serving /metrics on %s:%d", self.settings.metrics_host, port)
+        try:
+            return await self._run()
+        finally:
+            if self._own_metrics:
+                self.metrics.close()
+
+    async def _run(self) -> str:
         delay = 0.2
         waited = 0.0
         while True:
@@ -136,22 +185,22 @@ class Session:
             return await self._follow(stub, reply.current_round)
 
     def _setup(self, reply: pb.JoinReply) -> None:
-        from workers.honest import resolve_device
-
         self.config = loads_config(reply.config_yaml, source="the coordinator's config")
         self.run_id = reply.run_id
         self.num_parameters = reply.num_parameters
         self.chunk_bytes = reply.chunk_bytes or codec.DEFAULT_CHUNK_BYTES
         self.participant.worker_id = self.worker_id
         self.participant.metadata = self.metadata
-        self.participant.setup(self.config, resolve_device(self.settings.device))
+        self.participant.setup(self.config, self.device)
 
     async def _fetch_momentum(self, stub: wire.CoordinatorStub) -> torch.Tensor | None:
         reader = codec.ObserveEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
                                           expected_dtype="float32")
         found = None
+        # Outside any round's deadline: a whole round's, so a stalled coordinator cannot hold the worker.
+        timeout = self.config.round_deadline + self.settings.deadline_margin
         async for event in stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=self.worker_id),
-                                              metadata=self.metadata):
+                                              metadata=self.metadata, timeout=timeout):
             item = reader.feed(event)
             if item is not None:
                 found = item.vector
@@ -177,7 +226,7 @@ class Session:
                     synced = True
                 # A vector refused as late (rounds queued during a network cut that the connection
                 # survived) left a step in the in-memory momentum that the coordinator never applied.
-                synced = await self._do_round(stub, item.round, item.params)
+                synced = await self._do_round(stub, item)
             elif isinstance(item, pb.RunEnd):
                 log.info("run ended after %d rounds: %s", item.rounds_completed, item.reason)
                 return item.reason
@@ -185,21 +234,39 @@ class Session:
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details="the round stream ended without RunEnd")
 
-    async def _do_round(self, stub: wire.CoordinatorStub, round_: int, params: torch.Tensor) -> bool:
-        """Compute and submit round ``round_``; False if the momentum may now differ from the coordinator's."""
-        result = await self.participant.compute(stub, round_, params)
+    async def _do_round(self, stub: wire.CoordinatorStub, item: codec.RoundParams) -> bool:
+        """Compute and submit a round; False if the momentum may now differ from the coordinator's."""
+        round_ = item.round
+        self.metrics.round_followed()
+        self.participant.round_timeout = call_timeout(item.deadline_unix_ms, round_deadline=self.config.round_deadline,
+                                                     margin=self.settings.deadline_margin)
+        started = time.perf_counter()
+        result = await self.participant.compute(stub, round_, item.params)
         if result is None:
             return True
+        self.metrics.computed(time.perf_counter() - started)
         vector, loss = result
+        # Taken after computing: what is left of the round bounds the upload, whatever the computation took.
+        timeout = call_timeout(item.deadline_unix_ms, round_deadline=self.config.round_deadline,
+                               margin=self.settings.deadline_margin)
+        self.metrics.sent()
         try:
             await stub.SubmitGradient(
                 wire.gradient_stream(vector, round=round_, worker_id=self.worker_id,
                                       chunk_bytes=self.chunk_bytes, train_loss=loss),
-                metadata=self.metadata)
+                metadata=self.metadata, timeout=timeout)
             self.rounds_done += 1
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed meanwhile
+            self.metrics.refused(error.code())
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED):
+                # The round closed meanwhile, or a submission of ours from before a reconnect is still in
+                # flight for it (the coordinator takes one at a time): whether this step counts is unknown.
                 log.warning("round %d: submission not taken: %s", round_, error.details())
+                return False
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The coordinator did not answer before the round's deadline: go on with the next round.
+                # Whether it took the vector is unknown, so the momentum is fetched again.
+                log.warning("round %d: no answer to the submission within %.1fs; going on", round_, timeout)
                 return False
             if error.code() == grpc.StatusCode.ALREADY_EXISTS:  # the same vector, taken before a reconnect
                 log.warning("round %d: submission not taken: %s", round_, error.details())
@@ -236,6 +303,14 @@ class HonestParticipant(Participant):
     async def compute(self, stub, round_: int, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         vector = await asyncio.to_thread(self.worker.step, params, round_)
         return vector, self.worker.last_loss
+
+
+def role_name(role: int) -> str:
+    """The metrics' role label of a participant's ``pb.Role``."""
+    names = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
+    if role not in names:
+        raise ValueError(f"a participant's role is pb.HONEST or pb.BYZANTINE, got {role!r}")
+    return names[role]
 
 
 async def run_worker(settings: WorkerSettings, participant: Participant | None = None) -> str:
