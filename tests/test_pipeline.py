@@ -302,6 +302,42 @@ def test_report_masks_refer_to_the_rows_a_stage_received():
     assert report.clipped.shape == (5,)
 
 
+def test_clipped_inputs_credit_each_member_of_a_clipped_bucket():
+    # Prepare: rows 7 and 9 are huge; buckets of 2 -> 5 means, ARC with f = 1 clips k = 1 of them.
+    x = randn(10, 3)
+    x[[7, 9]] *= 1e3
+    g = torch.Generator().manual_seed(0)
+
+    # Execute
+    _, report = build_pipeline("bucketing > arc > mean", f=1, s=2)(x, generator=g)
+
+    # Assert: the input rows of the clipped bucket, found from the bucket assignment, are the clipped ones.
+    groups = report.stages[0].groups
+    assert groups.shape == (10,) and torch.bincount(groups).tolist() == [2] * 5
+    assert torch.equal(report.clipped_inputs, report.clipped[groups])
+    assert int(report.clipped_inputs.sum()) == 2 and bool(report.clipped_inputs[[7, 9]].any())
+
+
+def test_clipped_inputs_follow_buckets_of_buckets():
+    _, report = build_pipeline("bucketing > bucketing > arc > mean", f=1, s=2)(
+        randn(12, 3), generator=torch.Generator().manual_seed(1))
+    first, second = report.stages[0].groups, report.stages[1].groups
+    assert torch.equal(report.clipped_inputs, report.clipped[second[first]])
+
+
+def test_clipped_inputs_are_the_mask_when_the_rows_are_the_inputs():
+    _, report = build_pipeline("static_clip > nnm > arc > mean", f=1, c=100.0)(paper_example())
+    assert report.clipped_inputs is report.clipped
+
+
+@pytest.mark.parametrize(("spec", "params"), [("nnm > arc > mean", {}), ("nnm > cwtm", {}), ("mean", {}),
+                                             ("nnm > bucketing > static_clip > mean", {"s": 2, "c": 1.0})])
+def test_clipped_inputs_are_unknown_after_mixing_or_without_clipping(spec, params):
+    _, report = build_pipeline(spec, f=1, **params)(randn(7, 3))
+    assert report.clipped_inputs is None
+    assert report.stages[0].mixes_rows == spec.startswith("nnm")
+
+
 def test_reports_are_frozen():
     _, report = build_pipeline("arc > mean", f=1)(paper_example())
     with pytest.raises(dataclasses.FrozenInstanceError):

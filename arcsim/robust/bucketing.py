@@ -34,6 +34,11 @@ def bucketing(x: Tensor, *, s: int, generator: torch.Generator | None = None) ->
 
 
 def bucketing_impl(x: Tensor, *, s: int, generator: torch.Generator | None = None) -> Tensor:
+    return bucketing_with_groups(x, s=s, generator=generator)[0]
+
+
+def bucketing_with_groups(x: Tensor, *, s: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Bucketing, also returning the (n,) int64 index of the bucket (output row) each row went into."""
     n = x.shape[0]
     perm = torch.randperm(n, generator=generator, device="cpu").to(x.device)
     buckets = -(-n // s)
@@ -46,4 +51,4 @@ def bucketing_impl(x: Tensor, *, s: int, generator: torch.Generator | None = Non
     sums = torch.zeros((buckets, x.shape[1]), dtype=x.dtype, device=x.device)
     sums.index_add_(0, bucket_of, x)
     counts = torch.bincount(bucket_of, minlength=buckets).to(x.dtype)
-    return sums.div_(counts[:, None])
+    return sums.div_(counts[:, None]), bucket_of

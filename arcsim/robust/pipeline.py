@@ -5,7 +5,10 @@ A spec is zero or more pre-aggregators ((n, d) -> (m, d)) followed by exactly on
 once, checks each stage's n-dependent condition when called, and returns the aggregate together
 with an :class:`AggregationReport` of what each stage did (clip threshold and clipped rows for
 the clipping stages, selected rows for Krum-like stages, time per stage), which the coordinator
-turns into metrics by role.
+turns into metrics by role. A stage's masks and indices refer to the rows it received; after
+bucketing those are bucket means, after NNM mixtures of several rows, and
+:attr:`AggregationReport.clipped_inputs` maps the clipping back to the pipeline's input rows where
+that is possible.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from ._checks import check_f, check_matrix, check_minority, check_positive
 from .arc import arc_with_report
-from .bucketing import bucketing_impl
+from .bucketing import bucketing_with_groups
 from .bulyan import bulyan_impl
 from .centered_clip import centered_clip_impl, check_center
 from .cwmed import cwmed_impl
@@ -41,6 +44,8 @@ class StageReport:
     clipped: Tensor | None = None  # (n,) bool: rows the clipping changed
     selected: Tensor | None = None  # int64 indices of the rows a Krum-like rule kept
     iterations: int | None = None  # iterations of an iterative rule
+    groups: Tensor | None = None  # (n,) int64, bucketing: the output row each received row was averaged into
+    mixes_rows: bool = False  # each output row blends several received rows (NNM): no group names its sources
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,27 @@ class AggregationReport:
         return self._first("clipped")
 
     @property
+    def clipped_inputs(self) -> Tensor | None:
+        """For each row of the pipeline's input, whether the first clipping stage scaled it, if known.
+
+        A row counts as clipped when the clipping stage changed the row it reached that stage as:
+        itself, when no stage before changed the rows, or the mean of its bucket after bucketing
+        (clipping a bucket mean scales each member's share of it by the same factor, so a clipped
+        bucket counts all its members, and the mask may have more True entries than the stage's
+        own mask). None when there is no clipping stage, or when a stage before it blended rows
+        (NNM: each of its rows mixes several input rows, so a clipped one names no input row).
+        """
+        origin: Tensor | None = None  # the row each input row reached the current stage as (None: itself)
+        for stage in self.stages:
+            if stage.clipped is not None:
+                return stage.clipped if origin is None else stage.clipped[origin]
+            if stage.mixes_rows:
+                return None
+            if stage.groups is not None:
+                origin = stage.groups if origin is None else stage.groups[origin]
+        return None
+
+    @property
     def selected(self) -> Tensor | None:
         """Indices of the rows kept by the first Krum-like stage, if any."""
         return self._first("selected")
@@ -83,6 +109,7 @@ class Rule:
     required: tuple[str, ...] = ()
     optional: Mapping[str, Any] = field(default_factory=dict)
     check_params: Callable[[Mapping[str, Any]], None] = lambda params: None
+    mixes_rows: bool = False  # a pre-aggregator whose output rows each blend several input rows
 
 
 def _no_condition(n: int, f: int, params: Mapping[str, Any]) -> None:
@@ -146,6 +173,11 @@ def _run_static_clip(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator
     return out, {"clip_threshold": threshold, "clipped": clipped}
 
 
+def _run_bucketing(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    out, groups = bucketing_with_groups(x, s=p["s"], generator=g)
+    return out, {"groups": groups}
+
+
 def _run_multi_krum(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
     m = check_m(p.get("m"), x.shape[0], f, rule="multi_krum")
     selected = multi_krum_selection(x, f=f, m=m)
@@ -173,9 +205,9 @@ RULES: dict[str, Rule] = {
         Rule("arc", "pre", _run_arc, _minority("arc")),
         Rule("static_clip", "pre", _run_static_clip, _no_condition, required=("c",),
              check_params=_positive("static_clip", "c")),
-        Rule("nnm", "pre", lambda x, f, p, g: (nnm_impl(x, f=f), {}), _minority("nnm")),
-        Rule("bucketing", "pre", lambda x, f, p, g: (bucketing_impl(x, s=p["s"], generator=g), {}),
-             _no_condition, required=("s",), check_params=_positive_int("bucketing", "s")),
+        Rule("nnm", "pre", lambda x, f, p, g: (nnm_impl(x, f=f), {}), _minority("nnm"), mixes_rows=True),
+        Rule("bucketing", "pre", _run_bucketing, _no_condition, required=("s",),
+             check_params=_positive_int("bucketing", "s")),
         Rule("mean", "agg", lambda x, f, p, g: (x.mean(dim=0), {}), _no_condition),
         Rule("cwtm", "agg", lambda x, f, p, g: (cwtm_impl(x, f=f), {}), _minority("cwtm")),
         Rule("cwmed", "agg", lambda x, f, p, g: (cwmed_impl(x), {}), _no_condition),
@@ -220,7 +252,8 @@ class Pipeline:
             x, fields = rule.run(x, self.f, params, generator)
             if sync:
                 torch.cuda.synchronize(x.device)
-            reports.append(StageReport(name=rule.name, seconds=time.perf_counter() - start, **fields))
+            reports.append(StageReport(name=rule.name, seconds=time.perf_counter() - start,
+                                       mixes_rows=rule.mixes_rows, **fields))
         return x, AggregationReport(stages=tuple(reports))
 
 
