@@ -118,7 +118,9 @@ def _loop(state: RunState, honest: list[GradientWorker], byzantine: list[Byzanti
         # The gRPC coordinator refuses non-finite vectors at its edge (reason non_finite), so they never
         # enter a round there, nor reach an adversary through Observe; drop them here too, so that both
         # engines aggregate the same vectors. Honest vectors turn non-finite when the model diverged.
+        computed = len(vectors)
         vectors = {i: v for i, v in vectors.items() if _all_finite(v)}
+        refused = computed - len(vectors)  # counted like the gRPC coordinator's refusals, for the skip reason
         observed = [vectors[w.worker_id] for w in honest if w.worker_id in vectors]
         matrix = torch.stack(observed) if observed and any(w.needs_observation for w in byzantine) else None
         for w in byzantine:
@@ -127,7 +129,11 @@ def _loop(state: RunState, honest: list[GradientWorker], byzantine: list[Byzanti
             vector = w.vector(params=state.params, round_=t, honest=matrix)
             if _all_finite(vector):
                 vectors[w.worker_id] = vector
-        losses = {w.worker_id: w.last_loss for w in honest}
-        record = state.close_round(vectors, train_losses=losses, opened_at=opened_at)
+            else:
+                refused += 1
+        # Only the losses that came with a kept vector: the gRPC coordinator receives a loss with each
+        # submission and keeps neither from a refused one (nor a non-finite loss; close_round drops those).
+        losses = {w.worker_id: w.last_loss for w in honest if w.worker_id in vectors}
+        record = state.close_round(vectors, train_losses=losses, opened_at=opened_at, refused=refused)
         if on_round is not None:
             on_round(state, record)

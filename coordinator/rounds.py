@@ -19,7 +19,11 @@ vectors of a round, keyed by worker id, and it
 
 Workers 0 .. num_honest - 1 are honest and the rest Byzantine: the simulator knows the ground
 truth, so it can report the robustness error ||R_t - mean of the honest vectors|| and what ARC
-did to each role.
+did to each role. The clipping is credited to roles through the pipeline's report
+(``AggregationReport.clipped_inputs``): a worker's vector counts as clipped when the first clipping
+stage scaled it, or the mean of its bucket when bucketing came first (every member of a clipped
+bucket counts). When a stage before the clipping blends the rows (NNM), no row names a worker:
+the record then holds only ``clipped_rows`` and ``clipped_honest``/``clipped_byzantine`` are None.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +68,9 @@ class RoundRecord:
     aggregated: bool
     skip_reason: str | None
     clip_threshold: float | None
-    clipped_honest: int
-    clipped_byzantine: int
+    clipped_honest: int | None  # None: the clipping stage's rows name no worker (see the module docstring)
+    clipped_byzantine: int | None
+    clipped_rows: int  # rows the first clipping stage changed (bucket means, after bucketing)
     aggregate_error: float | None
     aggregate_norm: float | None
     train_loss: float | None
@@ -94,10 +101,19 @@ class RunState:
     """Parameters, round counter and the last vector of every worker, with checkpoints in ``out_dir``."""
 
     def __init__(self, config: RunConfig, out_dir: Path, *, resume: bool = False, device: str = "cpu",
-                 checkpoint_seconds: float = 0.0, background_checkpoints: bool = False) -> None:
+                 checkpoint_seconds: float = 0.0, background_checkpoints: bool = False,
+                 run_settings: Mapping[str, Any] | None = None,
+                 legacy_run_settings: Mapping[str, Any] | None = None) -> None:
+        """``run_settings``: values beyond the config that change results (the gRPC coordinator's quorum
+        and observe cutoff), stored in every checkpoint and in summary.json; ``--resume`` refuses a
+        checkpoint written with other ones. ``legacy_run_settings``: the settings a checkpoint written
+        before they were recorded is taken to have used (their defaults then); such a checkpoint is
+        resumed only when ``run_settings`` equal them, or when both are None."""
         if not checkpoint_seconds >= 0.0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {checkpoint_seconds!r}")
         self.config = config
+        self.run_settings = _json_settings(run_settings, name="run_settings")
+        self._legacy_run_settings = _json_settings(legacy_run_settings, name="legacy_run_settings")
         self.checkpoint_seconds = checkpoint_seconds
         # Background checkpoints: the write (CRC-32, fsync) of round t overlaps round t + 1; at most one
         # write is in flight, and a crash in the middle of one leaves the previous checkpoint newest,
@@ -138,8 +154,16 @@ class RunState:
 
     # --- one round ------------------------------------------------------------------------------
     def close_round(self, vectors: dict[int, Tensor], *, train_losses: dict[int, float] | None = None,
-                    opened_at: float | None = None) -> RoundRecord:
-        """Aggregate the round's vectors (keyed by worker id), step, evaluate, record, checkpoint."""
+                    opened_at: float | None = None, refused: int = 0) -> RoundRecord:
+        """Aggregate the round's vectors (keyed by worker id), step, evaluate, record, checkpoint.
+
+        ``train_losses``: the workers' training losses; the record averages the finite ones of the honest
+        workers whose vectors are in ``vectors`` (the gRPC coordinator receives a loss only with an
+        accepted vector, and drops a non-finite one). ``refused``: submissions refused for this round
+        (non-finite, malformed, late), named in the reason when no vector was accepted.
+        """
+        if isinstance(refused, bool) or not isinstance(refused, int) or refused < 0:
+            raise ValueError(f"refused must be a non-negative integer, got {refused!r}")
         start = time.perf_counter()
         opened_at = start if opened_at is None else opened_at
         self._in_round = True
@@ -152,10 +176,11 @@ class RunState:
         norms: dict[str, list[float]] = {HONEST: [], BYZANTINE: []}
         aggregated, skip_reason = False, None
         clip_threshold, aggregate_error, aggregate_norm = None, None, None
-        clipped = {HONEST: 0, BYZANTINE: 0}
+        clipped: dict[str, int] | None = {HONEST: 0, BYZANTINE: 0}
+        clipped_rows = 0
         stage_seconds: dict[str, float] = {}
         if not ids:
-            skip_reason = "no vectors received"
+            skip_reason = f"no vectors accepted ({refused} refused)" if refused else "no vectors received"
         else:
             x = torch.stack([vectors[i] for i in ids]).to(self.device)
             row_norms = torch.linalg.vector_norm(x, dim=1).tolist()
@@ -169,8 +194,8 @@ class RunState:
                 aggregated = True
                 clip_threshold = report.clip_threshold
                 if report.clipped is not None:
-                    for i, was_clipped in zip(ids, report.clipped.tolist()):
-                        clipped[self.role(i)] += int(was_clipped)
+                    clipped_rows = int(report.clipped.sum())
+                    clipped = self._clipped_by_role(ids, report.clipped_inputs)
                 stage_seconds = {stage.name: stage.seconds for stage in report.stages}
                 aggregate = aggregate.to("cpu", torch.float32)
                 aggregate_norm = float(torch.linalg.vector_norm(aggregate))
@@ -191,11 +216,13 @@ class RunState:
             eval_seconds = time.perf_counter() - eval_start
             self.last_accuracy = accuracy
             self.best_accuracy = accuracy if self.best_accuracy is None else max(self.best_accuracy, accuracy)
-        losses = [loss for i, loss in (train_losses or {}).items() if i < config.num_honest and loss == loss]
+        losses = [loss for i, loss in (train_losses or {}).items()
+                  if i < config.num_honest and i in vectors and math.isfinite(loss)]
         record = RoundRecord(
             round=t, lr=lr, received_honest=len(honest_ids), received_byzantine=len(byz_ids),
             aggregated=aggregated, skip_reason=skip_reason, clip_threshold=clip_threshold,
-            clipped_honest=clipped[HONEST], clipped_byzantine=clipped[BYZANTINE],
+            clipped_honest=None if clipped is None else clipped[HONEST],
+            clipped_byzantine=None if clipped is None else clipped[BYZANTINE], clipped_rows=clipped_rows,
             aggregate_error=aggregate_error, aggregate_norm=aggregate_norm,
             train_loss=sum(losses) / len(losses) if losses else None,
             accuracy=accuracy, test_loss=test_loss,
@@ -213,11 +240,22 @@ class RunState:
             self.save_checkpoint()
         return record
 
+    def _clipped_by_role(self, ids: list[int], clipped_inputs: Tensor | None) -> dict[str, int] | None:
+        """Clipped vectors by role, from the mask over the sorted ids' rows; None when not attributable."""
+        if clipped_inputs is None:
+            return None
+        clipped = {HONEST: 0, BYZANTINE: 0}
+        # strict: a mask of another length would credit the wrong workers, silently, if zip truncated
+        for i, was_clipped in zip(ids, clipped_inputs.tolist(), strict=True):
+            clipped[self.role(i)] += int(was_clipped)
+        return clipped
+
     # --- persistence ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         values = {
             "round": self.round,
             "config_digest": self.config.digest(),
+            "run_settings": self.run_settings,
             "best_accuracy": self.best_accuracy,
             "last_accuracy": self.last_accuracy,
             "wall_seconds": self.wall_seconds(),
@@ -264,6 +302,7 @@ class RunState:
         values = found.values
         if values["config_digest"] != self.config.digest():
             raise ValueError(f"--resume: the checkpoint in {self.ckpt_dir} was written by a different config")
+        self._check_run_settings(values)
         self.round = int(values["round"])
         self.checkpointed_round = self.round
         self.params = found.tensors["params"]
@@ -288,6 +327,28 @@ class RunState:
         self._rounds_path.write_text("".join(line + "\n" for line in kept))
         log.info("resumed from %s at round %d", found.path.name, self.round)
 
+    def _check_run_settings(self, values: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint written with other run settings, naming each differing key and both values."""
+        if "run_settings" in values:
+            stored = values["run_settings"]
+        elif self.run_settings is None or self.run_settings == self._legacy_run_settings:
+            return  # written before run settings were recorded, by a run with the settings given now
+        else:
+            raise ValueError(
+                f"--resume: the checkpoint in {self.ckpt_dir} was written before run settings were recorded; "
+                + ("it can be resumed only with the default settings "
+                   f"{_describe(self._legacy_run_settings)}, got {_describe(self.run_settings)}"
+                   if self._legacy_run_settings is not None else
+                   f"its settings are unknown, so it cannot be resumed with {_describe(self.run_settings)}"))
+        if stored == self.run_settings:
+            return
+        old, new = stored or {}, self.run_settings or {}
+        keys = sorted(key for key in {*old, *new} if key not in old or key not in new or old[key] != new[key])
+        differences = "; ".join(f"{key}: checkpoint {_describe_value(old, key)}, now {_describe_value(new, key)}"
+                                for key in keys)
+        raise ValueError(f"--resume: the checkpoint in {self.ckpt_dir} was written with different run settings "
+                         f"({differences})")
+
     def wall_seconds(self) -> float:
         return self.wall_seconds_before + (time.time() - self.started)
 
@@ -302,9 +363,31 @@ class RunState:
             "max_accuracy": self.best_accuracy,
             "final_params_sha256": params_sha256(self.params),
             "num_parameters": self.num_parameters,
+            "run_settings": self.run_settings,
             "wall_seconds": round(self.wall_seconds(), 3),
         }
         tmp = self.out_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(self.out_dir / "summary.json")
         return summary
+
+
+def _json_settings(settings: Mapping[str, Any] | None, *, name: str) -> dict[str, Any] | None:
+    """``settings`` as they read back from a checkpoint's JSON header (so that comparisons are like
+    for like: a tuple becomes a list); ValueError when they are not JSON data keyed by strings."""
+    if settings is None:
+        return None
+    if not isinstance(settings, Mapping) or not all(isinstance(key, str) for key in settings):
+        raise ValueError(f"{name} must be a mapping with string keys or None, got {settings!r}")
+    try:
+        return json.loads(json.dumps(dict(settings), allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must hold JSON values (numbers, strings, lists), got {settings!r}: {error}") from None
+
+
+def _describe(settings: Mapping[str, Any] | None) -> str:
+    return "none" if settings is None else ", ".join(f"{key}={value!r}" for key, value in sorted(settings.items()))
+
+
+def _describe_value(settings: Mapping[str, Any], key: str) -> str:
+    return "unset" if key not in settings else repr(settings[key])
