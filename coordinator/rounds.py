@@ -70,7 +70,6 @@ class RoundRecord:
     clip_threshold: float | None
     clipped_honest: int | None  # None: the clipping stage's rows name no worker (see the module docstring)
     clipped_byzantine: int | None
-    clipped_rows: int  # rows the first clipping stage changed (bucket means, after bucketing)
     aggregate_error: float | None
     aggregate_norm: float | None
     train_loss: float | None
@@ -80,6 +79,7 @@ class RoundRecord:
     aggregation_seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     eval_seconds: float | None = None
+    clipped_rows: int = 0  # rows the first clipping stage changed (bucket means, after bucketing)
     # Norms of the received vectors by role (for the gradient-norm histogram; not written to disk).
     norms: dict[str, list[float]] = field(default_factory=dict, compare=False)
 
