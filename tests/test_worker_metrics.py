@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import socket
 import time
 import urllib.error
@@ -128,32 +129,69 @@ async def test_a_worker_and_an_adversary_serve_their_metrics_while_they_follow_t
     assert [(r["received_honest"], r["received_byzantine"]) for r in _records(running.out_dir)] == [(2, 0)] * 3
 
 
-async def test_calls_the_coordinator_never_answers_end_at_the_rounds_deadline_and_the_services_go_on(
-        start, monkeypatch) -> None:
-    # Prepare: the coordinator stalls the first submission (an honest worker's, round 0) and the
-    # first observation (the adversary's, round 0) without ever answering them, as a coordinator
-    # that hangs would. Both calls must end soon after round 0's deadline, not hold the services.
-    calls = {"SubmitGradient": 0, "Observe": 0}
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_a_worker_on_cuda_reports_its_device_and_the_memory_its_tensors_hold(start) -> None:
+    # Prepare
+    config = _config(num_honest=1, rounds=2, eval_every=2, pipeline="mean")
+    running = await start(config)
+    honest = Gated(hold=1)
+    settings = {**vars(_worker_settings(running, config, 0)), "device": "cuda", "metrics_port": 0}
+    worker = Session(WorkerSettings(**settings), honest)
+    # Execute: read the page while round 1 is held, after round 0 was computed on the GPU
+    run = asyncio.ensure_future(worker.run())
+    await asyncio.wait_for(honest.reached.wait(), 120)
+    text = await _metrics_text(worker.metrics.port)
+    honest.release.set()
+    assert await asyncio.wait_for(run, 60) == "completed"
+    # Assert: the worker's shard and model live on the GPU
+    assert _sample(text, "arcsim_worker_info", role="honest", device="cuda") == 1
+    assert _sample(text, "arcsim_worker_cuda_memory_allocated_bytes") > 0
 
-    def stall_first(name: str) -> None:
+
+def _stall_first(monkeypatch, *names: str) -> dict[str, int]:
+    """Make the coordinator stall the first call of each method named, never answering it (as a hung
+    coordinator would); later calls are served as usual. Returns the calls counted so far, by method."""
+    calls = dict.fromkeys(names, 0)
+
+    def stall(name: str) -> None:
         original = getattr(Coordinator, name)
 
-        async def stalling(self, request, context):
+        async def stalled_first(self, request, context):
             calls[name] += 1
             if calls[name] == 1:
                 await asyncio.sleep(3600)
             return await original(self, request, context)
 
-        monkeypatch.setattr(Coordinator, name, stalling)
+        async def stalled_first_stream(self, request, context):  # a handler that yields its replies
+            calls[name] += 1
+            if calls[name] == 1:
+                await asyncio.sleep(3600)
+            async for reply in original(self, request, context):
+                yield reply
 
-    stall_first("SubmitGradient")
-    stall_first("Observe")
+        monkeypatch.setattr(Coordinator, name,
+                            stalled_first_stream if inspect.isasyncgenfunction(original) else stalled_first)
+
+    for name in names:
+        stall(name)
+    return calls
+
+
+def _short_margin(running, config, worker_id: int) -> WorkerSettings:
+    """The worker's settings with a deadline margin of 1 s, so a stalled call ends soon after its round."""
+    return WorkerSettings(**{**vars(_worker_settings(running, config, worker_id)), "deadline_margin": 1.0})
+
+
+async def test_calls_the_coordinator_never_answers_end_at_the_rounds_deadline_and_the_services_go_on(
+        start, monkeypatch) -> None:
+    # Prepare: the coordinator stalls the first submission (an honest worker's, round 0) and the
+    # first observation (the adversary's, round 0) without ever answering them, as a coordinator
+    # that hangs would. Both calls must end soon after round 0's deadline, not hold the services.
+    calls = _stall_first(monkeypatch, "SubmitGradient", "Observe")
     config = _config(num_honest=2, num_byzantine=1, attack="alie", rounds=2, eval_every=2, round_deadline=3.0)
     running = await start(config)
-
-    def settings(worker_id: int) -> WorkerSettings:
-        return WorkerSettings(**{**vars(_worker_settings(running, config, worker_id)), "deadline_margin": 1.0})
-
+    settings = functools.partial(_short_margin, running, config)
     sessions = [Session(settings(0), HonestParticipant()), Session(settings(1), HonestParticipant()),
                 Session(settings(2), AdversaryParticipant())]
     # Execute
@@ -204,6 +242,23 @@ async def test_a_submission_refused_while_an_earlier_one_is_in_flight_costs_the_
     assert [r["received_honest"] for r in _records(running.out_dir)] == [1, 2]
     assert worker.metrics.registry.get_sample_value("arcsim_worker_vectors_refused_total",
                                                     {"role": "honest", "reason": "aborted"}) == 1
+
+
+async def test_a_momentum_fetch_the_coordinator_never_answers_ends_and_the_worker_reconnects(
+        start, monkeypatch) -> None:
+    # Prepare: the first FetchMomentum (one worker's, as round 0 opens) is never answered.
+    calls = _stall_first(monkeypatch, "FetchMomentum")
+    config = _config(num_honest=2, rounds=2, eval_every=2, round_deadline=4.0)
+    running = await start(config)
+    settings = functools.partial(_short_margin, running, config)
+    # Execute
+    results = await asyncio.wait_for(asyncio.gather(run_worker(settings(0)), run_worker(settings(1))), 60)
+    await running.finish()
+    # Assert: the fetch ended after a round's deadline plus the margin; that worker reconnected, fetched
+    # again and sent its vector of round 1
+    assert results == ["completed", "completed"]
+    assert calls["FetchMomentum"] == 3
+    assert [r["received_honest"] for r in _records(running.out_dir)] == [1, 2]
 
 
 def test_a_call_gets_the_time_left_in_its_round_plus_the_margin_and_never_less_than_the_margin() -> None:
