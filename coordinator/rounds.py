@@ -216,7 +216,9 @@ class RunState:
             eval_seconds = time.perf_counter() - eval_start
             self.last_accuracy = accuracy
             self.best_accuracy = accuracy if self.best_accuracy is None else max(self.best_accuracy, accuracy)
-        losses = [loss for i, loss in (train_losses or {}).items()
+        # In id order, like the vectors: the gRPC coordinator's dict is in arrival order, and a float sum
+        # of three or more losses depends on the order.
+        losses = [loss for i, loss in sorted((train_losses or {}).items())
                   if i < config.num_honest and i in vectors and math.isfinite(loss)]
         record = RoundRecord(
             round=t, lr=lr, received_honest=len(honest_ids), received_byzantine=len(byz_ids),

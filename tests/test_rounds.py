@@ -120,6 +120,18 @@ def test_train_loss_averages_the_finite_losses_of_accepted_honest_vectors(tmp_pa
     assert _records(tmp_path)[0]["train_loss"] == 1.5
 
 
+def test_train_loss_does_not_depend_on_the_arrival_order(tmp_path: Path) -> None:
+    # Prepare: summed in arrival order 2, 1, 0 the losses give 0.6, in id order 0.6000000000000001.
+    assert (0.3 + 0.2) + 0.1 != (0.1 + 0.2) + 0.3
+    arrived = {2: 0.3, 1: 0.2, 0: 0.1}
+
+    # Execute
+    record = RunState(_config(), tmp_path).close_round(_vectors(3, 0), train_losses=arrived)
+
+    # Assert
+    assert record.train_loss == ((0.1 + 0.2) + 0.3) / 3
+
+
 def test_train_loss_is_none_without_a_usable_loss(tmp_path: Path) -> None:
     record = RunState(_config(), tmp_path).close_round(_vectors(3, 0), train_losses={0: math.nan, 1: -math.inf})
     assert record.train_loss is None

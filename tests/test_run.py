@@ -45,6 +45,8 @@ BASE = {"task": "synthetic", "model": "mlp", "partitioner": "iid", "pipeline": "
 LABEL_FLIP = {**BASE, "num_honest": 2, "num_byzantine": 1, "attack": "label_flip", "rounds": 30, "eval_every": 10}
 # B: ALIE (the adversary observes the honest vectors each round).
 ALIE = {**BASE, "num_honest": 2, "num_byzantine": 1, "attack": "alie", "rounds": 10, "eval_every": 5}
+# D: lr = 1e8 makes the model diverge within a few rounds; then every vector is non-finite and refused.
+DIVERGING = {**LABEL_FLIP, "lr": 1e8, "rounds": 6, "eval_every": 6}
 # R: long enough for the inproc engine to be killed in the middle.
 LONG = {**LABEL_FLIP, "rounds": 150, "eval_every": 50}
 
@@ -246,7 +248,7 @@ def test_grpc_run_learns_and_records_arc(runs: dict[str, Any]) -> None:
     assert not (out / "coordinator.json").exists()
 
 
-@pytest.mark.parametrize(("name", "values"), [("label_flip", LABEL_FLIP), ("alie", ALIE)])
+@pytest.mark.parametrize(("name", "values"), [("label_flip", LABEL_FLIP), ("alie", ALIE), ("diverging", DIVERGING)])
 def test_grpc_and_inproc_give_the_same_parameters(runs: dict[str, Any], name: str, values: dict[str, Any]) -> None:
     grpc = runs["get"](name, values, "grpc")
     inproc = runs["get"](name, values, "inproc")
@@ -255,7 +257,8 @@ def test_grpc_and_inproc_give_the_same_parameters(runs: dict[str, Any], name: st
     assert grpc["config"] == inproc["config"]
     grpc_records = _records(runs["folder"] / f"{name}-grpc")
     inproc_records = _records(runs["folder"] / f"{name}-inproc")
-    for key in ("clip_threshold", "clipped_honest", "clipped_byzantine", "aggregate_error", "accuracy"):
+    for key in ("received_honest", "received_byzantine", "aggregated", "clip_threshold", "clipped_honest",
+                "clipped_byzantine", "clipped_rows", "aggregate_error", "accuracy", "train_loss"):
         assert [r[key] for r in grpc_records] == [r[key] for r in inproc_records], key
 
 
