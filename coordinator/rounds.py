@@ -45,6 +45,7 @@ from torch import Tensor
 from arcsim.codec import tensor_to_bytes
 from arcsim.config import RunConfig
 from arcsim.robust import build_pipeline
+from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
 
 from . import checkpoint
@@ -187,7 +188,9 @@ class RunState:
             for i, norm in zip(ids, row_norms):
                 norms[self.role(i)].append(norm)
             try:
-                aggregate, report = self.pipeline(x)
+                # Bucketing's permutation from the run's seed and the round, like every other draw: torch's
+                # global generator starts over in each process, so a resumed run would repeat round 0's.
+                aggregate, report = self.pipeline(x, generator=generator(config.seed, "pipeline", t))
             except ValueError as error:  # e.g. too few vectors arrived for 2f < n
                 skip_reason = str(error)
             else:

@@ -20,7 +20,7 @@ from torch import Tensor
 from arcsim.config import RunConfig, from_dict
 from coordinator import checkpoint
 from coordinator.inproc import run_inproc
-from coordinator.rounds import RunState
+from coordinator.rounds import RunState, params_sha256
 
 D = 650  # parameters of the synthetic task's logreg model
 
@@ -102,6 +102,36 @@ def test_nnm_before_arc_records_the_count_without_a_role_split(tmp_path: Path) -
 def test_a_pipeline_without_clipping_clips_nothing(tmp_path: Path) -> None:
     record = RunState(_config(num_honest=8, num_byzantine=2, pipeline="cwtm"), tmp_path).close_round(_vectors(8, 2))
     assert (record.clipped_byzantine, record.clipped_honest, record.clipped_rows) == (0, 0, 0)
+
+
+def test_bucketing_draws_from_the_run_seed_so_a_resumed_run_ends_as_uninterrupted(tmp_path: Path) -> None:
+    # Prepare: every process starts torch's global generator from the same seed; here each RunState
+    # stands for a fresh coordinator process. 4 rounds straight, and 2 rounds then a resume for 2 more.
+    config = _config(num_honest=8, num_byzantine=2, pipeline="bucketing > arc > cwtm", pipeline_params={"s": 2})
+    rounds = [{i: v * (r + 1) for i, v in _vectors(8, 2, byzantine_scale=0.05).items()} for r in range(4)]
+    torch.manual_seed(0)
+    reference = RunState(config, tmp_path / "a")
+    for vectors in rounds:
+        reference.close_round(vectors)
+    torch.manual_seed(0)
+    interrupted = RunState(config, tmp_path / "b")
+    for vectors in rounds[:2]:
+        interrupted.close_round(vectors)
+
+    # Execute
+    torch.manual_seed(0)
+    resumed = RunState(config, tmp_path / "b", resume=True)
+    for vectors in rounds[2:]:
+        resumed.close_round(vectors)
+
+    # Assert
+    assert params_sha256(resumed.params) == params_sha256(reference.params)
+    assert all(r["aggregated"] for r in _records(tmp_path / "a"))
+    assert _without_timings(_records(tmp_path / "b")) == _without_timings(_records(tmp_path / "a"))
+
+
+def _without_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{key: value for key, value in record.items() if "seconds" not in key} for record in records]
 
 
 # --- training loss and skip reason --------------------------------------------------------------------------
