@@ -17,6 +17,7 @@ checkpoints in a worker thread so the event loop keeps serving (and rejecting la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -54,15 +55,44 @@ ASSIGNMENT_GRACE = 30.0  # seconds an assigned id stays reserved for the worker 
 _ROLE_NAMES = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
 
 
+# Clients ping every KEEPALIVE_TIME_MS, also while a stream waits for data (a worker waiting minutes for
+# missing peers). gRPC servers accept a ping without data only every 5 minutes by default and answer
+# more with GOAWAY "too_many_pings", so the server's minimum is set below the clients' interval.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+MIN_PING_INTERVAL_MS = KEEPALIVE_TIME_MS // 2
+
+
 def grpc_options(max_bytes: int) -> list[tuple[str, int]]:
-    """Channel options shared by the server and the clients."""
+    """A client's channel options (workers, adversaries, tools).
+
+    Each channel gets its own connection (a local subchannel pool): one process holding several
+    worker ids behaves as that many machines, and stays within the server's streams per connection.
+    """
     return [
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
+def server_options(max_bytes: int, *, max_concurrent_streams: int) -> list[tuple[str, int]]:
+    """The coordinator's server options: message limits, keepalive that matches what clients send,
+    and a cap on concurrent streams per connection (a worker needs at most four at once: Rounds,
+    SubmitGradient, FetchMomentum, Observe)."""
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_concurrent_streams", max_concurrent_streams),
     ]
 
 
@@ -82,14 +112,25 @@ class CoordinatorSettings:
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
     device: str = "cpu"
     grace: float = 5.0
+    max_concurrent_streams: int = 32  # per client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
     linger: float = 0.0  # seconds /metrics stays up after the run ends, so a scraper records the final values
     server_credentials: grpc.ServerCredentials | None = field(default=None, compare=False)
 
 
+REASON_METADATA_KEY = "arcsim-reason"  # trailing metadata of a refused call: its counted reason
+
+
 class Rejection(Exception):
+    """A refused call: its gRPC status, its counted reason (arcsim_submissions_rejected_total) and message."""
+
     def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
+
+    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+        """End the call with this status; clients branch on the reason in the trailing metadata."""
+        context.set_trailing_metadata(((REASON_METADATA_KEY, self.reason),))
+        await context.abort(self.code, self.message)
 
 
 class OpenRound:
@@ -109,17 +150,58 @@ class OpenRound:
         self.quorum_reached = asyncio.Event()  # the round may close before its deadline
 
 
+class Subscriptions:
+    """The live server streams of each (kind, worker id): at most one; a newer one replaces it.
+
+    Byzantine workers hold valid tokens: one could open thousands of ``Rounds`` or ``Observe`` streams
+    and stop reading them, each holding transport buffers of the round's parameters or of the honest
+    vectors. Keeping only the newest stream of each identity bounds that memory by the number of
+    workers, and is what a reconnecting worker needs anyway (its old stream may not look dead yet).
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[tuple[str, int], asyncio.Task] = {}
+        self._replaced: set[asyncio.Task] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def open(self, kind: str, worker_id: int) -> None:
+        """Register the calling task's stream, cancelling the identity's older one."""
+        task = asyncio.current_task()
+        assert task is not None
+        old = self._live.get((kind, worker_id))
+        if old is not None and old is not task and not old.done():
+            self._replaced.add(old)
+            old.cancel()
+        self._live[(kind, worker_id)] = task
+
+    def close(self, kind: str, worker_id: int) -> None:
+        task = asyncio.current_task()
+        if self._live.get((kind, worker_id)) is task:
+            del self._live[(kind, worker_id)]
+        self._replaced.discard(task)
+
+    def was_replaced(self) -> bool:
+        """Whether the calling task was cancelled because a newer stream replaced it."""
+        return asyncio.current_task() in self._replaced
+
+
 class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.config = settings.config
+        self.quorum = settings.quorum or self.config.num_workers
+        # The quorum and the observe cutoff change results (which vectors a round aggregates, which honest
+        # vectors the adversaries see): --resume must continue with the ones the run started with.
         self.state = RunState(settings.config, settings.out_dir, resume=settings.resume, device=settings.device,
-                              background_checkpoints=True)
-        self.metrics = CoordinatorMetrics()
+                              background_checkpoints=True,
+                              run_settings={"quorum": self.quorum, "observe_cutoff": settings.observe_cutoff},
+                              legacy_run_settings={"quorum": self.config.num_workers, "observe_cutoff": 0.5})
+        self.metrics = CoordinatorMetrics(config=self.config)
         self.metrics.round.set(self.state.round)
         self.tokens = TokenBook(settings.secret, num_honest=self.config.num_honest,
                                 num_byzantine=self.config.num_byzantine)
-        self.quorum = settings.quorum or self.config.num_workers
         # Whether the Byzantine workers craft their vectors from the honest ones (Observe), as every attack
         # but the data attacks (label flipping) does.
         self._observers = self.config.num_byzantine > 0 and self.config.attack not in DATA_ATTACKS
@@ -134,6 +216,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._stop = asyncio.Event()
         self._all_subscribed = asyncio.Event()
         self._handed_out: dict[int, float] = {}  # worker id -> when Join assigned it
+        self._streams = Subscriptions()  # Rounds, Observe and FetchMomentum streams: the newest per worker
+        # Workers with a SubmitGradient stream open: at most one each, refused before a message is read, so
+        # the vector buffers and transport buffers of submissions are bounded by the number of workers.
+        self._submitting: set[int] = set()
 
     # --- helpers --------------------------------------------------------------------------------
     def _reject(self, reason: str, code: grpc.StatusCode, message: str) -> Rejection:
@@ -152,11 +238,29 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
                                f"these credentials belong to worker {owner[1]}, not worker {worker_id}")
 
+    @contextlib.asynccontextmanager
+    async def _subscription(self, kind: str, worker_id: int, context: grpc.aio.ServicerContext):
+        """The body of a server stream of ``kind`` for ``worker_id``: it replaces the worker's older one,
+        and ends with ABORTED (counted as ``subscription_replaced``) when a newer one replaces it."""
+        self._streams.open(kind, worker_id)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self._streams.was_replaced():
+                raise  # the client went away, or the server is stopping
+            error = self._reject("subscription_replaced", grpc.StatusCode.ABORTED,
+                                 f"replaced by a newer {kind} stream of worker {worker_id}")
+            await error.abort(context)
+        finally:
+            self._streams.close(kind, worker_id)
+
     # --- RPCs -----------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         token = ""
         try:
             owner = self._caller(context)
+            if self._ended is not None:  # before an id is assigned or reserved
+                raise Rejection(grpc.StatusCode.FAILED_PRECONDITION, "ended", f"the run has ended ({self._ended})")
             if request.role not in _ROLE_NAMES:
                 raise self._reject("malformed", grpc.StatusCode.INVALID_ARGUMENT,
                                    f"role must be HONEST or BYZANTINE, got {request.role}")
@@ -180,9 +284,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 # before this worker subscribes to its rounds.
                 self._handed_out[worker_id] = time.monotonic()
         except Rejection as error:
-            await context.abort(error.code, error.message)
-        if self._ended is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the run has ended ({self._ended})")
+            await error.abort(context)
         self.joined.add(worker_id)
         momentum = self.state.momenta.get(worker_id)
         log.info(json.dumps({"event": "join", "worker_id": worker_id, "role": owner[0], "assigned": bool(token)}))
@@ -209,88 +311,103 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             owner = self._caller(context)
             self._check_worker(owner, request.worker_id)
         except Rejection as error:
-            await context.abort(error.code, error.message)
+            await error.abort(context)
         momentum = self.state.momenta.get(request.worker_id)
         if momentum is not None:
-            for event in wire.observe_stream({request.worker_id: momentum}, chunk_bytes=self.settings.chunk_bytes):
-                yield event
+            async with self._subscription("FetchMomentum", request.worker_id, context):
+                for event in wire.observe_stream({request.worker_id: momentum}, chunk_bytes=self.settings.chunk_bytes):
+                    await context.write(event)
 
     async def Rounds(self, request: pb.RoundsRequest, context: grpc.aio.ServicerContext):
         try:
             owner = self._caller(context)
             self._check_worker(owner, request.worker_id)
         except Rejection as error:
-            await context.abort(error.code, error.message)
+            await error.abort(context)
         if request.worker_id not in self.joined:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {request.worker_id} has not joined")
-        role = owner[0]
-        self.metrics.connected.labels(role).inc()
-        async with self._changed:
-            self.subscribed[request.worker_id] = self.subscribed.get(request.worker_id, 0) + 1
+        role, worker_id = owner[0], request.worker_id
+        async with self._subscription("Rounds", worker_id, context):
+            # Counted and uncounted with no await in between: a stream cancelled anywhere leaves no trace.
+            self.metrics.connected.labels(role).inc()
+            self.subscribed[worker_id] = self.subscribed.get(worker_id, 0) + 1
             if len(self.subscribed) >= self.config.num_workers:
                 self._all_subscribed.set()
+            try:
+                await self._follow_rounds(request, context)
+            finally:
+                self.metrics.connected.labels(role).dec()
+                self.subscribed[worker_id] -= 1
+                if not self.subscribed[worker_id]:
+                    del self.subscribed[worker_id]
+
+    async def _follow_rounds(self, request: pb.RoundsRequest, context: grpc.aio.ServicerContext) -> None:
+        """Write each round's events to a ``Rounds`` stream until the run ends."""
         sent = request.from_round - 1
-        try:
-            while True:
-                async with self._changed:
-                    await self._changed.wait_for(
-                        lambda: self._ended is not None or (self._round is not None and self._round.number > sent))
-                    current, events, ended = self._round, self._events, self._ended
-                if current is not None and current.number > sent and not current.closed:
-                    skip_params = request.have_params and current.number == request.from_round
-                    for event in events[:1] if skip_params else events:
-                        if skip_params:
-                            event = pb.RoundEvent(round_start=pb.RoundStart(
-                                round=current.number, deadline_unix_ms=current.deadline_unix_ms))
-                        await context.write(event)
-                    sent = current.number
-                    continue
-                if ended is not None:
-                    await context.write(codec.run_end_event(rounds_completed=self.state.round, reason=ended))
-                    return
-                if current is not None:
-                    sent = current.number  # a round that closed before we could send it
-        finally:
-            self.metrics.connected.labels(role).dec()
+        while True:
             async with self._changed:
-                self.subscribed[request.worker_id] -= 1
-                if not self.subscribed[request.worker_id]:
-                    del self.subscribed[request.worker_id]
+                await self._changed.wait_for(
+                    lambda: self._ended is not None or (self._round is not None and self._round.number > sent))
+                current, events, ended = self._round, self._events, self._ended
+            if current is not None and current.number > sent and not current.closed:
+                skip_params = request.have_params and current.number == request.from_round
+                for event in events[:1] if skip_params else events:
+                    if skip_params:
+                        event = pb.RoundEvent(round_start=pb.RoundStart(
+                            round=current.number, deadline_unix_ms=current.deadline_unix_ms))
+                    await context.write(event)
+                sent = current.number
+                continue
+            if ended is not None:
+                await context.write(codec.run_end_event(rounds_completed=self.state.round, reason=ended))
+                return
+            if current is not None:
+                sent = current.number  # a round that closed before we could send it
 
     async def SubmitGradient(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        submitter: int | None = None  # the caller's id, once it holds its one submission slot
         try:
             owner = self._caller(context)
+            submitter = self._claim(owner[1])
             reader = codec.GradientReader(max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,),
                                           expected_dtype="float32")
             claimed: OpenRound | None = None  # the open round, once the sender may submit to it
             received = 0
             try:
-                async for message in request_iterator:
-                    if isinstance(message, wire.Malformed):
-                        raise codec.CodecError("malformed", message.error)
-                    size = message.nbytes if isinstance(message, memoryview) else len(message.data)
-                    if size > self.max_bytes:
-                        raise codec.CodecError("oversized", f"one message carries {size} bytes, more than a whole"
-                                                            f" vector ({self.max_bytes})")
-                    received += size
-                    if claimed is None and not isinstance(message, memoryview):  # memoryview: data only
-                        # The first message names the sender and the round: check them before decoding.
-                        self._check_submission(owner, message.worker_id, message.round)
-                        claimed = self._round
-                    reader.add(message)
+                # A submission must be in before the round it was opened in closes: one that stalls is cut
+                # at that deadline, so a stream cannot hold its buffers (or its slot) beyond it.
+                async with asyncio.timeout(self._stall_timeout()):
+                    async for message in request_iterator:
+                        if isinstance(message, wire.Malformed):
+                            raise codec.CodecError("malformed", message.error)
+                        size = message.nbytes if isinstance(message, memoryview) else len(message.data)
+                        if size > self.max_bytes:
+                            raise codec.CodecError("oversized", f"one message carries {size} bytes, more than a "
+                                                                f"whole vector ({self.max_bytes})")
+                        received += size
+                        if claimed is None and not isinstance(message, memoryview):  # memoryview: data only
+                            # The first message names the sender and the round: check them before decoding.
+                            self._check_submission(owner, message.worker_id, message.round)
+                            claimed = self._round
+                        reader.add(message)
                 vector = reader.finish()
             except codec.CodecError as error:
                 if claimed is not None and not claimed.closed:
                     self._answered(claimed, owner[1])  # a refused vector still answers the round
                 raise self._reject(error.reason if error.reason in _CODEC_REASONS else "malformed",
                                    error.status_code, str(error)) from None
+            except TimeoutError:
+                raise self._reject("stalled", grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   "the submission was not complete when its round's deadline passed") from None
             worker_id, round_ = reader.worker_id, reader.round
             self._check_submission(owner, worker_id, round_)  # again: the round may have closed meanwhile
         except Rejection as error:
-            await context.abort(error.code, error.message)
+            await error.abort(context)
         except asyncio.CancelledError:  # the client went away mid-stream (or the server is stopping)
             self.metrics.rejected.labels("cancelled").inc()
             raise
+        finally:
+            self._submitting.discard(submitter)
         current = self._round
         current.vectors[worker_id] = vector
         if reader.train_loss is not None:
@@ -299,6 +416,21 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.metrics.received_bytes.inc(received)
         self._answered(current, worker_id)
         return pb.SubmitReply(accepted=True, round=round_, message="accepted")
+
+    def _claim(self, worker_id: int) -> int:
+        """Take ``worker_id``'s one submission slot, before a message of the stream is read."""
+        if worker_id in self._submitting:
+            raise self._reject("concurrent_submission", grpc.StatusCode.ABORTED,
+                               f"worker {worker_id} already has a submission in progress")
+        self._submitting.add(worker_id)
+        return worker_id
+
+    def _stall_timeout(self) -> float:
+        """Seconds a submission starting now may take: until the open round's deadline, else one deadline."""
+        current = self._round
+        if current is None or current.closed:
+            return self.config.round_deadline
+        return max(current.deadline - time.monotonic(), 0.0)
 
     def _answered(self, current: OpenRound, worker_id: int) -> None:
         current.answered.add(worker_id)
@@ -340,20 +472,21 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
                                    "Observe is only for adversary credentials")
         except Rejection as error:
-            await context.abort(error.code, error.message)
+            await error.abort(context)
         current = self._round
         if current is None or current.closed or current.number != request.round:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"round {request.round} is not the open round")
         cutoff = self.config.round_deadline * self.settings.observe_cutoff
         wait = current.deadline - time.monotonic() - (self.config.round_deadline - cutoff)
-        try:
-            await asyncio.wait_for(current.honest_complete.wait(), timeout=max(wait, 0.0))
-        except TimeoutError:
-            pass
-        honest = {i: v for i, v in sorted(current.vectors.items()) if i < self.config.num_honest}
-        for event in wire.observe_stream(honest, chunk_bytes=self.settings.chunk_bytes):
-            await context.write(event)
+        async with self._subscription("Observe", request.worker_id, context):
+            try:
+                await asyncio.wait_for(current.honest_complete.wait(), timeout=max(wait, 0.0))
+            except TimeoutError:
+                pass
+            honest = {i: v for i, v in sorted(current.vectors.items()) if i < self.config.num_honest}
+            for event in wire.observe_stream(honest, chunk_bytes=self.settings.chunk_bytes):
+                await context.write(event)
 
     # --- the run --------------------------------------------------------------------------------
     async def run_rounds(self) -> str:
@@ -388,7 +521,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 break
             closing = loop.run_in_executor(
                 None, lambda: self.state.close_round(dict(current.vectors), train_losses=dict(current.losses),
-                                                     opened_at=current.opened_at))
+                                                     opened_at=current.opened_at,
+                                                     refused=len(current.answered - current.vectors.keys())))
             try:
                 record: RoundRecord = await asyncio.shield(closing)
             except asyncio.CancelledError:
@@ -442,7 +576,8 @@ async def serve(settings: CoordinatorSettings) -> dict:
     # gRPC refuses a message above its receive limit before the service sees it, and the service then
     # sees the stream end as if the client had stopped sending: the limit is twice the vector, so that a
     # message too large to be right but below it is refused here as "oversized", with its reason.
-    server = grpc.aio.server(options=grpc_options(2 * coordinator.max_bytes + (1 << 16)))
+    server = grpc.aio.server(options=server_options(2 * coordinator.max_bytes + (1 << 16),
+                                                  max_concurrent_streams=settings.max_concurrent_streams))
     wire.add_coordinator_to_server(coordinator, server)
     health_servicer = None
     if health is not None:
