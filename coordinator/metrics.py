@@ -177,8 +177,9 @@ class CoordinatorMetrics:
             self.stage_duration.labels(stage).observe(seconds)
         if record.clip_threshold is not None:
             self.clip_threshold.set(record.clip_threshold)
-        self.clipped.labels(HONEST).inc(record.clipped_honest)
-        self.clipped.labels(BYZANTINE).inc(record.clipped_byzantine)
+        if record.clipped_honest is not None:  # None: the clipping cannot be attributed to workers (after NNM)
+            self.clipped.labels(HONEST).inc(record.clipped_honest)
+            self.clipped.labels(BYZANTINE).inc(record.clipped_byzantine)
         for role, norms in record.norms.items():
             for norm in norms:
                 self.vector_norm.labels(role).observe(norm)

@@ -258,7 +258,7 @@ def test_grpc_and_inproc_give_the_same_parameters(runs: dict[str, Any], name: st
     grpc_records = _records(runs["folder"] / f"{name}-grpc")
     inproc_records = _records(runs["folder"] / f"{name}-inproc")
     for key in ("received_honest", "received_byzantine", "aggregated", "clip_threshold", "clipped_honest",
-                "clipped_byzantine", "clipped_rows", "aggregate_error", "accuracy", "train_loss"):
+                "clipped_byzantine", "clipped_rows", "aggregate_error", "accuracy", "train_loss", "skip_reason"):
         assert [r[key] for r in grpc_records] == [r[key] for r in inproc_records], key
 
 

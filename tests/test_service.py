@@ -47,18 +47,21 @@ SECRET = "test-secret"
 METRIC_NAMES = (
     "arcsim_round",
     "arcsim_round_duration_seconds",
-    "arcsim_aggregation_duration_seconds",
+    "arcsim_rounds_completed_total",
+    "arcsim_pipeline_stage_duration_seconds",
     "arcsim_submissions_total",
     "arcsim_submissions_rejected_total",
     "arcsim_workers_connected",
     "arcsim_clip_threshold",
     "arcsim_clipped_vectors_total",
-    "arcsim_gradient_norm",
+    "arcsim_vector_norm",
     "arcsim_aggregate_error",
-    "arcsim_test_accuracy",
+    "arcsim_test_accuracy_ratio",
     "arcsim_test_loss",
     "arcsim_train_loss",
     "arcsim_received_bytes_total",
+    "arcsim_run_info",
+    "arcsim_build_info",
 )
 
 
@@ -690,10 +693,16 @@ async def test_metrics_page_has_every_metric_and_no_worker_id(start) -> None:
     typed = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.MULTILINE))
     for name in METRIC_NAMES:
         assert name in typed or name.removesuffix("_total") in typed, name
-    assert re.search(r"^# TYPE arcsim_gradient_norm histogram$", text, flags=re.MULTILINE)
+    assert re.search(r"^# TYPE arcsim_vector_norm histogram$", text, flags=re.MULTILINE)
     stages = {"arc", "nnm", "cwtm"}
+    info_labels = {"arcsim_run_info": {"task", "pipeline", "attack", "n", "f"}, "arcsim_build_info": {"version"}}
     for family in text_string_to_metric_families(text):
+        if family.name.startswith(("process_", "python_")):  # the standard process and platform collectors
+            continue
         assert family.name.startswith("arcsim_"), family.name
+        if family.name in info_labels:
+            assert all(set(sample.labels) == info_labels[family.name] for sample in family.samples), family
+            continue
         for sample in family.samples:
             assert set(sample.labels) <= {"role", "stage", "reason", "le"}, sample
             assert sample.labels.get("role", "honest") in ("honest", "byzantine")
@@ -704,14 +713,15 @@ async def test_metrics_page_has_every_metric_and_no_worker_id(start) -> None:
     assert _sample(text, "arcsim_workers_connected", role="honest") == 2
     assert _sample(text, "arcsim_workers_connected", role="byzantine") == 1
     assert _sample(text, "arcsim_submissions_total", role="byzantine") == 1
-    assert _sample(text, "arcsim_gradient_norm_count", role="honest") == 2
-    assert _sample(text, "arcsim_gradient_norm_count", role="byzantine") == 1
+    assert _sample(text, "arcsim_rounds_completed_total") == 1
+    assert _sample(text, "arcsim_vector_norm_count", role="honest") == 2
+    assert _sample(text, "arcsim_vector_norm_count", role="byzantine") == 1
     assert _sample(text, "arcsim_clipped_vectors_total", role="byzantine") == 1
-    assert _sample(text, "arcsim_aggregation_duration_seconds_count", stage="nnm") == 1
+    assert _sample(text, "arcsim_pipeline_stage_duration_seconds_count", stage="nnm") == 1
     record = _records(running.out_dir)[0]
     assert _sample(text, "arcsim_clip_threshold") == pytest.approx(record["clip_threshold"])
     assert _sample(text, "arcsim_aggregate_error") == pytest.approx(record["aggregate_error"])
-    assert _sample(text, "arcsim_test_accuracy") == pytest.approx(record["accuracy"])
+    assert _sample(text, "arcsim_test_accuracy_ratio") == pytest.approx(record["accuracy"])
     for follower in followers:
         follower.call.cancel()
 
