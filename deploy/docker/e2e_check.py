@@ -23,7 +23,8 @@ it (``docker inspect`` of the containers, the coordinator's log) for the crash c
         --prometheus http://127.0.0.1:9090 --out seen.json [--until-round 150]
     python deploy/docker/e2e_check.py verify --config configs/compose-e2e.yaml --seen seen.json \\
         --summary summary.json --prometheus http://127.0.0.1:9090 [--reference local/summary.json] \\
-        [--seen-after-crash seen-after.json --containers inspect.json --coordinator-log coordinator.log]
+        [--seen-after-crash seen-after.json --containers inspect.json --coordinator-log coordinator.log \\
+         --coordinator-exits 137,0]
 """
 
 from __future__ import annotations
@@ -156,8 +157,12 @@ def merge_seen(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 def crash_checks(config: dict[str, Any], before: dict[str, Any], after: dict[str, Any],
-                 containers: list[dict[str, Any]], coordinator_log: str) -> list[tuple[bool, str]]:
-    """The coordinator was SIGKILLed when ``before`` stopped: what must hold of its restart and the workers."""
+                 containers: list[dict[str, Any]], coordinator_log: str,
+                 coordinator_exits: list[int]) -> list[tuple[bool, str]]:
+    """The coordinator was SIGKILLed when ``before`` stopped: what must hold of its restart and the workers.
+
+    ``coordinator_exits``: the exit codes of the coordinator's container in order (Docker's die events).
+    """
     rounds = int(config["rounds"])
     checks: list[tuple[bool, str]] = []
     crashed_at = None if before.get("stopped_at_round") is None else int(before["stopped_at_round"])
@@ -171,8 +176,9 @@ def crash_checks(config: dict[str, Any], before: dict[str, Any], after: dict[str
     coordinators = by_service.get("coordinator", [])
     restarts = [c.get("RestartCount") for c in coordinators]
     checks.append((restarts == [1], f"compose restarted the coordinator's container once (restart counts {restarts})"))
-    exits = [c.get("State", {}).get("ExitCode") for c in coordinators]
-    checks.append((exits == [0], f"the restarted coordinator exited with 0 (exit codes {exits})"))
+    # 137 = 128 + SIGKILL: Docker saw a process killed, not a stop it made itself; then the clean end.
+    checks.append((coordinator_exits == [137, 0], f"the coordinator's container exited with 137 (killed) and then "
+                                                  f"0 (its restart completed the run): Docker saw {coordinator_exits}"))
     for service, key in (("worker", "num_honest"), ("adversary", "num_byzantine")):
         found = by_service.get(service, [])
         states = {c.get("Name", "?").lstrip("/"): (c.get("RestartCount"), c.get("State", {}).get("ExitCode"))
@@ -204,7 +210,7 @@ def verify(config: dict[str, Any], seen: dict[str, Any], summary: dict[str, Any]
 
     ``crash``: the coordinator was killed when ``seen``'s watch stopped; {"after": what the watch
     after the restart saw, "containers": docker inspect of the project's containers, "log": the
-    coordinator container's log}.
+    coordinator container's log, "exits": its exit codes in order}.
     """
     rounds = int(config["rounds"])
     chance = 1.0 / num_classes
@@ -254,8 +260,16 @@ def verify(config: dict[str, Any], seen: dict[str, Any], summary: dict[str, Any]
         check(ours == theirs, f"final parameters equal a run of the same config on the host "
                               f"({ours[:16]} vs {theirs[:16]})")
     if crash is not None:
-        checks.extend(crash_checks(config, before, crash["after"], crash["containers"], crash["log"]))
+        checks.extend(crash_checks(config, before, crash["after"], crash["containers"], crash["log"], crash["exits"]))
     return [("ok   " if ok else "FAIL ") + text for ok, text in checks]
+
+
+def _exit_codes(text: str) -> list[int]:
+    """'137,0' -> [137, 0] (an empty string: no exits seen)."""
+    try:
+        return [int(code) for code in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"exit codes are integers separated by commas, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--seen-after-crash", help="the output of watch after the coordinator's restart")
     v.add_argument("--containers", help="with --seen-after-crash: `docker inspect` of the project's containers")
     v.add_argument("--coordinator-log", help="with --seen-after-crash: the coordinator container's log")
+    v.add_argument("--coordinator-exits", type=_exit_codes, metavar="CODE,...",
+                   help="with --seen-after-crash: the coordinator container's exit codes in order (docker events)")
     args = parser.parse_args(argv)
 
     if args.command == "watch":
@@ -292,14 +308,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 3
         return 0
-    crash_files = (args.seen_after_crash, args.containers, args.coordinator_log)
-    if any(crash_files) and not all(crash_files):
-        parser.error("--seen-after-crash, --containers and --coordinator-log go together")
+    crash_files = (args.seen_after_crash, args.containers, args.coordinator_log, args.coordinator_exits)
+    if any(item is not None for item in crash_files) and not all(item is not None for item in crash_files):
+        parser.error("--seen-after-crash, --containers, --coordinator-log and --coordinator-exits go together")
     crash = None
     if args.seen_after_crash:
         crash = {"after": json.loads(Path(args.seen_after_crash).read_text()),
                  "containers": json.loads(Path(args.containers).read_text()),
-                 "log": Path(args.coordinator_log).read_text(errors="replace")}
+                 "log": Path(args.coordinator_log).read_text(errors="replace"), "exits": args.coordinator_exits}
     config = yaml.safe_load(Path(args.config).read_text())
     reference = json.loads(Path(args.reference).read_text()) if args.reference else None
     lines = verify(config, json.loads(Path(args.seen).read_text()), json.loads(Path(args.summary).read_text()),
