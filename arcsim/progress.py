@@ -8,11 +8,23 @@ from typing import Any, TextIO
 
 
 class Progress:
-    def __init__(self, total_rounds: int, *, stream: TextIO | None = None, label: str = "") -> None:
+    """The progress line of one process's rounds.
+
+    ``rounds_before``: rounds completed before this process started (a resumed run); the rate counts
+    only the rounds done since, over the time since the display was made. None: taken from the first
+    record shown (its round index), right when records arrive only from rounds this process runs; a
+    display that first replays earlier records (the grpc launcher reading rounds.jsonl) passes it.
+    """
+
+    def __init__(self, total_rounds: int, *, stream: TextIO | None = None, label: str = "",
+                 rounds_before: int | None = None) -> None:
+        if rounds_before is not None and rounds_before < 0:
+            raise ValueError(f"rounds_before must be >= 0, got {rounds_before}")
         self.total = total_rounds
         self.stream = stream if stream is not None else sys.stderr
         self.label = label
         self.accuracy: float | None = None
+        self.rounds_before = rounds_before
         self.started = time.monotonic()
         self.tty = self.stream.isatty()
         self._last_print = 0.0
@@ -20,6 +32,8 @@ class Progress:
     def update(self, record: dict[str, Any]) -> None:
         if record.get("accuracy") is not None:
             self.accuracy = record["accuracy"]
+        if self.rounds_before is None:
+            self.rounds_before = record["round"]
         done = record["round"] + 1
         now = time.monotonic()
         # On a terminal redraw the line; in a log print at most one line every 5 s (and the last).
@@ -32,11 +46,14 @@ class Progress:
         accuracy = "  -  " if self.accuracy is None else f"{100 * self.accuracy:5.1f}%"
         threshold = record.get("clip_threshold")
         clip = "-" if threshold is None else f"{threshold:.3g}"
+        # Only the rounds this process ran, over its own time: after --resume, the rounds done
+        # before would otherwise inflate the rate (they took no time here).
         elapsed = now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
+        ran = done - self.rounds_before
+        rate = f"{ran / elapsed:.2f}" if ran > 0 and elapsed > 0 else "-"
         line = (f"{self.label}[{bar}] round {done}/{self.total}  acc {accuracy}  clip C {clip}  "
                 f"clipped h/b {record.get('clipped_honest', 0)}/{record.get('clipped_byzantine', 0)}  "
-                f"{rate:.2f} rounds/s")
+                f"{rate} rounds/s")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:
