@@ -232,4 +232,4 @@ stage "the same config on the host, inproc engine (reference parameters)"
 stage "checks (results in $CACHE/results/e2e)"
 "$PY" deploy/docker/e2e_check.py verify --config "$CONFIG" --seen "$RUN_DIR/seen.json" \
     --summary "$CACHE/results/e2e/summary.json" --reference "$RUN_DIR/reference/summary.json" \
-    --prometheus "http://127.0.0.1:$ARCSIM_PROMETHEUS_PORT" "${crash_args[@]}" || die "checks failed"
+    --prometheus "http://127.0.0.1:$ARCSIM_PROMETHEUS_PORT" --workers-scraped "${crash_args[@]}" || die "checks failed"

@@ -641,6 +641,18 @@ def test_e2e_checks_pass_on_a_good_run(live_prometheus: LivePrometheus) -> None:
     assert len(lines) == 13
 
 
+def test_e2e_checks_fail_when_prometheus_scraped_no_worker(live_prometheus: LivePrometheus) -> None:
+    # Prepare: this Prometheus scrapes the coordinator only, so it has no arcsim_worker_* series
+    # Execute
+    lines = e2e_check.verify(E2E_CONFIG, E2E_SEEN, E2E_SUMMARY, live_prometheus.base,
+                             reference={"final_params_sha256": "ab"}, num_classes=10, workers_scraped=True)
+
+    # Assert
+    assert [line for line in lines if line.startswith("FAIL")] == [
+        "FAIL Prometheus scraped arcsim_worker_rounds_total > 0 from 0 arcsim-worker instances == 2",
+        "FAIL Prometheus scraped arcsim_worker_rounds_total > 0 from 0 arcsim-adversary instances == 1"]
+
+
 @pytest.mark.parametrize(("summary", "seen", "failed"), [
     ({"rounds_completed": 39}, {}, "summary.json rounds_completed 39 == rounds 40"),
     ({"final_accuracy": 0.12}, {}, "summary.json final_accuracy 0.1200 > 0.40"),

@@ -203,14 +203,31 @@ def crash_checks(config: dict[str, Any], before: dict[str, Any], after: dict[str
     return checks
 
 
+def _worker_scrape_checks(config: dict[str, Any], prometheus_url: str) -> list[tuple[bool, str]]:
+    """Prometheus scraped every worker and adversary instance (arcsim_worker_rounds_total > 0)."""
+    try:
+        instances = prometheus_query(prometheus_url, "count by (job) (count by (job, instance) "
+                                                     "(max_over_time(arcsim_worker_rounds_total[1h]) > 0))")
+    except (OSError, ValueError) as error:
+        return [(False, f"Prometheus query of the workers' metrics: {error}")]
+    scraped = {result["metric"].get("job"): int(float(result["value"][1])) for result in instances}
+    checks = []
+    for job, key in (("arcsim-worker", "num_honest"), ("arcsim-adversary", "num_byzantine")):
+        want, got = int(config[key]), scraped.get(job, 0)
+        checks.append((got == want, f"Prometheus scraped arcsim_worker_rounds_total > 0 from {got} {job} "
+                                    f"instances == {want}"))
+    return checks
+
+
 def verify(config: dict[str, Any], seen: dict[str, Any], summary: dict[str, Any], prometheus_url: str, *,
            reference: dict[str, Any] | None, num_classes: int,
-           crash: dict[str, Any] | None = None) -> list[str]:
+           crash: dict[str, Any] | None = None, workers_scraped: bool = False) -> list[str]:
     """Every check as 'ok ...' or 'FAIL ...'; the run passes when none fails.
 
     ``crash``: the coordinator was killed when ``seen``'s watch stopped; {"after": what the watch
     after the restart saw, "containers": docker inspect of the project's containers, "log": the
-    coordinator container's log, "exits": its exit codes in order}.
+    coordinator container's log, "exits": its exit codes in order}. ``workers_scraped``: the workers and
+    adversaries serve /metrics and Prometheus must have found each one (the compose testbed).
     """
     rounds = int(config["rounds"])
     chance = 1.0 / num_classes
@@ -255,6 +272,9 @@ def verify(config: dict[str, Any], seen: dict[str, Any], summary: dict[str, Any]
         check(bool(stored) and best > floor, f"Prometheus max_over_time({accuracy_name}) {best:.4f} > {floor:.2f}")
         last_round = float(stored_rounds[0]["value"][1]) if stored_rounds else math.nan
         check(bool(stored_rounds) and last_round > 0, f"Prometheus max_over_time(arcsim_round) {last_round:.0f} > 0")
+    # Prometheus found the scaled workers and adversaries by DNS service discovery, and scraped each one.
+    if workers_scraped:
+        checks.extend(_worker_scrape_checks(config, prometheus_url))
     if reference is not None:
         ours, theirs = summary.get("final_params_sha256", ""), reference.get("final_params_sha256", "")
         check(ours == theirs, f"final parameters equal a run of the same config on the host "
@@ -289,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--prometheus", required=True)
     v.add_argument("--reference", help="summary.json of the same config run on the host")
     v.add_argument("--num-classes", type=int, default=10)
+    v.add_argument("--workers-scraped", action="store_true",
+                   help="the workers and adversaries serve /metrics: Prometheus must have scraped each one")
     v.add_argument("--seen-after-crash", help="the output of watch after the coordinator's restart")
     v.add_argument("--containers", help="with --seen-after-crash: `docker inspect` of the project's containers")
     v.add_argument("--coordinator-log", help="with --seen-after-crash: the coordinator container's log")
@@ -319,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     config = yaml.safe_load(Path(args.config).read_text())
     reference = json.loads(Path(args.reference).read_text()) if args.reference else None
     lines = verify(config, json.loads(Path(args.seen).read_text()), json.loads(Path(args.summary).read_text()),
-                   args.prometheus, reference=reference, num_classes=args.num_classes, crash=crash)
+                   args.prometheus, reference=reference, num_classes=args.num_classes, crash=crash,
+                   workers_scraped=args.workers_scraped)
     print("\n".join(lines))
     return 1 if any(line.startswith("FAIL") for line in lines) else 0
 
