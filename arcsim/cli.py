@@ -1,4 +1,12 @@
-"""The ``arcsim`` command line."""
+"""The ``arcsim`` command line.
+
+Exit status (the README's "Exit codes"): :data:`EXIT_OK` when the command did its work (a run
+completed), :data:`EXIT_FAILURE` for a runtime failure, :data:`EXIT_USAGE` for a usage or config
+error, :data:`EXIT_STOPPED` for a run that stopped before completing without arcsim itself being
+signalled, and 128 + the signal's number when SIGINT or SIGTERM stopped it (130, 143). Errors are one
+line, ``arcsim: error: ...``; the commands import torch only once the cheap checks have passed, so a
+simple mistake is reported the same way on a machine without it.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +15,33 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-if TYPE_CHECKING:
+from arcsim.flags import USAGE_ERROR, Parser
+
+if TYPE_CHECKING:  # these import torch or grpc: the commands import them when they need them
     import grpc
+
+    from arcsim.config import RunConfig
+    from coordinator.rounds import RoundRecord, RunState
+    from workers.service import WorkerSettings
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = USAGE_ERROR
+EXIT_STOPPED = 3
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (exit 2), found before anything heavy is imported."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,12 +81,17 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            # The parser's one-line problem ("expected ',' or ']'"), not its multi-line context.
+            reason = getattr(error, "problem", None) or " ".join(str(error).split())
+            raise UsageError(f"--set {pair!r}: the value is not valid YAML ({reason})") from None
     return out
 
 
-def _uvloop_run(coro):
+def _uvloop_run(coro: Coroutine[Any, Any, Any]) -> Any:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
@@ -69,28 +100,21 @@ def _uvloop_run(coro):
 
 
 # --- TLS (arcsim.certs) -------------------------------------------------------------------------
-def _tls_path(value: str | None, env: str) -> str | None:
-    """A TLS flag's value, else its environment variable's (containers), else None (plaintext)."""
-    return value or os.environ.get(env) or None
-
-
 def _server_tls(args: argparse.Namespace) -> grpc.ServerCredentials | None:
     """The coordinator's ``grpc.ServerCredentials``, or None to serve plaintext (the default).
 
     --tls-cert and --tls-key: TLS; --tls-client-ca as well: mutual TLS (clients need a certificate
-    signed by that CA). Each falls back to its $ARCSIM_TLS_SERVER_CERT / _SERVER_KEY / _CLIENT_CA.
+    signed by that CA). Each falls back to its $ARCSIM_TLS_SERVER_CERT / _SERVER_KEY / _CLIENT_CA (the parser).
     """
     from arcsim import certs
 
-    cert = _tls_path(args.tls_cert, certs.SERVER_CERT_ENV)
-    key = _tls_path(args.tls_key, certs.SERVER_KEY_ENV)
-    client_ca = _tls_path(args.tls_client_ca, certs.CLIENT_CA_ENV)
+    cert, key, client_ca = args.tls_cert or None, args.tls_key or None, args.tls_client_ca or None
     if (cert is None) != (key is None):
-        raise ValueError(f"--tls-cert and --tls-key go together (or ${certs.SERVER_CERT_ENV} and "
+        raise UsageError(f"--tls-cert and --tls-key go together (or ${certs.SERVER_CERT_ENV} and "
                          f"${certs.SERVER_KEY_ENV}): give the coordinator's certificate and its key, or neither")
     if cert is None:
         if client_ca is not None:
-            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: the coordinator serves TLS "
+            raise UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: the coordinator serves TLS "
                              "before it can ask for client certificates")
         return None
     return certs.server_credentials(cert, key, client_ca=client_ca)
@@ -101,21 +125,19 @@ def _client_tls(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | Non
     coordinator's certificate for; (None, None) for plaintext (the default).
 
     --tls-ca: TLS, trusting that CA; --tls-cert and --tls-key as well: mutual TLS. Each falls back
-    to its $ARCSIM_TLS_CA / _CLIENT_CERT / _CLIENT_KEY / _SERVER_NAME.
+    to its $ARCSIM_TLS_CA / _CLIENT_CERT / _CLIENT_KEY / _SERVER_NAME (the parser).
     """
     from arcsim import certs
 
-    ca = _tls_path(args.tls_ca, certs.CA_ENV)
-    cert = _tls_path(args.tls_cert, certs.CLIENT_CERT_ENV)
-    key = _tls_path(args.tls_key, certs.CLIENT_KEY_ENV)
-    server_name = _tls_path(args.tls_server_name, certs.SERVER_NAME_ENV)
+    ca, cert, key = args.tls_ca or None, args.tls_cert or None, args.tls_key or None
+    server_name = args.tls_server_name or None
     if (cert is None) != (key is None):
-        raise ValueError(f"--tls-cert and --tls-key go together (or ${certs.CLIENT_CERT_ENV} and "
+        raise UsageError(f"--tls-cert and --tls-key go together (or ${certs.CLIENT_CERT_ENV} and "
                          f"${certs.CLIENT_KEY_ENV}): give the client certificate and its key, or neither")
     if ca is None:
         if cert is not None or server_name is not None:
             given = "--tls-cert/--tls-key" if cert is not None else "--tls-server-name"
-            raise ValueError(f"{given} needs --tls-ca (or ${certs.CA_ENV}): the CA that signed the coordinator's "
+            raise UsageError(f"{given} needs --tls-ca (or ${certs.CA_ENV}): the CA that signed the coordinator's "
                              "certificate")
         return None, None
     return certs.channel_credentials(ca, cert=cert, key=key), server_name
@@ -123,75 +145,107 @@ def _client_tls(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | Non
 
 # --- commands ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from arcsim.config import load_config
-    from arcsim.progress import Progress, format_summary
-    from arcsim.tasks import load_dataset
+    from arcsim.launcher import stop_on_sigterm
+    from arcsim.progress import format_summary
 
+    # The checks that need no torch come first, so that a mistake reads the same everywhere.
     config_path = Path(args.config)
-    config = load_config(config_path, _overrides(args.set))
+    if not config_path.is_file():
+        raise UsageError(f"config file not found: {config_path}")
+    overrides = _overrides(args.set)
     out_dir = Path(args.out) if args.out else Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and not (out_dir / "checkpoints").is_dir():
-        raise ValueError(f"--resume: {out_dir} has no checkpoints to resume from")
+        raise UsageError(f"--resume: {out_dir} has no checkpoints to resume from")
     if not args.resume and (out_dir / "summary.json").exists():
-        raise ValueError(f"{out_dir} already holds a finished run; choose another --out or pass --resume")
+        raise UsageError(f"{out_dir} already holds a {_run_status(out_dir)} run; choose another --out or pass --resume")
+
+    from arcsim.config import load_config
+    from arcsim.tasks import load_dataset
+
+    config = load_config(config_path, overrides)
     load_dataset(config.task, root=config.data_root, seed=config.seed)  # fail early, with the fix, if data is missing
     _one_thread()
-    if args.engine == "inproc":
-        from coordinator.inproc import run_inproc
+    with stop_on_sigterm():  # SIGTERM stops like Ctrl-C: children stopped, last rounds checkpointed
+        if args.engine == "inproc":
+            summary = _run_inproc(args, config, out_dir)
+        else:
+            if config_path.suffix not in (".yaml", ".yml") or args.set:
+                resolved = out_dir / "config.requested.yaml"
+                out_dir.mkdir(parents=True, exist_ok=True)
+                resolved.write_text(config.to_yaml())
+                config_path = resolved
+            from arcsim.launcher import run_grpc
 
-        display = Progress(config.rounds) if not args.no_progress else None
-        metrics = None
-        if args.metrics_port is not None:
-            from coordinator.metrics import CoordinatorMetrics
-
-            metrics = CoordinatorMetrics()
-            metrics.serve(args.metrics_port)
-
-        def on_round(state, record) -> None:
-            if metrics is not None:
-                metrics.observe_round(record)
-            if display is not None:
-                display.update(json.loads(record.to_json()))
-
-        try:
-            summary = run_inproc(config, out_dir, resume=args.resume, device=args.device, on_round=on_round,
-                                 batch_workers=args.batch_workers)
-        finally:
-            if display is not None:
-                display.close()
-    else:
-        if config_path.suffix not in (".yaml", ".yml") or args.set:
-            resolved = out_dir / "config.requested.yaml"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            resolved.write_text(config.to_yaml())
-            config_path = resolved
-        from arcsim.launcher import run_grpc
-
-        summary = run_grpc(config_path, config, out_dir, resume=args.resume, metrics_port=args.metrics_port,
-                           device=args.device, progress=not args.no_progress)
+            summary = run_grpc(config_path, config, out_dir, resume=args.resume, metrics_port=args.metrics_port,
+                               device=args.device, progress=not args.no_progress)
     print(format_summary(summary, str(out_dir)))
-    return 0
+    if summary["status"] != "completed":
+        # E.g. the coordinator alone got SIGTERM: it stopped at its last checkpoint and said so.
+        print(f"arcsim: the run stopped before completing ({summary['status']}, {summary['rounds_completed']} of "
+              f"{summary['config']['rounds']} rounds); continue it with --resume --out {out_dir}", file=sys.stderr)
+        return EXIT_STOPPED
+    return EXIT_OK
+
+
+def _run_status(out_dir: Path) -> str:
+    """'finished', or the status of a summary that says the run stopped early (e.g. 'stopped')."""
+    try:
+        status = json.loads((out_dir / "summary.json").read_text()).get("status", "completed")
+    except (OSError, ValueError, AttributeError):
+        return "finished"
+    return "finished" if status == "completed" else str(status)
+
+
+def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> dict[str, Any]:
+    from arcsim.progress import Progress
+    from coordinator.inproc import run_inproc
+
+    display = Progress(config.rounds) if not args.no_progress else None
+    metrics = None
+    if args.metrics_port is not None:
+        from coordinator.metrics import CoordinatorMetrics
+
+        metrics = CoordinatorMetrics()
+        metrics.serve(args.metrics_port)
+
+    def on_round(state: RunState, record: RoundRecord) -> None:
+        if metrics is not None:
+            metrics.observe_round(record)
+        if display is not None:
+            display.update(json.loads(record.to_json()))
+
+    try:
+        return run_inproc(config, out_dir, resume=args.resume, device=args.device, on_round=on_round,
+                          batch_workers=args.batch_workers)
+    finally:
+        if display is not None:
+            display.close()
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from arcsim.auth import read_secret
     from arcsim.certs import CLIENT_CA_ENV
-    from arcsim.config import load_config
-    from coordinator.service import CoordinatorSettings, serve
-
     from arcsim.launcher import follow_parent
 
     server_credentials = _server_tls(args)  # bad TLS options fail before anything starts
+    secret = read_secret(args.secret_file)
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise UsageError(f"config file not found: {config_path}")
+
+    from arcsim.config import load_config
+    from coordinator.service import CoordinatorSettings, serve
+
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     if server_credentials is not None:
-        mutual = _tls_path(args.tls_client_ca, CLIENT_CA_ENV) is not None
+        mutual = bool(args.tls_client_ca)
         logging.getLogger("arcsim.coordinator").info(json.dumps({"event": "tls", "mutual": mutual}))
     _one_thread()
-    config = load_config(args.config)
+    config = load_config(config_path)
     resume = args.resume or (args.resume_if_present and any((Path(args.out) / "checkpoints").glob("*.ckpt")))
     settings = CoordinatorSettings(
-        config=config, out_dir=Path(args.out), secret=read_secret(args.secret_file), host=args.host, port=args.port,
+        config=config, out_dir=Path(args.out), secret=secret, host=args.host, port=args.port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=resume, quorum=args.quorum,
         join_timeout=args.join_timeout, device=args.device, linger=args.linger,
         server_credentials=server_credentials,
@@ -200,7 +254,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     summary = _uvloop_run(serve(settings))
     logging.getLogger("arcsim.coordinator").info(json.dumps({"event": "summary", **{
         k: summary[k] for k in ("status", "rounds_completed", "final_accuracy", "final_params_sha256")}}))
-    return 0 if summary["status"] in ("completed", "stopped") else 1
+    # A service stopped on request (SIGTERM from its supervisor) has done its job: exit 0, so that a
+    # restart policy "on-failure" leaves it stopped. `arcsim run` reads the summary's status instead.
+    return EXIT_OK if summary["status"] in ("completed", "stopped") else EXIT_FAILURE
 
 
 def _worker_id(text: str) -> int:
@@ -217,14 +273,13 @@ def _worker_id(text: str) -> int:
     return value
 
 
-def _worker_settings(args: argparse.Namespace, role: str) -> list:
+def _worker_settings(args: argparse.Namespace, role: str) -> list[WorkerSettings]:
     """One WorkerSettings per --worker-id, with its credentials.
 
     Credentials: --token-file (one token per line, in the order of the ids), else $ARCSIM_TOKEN
     (tokens separated by commas), else derived from $ARCSIM_SECRET on a trusted testbed. TLS: _client_tls.
     """
     from arcsim.auth import SECRET_ENV, TOKEN_ENV, worker_token
-    from workers.service import WorkerSettings
 
     ids = args.worker_id if isinstance(args.worker_id, list) else [args.worker_id]
     if args.token_file:
@@ -235,37 +290,47 @@ def _worker_settings(args: argparse.Namespace, role: str) -> list:
         # A trusted testbed hands every service the run secret; each derives its own credentials.
         tokens = [worker_token(os.environ[SECRET_ENV], role, worker_id) for worker_id in ids]
     if not tokens:
-        raise ValueError(f"no credentials: pass --token-file, or set {TOKEN_ENV} (or {SECRET_ENV} on a trusted testbed)")
+        raise UsageError(f"no credentials: pass --token-file, or set {TOKEN_ENV} (or {SECRET_ENV} on a trusted "
+                         "testbed)")
     if len(tokens) != len(ids):
-        raise ValueError(f"{len(ids)} worker id(s) but {len(tokens)} token(s): give one token per id, in order")
+        raise UsageError(f"{len(ids)} worker id(s) but {len(tokens)} token(s): give one token per id, in order")
     channel_credentials, server_name = _client_tls(args)
+
+    from workers.service import WorkerSettings
+
     return [WorkerSettings(coordinator=args.coordinator, worker_id=worker_id, token=token, device=args.device,
                            max_retry_seconds=args.max_retry_seconds, channel_credentials=channel_credentials,
-                           tls_server_name=server_name) for worker_id, token in zip(ids, tokens)]
+                           tls_server_name=server_name, metrics_port=args.metrics_port,
+                           metrics_host=args.metrics_host)
+            for worker_id, token in zip(ids, tokens)]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from arcsim.launcher import follow_parent
-    from workers.service import run_worker
 
     settings = _worker_settings(args, "honest")[0]
+
+    from workers.service import run_worker
+
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
     _uvloop_run(run_worker(settings))
-    return 0
+    return EXIT_OK
 
 
 def cmd_adversary(args: argparse.Namespace) -> int:
-    from adversaries.service import run_adversaries
     from arcsim.launcher import follow_parent
 
     settings = _worker_settings(args, "byzantine")
+
+    from adversaries.service import run_adversaries
+
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
     _one_thread()
     _uvloop_run(run_adversaries(settings))
-    return 0
+    return EXIT_OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -279,9 +344,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     from arcsim.certs import SERVER_NAME_OPTION
 
-    address = args.address or os.environ.get("ARCSIM_HEALTH_ADDRESS", "")
+    address = args.address or ""
     if not address:
-        return 0
+        return EXIT_OK
     credentials, server_name = _client_tls(args)
     options = [(SERVER_NAME_OPTION, server_name)] if server_name else []
     channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
@@ -292,10 +357,10 @@ def cmd_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service="arcsim.v1.Coordinator"), timeout=args.timeout)
         except grpc.RpcError as error:
             print(f"unhealthy: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+            return EXIT_FAILURE
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     print("serving" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    return 0 if serving else 1
+    return EXIT_OK if serving else EXIT_FAILURE
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -309,7 +374,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
           f"  workers:     --tls-ca {files.ca_cert}  [--tls-cert {files.client_cert} --tls-key {files.client_key}]\n"
           f"  the coordinator's certificate is valid for: {', '.join(str(n.value) for n in server_names(args.host))}\n"
           f"  {files.ca_key} is only needed to issue certificates: give it to no service")
-    return 0
+    return EXIT_OK
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -318,7 +383,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     dest = Path(args.dest) if args.dest else user_cache_dir() / "fashion-mnist"
     path = download_fashion_mnist(dest)
     print(f"fashion-mnist downloaded and verified in {path}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -331,10 +396,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for run in plan.runs:
             print(f"  {'complete' if is_complete(out_dir / run.name, run.config) else 'to run  '}  {run.name}")
         print(f"results would go to {out_dir}")
-        return 0
+        return EXIT_OK
     outcome = run_sweep(plan, out_dir, jobs=args.jobs, executor=args.executor, ray_address=args.ray_address,
                         device=args.device)
-    return 0 if outcome.ok else 1
+    return EXIT_OK if outcome.ok else EXIT_FAILURE
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -344,107 +409,192 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"report of {result.runs} runs: {result.markdown} and {len(result.plots)} plots in "
           f"{result.markdown.parent / 'plots'}" + (f" ({len(result.left_out)} runs not complete, left out)"
                                                     if result.left_out else ""))
-    return 0
+    return EXIT_OK
 
 
-def _add_client_tls(p: argparse.ArgumentParser) -> None:
+# --- the parser ---------------------------------------------------------------------------------
+def version() -> str:
+    """The installed distribution's version (package metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("arcsim")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from arcsim import __version__
+
+        return __version__
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _add_service_common(p: Parser, *, device: tuple[str, ...], default_device: str) -> None:
+    p.add_argument("--device", choices=device, default=default_device, help="where this service computes")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info", help="log threshold")
+
+
+def _add_client_tls(p: Parser) -> None:
     """TLS options of a client of the coordinator (worker, adversary, health); plaintext by default."""
-    p.add_argument("--tls-ca", metavar="PEM",
-                   help="connect over TLS, trusting this CA, e.g. ca.pem of `arcsim certs` (else $ARCSIM_TLS_CA)")
-    p.add_argument("--tls-cert", metavar="PEM",
-                   help="mutual TLS: present this client certificate, e.g. client.pem (else $ARCSIM_TLS_CLIENT_CERT)")
-    p.add_argument("--tls-key", metavar="PEM", help="its private key (else $ARCSIM_TLS_CLIENT_KEY)")
-    p.add_argument("--tls-server-name", metavar="NAME",
+    from arcsim import certs
+
+    p.add_argument("--tls-ca", metavar="PEM", env=certs.CA_ENV,
+                   help="connect over TLS, trusting this CA, e.g. ca.pem of `arcsim certs`")
+    p.add_argument("--tls-cert", metavar="PEM", env=certs.CLIENT_CERT_ENV,
+                   help="mutual TLS: present this client certificate, e.g. client.pem")
+    p.add_argument("--tls-key", metavar="PEM", env=certs.CLIENT_KEY_ENV, help="its private key")
+    p.add_argument("--tls-server-name", metavar="NAME", env=certs.SERVER_NAME_ENV,
                    help="the name the coordinator's certificate must carry, when --coordinator/--address uses "
-                        "another (e.g. an IP address the certificate lacks; else $ARCSIM_TLS_SERVER_NAME)")
+                        "another (e.g. an IP address the certificate lacks)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arcsim", description="Byzantine-robust distributed learning testbed (ARC).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run an experiment on this machine")
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser(
+        "run", help="run an experiment on this machine",
+        description="Run an experiment to its end: the coordinator, the honest workers and the adversaries as "
+                    "processes talking gRPC over loopback (--engine grpc), or the same rounds in one process "
+                    "(--engine inproc, bit-for-bit the same final parameters). Results go in --out: summary.json, "
+                    "rounds.jsonl, checkpoints/ (and logs/ for grpc).",
+        epilog=_examples("arcsim run configs/default.yaml",
+                         "arcsim run configs/small.yaml --engine inproc --set attack=sign_flip",
+                         "arcsim run configs/default.yaml --out runs/a --resume   # continue after a crash")
+               + "\n\nexit status: 0 completed, 1 runtime failure, 2 usage or config error, 3 stopped before "
+                 "completing,\n130/143 stopped by SIGINT/SIGTERM (resume with --resume)")
     run.add_argument("config", help="YAML run config (e.g. configs/default.yaml)")
     run.add_argument("--engine", choices=("grpc", "inproc"), default="grpc",
-                     help="grpc: real services over loopback (default); inproc: one process, same results")
-    run.add_argument("--out", help="results folder (default runs/<config>-<time>)")
-    run.add_argument("--metrics-port", type=int, help="serve the coordinator's /metrics on this port")
+                     help="grpc: real services over loopback; inproc: one process, same results")
+    run.add_argument("--out", help="results folder (default: runs/<config>-<time>)")
+    run.add_argument("--metrics-port", type=int, help="serve the coordinator's /metrics on this port (default: none)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where workers compute")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (repeatable; the value is YAML)")
     run.add_argument("--no-progress", action="store_true", help="no live progress line")
     run.add_argument("--batch-workers", action="store_true",
                      help="inproc: honest gradients in one vmapped call (faster on GPU; equal up to rounding)")
     run.set_defaults(func=cmd_run)
 
-    coord = sub.add_parser("coordinator", help="the coordinator service")
-    coord.add_argument("--config", required=True)
+
+def _add_coordinator(sub: Any) -> None:
+    from arcsim import certs
+
+    coord = sub.add_parser(
+        "coordinator", help="the coordinator service", env_fallback=True,
+        description="The coordinator: serves the gRPC Coordinator service, runs the rounds (aggregation, "
+                    "evaluation, checkpoints) and writes the results into --out. Every flag can be given as an "
+                    "environment variable instead (shown with each); the run secret comes from --secret-file or "
+                    "ARCSIM_SECRET. SIGTERM stops it at its last checkpoint (exit 0); --resume continues.",
+        epilog=_examples("ARCSIM_SECRET=... arcsim coordinator --config configs/default.yaml --out runs/x "
+                         "--host 0.0.0.0 --metrics-port 9464",
+                         "ARCSIM_CONFIG=configs/default.yaml ARCSIM_OUT=/runs/x ARCSIM_RESUME_IF_PRESENT=true "
+                         "arcsim coordinator"))
+    coord.add_argument("--config", required=True, help="YAML run config")
     coord.add_argument("--out", required=True, help="results and checkpoints folder")
     coord.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     coord.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    coord.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
-    coord.add_argument("--metrics-host", default="127.0.0.1")
+    coord.add_argument("--metrics-port", type=int, help="serve /metrics on this port (default: no /metrics)")
+    coord.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on")
     coord.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     coord.add_argument("--resume-if-present", action="store_true",
                        help="resume when --out holds checkpoints, else start fresh (for restarting containers)")
-    coord.add_argument("--secret-file", help="run secret (else $ARCSIM_SECRET)")
+    coord.add_argument("--secret-file", help="run secret (else ARCSIM_SECRET)")
     coord.add_argument("--quorum", type=int, help="vectors that close a round early (default: all workers)")
-    coord.add_argument("--join-timeout", type=float, default=120.0)
+    coord.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for every worker to join")
     coord.add_argument("--linger", type=float, default=0.0,
                        help="keep /metrics up this many seconds after the run ends (for Prometheus' last scrape)")
-    coord.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    coord.add_argument("--log-level", default="info")
-    coord.add_argument("--tls-cert", metavar="PEM",
-                       help="serve TLS with this certificate, e.g. server.pem of `arcsim certs` "
-                            "(else $ARCSIM_TLS_SERVER_CERT; default: plaintext)")
-    coord.add_argument("--tls-key", metavar="PEM", help="its private key (else $ARCSIM_TLS_SERVER_KEY)")
-    coord.add_argument("--tls-client-ca", metavar="PEM",
-                       help="mutual TLS: require client certificates signed by this CA, e.g. ca.pem "
-                            "(else $ARCSIM_TLS_CLIENT_CA)")
+    _add_service_common(coord, device=("cpu", "cuda"), default_device="cpu")
+    coord.add_argument("--tls-cert", metavar="PEM", env=certs.SERVER_CERT_ENV,
+                       help="serve TLS with this certificate, e.g. server.pem of `arcsim certs` (default: plaintext)")
+    coord.add_argument("--tls-key", metavar="PEM", env=certs.SERVER_KEY_ENV, help="its private key")
+    coord.add_argument("--tls-client-ca", metavar="PEM", env=certs.CLIENT_CA_ENV,
+                       help="mutual TLS: require client certificates signed by this CA, e.g. ca.pem")
     coord.set_defaults(func=cmd_coordinator)
 
+
+def _add_workers(sub: Any) -> None:
     for name, func, help_text in (("worker", cmd_worker, "an honest worker service"),
                                   ("adversary", cmd_adversary, "a Byzantine worker service")):
-        p = sub.add_parser(name, help=help_text)
+        if name == "worker":
+            description = ("An honest worker: joins the coordinator, trains on its shard and sends its momentum "
+                           "vector every round; reconnects by itself after faults.")
+            examples = _examples("ARCSIM_TOKEN=... arcsim worker --coordinator HOST:50051 --worker-id 0",
+                                 "ARCSIM_SECRET=... ARCSIM_COORDINATOR=coordinator:50051 ARCSIM_WORKER_ID=auto "
+                                 "arcsim worker")
+        else:
+            description = ("Byzantine workers: one process holds every --worker-id given (they collude, observing "
+                           "and crafting once per round) and runs the config's attack.")
+            examples = _examples("ARCSIM_TOKEN=t10,t11 arcsim adversary --coordinator HOST:50051 --worker-id 10 "
+                                 "--worker-id 11",
+                                 "ARCSIM_SECRET=... ARCSIM_COORDINATOR=coordinator:50051 ARCSIM_WORKER_ID=10,11 "
+                                 "arcsim adversary")
+        p = sub.add_parser(name, help=help_text, env_fallback=True, epilog=examples,
+                           description=description + " Every flag can be given as an environment variable "
+                                                     "instead (shown with each); credentials come from "
+                                                     "--token-file, ARCSIM_TOKEN or ARCSIM_SECRET.")
         p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
         if name == "adversary":
             p.add_argument("--worker-id", type=_worker_id, required=True, action="append",
-                           help="a Byzantine id, or 'auto'; repeat it to hold several colluding ids in one process")
+                           help="a Byzantine id, or 'auto'; repeat it to hold several colluding ids in one process "
+                                "(the variable: a comma-separated list)")
         else:
             p.add_argument("--worker-id", type=_worker_id, required=True,
                            help="this worker's id, or 'auto' for the first free id of its role")
-        p.add_argument("--token-file", help="credentials (else $ARCSIM_TOKEN)")
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        p.add_argument("--max-retry-seconds", type=float, default=300.0)
-        p.add_argument("--log-level", default="info")
+        p.add_argument("--token-file", help="credentials, one token per id (else ARCSIM_TOKEN)")
+        p.add_argument("--max-retry-seconds", type=float, default=300.0,
+                       help="give up after this many seconds without reaching the coordinator")
+        p.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port (default: none)")
+        p.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on")
+        _add_service_common(p, device=("auto", "cpu", "cuda"), default_device="auto")
         _add_client_tls(p)
         p.set_defaults(func=func)
 
-    sweep = sub.add_parser("sweep", help="run a grid of experiments (any config value may be a list), resumable")
+
+def _add_sweep_and_report(sub: Any) -> None:
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of experiments (any config value may be a list), resumable",
+        description="Run every combination of a sweep config's lists (see arcsim/sweep.py for bundles, exclusions "
+                    "and the f = 0 baseline), each run in its own folder under --out; rerunning resumes it. Exits 1 "
+                    "when a run failed.",
+        epilog=_examples("arcsim sweep configs/paper/fashion-extreme.yaml --jobs 2",
+                         "arcsim sweep configs/paper/fashion-extreme.yaml --dry-run"))
     sweep.add_argument("config", help="YAML sweep config: a run config whose values may be lists (see arcsim.sweep)")
     sweep.add_argument("--jobs", type=int, help="runs in parallel (default: CPU cores; ray: no limit)")
-    sweep.add_argument("--out", help="sweep folder (default runs/<sweep name>); rerunning resumes it")
+    sweep.add_argument("--out", help="sweep folder (default: runs/<sweep name>); rerunning resumes it")
     sweep.add_argument("--executor", choices=("local", "ray"), default="local",
-                       help="local: a process pool here (default); ray: tasks on a Ray cluster")
+                       help="local: a process pool here; ray: tasks on a Ray cluster")
     sweep.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray instance)")
     sweep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each run computes")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are complete; run nothing")
     sweep.set_defaults(func=cmd_sweep)
 
-    report = sub.add_parser("report", help="tables (markdown) and plots (PNG) of a run or a sweep")
+    report = sub.add_parser(
+        "report", help="tables (markdown) and plots (PNG) of a run or a sweep",
+        description="Write DIR/report.md (per pipeline and attack, the maximum over evaluations of the "
+                    "seed-averaged accuracy, and the worst case over attacks) and PNG plots in DIR/plots.",
+        epilog=_examples("arcsim report runs/paper-fashion-extreme"))
     report.add_argument("dir", help="a run folder or a sweep folder")
     report.set_defaults(func=cmd_report)
 
-    health = sub.add_parser("health", help="check a coordinator's gRPC health (container health checks)")
-    health.add_argument("--address", help="host:port (default $ARCSIM_HEALTH_ADDRESS; none: healthy)")
-    health.add_argument("--timeout", type=float, default=3.0)
+
+def _add_health_certs_data(sub: Any) -> None:
+    health = sub.add_parser(
+        "health", help="check a coordinator's gRPC health (container health checks)", env_fallback=True,
+        description="Exit 0 when the coordinator at --address reports SERVING, 1 otherwise; with no address "
+                    "(a worker's container) exit 0. Every flag can be given as an environment variable instead.",
+        epilog=_examples("arcsim health --address 127.0.0.1:50051",
+                         "ARCSIM_HEALTH_ADDRESS=127.0.0.1:50051 ARCSIM_TLS_CA=/certs/ca.pem arcsim health"))
+    health.add_argument("--address", env="ARCSIM_HEALTH_ADDRESS", help="host:port (none: healthy)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     _add_client_tls(health)
     health.set_defaults(func=cmd_health)
 
-    certs = sub.add_parser("certs", help="make a testbed CA and certificates for TLS and mutual TLS",
-                           description="Write ca.pem, ca.key (the testbed CA), server.pem, server.key (the "
-                                       "coordinator's) and client.pem, client.key (one client certificate for "
-                                       "every worker, for mutual TLS) into DIR; keys mode 0600.")
+    certs = sub.add_parser(
+        "certs", help="make a testbed CA and certificates for TLS and mutual TLS",
+        description="Write ca.pem, ca.key (the testbed CA), server.pem, server.key (the coordinator's) and "
+                    "client.pem, client.key (one client certificate for every worker, for mutual TLS) into DIR; "
+                    "keys mode 0600.",
+        epilog=_examples("arcsim certs certs/ --host coordinator.example.org --host 10.0.0.5"))
     certs.add_argument("dir", help="folder for the PEM files (made if missing)")
     certs.add_argument("--host", action="append", default=[], metavar="NAME",
                        help="a DNS name or IP address workers reach the coordinator by; repeat it. Always "
@@ -452,31 +602,61 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--force", action="store_true", help="replace the files of an earlier `arcsim certs`")
     certs.set_defaults(func=cmd_certs)
 
-    data = sub.add_parser("data", help="datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    download = data_sub.add_parser("download", help="download a dataset with checksum verification")
-    download.add_argument("name", choices=("fashion-mnist",))
-    download.add_argument("--dest")
+    data = sub.add_parser("data", help="datasets", description="Fetch the datasets arcsim cannot find offline.",
+                          epilog=_examples("arcsim data download fashion-mnist"))
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{download}")
+    download = data_sub.add_parser(
+        "download", help="download a dataset with checksum verification",
+        description="Download a dataset into --dest and verify its checksums.",
+        epilog=_examples("arcsim data download fashion-mnist",
+                         "arcsim data download fashion-mnist --dest /data/fashion-mnist"))
+    download.add_argument("name", choices=("fashion-mnist",), help="the dataset")
+    download.add_argument("--dest", help="folder (default: the user cache, e.g. ~/.cache/arcsim/fashion-mnist)")
     download.set_defaults(func=cmd_data)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="arcsim", description="Byzantine-robust distributed learning testbed (ARC).",
+                    epilog=_examples("arcsim run configs/default.yaml", "arcsim run --help"))
+    parser.add_argument("--version", action="version", version=f"arcsim {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_coordinator(sub)
+    _add_workers(sub)
+    _add_sweep_and_report(sub)
+    _add_health_certs_data(sub)
     return parser
 
 
+def service_env_variables() -> frozenset[str]:
+    """The ARCSIM_* variables the service commands read as flags (the launcher keeps them from its children)."""
+    return build_parser().env_variables()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line; returns the exit status (see the module's docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version (0) and usage errors (2), as a status like any other
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("arcsim: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # one clear line for the user; the services' logs keep the details
-        from arcsim.config import ConfigError
-        from arcsim.tasks import DatasetUnavailable
-
-        known = (ConfigError, DatasetUnavailable, ValueError, OSError, RuntimeError)
-        if not isinstance(error, known):
-            raise
+    except KeyboardInterrupt as error:
+        # Ctrl-C, or SIGTERM (arcsim.launcher.stop_on_sigterm): the children are stopped and the last
+        # rounds checkpointed by now; exit as the shell reports a process ended by that signal.
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"arcsim: interrupted by {signal.Signals(signum).name}; continue with --resume", file=sys.stderr)
+        return 128 + signum
+    except ImportError as error:
+        # Reported without importing anything more (no chained tracebacks on a machine missing a package).
+        print(f"arcsim: error: {error}: this command needs it (install arcsim's dependencies, e.g. make venv)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    except (ValueError, OSError, RuntimeError) as error:
+        # One clear line for the user; the services' logs keep the details. ValueError covers
+        # arcsim.config.ConfigError; RuntimeError covers arcsim.tasks.DatasetUnavailable and LaunchError.
         print(f"arcsim: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, (ConfigError, ValueError)) else 1
+        return EXIT_USAGE if isinstance(error, ValueError) else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ The coordinator binds a free loopback port and writes it to ``DIR/coordinator.js
 then starts one process per honest worker and one adversary process holding every Byzantine id
 (they collude: one observation and one crafted matrix per round), with their own credentials
 (derived from a fresh run secret, passed through the environment), follows ``DIR/rounds.jsonl`` for the
-progress display, and stops every child it started on exit, Ctrl-C or SIGTERM.
+progress display, and stops every child it started on exit, Ctrl-C or SIGTERM. The children get
+every flag on their command line: the ``ARCSIM_*`` variables the services would read as flags
+(arcsim.flags) are kept out of their environment, so a variable meant for a container does not
+reach a launched run.
 
 The children run in their own sessions, so a terminal's Ctrl-C reaches the launcher alone, which
 then stops each child once (a coordinator that got the terminal's SIGINT and then the launcher's
@@ -15,6 +18,7 @@ commands, ties its life to the launcher's, so no service runs on unattended.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,12 +26,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arcsim.auth import SECRET_ENV, TOKEN_ENV, new_secret, worker_token
-from arcsim.config import RunConfig
 from arcsim.progress import Progress
+
+if TYPE_CHECKING:  # arcsim.config imports torch; the service commands import this module before they need it
+    from arcsim.config import RunConfig
 
 
 PARENT_ENV = "ARCSIM_LAUNCHER_PID"
@@ -36,6 +43,33 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 class LaunchError(RuntimeError):
     """A service failed to start or died; the message says which and points at its log."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal asked the run to stop. A KeyboardInterrupt, so that everything that cleans up after
+    Ctrl-C (stopping children, checkpointing the last rounds) does so for SIGTERM too; ``signum``
+    gives the exit status (128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Stopped` in the main thread (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def follow_parent() -> None:
@@ -73,7 +107,12 @@ def follow_parent() -> None:
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
+    from arcsim.cli import service_env_variables
+
+    # The launcher decides every service flag; a service variable set for a container (say
+    # ARCSIM_METRICS_PORT) would otherwise give every launched worker the same port.
+    drop = service_env_variables()
+    env = {name: value for name, value in os.environ.items() if name not in drop}
     # One torch thread per process: parallelism comes from processes (2-core machines oversubscribe
     # badly), and equal thread counts give bitwise-equal results across engines.
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -116,52 +155,59 @@ def run_grpc(
         coordinator_args += ["--metrics-port", str(metrics_port)]
     if resume:
         coordinator_args.append("--resume")
-    display = Progress(config.rounds) if progress else None
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # stop like Ctrl-C: the finally below stops every child first
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
-    try:
-        coordinator = start("coordinator", coordinator_args, {SECRET_ENV: secret})
-        deadline = time.monotonic() + startup_timeout
-        while not endpoint_file.exists():
-            if coordinator.poll() is not None:
+    display: Progress | None = None
+    # SIGTERM stops like Ctrl-C: the finally below stops every child first.
+    with stop_on_sigterm():
+        try:
+            coordinator = start("coordinator", coordinator_args, {SECRET_ENV: secret})
+            deadline = time.monotonic() + startup_timeout
+            while not endpoint_file.exists():
+                if coordinator.poll() is not None:
+                    raise LaunchError(_died("coordinator", logs))
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"the coordinator did not start within {startup_timeout:.0f}s; "
+                                      f"see {logs}/coordinator.log")
+                time.sleep(0.05)
+            endpoint = json.loads(endpoint_file.read_text())
+            address = f"127.0.0.1:{endpoint['port']}"
+            if progress:
+                # The coordinator has loaded its checkpoint (it writes the endpoint after): the records
+                # in rounds.jsonl now are the rounds done before, which the display's rate leaves out.
+                display = Progress(config.rounds, rounds_before=_records_in(out_dir / "rounds.jsonl"))
+            for worker_id in range(config.num_honest):
+                start(f"worker-{worker_id}", ["worker", "--coordinator", address, "--worker-id", str(worker_id),
+                                              "--device", device],
+                      {TOKEN_ENV: worker_token(secret, "honest", worker_id)})
+            byzantine = list(range(config.num_honest, config.num_workers))
+            if byzantine:
+                # One process for all the Byzantine ids: they collude, so it observes and crafts once a round.
+                args = ["adversary", "--coordinator", address, "--device", device]
+                for worker_id in byzantine:
+                    args += ["--worker-id", str(worker_id)]
+                start("adversary", args,
+                      {TOKEN_ENV: ",".join(worker_token(secret, "byzantine", worker_id) for worker_id in byzantine)})
+            _follow(coordinator, children, out_dir, display)
+            if coordinator.returncode != 0:
                 raise LaunchError(_died("coordinator", logs))
-            if time.monotonic() > deadline:
-                raise LaunchError(f"the coordinator did not start within {startup_timeout:.0f}s; see {logs}/coordinator.log")
-            time.sleep(0.05)
-        endpoint = json.loads(endpoint_file.read_text())
-        address = f"127.0.0.1:{endpoint['port']}"
-        for worker_id in range(config.num_honest):
-            start(f"worker-{worker_id}", ["worker", "--coordinator", address, "--worker-id", str(worker_id),
-                                          "--device", device],
-                  {TOKEN_ENV: worker_token(secret, "honest", worker_id)})
-        byzantine = list(range(config.num_honest, config.num_workers))
-        if byzantine:
-            # One process for all the Byzantine ids: they collude, so it observes and crafts once a round.
-            args = ["adversary", "--coordinator", address, "--device", device]
-            for worker_id in byzantine:
-                args += ["--worker-id", str(worker_id)]
-            start("adversary", args,
-                  {TOKEN_ENV: ",".join(worker_token(secret, "byzantine", worker_id) for worker_id in byzantine)})
-        _follow(coordinator, children, out_dir, display)
-        if coordinator.returncode != 0:
-            raise LaunchError(_died("coordinator", logs))
-        for name, proc in children[1:]:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-        summary_file = out_dir / "summary.json"
-        return json.loads(summary_file.read_text())
-    finally:
-        if display is not None:
-            display.close()
-        _stop_all(children)
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            for name, proc in children[1:]:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+            summary_file = out_dir / "summary.json"
+            return json.loads(summary_file.read_text())
+        finally:
+            if display is not None:
+                display.close()
+            _stop_all(children)
+
+
+def _records_in(rounds_file: Path) -> int:
+    """Complete records in rounds.jsonl (0 when there is none)."""
+    try:
+        return sum(1 for line in rounds_file.read_text().splitlines() if line.strip().endswith("}"))
+    except FileNotFoundError:
+        return 0
 
 
 def _follow(coordinator: subprocess.Popen, children: list, out_dir: Path, display: Progress | None) -> None:
