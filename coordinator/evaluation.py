@@ -27,6 +27,15 @@ class Evaluator:
         return torch.nn.utils.parameters_to_vector(self._params).detach().to("cpu", copy=True)
 
     @torch.no_grad()
+    def state_dict(self, params: Tensor) -> dict[str, Tensor]:
+        """The model's named state at the flat vector ``params`` (laid out as ``parameters()``, like
+        :meth:`initial_parameters`), on the CPU: what the task's model class loads with
+        ``load_state_dict``. Buffers, which no round changes, are the model's own; every entry is a
+        copy with memory of its own (tied parameters appear under each of their names)."""
+        torch.nn.utils.vector_to_parameters(params.to(self.device), self._params)
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
+
+    @torch.no_grad()
     def evaluate(self, params: Tensor) -> tuple[float, float]:
         torch.nn.utils.vector_to_parameters(params.to(self.device), self._params)
         correct = 0

@@ -11,11 +11,14 @@ vectors of a round, keyed by worker id, and it
 5. appends a line to ``rounds.jsonl`` and writes a checkpoint (atomically): after every round by
    default (the gRPC coordinator); with ``checkpoint_seconds > 0`` (the in-process engine) only after
    the first round, when that many seconds have passed since the last checkpoint, and after the last
-   round, plus :meth:`RunState.flush_checkpoint` when a run is interrupted. A checkpoint holds the
-   parameters and every worker's momentum (14 vectors of 431,080 floats for the paper's CNN with
-   10 + 3 workers, 24 MB with its CRC-32 and fsync), which costs about as much as the round's
-   aggregation: with format 1's SHA-256, writing one every round made an in-process round 1.15x
-   to 1.26x its floor (docs/benchmarks.md).
+   round, plus :meth:`RunState.flush_checkpoint` when a run is interrupted. A checkpoint
+   (``checkpoints/round-XXXXXXXX.safetensors``, see coordinator/checkpoint.py) holds the parameters
+   and every worker's momentum (14 vectors of 431,080 floats for the paper's CNN with 10 + 3
+   workers), a CRC-32 and the scalar state; writing one costs about as much as the round's
+   aggregation (docs/benchmarks.md).
+
+When the run ends, :meth:`RunState.summary` writes ``model.safetensors`` (the final parameters as the
+task's model's named state dict, which ``load_state_dict`` takes) and ``summary.json``.
 
 Workers 0 .. num_honest - 1 are honest and the rest Byzantine: the simulator knows the ground
 truth, so it can report the robustness error ||R_t - mean of the honest vectors|| and what ARC
@@ -52,6 +55,8 @@ from . import checkpoint
 from .evaluation import Evaluator
 
 log = logging.getLogger("arcsim.coordinator")
+
+MODEL_FILE = "model.safetensors"  # in out_dir: the final parameters as the model's named state dict
 
 HONEST = "honest"
 BYZANTINE = "byzantine"
@@ -268,7 +273,7 @@ class RunState:
         }
         # The tensors are never modified after they are stored here (params is replaced each round).
         tensors = {"params": self.params, **{f"momentum/{i}": m for i, m in sorted(self.momenta.items())}}
-        name = f"round-{self.round:08d}.ckpt"
+        name = f"round-{self.round:08d}{checkpoint.SUFFIX}"
         if self._writer is None:
             checkpoint.save(self.ckpt_dir, name, values, tensors)
         else:
@@ -299,7 +304,10 @@ class RunState:
         return True
 
     def _resume(self) -> None:
-        found, skipped = checkpoint.load_latest(self.ckpt_dir)
+        try:
+            found, skipped = checkpoint.load_latest(self.ckpt_dir)
+        except checkpoint.CheckpointError as error:  # only checkpoints of the earlier format
+            raise checkpoint.CheckpointError(f"--resume: {error}") from None
         for message in skipped:
             log.warning("skipping checkpoint: %s", message)
         if found is None:
@@ -358,7 +366,16 @@ class RunState:
         return self.wall_seconds_before + (time.time() - self.started)
 
     def summary(self, *, engine: str, reason: str = "completed") -> dict[str, Any]:
+        """Write ``model.safetensors`` (the parameters as the task's model's state dict) and then
+        ``summary.json``, each atomically, and return the summary. Both hold the state the run ends
+        in, also when ``reason`` is not "completed" (a stopped run), so the model file always has
+        the summary's ``final_params_sha256``."""
         self.wait_checkpoint()  # the summary is written only once the final state is durable
+        params_digest = params_sha256(self.params)
+        checkpoint.save_tensors(self.out_dir / MODEL_FILE, self.evaluator.state_dict(self.params), metadata={
+            "format": "pt",  # the safetensors convention for torch tensors
+            "task": self.config.task, "model": self.config.model, "rounds_completed": str(self.round),
+            "final_params_sha256": params_digest})
         summary = {
             "config": self.config.to_dict(),
             "engine": engine,
@@ -366,7 +383,7 @@ class RunState:
             "rounds_completed": self.round,
             "final_accuracy": self.last_accuracy,
             "max_accuracy": self.best_accuracy,
-            "final_params_sha256": params_sha256(self.params),
+            "final_params_sha256": params_digest,
             "num_parameters": self.num_parameters,
             "run_settings": self.run_settings,
             "wall_seconds": round(self.wall_seconds(), 3),
