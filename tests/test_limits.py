@@ -390,3 +390,40 @@ async def test_a_worker_waiting_minutes_for_its_peers_is_never_disconnected(tmp_
             pass
         for channel in channels:
             await channel.close()
+
+
+async def test_a_second_worker_with_the_same_id_takes_over_and_the_first_stops_with_a_clear_error(
+        tmp_path: Path) -> None:
+    # Prepare: a 2-worker run waiting for worker 1; worker 0 follows it
+    from coordinator.service import serve
+    from workers.service import HonestParticipant, Session, WorkerSettings
+
+    config = from_dict(TINY)
+    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=SECRET,
+                                                         join_timeout=60.0, metrics_port=0)))
+    await _until(lambda: (tmp_path / "coordinator.json").exists() or task.done(), 60)
+    endpoint = json.loads((tmp_path / "coordinator.json").read_text())
+    port = endpoint["port"]
+    connected = ("arcsim_workers_connected", (("role", "honest"),))
+    settings = WorkerSettings(coordinator=f"127.0.0.1:{port}", worker_id=0, token=worker_token(SECRET, "honest", 0),
+                              device="cpu", max_retry_seconds=10)
+    first = asyncio.create_task(Session(settings, HonestParticipant()).run())
+    second = None
+    try:
+        await _until(lambda: _metrics(endpoint["metrics_port"])[connected] == 1, 30)
+        # Execute: a second process with the same id and token joins and follows
+        second = asyncio.create_task(Session(settings, HonestParticipant()).run())
+        # Assert: the first stops with one clear line, not a retry loop or a gRPC traceback
+        with pytest.raises(RuntimeError, match="another process with the same worker id"):
+            await asyncio.wait_for(first, 30)
+        assert not second.done()
+    finally:
+        for running in (first, second, task):
+            if running is not None and not running.done():
+                running.cancel()
+            try:
+                if running is not None:
+                    await running
+            except BaseException:  # noqa: BLE001 - stopped by the test
+                pass
+

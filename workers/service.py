@@ -70,6 +70,16 @@ def call_timeout(deadline_unix_ms: int, *, round_deadline: float, margin: float)
     return min(max(left, 0.0), round_deadline) + margin
 
 
+def _reason(error: grpc.aio.AioRpcError) -> str | None:
+    """The coordinator's counted reason for refusing a call (its trailing metadata), if it gave one."""
+    from coordinator.service import REASON_METADATA_KEY
+
+    for key, value in error.trailing_metadata() or ():
+        if key == REASON_METADATA_KEY:
+            return value
+    return None
+
+
 class Participant:
     """What a worker computes; subclasses: the honest worker and the adversary."""
 
@@ -158,6 +168,11 @@ class Session:
                     log.info("no free worker id yet (%s); waiting as a spare", error.details())
                     await asyncio.sleep(5.0 * (0.75 + 0.5 * random.random()))
                     continue
+                if error.code() == grpc.StatusCode.ABORTED and _reason(error) == "subscription_replaced":
+                    # Another process holds this worker's credentials and opened its own round stream:
+                    # taking it back would only make the two displace each other every round.
+                    raise RuntimeError(f"worker {self.worker_id}: another process with the same worker id and "
+                                       f"credentials took over its round stream ({error.details()})") from None
                 if error.code() not in _RETRY:
                     raise
                 if waited >= self.settings.max_retry_seconds:
