@@ -205,7 +205,7 @@ def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> d
     if args.metrics_port is not None:
         from coordinator.metrics import CoordinatorMetrics
 
-        metrics = CoordinatorMetrics()
+        metrics = CoordinatorMetrics(config=config)
         metrics.serve(args.metrics_port)
 
     def on_round(state: RunState, record: RoundRecord) -> None:

@@ -51,8 +51,11 @@ class Progress:
         elapsed = now - self.started
         ran = done - self.rounds_before
         rate = f"{ran / elapsed:.2f}" if ran > 0 and elapsed > 0 else "-"
-        line = (f"{self.label}[{bar}] round {done}/{self.total}  acc {accuracy}  clip C {clip}  "
-                f"clipped h/b {record.get('clipped_honest', 0)}/{record.get('clipped_byzantine', 0)}  "
+        honest, byzantine = record.get("clipped_honest", 0), record.get("clipped_byzantine", 0)
+        # None: the clipping stage saw mixtures of rows (after NNM), so only a row count is known.
+        clipped = (f"clipped h/b {honest}/{byzantine}" if honest is not None
+                   else f"clipped rows {record.get('clipped_rows', 0)}")
+        line = (f"{self.label}[{bar}] round {done}/{self.total}  acc {accuracy}  clip C {clip}  {clipped}  "
                 f"{rate} rounds/s")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")

@@ -374,3 +374,16 @@ def test_the_readme_documents_every_exit_status_and_service_variable() -> None:
     environment = readme.partition("### Environment")[2].partition("\n#")[0]
     for name in build_parser().env_variables():
         assert name in environment, name
+
+
+def test_the_progress_line_shows_clipped_rows_when_the_clipping_cannot_be_traced_to_workers() -> None:
+    # Prepare: a round of `nnm > arc > cwtm` (the clipping stage saw mixtures of rows) and one of `arc > cwtm`
+    stream = io.StringIO()
+    display = Progress(2, stream=stream)
+    # Execute
+    display.update({"round": 0, "clipped_honest": None, "clipped_byzantine": None, "clipped_rows": 3})
+    display.update({"round": 1, "clipped_honest": 1, "clipped_byzantine": 2, "clipped_rows": 3})
+    # Assert
+    first, second = stream.getvalue().splitlines()[-2:]
+    assert "clipped rows 3" in first and "None" not in first
+    assert "clipped h/b 1/2" in second
