@@ -79,20 +79,20 @@ def save_tensors(path: Path, tensors: Mapping[str, Tensor], *, metadata: Mapping
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
     try:
-        # save_file writes from the tensors' memory (no copy in Python); the fsync then goes through a
-        # descriptor of our own, which flushes the file's data whichever descriptor wrote it.
+        # safetensors writes and closes the file; the fsync then goes through a descriptor of our own,
+        # which flushes the file's data whichever descriptor wrote it.
         safetensors.torch.save_file(dict(tensors), tmp, metadata=None if metadata is None else dict(metadata))
-        _fsync(tmp, os.O_RDONLY)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(folder, os.O_RDONLY)
+    _fsync(folder)
     return path
 
 
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -102,14 +102,13 @@ def _fsync(path: Path, flags: int) -> None:
 def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``tensors`` on the CPU and contiguous, each with memory of its own: safetensors refuses two
     names for the same memory (e.g. one vector stored as two workers' momenta); a copy only then."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()
     out = {}
     for key, tensor in tensors.items():
         tensor = tensor.detach().to("cpu").contiguous()
-        where = (tensor.data_ptr(), tensor.numel())
-        if tensor.numel() and where in seen:
+        if tensor.numel() and tensor.data_ptr() in seen:
             tensor = tensor.clone()
-        seen.add(where)
+        seen.add(tensor.data_ptr())
         out[key] = tensor
     return out
 

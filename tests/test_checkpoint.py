@@ -56,8 +56,8 @@ def test_a_checkpoint_is_a_plain_safetensors_file_with_its_crc_and_values_in_the
 def test_empty_tensors_and_one_tensor_under_two_names_round_trip(tmp_path: Path) -> None:
     # Prepare: safetensors refuses two names for one memory; e.g. one vector kept as two workers' momenta
     shared = torch.arange(4, dtype=torch.float32)
-    tensors = {"momentum/1": shared, "momentum/2": shared, "empty": torch.empty(0, dtype=torch.float16),
-               "row": torch.ones(2, 3)[1]}
+    tensors = {"momentum/1": shared, "momentum/2": shared, "prefix": shared[:2],
+               "empty": torch.empty(0, dtype=torch.float16), "row": torch.ones(2, 3)[1]}
     # Execute
     checkpoint.save(tmp_path, _name(1), {"round": 1}, tensors)
     found = checkpoint.load(tmp_path / _name(1))
@@ -82,7 +82,8 @@ def test_a_name_of_another_kind_is_refused(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("keep", [0, -1, True, 1.5])
 def test_keep_must_be_a_positive_integer(tmp_path: Path, keep: object) -> None:
     with pytest.raises(ValueError, match=f"keep must be an integer >= 1, got {keep!r}"):
-        checkpoint.save(tmp_path, _name(1), {"round": 1}, {"params": torch.zeros(2)}, keep=keep)  # type: ignore[arg-type]
+        checkpoint.save(tmp_path, _name(1), {"round": 1}, {"params": torch.zeros(2)},
+                        keep=keep)  # type: ignore[arg-type]
 
 
 def _header_length(data: bytes) -> int:
