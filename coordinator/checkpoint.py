@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,9 +80,14 @@ def save_tensors(path: Path, tensors: Mapping[str, Tensor], *, metadata: Mapping
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
     try:
-        # safetensors writes and closes the file; the fsync then goes through a descriptor of our own,
-        # which flushes the file's data whichever descriptor wrote it.
+        # safetensors writes through a temporary file of its own, created 0600; the result gets the mode
+        # any file this process creates has (its umask), like rounds.jsonl, read from a file made so.
+        with open(tmp, "wb"):
+            pass
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         safetensors.torch.save_file(dict(tensors), tmp, metadata=None if metadata is None else dict(metadata))
+        os.chmod(tmp, mode)
+        # The fsync goes through a descriptor of our own: it flushes the file's data whoever wrote it.
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,14 @@ def test_only_the_newest_checkpoints_are_kept_and_no_temporary_file_remains(tmp_
     for round_ in range(1, 6):
         _save(tmp_path, round_)
     assert sorted(p.name for p in tmp_path.iterdir()) == [_name(4), _name(5)]
+
+
+def test_a_checkpoint_gets_the_mode_of_any_file_the_process_creates(tmp_path: Path) -> None:
+    # safetensors' own temporary file is 0600: results in a shared volume must stay readable like rounds.jsonl
+    path = _save(tmp_path, 1)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
 
 @pytest.mark.parametrize("name", ["round-00000001.ckpt", "round-00000001", ".round-00000001.safetensors"])
