@@ -234,6 +234,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         raise UsageError(f"config file not found: {config_path}")
 
     from arcsim.config import load_config
+    from coordinator import checkpoint
     from coordinator.service import CoordinatorSettings, serve
 
     follow_parent()
@@ -243,7 +244,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         logging.getLogger("arcsim.coordinator").info(json.dumps({"event": "tls", "mutual": mutual}))
     _one_thread()
     config = load_config(config_path)
-    resume = args.resume or (args.resume_if_present and any((Path(args.out) / "checkpoints").glob("*.ckpt")))
+    resume = args.resume or (args.resume_if_present and checkpoint.any_checkpoint(Path(args.out) / "checkpoints"))
     settings = CoordinatorSettings(
         config=config, out_dir=Path(args.out), secret=secret, host=args.host, port=args.port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=resume, quorum=args.quorum,

@@ -205,7 +205,7 @@ def time_components(state: RunState, folder: Path, out: dict[str, list[float]],
 
     values = {"round": state.round, "momentum_ids": sorted(state.momenta)}
     tensors = {"params": state.params, **{f"momentum/{i}": m for i, m in sorted(state.momenta.items())}}
-    clock("checkpoint.save (24 MB: sha256, write, fsync)", lambda: save(folder, "c.ckpt", values, tensors))
+    clock("checkpoint.save (24 MB: CRC-32, write, fsync)", lambda: save(folder, "c.safetensors", values, tensors))
     clock("finite test, isfinite(v).all() x n", lambda: [bool(torch.isfinite(v).all()) for v in vectors])
     clock("finite test, isfinite(v.sum()) x n", lambda: [bool(torch.isfinite(v.sum())) for v in vectors])
     clock("stack of the n vectors", lambda: torch.stack(vectors))

@@ -28,7 +28,7 @@ AFTER = {"timed_out": False, "scrapes": 200, "first_round": 152.0, "max_round": 
          "max_accuracy": 0.98, "max_connected": {"honest": 3.0, "byzantine": 1.0}, "prometheus_accuracy": 0.97,
          "accuracy_metric": "arcsim_test_accuracy_ratio"}
 LOG = ('{"level": "info", "logger": "arcsim.coordinator", "event": "serving"}\n'
-       '{"level": "info", "logger": "arcsim.rounds", "message": "resumed from round-000152.ckpt at round 152"}\n')
+       '{"level": "info", "logger": "arcsim.rounds", "message": "resumed from round-00000152.safetensors at round 152"}\n')
 
 
 def _container(service: str, index: int, restarts: int = 0, exit_code: int = 0) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The paper's CNN on 28x28 images (431,080 parameters: 1.7 MB a vector), on data every install has.
 FLOOD_CONFIG = {"task": "mnist-5k", "model": "cnn", "partitioner": "iid", "num_honest": 3, "num_byzantine": 1,
                 "attack": "sign_flip", "pipeline": "arc > nnm > cwtm", "rounds": 1, "eval_every": 1,
-                "eval_batch_size": 500, "batch_size": 8, "round_deadline": 20.0}
+                "eval_batch_size": 500, "batch_size": 8, "round_deadline": 60.0}
 BYZANTINE_ID = 3
 
 
@@ -123,11 +124,15 @@ async def _join_all(running: CoordinatorProcess, num_workers: int) -> tuple[int,
 
 
 async def _sample_peak(pid: int, stop: asyncio.Event) -> int:
+    """The process's peak resident memory while ``stop`` is unset (up to its exit)."""
     peak = 0
     while not stop.is_set():
-        peak = max(peak, _rss(pid))
+        try:
+            peak = max(peak, _rss(pid))
+        except (OSError, RuntimeError):  # the process has exited
+            break
         await asyncio.sleep(0.02)
-    return max(peak, _rss(pid))
+    return peak
 
 
 def _stalling(messages: list[pb.GradientChunk], stall: asyncio.Event, rest: list[pb.GradientChunk] = ()):
@@ -144,11 +149,17 @@ def _stalling(messages: list[pb.GradientChunk], stall: asyncio.Event, rest: list
 
 @pytest.mark.slow
 async def test_a_submission_flood_from_one_byzantine_identity_stays_bounded(coordinator_process) -> None:
-    # Prepare: every worker joined and following round 0; one Byzantine identity opens 400 concurrent
-    # SubmitGradient streams over 40 connections, each sending its header and a 1 MiB chunk, then stalling.
+    # Prepare: every worker joined and following round 0, the honest vectors in; then one Byzantine
+    # identity opens 200 concurrent SubmitGradient streams over 20 connections, each sending its header
+    # and a 1 MiB chunk, then stalling.
     running = coordinator_process
     d, _streams = await _join_all(running, 4)
-    streams_per_connection, connections = 10, 40
+    honest = {i: torch.randn(d, generator=torch.Generator().manual_seed(i)) * 0.01 for i in range(3)}
+    for i, v in honest.items():
+        reply = await running.stub.SubmitGradient(iter(codec.gradient_chunks(v, round=0, worker_id=i)),
+                                                  metadata=_md(i))
+        assert reply.accepted
+    streams_per_connection, connections = 10, 20
     flood = streams_per_connection * connections
     vector = torch.full((d,), 0.5)
     messages = list(codec.gradient_chunks(vector, round=0, worker_id=BYZANTINE_ID, chunk_bytes=1 << 20))[:2]
@@ -159,20 +170,18 @@ async def test_a_submission_flood_from_one_byzantine_identity_stays_bounded(coor
     # Execute
     calls = [pb_grpc.CoordinatorStub(channel).SubmitGradient(_stalling(messages, stall), metadata=_md(BYZANTINE_ID))
              for channel in channels for _ in range(streams_per_connection)]
-    outcomes = await asyncio.wait_for(asyncio.gather(*(_outcome(call) for call in calls[1:])), 60)
-    honest = {i: torch.randn(d, generator=torch.Generator().manual_seed(i)) * 0.01 for i in range(3)}
-    for i, v in honest.items():
-        reply = await running.stub.SubmitGradient(iter(codec.gradient_chunks(v, round=0, worker_id=i)),
-                                                  metadata=_md(i))
-        assert reply.accepted
-    first = await asyncio.wait_for(_outcome(calls[0]), 60)  # cut at the round's deadline
+    outcomes = await asyncio.wait_for(asyncio.gather(*(_outcome(call) for call in calls)), 120)
     stop.set()
     peak = await sampler
-    # Assert: the 399 later streams were refused before anything was read, the first was cut as stalled
-    # at the deadline, memory stayed within a small bound, and the round closed with the honest vectors.
-    assert outcomes == [(grpc.StatusCode.ABORTED, "concurrent_submission")] * (flood - 1)
-    assert first == (grpc.StatusCode.DEADLINE_EXCEEDED, "stalled")
-    # Without the limit each stream held a preallocated vector (1.7 MB) and its chunk: about 1.2 GB here.
+    # Assert: whichever stream came first was cut as stalled at the round's deadline, the other 199 were
+    # refused before anything was read, memory stayed within a small bound, and the round closed with
+    # the honest vectors.
+    # (A client whose stream is refused while it is still writing its chunk may see gRPC's own INTERNAL
+    # instead of the status; the coordinator's counts below are exact.)
+    seen = Counter(outcome if outcome[0] != grpc.StatusCode.INTERNAL else "client write cut" for outcome in outcomes)
+    assert seen[(grpc.StatusCode.DEADLINE_EXCEEDED, "stalled")] == 1
+    assert seen[(grpc.StatusCode.ABORTED, "concurrent_submission")] + seen["client write cut"] == flood - 1
+    # Without the limit each stream held a preallocated vector (1.7 MB) and its chunk: about 600 MB here.
     assert peak - baseline < 150 * 2**20, f"coordinator RSS grew by {(peak - baseline) / 2**20:.0f} MiB"
     for _ in range(600):
         if (running.out / "summary.json").exists():
@@ -195,7 +204,7 @@ async def _outcome(call) -> tuple[grpc.StatusCode, str] | str:
         await call
     except grpc.aio.AioRpcError as error:
         reasons = [value for key, value in (error.trailing_metadata() or ()) if key == REASON_METADATA_KEY]
-        return error.code(), reasons[0] if reasons else ""
+        return error.code(), reasons[0] if reasons else error.details()
     return "accepted"
 
 

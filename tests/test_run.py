@@ -330,7 +330,7 @@ def test_sigterm_to_the_grpc_launcher_stops_the_services(arcsim: Arcsim, tmp_pat
     assert proc.returncode != 0
     assert not {pid for pid in arcsim.seen if _alive(pid)}
     assert not (out / "coordinator.json").exists()
-    resumable = list((out / "checkpoints").glob("round-*.ckpt"))
+    resumable = list((out / "checkpoints").glob("round-*.safetensors"))
     assert resumable
 
 
