@@ -30,7 +30,7 @@ RUN set -eu; \
             --extra-index-url "$PIP_INDEX_URL" "$TORCH_SPEC" && \
         $pip install --index-url "$PIP_INDEX_URL" /src; \
     fi; \
-    /opt/arcsim/bin/python -c "import arcsim.cli, coordinator.service, workers.service, adversaries.service"
+    /opt/arcsim/bin/python -c "import arcsim.cli, arcsim.coordinator.service, arcsim.workers.service, arcsim.adversaries.service"
 
 FROM ${BASE_IMAGE} AS runtime
 COPY --from=build /opt/arcsim /opt/arcsim

@@ -6,11 +6,12 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv data demo demo-robust test bench protos clean
+.PHONY: help venv data demo demo-robust test lint bench protos clean
 
 help:
 	@echo "make demo        - run the default experiment, configs/default.yaml (sets everything up first)"
 	@echo "make test        - run the whole test suite (sets everything up first)"
+	@echo "make lint        - the fast checks: the import contracts between the layers (docs/architecture.md)"
 	@echo "make demo-robust - the robust aggregation library alone: a table of robustness errors"
 	@echo "make bench       - run the benchmarks (figures go in docs/benchmarks.md)"
 	@echo "make soak        - soak test of the coordinator with 10, 200 and 1,000 workers (not in make test)"
@@ -48,6 +49,9 @@ demo-robust: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 bench: data
 	$(PY) benchmarks/robust.py

@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # these import torch or grpc: the commands import them when t
     import grpc
 
     from arcsim.config import RunConfig
-    from coordinator.rounds import RoundRecord, RunState
-    from workers.service import WorkerSettings
+    from arcsim.engine.rounds import RoundRecord, RunState
+    from arcsim.workers.service import WorkerSettings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -67,10 +67,10 @@ def _setup_logging(level: str, *, json_logs: bool) -> None:
 
 def _one_thread() -> None:
     """Every arcsim process: one torch thread (parallelism comes from processes) and malloc that
-    reuses the per-round buffers (coordinator.inproc.reuse_freed_memory)."""
+    reuses the per-round buffers (arcsim.engine.inproc.reuse_freed_memory)."""
     import torch
 
-    from coordinator.inproc import reuse_freed_memory
+    from arcsim.engine.inproc import reuse_freed_memory
 
     torch.set_num_threads(1)
     reuse_freed_memory()
@@ -99,14 +99,14 @@ def _uvloop_run(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
 
 
-# --- TLS (arcsim.certs) -------------------------------------------------------------------------
+# --- TLS (arcsim.transport.certs) -------------------------------------------------------------------------
 def _server_tls(args: argparse.Namespace) -> grpc.ServerCredentials | None:
     """The coordinator's ``grpc.ServerCredentials``, or None to serve plaintext (the default).
 
     --tls-cert and --tls-key: TLS; --tls-client-ca as well: mutual TLS (clients need a certificate
     signed by that CA). Each falls back to its $ARCSIM_TLS_SERVER_CERT / _SERVER_KEY / _CLIENT_CA (the parser).
     """
-    from arcsim import certs
+    from arcsim.transport import certs
 
     cert, key, client_ca = args.tls_cert or None, args.tls_key or None, args.tls_client_ca or None
     if (cert is None) != (key is None):
@@ -127,7 +127,7 @@ def _client_tls(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | Non
     --tls-ca: TLS, trusting that CA; --tls-cert and --tls-key as well: mutual TLS. Each falls back
     to its $ARCSIM_TLS_CA / _CLIENT_CERT / _CLIENT_KEY / _SERVER_NAME (the parser).
     """
-    from arcsim import certs
+    from arcsim.transport import certs
 
     ca, cert, key = args.tls_ca or None, args.tls_cert or None, args.tls_key or None
     server_name = args.tls_server_name or None
@@ -198,12 +198,12 @@ def _run_status(out_dir: Path) -> str:
 
 def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> dict[str, Any]:
     from arcsim.progress import Progress
-    from coordinator.inproc import run_inproc
+    from arcsim.engine.inproc import run_inproc
 
     display = Progress(config.rounds) if not args.no_progress else None
     metrics = None
     if args.metrics_port is not None:
-        from coordinator.metrics import CoordinatorMetrics
+        from arcsim.coordinator.metrics import CoordinatorMetrics
 
         metrics = CoordinatorMetrics(config=config)
         metrics.serve(args.metrics_port)
@@ -223,8 +223,8 @@ def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> d
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from arcsim.auth import read_secret
-    from arcsim.certs import CLIENT_CA_ENV
+    from arcsim.transport.auth import read_secret
+    from arcsim.transport.certs import CLIENT_CA_ENV
     from arcsim.launcher import follow_parent
 
     server_credentials = _server_tls(args)  # bad TLS options fail before anything starts
@@ -234,8 +234,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         raise UsageError(f"config file not found: {config_path}")
 
     from arcsim.config import load_config
-    from coordinator import checkpoint
-    from coordinator.service import CoordinatorSettings, serve
+    from arcsim.engine import checkpoint
+    from arcsim.coordinator.service import CoordinatorSettings, serve
 
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
@@ -261,7 +261,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _worker_id(text: str) -> int:
-    from arcsim.auth import ANY_ID
+    from arcsim.transport.auth import ANY_ID
 
     if text == "auto":
         return ANY_ID
@@ -280,7 +280,7 @@ def _worker_settings(args: argparse.Namespace, role: str) -> list[WorkerSettings
     Credentials: --token-file (one token per line, in the order of the ids), else $ARCSIM_TOKEN
     (tokens separated by commas), else derived from $ARCSIM_SECRET on a trusted testbed. TLS: _client_tls.
     """
-    from arcsim.auth import SECRET_ENV, TOKEN_ENV, worker_token
+    from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV, worker_token
 
     ids = args.worker_id if isinstance(args.worker_id, list) else [args.worker_id]
     if args.token_file:
@@ -297,7 +297,7 @@ def _worker_settings(args: argparse.Namespace, role: str) -> list[WorkerSettings
         raise UsageError(f"{len(ids)} worker id(s) but {len(tokens)} token(s): give one token per id, in order")
     channel_credentials, server_name = _client_tls(args)
 
-    from workers.service import WorkerSettings
+    from arcsim.workers.service import WorkerSettings
 
     return [WorkerSettings(coordinator=args.coordinator, worker_id=worker_id, token=token, device=args.device,
                            max_retry_seconds=args.max_retry_seconds, channel_credentials=channel_credentials,
@@ -311,7 +311,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _worker_settings(args, "honest")[0]
 
-    from workers.service import run_worker
+    from arcsim.workers.service import run_worker
 
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
@@ -325,7 +325,7 @@ def cmd_adversary(args: argparse.Namespace) -> int:
 
     settings = _worker_settings(args, "byzantine")
 
-    from adversaries.service import run_adversaries
+    from arcsim.adversaries.service import run_adversaries
 
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
@@ -343,7 +343,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from arcsim.certs import SERVER_NAME_OPTION
+    from arcsim.transport.certs import SERVER_NAME_OPTION
 
     address = args.address or ""
     if not address:
@@ -365,8 +365,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    """Make a testbed CA and the certificates for TLS and mutual TLS (arcsim.certs)."""
-    from arcsim.certs import make_certs, server_names
+    """Make a testbed CA and the certificates for TLS and mutual TLS (arcsim.transport.certs)."""
+    from arcsim.transport.certs import make_certs, server_names
 
     files = make_certs(args.dir, hosts=args.host, force=args.force)
     print(f"testbed CA and certificates in {Path(args.dir)} (keys mode 0600)\n"
@@ -438,7 +438,7 @@ def _add_service_common(p: Parser, *, device: tuple[str, ...], default_device: s
 
 def _add_client_tls(p: Parser) -> None:
     """TLS options of a client of the coordinator (worker, adversary, health); plaintext by default."""
-    from arcsim import certs
+    from arcsim.transport import certs
 
     p.add_argument("--tls-ca", metavar="PEM", env=certs.CA_ENV,
                    help="connect over TLS, trusting this CA, e.g. ca.pem of `arcsim certs`")
@@ -478,7 +478,7 @@ def _add_run(sub: Any) -> None:
 
 
 def _add_coordinator(sub: Any) -> None:
-    from arcsim import certs
+    from arcsim.transport import certs
 
     coord = sub.add_parser(
         "coordinator", help="the coordinator service", env_fallback=True,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-import adversaries.attacks as _attacks
+import arcsim.attacks as _attacks
 from arcsim.robust import build_pipeline
 from arcsim.tasks import DATASETS, MODELS, PARTITIONERS
 

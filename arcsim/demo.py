@@ -1,7 +1,7 @@
 """A quick look at the robust library alone: the robustness error of pipelines with and without ARC.
 
 Honest vectors are drawn around a common mean with heterogeneous offsets (as heterogeneous workers'
-gradients are); Byzantine vectors come from real attacks (adversaries.attacks) that see the honest
+gradients are); Byzantine vectors come from real attacks (arcsim.attacks) that see the honest
 ones. The table shows ||F(x) - mean of the honest vectors|| for each pipeline and attack (lower is
 better), averaged over seeds. Run: ``python -m arcsim.demo`` (``make demo-robust``).
 """
@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from adversaries.attacks import craft
+from arcsim.attacks import craft
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arcsim.auth import SECRET_ENV, TOKEN_ENV, new_secret, worker_token
+from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV, new_secret, worker_token
 from arcsim.progress import Progress
 
 if TYPE_CHECKING:  # arcsim.config imports torch; the service commands import this module before they need it
@@ -79,7 +79,7 @@ def follow_parent() -> None:
     (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread checks the parent id every second.
     If the launcher is already gone, the signal is sent at once. SIGTERM then stops the service as
     it would under any supervisor (the coordinator stops at its last checkpoint, see
-    coordinator/service.py).
+    arcsim/coordinator/service.py).
     """
     value = os.environ.get(PARENT_ENV)
     if not value:

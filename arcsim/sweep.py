@@ -410,8 +410,8 @@ def execute_run(config: RunConfig, run_dir: str | Path, device: str = "cpu") -> 
     resumed_from = None
     try:
         _one_thread()
-        from coordinator import checkpoint
-        from coordinator.inproc import run_inproc
+        from arcsim.engine import checkpoint
+        from arcsim.engine.inproc import run_inproc
 
         found, _ = checkpoint.load_latest(run_dir / "checkpoints")
         if found is not None:

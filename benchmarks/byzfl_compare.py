@@ -193,7 +193,7 @@ def arcsim_child(steps: int, out: Path) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
     from arcsim.config import from_dict
-    from coordinator.inproc import run_inproc
+    from arcsim.engine.inproc import run_inproc
 
     config = from_dict({
         "task": "fashion-mnist", "model": "cnn", "num_honest": NUM_HONEST, "num_byzantine": NUM_BYZANTINE,

@@ -2,7 +2,7 @@
 
 1. The robust pipelines on CUDA: seconds per call at the benchmark sizes, against a clone floor.
 2. The honest workers' gradients for the paper's CNN (10 workers, batch 25): the per-worker loop
-   against one vmapped call (workers.honest.BatchedWorkers), on CUDA and on one CPU thread.
+   against one vmapped call (arcsim.engine.honest.BatchedWorkers), on CUDA and on one CPU thread.
 3. The in-process engine on the default config for a few rounds: seconds per round on CUDA with
    and without batched workers, and on CPU (one thread).
 Prints one JSON line per measurement; --json PATH writes them all.
@@ -22,8 +22,8 @@ import torch
 from arcsim.config import load_config
 from arcsim.robust import build_pipeline
 from arcsim.tasks import load_dataset
-from coordinator.inproc import run_inproc
-from workers.honest import BatchedWorkers, GradientWorker, shards
+from arcsim.engine.inproc import run_inproc
+from arcsim.engine.honest import BatchedWorkers, GradientWorker, shards
 
 RESULTS: list[dict] = []
 

@@ -61,16 +61,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from adversaries.attacks import craft  # noqa: E402
-from adversaries.byzantine import Crafter  # noqa: E402
+from arcsim.attacks import craft  # noqa: E402
+from arcsim.engine.byzantine import Crafter  # noqa: E402
 from arcsim.config import RunConfig, load_config  # noqa: E402
 from arcsim.robust import build_pipeline  # noqa: E402
 from arcsim.seeding import generator  # noqa: E402
 from arcsim.tasks import load_dataset  # noqa: E402
-from coordinator import checkpoint  # noqa: E402
-from coordinator.inproc import run_inproc  # noqa: E402
-from coordinator.rounds import RoundRecord, RunState  # noqa: E402
-from workers.honest import GradientWorker, build_task_model, shards  # noqa: E402
+from arcsim.engine import checkpoint  # noqa: E402
+from arcsim.engine.inproc import run_inproc  # noqa: E402
+from arcsim.engine.rounds import RoundRecord, RunState  # noqa: E402
+from arcsim.engine.honest import GradientWorker, build_task_model, shards  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 TARGET_RATIO = 1.15

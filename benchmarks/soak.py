@@ -4,7 +4,7 @@ For each worker count N, one real coordinator (``arcsim coordinator``, the CLI's
 a child process, with its default settings: a checkpoint after every round written in the
 background, /metrics on its own port) runs ``--rounds`` rounds with N honest workers and no
 Byzantine one. The workers are the lightweight asyncio clients of ``benchmarks/testbed.py``
-(``_arcsim_client``: the calls of ``workers.service.Session`` with the real codec, one gRPC channel
+(``_arcsim_client``: the calls of ``arcsim.workers.service.Session`` with the real codec, one gRPC channel
 and so one TCP connection each, as N machines would have), spread over ``--client-processes``
 processes; each answers every round at once with a constant vector, so the coordinator's own costs
 are what is measured.
@@ -25,7 +25,7 @@ Measured per worker count:
   start-up's). Bounded means no growth from round to round: the trend (least-squares slope) of the
   rounds' peaks after the first quarter of the rounds, next to one round's vectors (N x 4 d bytes),
   the slope a coordinator that kept every round's vectors would show.
-- **checkpoints**: bytes and seconds of every write (the real ``coordinator.checkpoint.save``,
+- **checkpoints**: bytes and seconds of every write (the real ``arcsim.engine.checkpoint.save``,
   timed by a wrapper in the coordinator's process).
 - **correctness**: every round received exactly N vectors (rounds.jsonl ``received_honest``), the
   coordinator's ``arcsim_submissions_total{role="honest"}`` is rounds x N and ``{role="byzantine"}``
@@ -127,7 +127,7 @@ def _coordinator_main(conn: Any, argv: list[str]) -> None:
     """``arcsim coordinator ARGV``; sends its exit code and the duration and size of each checkpoint write."""
     try:
         from arcsim import cli
-        from coordinator import checkpoint
+        from arcsim.engine import checkpoint
 
         writes: list[dict[str, float]] = []
         save = checkpoint.save
@@ -269,7 +269,7 @@ def _clients_main(conn: Any, address: str, secret: str, worker_ids: list[int], n
 
 def run_soak(settings: SoakSettings) -> dict[str, Any]:
     """One coordinator and ``settings.num_workers`` clients to the end of the run; the measurements."""
-    from arcsim.auth import new_secret
+    from arcsim.transport.auth import new_secret
 
     config = settings.config()
     secret = new_secret()

@@ -3,7 +3,7 @@
 Four measurements, each against a baseline measured in the same run (interleaved, same machine):
 
 - **ingress**: the coordinator's ingress, MB/s of vectors accepted, decoded (header, CRC-32, finite
-  check) and stored by ``coordinator.service.serve``, with 13 clients uploading a 431,080-float32
+  check) and stored by ``arcsim.coordinator.service.serve``, with 13 clients uploading a 431,080-float32
   vector each (1.72 MB) at the same moment, against a plain ``grpc.aio`` client-streaming method
   that only stores the same bytes. Only the upload phase is timed: all clients hold the round's
   parameters and wait at a barrier, then upload; the phase ends with the last reply.
@@ -15,7 +15,7 @@ Four measurements, each against a baseline measured in the same run (interleaved
   the same pipeline call, with the same data, batches and attack (it ends on the same parameters).
 - **transport**: rounds with trivial worker compute. The real coordinator (``serve``) drives 13
   lightweight asyncio clients (one process, one channel each) that speak the real protocol with the
-  real codec (Join, Rounds, SubmitGradient: the calls ``workers.service.Session`` makes) and answer
+  real codec (Join, Rounds, SubmitGradient: the calls ``arcsim.workers.service.Session`` makes) and answer
   every round at once with a constant vector. The floor is a plain ``grpc.aio`` program, with no
   arcsim code and no protobuf, moving the same bytes per round with the same pattern: a server
   stream pushes 1.72 MB to each of 13 clients, and each client uploads 1.72 MB in a client stream.
@@ -362,8 +362,8 @@ def _coordinator_main(conn: Any, config_yaml: str, out_dir: str, secret: str, ch
 
         logging.basicConfig(level=logging.WARNING)
         from arcsim.config import loads_config
-        from coordinator.rounds import RunState
-        from coordinator.service import CoordinatorSettings, serve
+        from arcsim.engine.rounds import RunState
+        from arcsim.coordinator.service import CoordinatorSettings, serve
 
         if not checkpoints:  # a diagnostic only: what the per-round checkpoint costs
             RunState.save_checkpoint = lambda self: None  # type: ignore[method-assign]
@@ -382,11 +382,11 @@ async def _arcsim_client(address: str, *, worker_id: int, secret: str, num_hones
     """A worker that answers every round at once with a constant vector (the calls of ``Session``)."""
     import torch
 
-    from arcsim import codec, wire
-    from arcsim.auth import bearer, worker_token
+    from arcsim.transport import codec, wire
+    from arcsim.transport.auth import bearer, worker_token
     from arcsim.v1 import coordinator_pb2 as pb
-    from arcsim.wire import CoordinatorStub
-    from coordinator.service import grpc_options
+    from arcsim.transport.wire import CoordinatorStub
+    from arcsim.transport.channels import grpc_options
 
     honest = worker_id < num_honest
     metadata = bearer(worker_token(secret, "honest" if honest else "byzantine", worker_id))
@@ -430,7 +430,7 @@ def run_arcsim(*, rounds: int, barrier: bool, pipeline: str, checkpoints: bool =
     ``checkpoints=False`` replaces ``RunState.save_checkpoint`` by a no-op in the coordinator's
     process: a diagnostic of what the checkpoint written after every round costs.
     """
-    from arcsim.auth import new_secret
+    from arcsim.transport.auth import new_secret
 
     config = transport_config(rounds=rounds, pipeline=pipeline)
     if config.num_workers != NUM_CLIENTS:
@@ -561,7 +561,7 @@ def _inproc_main(conn: Any, config_yaml: str, out_dir: str) -> None:
     try:
         _one_torch_thread()
         from arcsim.config import loads_config
-        from coordinator.inproc import run_inproc
+        from arcsim.engine.inproc import run_inproc
 
         times: list[float] = []
         summary = run_inproc(loads_config(config_yaml), Path(out_dir),
@@ -645,7 +645,7 @@ def plain_loop(config: Any, *, on_round: Callable[[int], None]) -> Any:
     import torch
     import torch.nn.functional as F
 
-    from adversaries.attacks import craft
+    from arcsim.attacks import craft
     from arcsim.robust import build_pipeline
     from arcsim.seeding import generator
     from arcsim.tasks import build_model, load_dataset, partition
@@ -688,8 +688,8 @@ def bench_loop(*, config_path: Path, rounds: int, repeats: int, warmup: int) -> 
     """Rounds/s of ``run_inproc`` against :func:`plain_loop`, in this process, interleaved."""
     _one_torch_thread()
     from arcsim.config import load_config
-    from coordinator.inproc import run_inproc
-    from coordinator.rounds import params_sha256
+    from arcsim.engine.inproc import run_inproc
+    from arcsim.engine.rounds import params_sha256
 
     config = load_config(config_path, {"rounds": rounds, "eval_every": rounds})
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "inproc": []}

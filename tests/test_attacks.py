@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
-import adversaries.attacks as attacks
-from adversaries.attacks import (
+import arcsim.attacks as attacks
+from arcsim.attacks import (
     ATTACKS,
     DATA_ATTACKS,
     DEFAULT_ALIE_TAUS,

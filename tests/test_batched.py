@@ -7,8 +7,8 @@ import torch
 
 from arcsim.config import from_dict
 from arcsim.tasks import load_dataset
-from coordinator.inproc import run_inproc
-from workers.honest import BatchedWorkers, GradientWorker, shards
+from arcsim.engine.inproc import run_inproc
+from arcsim.engine.honest import BatchedWorkers, GradientWorker, shards
 
 
 def _workers(config):

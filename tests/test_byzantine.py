@@ -1,4 +1,4 @@
-"""Tests of the Byzantine worker (adversaries/byzantine.py): label flipping, collusion, cross-process agreement."""
+"""Tests of the Byzantine worker (arcsim/engine/byzantine.py): label flipping, collusion, cross-process agreement."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adversaries.attacks import ATTACKS, craft
-from adversaries.byzantine import ByzantineWorker, Crafter
-from adversaries.service import Collusion
+from arcsim.attacks import ATTACKS, craft
+from arcsim.engine.byzantine import ByzantineWorker, Crafter
+from arcsim.adversaries.service import Collusion
 from arcsim.config import RunConfig, from_dict
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
-from workers.honest import GradientWorker, build_task_model, shards
+from arcsim.engine.honest import GradientWorker, build_task_model, shards
 
 torch.set_num_threads(1)
 
@@ -225,7 +225,7 @@ def test_gaussian_attack_is_identical_in_another_process() -> None:
     honest = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 64) / 100
     script = textwrap.dedent(f"""
         import hashlib, torch
-        from adversaries.byzantine import Crafter
+        from arcsim.engine.byzantine import Crafter
         from arcsim.config import loads_config
         torch.manual_seed(12345)  # a different global RNG state must not matter
         config = loads_config({config.to_yaml()!r})
@@ -260,7 +260,7 @@ def test_crafting_attack_with_zero_honest_vectors_is_rejected() -> None:
         ByzantineWorker(config, 4).vector(params=torch.zeros(3), round_=0, honest=torch.zeros((0, 3)))
 
 
-# --- the collusion of one adversary process (adversaries/service.py) ------------------------------
+# --- the collusion of one adversary process (arcsim/adversaries/service.py) ------------------------------
 async def _reported_by_the_loop(body) -> list[dict]:
     """What the running loop's exception handler is given while ``body()`` runs and its garbage is collected."""
     loop = asyncio.get_running_loop()

@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 
 from arcsim.config import from_dict
-from coordinator import checkpoint
-from coordinator.rounds import RunState, params_sha256
+from arcsim.engine import checkpoint
+from arcsim.engine.rounds import RunState, params_sha256
 
 VALUES = {"round": 0, "best_accuracy": 0.25, "last_accuracy": None, "momentum_ids": [0], "run_settings": {"q": 3}}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from arcsim.auth import ANY_ID
+from arcsim.transport.auth import ANY_ID
 from arcsim.cli import EXIT_STOPPED, EXIT_USAGE, build_parser, main
 from arcsim.progress import Progress
 from test_run import (ALIE, ENV, LABEL_FLIP, LONG, REPO, Arcsim, _kill_after_rounds, _one_error_line,  # noqa: F401

@@ -1,4 +1,4 @@
-"""Tests for arcsim.codec: raw little-endian tensors in chunks, their checks, and the message helpers."""
+"""Tests for arcsim.transport.codec: raw little-endian tensors in chunks, their checks, and the message helpers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arcsim import codec
-from arcsim.codec import CodecError, TensorAssembler, TensorHeader
+from arcsim.transport import codec
+from arcsim.transport.codec import CodecError, TensorAssembler, TensorHeader
 from arcsim.seeding import generator
 from arcsim.v1 import coordinator_pb2 as pb
 
@@ -102,11 +102,13 @@ def test_tensor_to_bytes_does_not_copy_a_contiguous_cpu_tensor() -> None:
     assert np.frombuffer(data, dtype=np.uint8).ctypes.data == t.data_ptr()
 
 
-def test_tensor_to_bytes_rejects_an_unsupported_dtype() -> None:
-    # Execute / Assert
+def test_an_unsupported_dtype_is_refused_as_bad_dtype_on_the_wire_and_by_name_in_the_bytes() -> None:
+    # Execute / Assert: the codec's refusal carries its reason; the core function names the dtype
     with pytest.raises(CodecError, match="int64") as err:
-        codec.tensor_to_bytes(torch.arange(3))
+        codec.encode(torch.arange(3))
     assert err.value.reason == "bad_dtype"
+    with pytest.raises(ValueError, match="int64"):
+        codec.tensor_to_bytes(torch.arange(3))
 
 
 def test_iter_chunks_cuts_the_last_chunk_short() -> None:
@@ -292,15 +294,19 @@ def test_property_assembler_accepts_any_split_of_the_payload(data: st.DataObject
 # TensorAssembler rejections, one per reason
 
 
-def test_codec_error_is_a_value_error_with_reason_and_status() -> None:
+def test_codec_error_is_a_value_error_with_a_reason_the_service_maps_to_a_status() -> None:
     # Execute
     err = CodecError("checksum", "garbled")
 
-    # Assert
+    # Assert: the codec knows no gRPC; the coordinator maps every reason to the status it documents
+    from arcsim.coordinator.service import CODEC_STATUS
+
     assert isinstance(err, ValueError)
-    assert (err.reason, err.status_code, str(err)) == ("checksum", grpc.StatusCode.DATA_LOSS, "checksum: garbled")
-    assert CodecError("oversized", "").status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert CodecError("bad_shape", "").status_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.reason, str(err)) == ("checksum", "checksum: garbled")
+    assert set(CODEC_STATUS) == set(CodecError.REASONS)
+    assert CODEC_STATUS["checksum"] == grpc.StatusCode.DATA_LOSS
+    assert CODEC_STATUS["oversized"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert CODEC_STATUS["bad_shape"] == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_codec_error_rejects_an_unknown_reason() -> None:
@@ -489,14 +495,14 @@ def test_gradient_reader_rejects_a_header_on_a_later_message() -> None:
     assert err.value.reason == "unexpected_header"
 
 
-def test_gradient_reader_reports_a_truncated_stream_as_data_loss() -> None:
+def test_gradient_reader_reports_a_truncated_stream() -> None:
     # Prepare
     messages = list(codec.gradient_chunks(torch.ones(4), round=1, worker_id=1, chunk_bytes=8))
 
     # Execute / Assert
     with pytest.raises(CodecError) as err:
         codec.assemble_gradient(messages[:-1], max_bytes=64)
-    assert (err.value.reason, err.value.status_code) == ("truncated", grpc.StatusCode.DATA_LOSS)
+    assert err.value.reason == "truncated"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@
 - the Grafana dashboard is what deploy/grafana/make_dashboard.py generates, on a datasource variable
   defaulting to the provisioned data source, every query selecting $job and $instance, and every
   query valid PromQL (promtool);
-- every metric name the dashboard and the alert rules use is exported by coordinator/metrics.py or
-  workers/metrics.py, and the coordinator's by a real coordinator (``python -m arcsim run`` in a
+- every metric name the dashboard and the alert rules use is exported by arcsim/coordinator/metrics.py or
+  arcsim/workers/metrics.py, and the coordinator's by a real coordinator (``python -m arcsim run`` in a
   subprocess, /metrics on a free port), and promtool accepts that page;
 - a real Prometheus (Debian's binary) scrapes that run, loads the alert rules and answers a query
   for ``arcsim_test_accuracy_ratio`` through its HTTP API.
@@ -167,15 +167,15 @@ def _metrics_registries() -> tuple[CollectorRegistry, CollectorRegistry]:
     """A fresh coordinator's and a fresh worker's registry, as their processes declare them."""
     import torch
 
-    from coordinator.metrics import CoordinatorMetrics
-    from workers.metrics import WorkerMetrics
+    from arcsim.coordinator.metrics import CoordinatorMetrics
+    from arcsim.workers.metrics import WorkerMetrics
 
     return CoordinatorMetrics().registry, WorkerMetrics(role="honest", device=torch.device("cpu")).registry
 
 
 def _exported_by_the_modules() -> set[str]:
     """Every sample name the coordinator's and a worker's metrics export (labelled series included)."""
-    from coordinator.metrics import exported_sample_names
+    from arcsim.coordinator.metrics import exported_sample_names
 
     return {name for registry in _metrics_registries() for name in exported_sample_names(registry)}
 

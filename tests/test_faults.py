@@ -47,12 +47,12 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from arcsim.auth import SECRET_ENV, TOKEN_ENV, worker_token
+from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV, worker_token
 from arcsim.config import from_dict, load_config
 from arcsim.launcher import PARENT_ENV
-from coordinator.inproc import run_inproc
-from coordinator.service import CoordinatorSettings, serve
-from workers.service import WorkerSettings, run_worker
+from arcsim.engine.inproc import run_inproc
+from arcsim.coordinator.service import CoordinatorSettings, serve
+from arcsim.workers.service import WorkerSettings, run_worker
 
 import netns
 

@@ -24,12 +24,13 @@ import pytest
 import torch
 import yaml
 
-from arcsim import codec, wire
-from arcsim.auth import ANY_ID, bearer, worker_token
+from arcsim.transport import codec, wire
+from arcsim.transport.auth import ANY_ID, bearer, worker_token
 from arcsim.config import from_dict
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from coordinator.service import REASON_METADATA_KEY, Coordinator, CoordinatorSettings, OpenRound, grpc_options
+from arcsim.coordinator.service import Coordinator, CoordinatorSettings, OpenRound
+from arcsim.transport.channels import REASON_METADATA_KEY, grpc_options
 from test_faults import _metrics  # the tests folder is on sys.path (rootdir)
 
 SECRET = "limits-secret"
@@ -368,7 +369,7 @@ async def test_a_worker_waiting_minutes_for_its_peers_is_never_disconnected(tmp_
     """Clients ping every 20 s on a stream that waits for data; the server must accept that, not answer
     GOAWAY "too_many_pings" (gRPC's default allows one ping per 5 minutes without data)."""
     # Prepare: a run of 2 workers; worker 0 joins and follows its Rounds stream, worker 1 comes 130 s later
-    from coordinator.service import serve
+    from arcsim.coordinator.service import serve
 
     config = from_dict(TINY)
     task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=SECRET,
@@ -404,8 +405,8 @@ async def test_a_worker_waiting_minutes_for_its_peers_is_never_disconnected(tmp_
 async def test_a_second_worker_with_the_same_id_takes_over_and_the_first_stops_with_a_clear_error(
         tmp_path: Path) -> None:
     # Prepare: a 2-worker run waiting for worker 1; worker 0 follows it
-    from coordinator.service import serve
-    from workers.service import HonestParticipant, Session, WorkerSettings
+    from arcsim.coordinator.service import serve
+    from arcsim.workers.service import HonestParticipant, Session, WorkerSettings
 
     config = from_dict(TINY)
     task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=SECRET,

@@ -28,14 +28,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from arcsim import codec, wire
-from arcsim.auth import bearer, worker_token
+from arcsim.transport import codec, wire
+from arcsim.transport.auth import bearer, worker_token
 from arcsim.config import RunConfig, from_dict
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from coordinator.metrics import REJECTION_REASONS
-from coordinator.rounds import RunState, params_sha256
-from coordinator.service import CoordinatorSettings, grpc_options, serve
+from arcsim.coordinator.metrics import REJECTION_REASONS
+from arcsim.engine.rounds import RunState, params_sha256
+from arcsim.coordinator.service import CoordinatorSettings, serve
+from arcsim.transport.channels import grpc_options
 
 SECRET = "malformed-secret"
 CHUNK = 256  # small chunks: a vector is several messages, so streams can be cut and spliced

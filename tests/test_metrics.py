@@ -1,4 +1,4 @@
-"""The coordinator's metrics (coordinator/metrics.py) against Prometheus' conventions.
+"""The coordinator's metrics (arcsim/coordinator/metrics.py) against Prometheus' conventions.
 
 Each test reads the registry through prometheus_client's own text exposition and parser, the page a
 real scrape gets; ``promtool check metrics`` lints it where promtool is installed.
@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from arcsim import __version__
 from arcsim.config import RunConfig
-from coordinator.metrics import DEFAULT_METRICS_PORT, REJECTION_REASONS, CoordinatorMetrics, exported_sample_names
-from coordinator.rounds import BYZANTINE, HONEST, RoundRecord
+from arcsim.coordinator.metrics import DEFAULT_METRICS_PORT, REJECTION_REASONS, CoordinatorMetrics, exported_sample_names
+from arcsim.engine.rounds import BYZANTINE, HONEST, RoundRecord
 
 CONFIG = RunConfig(task="synthetic", model="mlp", num_honest=4, num_byzantine=2, attack="sign_flip",
                    pipeline="arc > nnm > cwtm")

@@ -12,7 +12,10 @@ import grpc
 import pytest
 import torch
 
-from arcsim import codec, protos_build
+from arcsim import protos_build
+
+from arcsim.coordinator.service import CODEC_STATUS
+from arcsim.transport import codec
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -207,7 +210,7 @@ class _LoopbackServicer(pb_grpc.CoordinatorServicer):
                 reader.add(message)
             vector = reader.finish()
         except codec.CodecError as err:
-            await context.abort(err.status_code, str(err))
+            await context.abort(CODEC_STATUS[err.reason], str(err))
         return pb.SubmitReply(accepted=True, round=reader.round or 0, message=f"{float(vector.sum()):.1f}")
 
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext):  # noqa: N802

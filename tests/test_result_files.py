@@ -10,12 +10,12 @@ import safetensors
 import safetensors.torch
 import torch
 
-from arcsim.codec import tensor_to_bytes
+from arcsim.tensorbytes import tensor_to_bytes
 from arcsim.config import RunConfig, from_dict
 from arcsim.tasks import Dataset, build_model, load_dataset
-from coordinator.evaluation import Evaluator
-from coordinator.inproc import run_inproc
-from coordinator.rounds import MODEL_FILE, RunState, params_sha256
+from arcsim.engine.evaluation import Evaluator
+from arcsim.engine.inproc import run_inproc
+from arcsim.engine.rounds import MODEL_FILE, RunState, params_sha256
 
 CONFIG = {"task": "synthetic", "model": "mlp", "num_honest": 3, "num_byzantine": 1, "attack": "sign_flip",
           "partitioner": "iid", "rounds": 3, "eval_every": 2, "batch_size": 16}

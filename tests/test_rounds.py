@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from arcsim.config import RunConfig, from_dict
-from coordinator import checkpoint
-from coordinator.inproc import run_inproc
-from coordinator.rounds import RunState, params_sha256
+from arcsim.engine import checkpoint
+from arcsim.engine.inproc import run_inproc
+from arcsim.engine.rounds import RunState, params_sha256
 
 D = 650  # parameters of the synthetic task's logreg model
 

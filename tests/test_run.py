@@ -31,7 +31,7 @@ import yaml
 import arcsim.tasks.datasets as datasets
 from arcsim.cli import main
 from arcsim.config import load_config
-from coordinator.inproc import run_inproc
+from arcsim.engine.inproc import run_inproc
 
 torch.set_num_threads(1)
 

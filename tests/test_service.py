@@ -1,6 +1,6 @@
 """Integration tests of the coordinator over real gRPC on loopback.
 
-The coordinator runs in this process (``coordinator.service.serve`` as an asyncio task on port 0,
+The coordinator runs in this process (``arcsim.coordinator.service.serve`` as an asyncio task on port 0,
 its port read from ``out_dir/coordinator.json``); clients are the real worker and adversary
 services (``run_worker`` / ``run_adversary``) or raw ``CoordinatorStub`` calls with per-worker
 bearer tokens, so each check sees exactly what a remote worker would.
@@ -28,18 +28,20 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from adversaries.byzantine import ByzantineWorker
-from adversaries.service import run_adversaries, run_adversary
-from arcsim import cli, codec
-from arcsim.auth import ANY_ID, bearer, worker_token
+from arcsim.engine.byzantine import ByzantineWorker
+from arcsim.adversaries.service import run_adversaries, run_adversary
+from arcsim import cli
+from arcsim.transport import codec
+from arcsim.transport.auth import ANY_ID, bearer, worker_token
 from arcsim.config import RunConfig, from_dict
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from coordinator.inproc import run_inproc
-from coordinator.metrics import REJECTION_REASONS
-from coordinator.rounds import RunState, params_sha256
-from coordinator.service import Coordinator, CoordinatorSettings, grpc_options, serve
-from workers.service import HonestParticipant, WorkerSettings, run_worker
+from arcsim.engine.inproc import run_inproc
+from arcsim.coordinator.metrics import REJECTION_REASONS
+from arcsim.engine.rounds import RunState, params_sha256
+from arcsim.coordinator.service import Coordinator, CoordinatorSettings, serve
+from arcsim.transport.channels import grpc_options
+from arcsim.workers.service import HonestParticipant, WorkerSettings, run_worker
 
 torch.set_num_threads(1)
 

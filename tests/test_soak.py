@@ -21,7 +21,7 @@ import soak  # noqa: E402
 from arcsim.tasks import DatasetUnavailable  # noqa: E402
 
 MLP_ON_FASHION_MNIST = 784 * 200 + 200 + 200 * 10 + 10  # 159,010: the model nearest 100,000 parameters
-M_TRIM_THRESHOLD = 256 << 20  # freed heap glibc may keep in the coordinator (coordinator.inproc.reuse_freed_memory)
+M_TRIM_THRESHOLD = 256 << 20  # freed heap glibc may keep in the coordinator (arcsim.engine.inproc.reuse_freed_memory)
 
 
 def _fashion_mnist_mlp_size() -> int:

@@ -27,7 +27,7 @@ from arcsim.sweep import (
     run_name,
     run_sweep,
 )
-from coordinator.inproc import run_inproc
+from arcsim.engine.inproc import run_inproc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -291,16 +291,16 @@ def test_a_partial_run_is_resumed_from_its_checkpoint_not_restarted(tmp_path: Pa
 
 def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the run with seed 1 fails inside the engine
-    import coordinator.inproc
+    import arcsim.engine.inproc
 
-    real = coordinator.inproc.run_inproc
+    real = arcsim.engine.inproc.run_inproc
 
     def flaky(config, out_dir, **kwargs):
         if config.seed == 1:
             raise RuntimeError("disk on fire")
         return real(config, out_dir, **kwargs)
 
-    monkeypatch.setattr(coordinator.inproc, "run_inproc", flaky)
+    monkeypatch.setattr(arcsim.engine.inproc, "run_inproc", flaky)
     plan = plan_sweep({**TINY, "seed": [1, 2]})
     lines: list[str] = []
     # Execute

@@ -1,7 +1,7 @@
 """TLS and mutual TLS over real gRPC on loopback, and ``arcsim certs``.
 
 The coordinator runs in this process (``serve`` on port 0 with ``server_credentials`` from
-arcsim.certs); clients are the real worker service or raw ``CoordinatorStub`` calls without
+arcsim.transport.certs); clients are the real worker service or raw ``CoordinatorStub`` calls without
 ``wait_for_ready``, so a refused handshake shows at once as UNAVAILABLE. Certificates come from
 ``make_certs`` (what ``arcsim certs`` writes); a second, unrelated testbed stands for a stranger.
 """
@@ -27,14 +27,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from arcsim import certs, cli, wire
-from arcsim.auth import bearer, worker_token
-from arcsim.certs import CertFiles, channel_credentials, make_certs, server_credentials
+from arcsim import cli
+
+from arcsim.transport import certs, wire
+from arcsim.transport.auth import bearer, worker_token
+from arcsim.transport.certs import CertFiles, channel_credentials, make_certs, server_credentials
 from arcsim.config import RunConfig, from_dict
 from arcsim.v1 import coordinator_pb2 as pb
-from coordinator.inproc import run_inproc
-from coordinator.service import CoordinatorSettings, serve
-from workers.service import WorkerSettings, run_worker
+from arcsim.engine.inproc import run_inproc
+from arcsim.coordinator.service import CoordinatorSettings, serve
+from arcsim.workers.service import WorkerSettings, run_worker
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,7 @@
-"""arcsim.wire: the fast path writes and reads exactly what protobuf would, and falls back to it.
+"""arcsim.transport.wire: the fast path writes and reads exactly what protobuf would, and falls back to it.
 
 The writers' bytes must parse, with the generated protobuf classes, into the messages of
-arcsim.codec's senders (so any arcsim.v1 implementation understands them); the readers must give
+arcsim.transport.codec's senders (so any arcsim.v1 implementation understands them); the readers must give
 what protobuf gives for any bytes (a payload view only where the message is exactly one data
 field); and the bindings must interoperate with the generated stub and servicer both ways.
 """
@@ -17,7 +17,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arcsim import codec, wire
+from arcsim.coordinator.service import CODEC_STATUS
+from arcsim.transport import codec, wire
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -110,7 +111,7 @@ def test_bytes_that_are_not_a_gradient_chunk_are_malformed_not_an_exception() ->
     for junk in (b"\xff\xff\xff\xff", b"\x22\x05ab", b"\x08", b"\x22\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"):
         got = wire.parse_gradient_chunk(junk)
         assert isinstance(got, wire.Malformed) and "not a GradientChunk" in got.error
-    assert codec.CodecError("malformed", "not a GradientChunk").status_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert CODEC_STATUS[codec.CodecError("malformed", "not a GradientChunk").reason] == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @settings(max_examples=400, deadline=None)

@@ -20,13 +20,13 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from adversaries.service import AdversaryParticipant, run_adversaries
-from coordinator.service import Coordinator
-from arcsim import codec
+from arcsim.adversaries.service import AdversaryParticipant, run_adversaries
+from arcsim.coordinator.service import Coordinator
+from arcsim.transport import codec
 from test_service import (_config, _md, _metrics_text, _records, _rpc_error, _sample, _worker_settings,  # noqa: F401
                           start)
-from workers.metrics import REFUSAL_REASONS, WorkerMetrics
-from workers.service import HonestParticipant, Session, WorkerSettings, call_timeout, run_worker
+from arcsim.workers.metrics import REFUSAL_REASONS, WorkerMetrics
+from arcsim.workers.service import HonestParticipant, Session, WorkerSettings, call_timeout, run_worker
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,7 @@
 """Writes dashboards/arcsim.json, the testbed's Grafana dashboard (run: python deploy/grafana/make_dashboard.py).
 
 Generated rather than hand-edited so every panel's query uses the metric names of
-coordinator/metrics.py and workers/metrics.py; tests/test_deploy.py checks them against those
+arcsim/coordinator/metrics.py and arcsim/workers/metrics.py; tests/test_deploy.py checks them against those
 modules and a real coordinator's /metrics, and checks every query with promtool.
 
 Variables: ``datasource`` (any Prometheus; the provisioned one by default), ``job`` and ``instance``

@@ -3,7 +3,7 @@
 One process can hold several Byzantine ids (``arcsim adversary --worker-id 10 --worker-id 11 ...``):
 they collude, as the paper's omniscient adversary does, so each round the process reads the honest
 vectors once through ``Observe``, crafts the ``(num_byzantine, d)`` matrix once with the configured
-attack (adversaries/byzantine.py) and submits one row per id. ``label_flip`` workers instead train
+attack (arcsim/engine/byzantine.py) and submits one row per id. ``label_flip`` workers instead train
 on flipped labels, each on its own shard.
 """
 
@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Callable
 import grpc
 import torch
 
-from arcsim import codec
+from arcsim.transport import codec
 from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
-from workers.metrics import BYZANTINE, WorkerMetrics
-from workers.service import Participant, Session, WorkerSettings
+from arcsim.workers.metrics import BYZANTINE, WorkerMetrics
+from arcsim.workers.service import Participant, Session, WorkerSettings
 
-from .byzantine import ByzantineWorker, Crafter
+from arcsim.engine.byzantine import ByzantineWorker, Crafter
 
 log = logging.getLogger("arcsim.adversary")
 
@@ -141,7 +141,7 @@ async def run_adversaries(settings: list[WorkerSettings]) -> list[str]:
 
     They share one /metrics server (the process's), on the port their settings name.
     """
-    from workers.honest import resolve_device
+    from arcsim.engine.honest import resolve_device
 
     if not settings:
         raise ValueError("run_adversaries needs the settings of at least one Byzantine id")

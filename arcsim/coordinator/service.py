@@ -38,62 +38,22 @@ try:
 except ImportError:  # pragma: no cover
     reflection = None
 
-from adversaries.attacks import DATA_ATTACKS
-from arcsim import codec, wire
-from arcsim.auth import ANY_ID, TokenBook, token_from_metadata
+from arcsim.attacks import DATA_ATTACKS
+from arcsim.transport import codec, wire
+from arcsim.transport.auth import ANY_ID, TokenBook, token_from_metadata
+from arcsim.transport.channels import REASON_METADATA_KEY, server_options
 from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from arcsim.wire import SERVICE_NAME
+from arcsim.transport.wire import SERVICE_NAME
 
-from .metrics import CoordinatorMetrics
-from .rounds import BYZANTINE, HONEST, RoundRecord, RunState
+from arcsim.coordinator.metrics import CoordinatorMetrics
+from arcsim.engine.rounds import BYZANTINE, HONEST, RoundRecord, RunState
 
 log = logging.getLogger("arcsim.coordinator")
 
 ASSIGNMENT_GRACE = 30.0  # seconds an assigned id stays reserved for the worker that got it to subscribe
 _ROLE_NAMES = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
-
-
-# Clients ping every KEEPALIVE_TIME_MS, also while a stream waits for data (a worker waiting minutes for
-# missing peers). gRPC servers accept a ping without data only every 5 minutes by default and answer
-# more with GOAWAY "too_many_pings", so the server's minimum is set below the clients' interval.
-KEEPALIVE_TIME_MS = 20_000
-KEEPALIVE_TIMEOUT_MS = 10_000
-MIN_PING_INTERVAL_MS = KEEPALIVE_TIME_MS // 2
-
-
-def grpc_options(max_bytes: int) -> list[tuple[str, int]]:
-    """A client's channel options (workers, adversaries, tools).
-
-    Each channel gets its own connection (a local subchannel pool): one process holding several
-    worker ids behaves as that many machines, and stays within the server's streams per connection.
-    """
-    return [
-        ("grpc.max_send_message_length", max_bytes),
-        ("grpc.max_receive_message_length", max_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-
-
-def server_options(max_bytes: int, *, max_concurrent_streams: int) -> list[tuple[str, int]]:
-    """The coordinator's server options: message limits, keepalive that matches what clients send,
-    and a cap on concurrent streams per connection (a worker needs at most four at once: Rounds,
-    SubmitGradient, FetchMomentum, Observe)."""
-    return [
-        ("grpc.max_send_message_length", max_bytes),
-        ("grpc.max_receive_message_length", max_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
-        ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.max_concurrent_streams", max_concurrent_streams),
-    ]
 
 
 @dataclass(frozen=True)
@@ -115,9 +75,6 @@ class CoordinatorSettings:
     max_concurrent_streams: int = 32  # per client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
     linger: float = 0.0  # seconds /metrics stays up after the run ends, so a scraper records the final values
     server_credentials: grpc.ServerCredentials | None = field(default=None, compare=False)
-
-
-REASON_METADATA_KEY = "arcsim-reason"  # trailing metadata of a refused call: its counted reason
 
 
 class Rejection(Exception):
@@ -211,7 +168,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.subscribed: dict[int, int] = {}  # worker id -> open Rounds streams
         self._changed = asyncio.Condition()
         self._round: OpenRound | None = None
-        self._events: list[bytes] = []  # the open round's Rounds events, serialised once (arcsim.wire)
+        self._events: list[bytes] = []  # the open round's Rounds events, serialised once (arcsim.transport.wire)
         self._ended: str | None = None
         self._stop = asyncio.Event()
         self._all_subscribed = asyncio.Event()
@@ -395,7 +352,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 if claimed is not None and not claimed.closed:
                     self._answered(claimed, owner[1])  # a refused vector still answers the round
                 raise self._reject(error.reason if error.reason in _CODEC_REASONS else "malformed",
-                                   error.status_code, str(error)) from None
+                                   CODEC_STATUS[error.reason], str(error)) from None
             except TimeoutError:
                 raise self._reject("stalled", grpc.StatusCode.DEADLINE_EXCEEDED,
                                    "the submission was not complete when its round's deadline passed") from None
@@ -566,6 +523,22 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             pass
 
 
+# The gRPC status each codec rejection is answered with (protos/arcsim/v1/coordinator.proto documents them).
+CODEC_STATUS: dict[str, grpc.StatusCode] = {
+    "bad_dtype": grpc.StatusCode.INVALID_ARGUMENT,
+    "bad_shape": grpc.StatusCode.INVALID_ARGUMENT,
+    "size_mismatch": grpc.StatusCode.INVALID_ARGUMENT,
+    "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
+    "missing_header": grpc.StatusCode.INVALID_ARGUMENT,
+    "unexpected_header": grpc.StatusCode.INVALID_ARGUMENT,
+    "unexpected_chunk": grpc.StatusCode.INVALID_ARGUMENT,
+    "bad_order": grpc.StatusCode.INVALID_ARGUMENT,
+    "malformed": grpc.StatusCode.INVALID_ARGUMENT,
+    "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "truncated": grpc.StatusCode.DATA_LOSS,
+    "checksum": grpc.StatusCode.DATA_LOSS,
+}
+# Codec reasons counted under their own name; any other is counted as "malformed".
 _CODEC_REASONS = {"missing_header", "unexpected_header", "bad_dtype", "bad_shape", "size_mismatch", "oversized",
                   "truncated", "checksum", "non_finite"}
 

@@ -4,7 +4,7 @@ A Byzantine worker either trains on corrupted data (``label_flip``: an honest co
 labels 9 - y of a honest worker's shard, ``(worker_id - num_honest) mod num_honest``) or crafts its
 vector from the honest vectors of the round (every other attack: the workers are omniscient and
 collude, so each of them computes the same ``(num_byzantine, d)`` matrix with
-``adversaries.attacks.craft`` and submits its own row). Attack noise comes from a generator seeded by
+``arcsim.attacks.craft`` and submits its own row). Attack noise comes from a generator seeded by
 (seed, "attack", round), so every Byzantine process draws the same matrix.
 """
 
@@ -17,9 +17,9 @@ from arcsim.config import RunConfig
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, load_dataset
-from workers.honest import GradientWorker
+from arcsim.engine.honest import GradientWorker
 
-from .attacks import DATA_ATTACKS, craft, label_flip
+from arcsim.attacks import DATA_ATTACKS, craft, label_flip
 
 
 class Crafter:

@@ -1,7 +1,7 @@
 """The coordinator's round logic, free of any transport.
 
 :class:`RunState` owns the model parameters and everything a run must not lose. The gRPC service
-(coordinator/service.py) and the in-process engine (coordinator/inproc.py) both hand it the
+(arcsim/coordinator/service.py) and the in-process engine (arcsim/engine/inproc.py) both hand it the
 vectors of a round, keyed by worker id, and it
 
 1. orders them by worker id (arrival order never changes the result),
@@ -12,7 +12,7 @@ vectors of a round, keyed by worker id, and it
    default (the gRPC coordinator); with ``checkpoint_seconds > 0`` (the in-process engine) only after
    the first round, when that many seconds have passed since the last checkpoint, and after the last
    round, plus :meth:`RunState.flush_checkpoint` when a run is interrupted. A checkpoint
-   (``checkpoints/round-XXXXXXXX.safetensors``, see coordinator/checkpoint.py) holds the parameters
+   (``checkpoints/round-XXXXXXXX.safetensors``, see arcsim/engine/checkpoint.py) holds the parameters
    and every worker's momentum (14 vectors of 431,080 floats for the paper's CNN with 10 + 3
    workers), a CRC-32 and the scalar state; writing one costs about as much as the round's
    aggregation (docs/benchmarks.md).
@@ -45,14 +45,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from arcsim.codec import tensor_to_bytes
+from arcsim.tensorbytes import tensor_to_bytes
 from arcsim.config import RunConfig
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
 
-from . import checkpoint
-from .evaluation import Evaluator
+from arcsim.engine import checkpoint
+from arcsim.engine.evaluation import Evaluator
 
 log = logging.getLogger("arcsim.coordinator")
 

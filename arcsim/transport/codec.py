@@ -11,8 +11,8 @@ No pickle and no ``torch.save``: the sender exposes the tensor's memory through 
 (:func:`tensor_to_bytes`, no copy for a contiguous CPU tensor) and the receiver writes every chunk
 at its offset into one preallocated buffer (:class:`TensorAssembler`) and wraps it with
 ``torch.frombuffer`` (no copy). Everything a receiver can reject raises :class:`CodecError`, whose
-``reason`` is a short machine-readable label (bounded, so usable as a metric label) and whose
-``status_code`` is the gRPC status the protocol documents for it.
+``reason`` is a short machine-readable label (bounded, so usable as a metric label); the service
+maps it to the gRPC status the protocol documents for it.
 
 The ``*_events`` / ``gradient_chunks`` helpers build the ``arcsim.v1`` messages for the three
 streams of ``protos/arcsim/v1/coordinator.proto``, and the ``*Reader`` classes consume them one
@@ -59,67 +59,43 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import grpc
 import numpy as np
 import torch
 
+from arcsim.tensorbytes import _BIG_ENDIAN_HOST, DTYPE_NAMES, DTYPES, _crc32, checksum, tensor_to_bytes
 from arcsim.v1 import coordinator_pb2 as pb
-
-try:  # zlib-ng's CRC-32: the same function as zlib's (same polynomial, same values), SIMD, ~10x faster
-    from zlib_ng.zlib_ng import crc32 as _crc32
-except ImportError:  # pragma: no cover - without the zlib-ng package: zlib's, the reference
-    from zlib import crc32 as _crc32
 
 DEFAULT_CHUNK_BYTES: Final[int] = 1 << 20
 """Default chunk payload, 1 MiB: well below gRPC's default 4 MiB message limit."""
 
-DTYPES: Final[dict[str, torch.dtype]] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-"""Wire name -> torch dtype, for every dtype the protocol carries."""
-
-DTYPE_NAMES: Final[dict[torch.dtype, str]] = {dtype: name for name, dtype in DTYPES.items()}
-"""torch dtype -> wire name (the reverse of :data:`DTYPES`)."""
-
-_BIG_ENDIAN_HOST: Final[bool] = sys.byteorder == "big"
-
 
 class CodecError(ValueError):
-    """A tensor or message stream that the receiver rejects.
+    """A tensor or message stream that the receiver rejects, with a ``reason`` from :data:`REASONS`.
 
-    ``reason`` is one of :data:`CodecError.STATUS` (keys), ``status_code`` the gRPC status the
-    protocol answers with. A service turns it into that status with the same message:
-    ``await context.abort(err.status_code, str(err))``.
+    Which status a service answers with is the service's business (the coordinator maps each reason
+    to a gRPC status code); the codec knows nothing of gRPC.
     """
 
-    STATUS: Final[dict[str, grpc.StatusCode]] = {
-        "bad_dtype": grpc.StatusCode.INVALID_ARGUMENT,  # unknown dtype, or not the expected one
-        "bad_shape": grpc.StatusCode.INVALID_ARGUMENT,  # negative dimension, or not the expected shape
-        "size_mismatch": grpc.StatusCode.INVALID_ARGUMENT,  # num_bytes != numel * itemsize, or extra bytes
-        "non_finite": grpc.StatusCode.INVALID_ARGUMENT,  # NaN or +-Inf among the values
-        "missing_header": grpc.StatusCode.INVALID_ARGUMENT,  # first GradientChunk without header
-        "unexpected_header": grpc.StatusCode.INVALID_ARGUMENT,  # header on a later GradientChunk
-        "unexpected_chunk": grpc.StatusCode.INVALID_ARGUMENT,  # Chunk event with no tensor in progress
-        "bad_order": grpc.StatusCode.INVALID_ARGUMENT,  # observed vectors not in increasing worker id
-        "malformed": grpc.StatusCode.INVALID_ARGUMENT,  # bytes that are not a valid message (arcsim.wire)
-        "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,  # num_bytes above the receiver's max_bytes
-        "truncated": grpc.StatusCode.DATA_LOSS,  # fewer bytes than num_bytes when the tensor ended
-        "checksum": grpc.StatusCode.DATA_LOSS,  # CRC-32 of the bytes differs from the header's
-    }
+    REASONS: Final[tuple[str, ...]] = (
+        "bad_dtype",  # unknown dtype, or not the expected one
+        "bad_shape",  # negative dimension, or not the expected shape
+        "size_mismatch",  # num_bytes != numel * itemsize, or extra bytes
+        "non_finite",  # NaN or +-Inf among the values
+        "missing_header",  # first GradientChunk without header
+        "unexpected_header",  # header on a later GradientChunk
+        "unexpected_chunk",  # Chunk event with no tensor in progress
+        "bad_order",  # observed vectors not in increasing worker id
+        "malformed",  # bytes that are not a valid message (arcsim.transport.wire)
+        "oversized",  # num_bytes above the receiver's max_bytes
+        "truncated",  # fewer bytes than num_bytes when the tensor ended
+        "checksum",  # CRC-32 of the bytes differs from the header's
+    )
 
     def __init__(self, reason: str, message: str) -> None:
-        if reason not in self.STATUS:
-            raise ValueError(f"unknown CodecError reason {reason!r}; expected one of {sorted(self.STATUS)}")
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown CodecError reason {reason!r}; expected one of {sorted(self.REASONS)}")
         super().__init__(f"{reason}: {message}")
         self.reason = reason
-
-    @property
-    def status_code(self) -> grpc.StatusCode:
-        """The gRPC status for this rejection (see ``coordinator.proto``)."""
-        return self.STATUS[self.reason]
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -132,41 +108,6 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
 def _check_chunk_bytes(chunk_bytes: int) -> None:
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-
-
-def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    """CRC-32 (zlib) of ``data``, as an unsigned 32-bit int; ``value`` continues a running CRC.
-
-    It detects accidental corruption (a truncated or garbled transfer), not forgery: anyone can
-    recompute it. Authenticity and integrity against an attacker come from the credentials and TLS.
-
-    >>> checksum(b"123456789") == 0xCBF43926
-    True
-    """
-    return _crc32(data, value) & 0xFFFFFFFF
-
-
-def tensor_to_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of ``t``: C-contiguous, little-endian, as a read-only 1-D byte view.
-
-    Built on ``Tensor.numpy()``, with no copy when ``t`` is already a contiguous CPU tensor (the
-    view then aliases ``t``: do not modify ``t`` while the bytes are in use). ``t`` itself is never
-    modified. bfloat16, which numpy lacks, goes through a same-width int16 view.
-
-    >>> bytes(tensor_to_bytes(torch.tensor([1.0], dtype=torch.float16)))
-    b'\\x00<'
-    """
-    _dtype_name(t.dtype)
-    src = t.detach()
-    if src.device.type != "cpu":
-        src = src.cpu()
-    src = src.contiguous()
-    if src.dtype == torch.bfloat16:
-        src = src.view(torch.int16)
-    array = src.numpy().reshape(-1)
-    if _BIG_ENDIAN_HOST:
-        array = array.byteswap()
-    return memoryview(array.view(np.uint8)).toreadonly()
 
 
 def iter_chunks(buf: bytes | bytearray | memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[memoryview]:
@@ -201,7 +142,9 @@ class TensorHeader:
 
 
 def encode(t: torch.Tensor) -> tuple[TensorHeader, memoryview]:
-    """The header and the raw bytes of ``t`` (see :func:`tensor_to_bytes`)."""
+    """The header and the raw bytes of ``t`` (see :func:`tensor_to_bytes`); ``bad_dtype`` for a dtype
+    the protocol does not carry."""
+    _dtype_name(t.dtype)
     data = tensor_to_bytes(t)
     return TensorHeader(DTYPE_NAMES[t.dtype], tuple(t.shape), data.nbytes, checksum(data)), data
 
@@ -540,7 +483,7 @@ class GradientReader:
     def add(self, message: pb.GradientChunk | memoryview) -> bool:
         """Take the next request message; True if it was the first one.
 
-        A ``memoryview`` stands for a message that carries only data (what :mod:`arcsim.wire`
+        A ``memoryview`` stands for a message that carries only data (what :mod:`arcsim.transport.wire`
         reads such messages as).
         """
         if isinstance(message, memoryview):
@@ -641,7 +584,7 @@ class RoundEventReader:
     def feed(self, event: pb.RoundEvent | memoryview) -> RoundParams | pb.RunEnd | None:
         """Take the next event; the completed item, if this event completed one.
 
-        A ``memoryview`` stands for a Chunk event's payload (see :mod:`arcsim.wire`).
+        A ``memoryview`` stands for a Chunk event's payload (see :mod:`arcsim.transport.wire`).
         """
         if isinstance(event, memoryview):
             return self._chunk(event)
@@ -733,7 +676,7 @@ class ObserveEventReader:
     def feed(self, event: pb.ObserveEvent | memoryview) -> ObservedTensor | None:
         """Take the next event; the completed vector, if this event completed one.
 
-        A ``memoryview`` stands for a Chunk event's payload (see :mod:`arcsim.wire`).
+        A ``memoryview`` stands for a Chunk event's payload (see :mod:`arcsim.transport.wire`).
         """
         if isinstance(event, memoryview):
             return self._chunk(event)

@@ -22,7 +22,7 @@ The CA is valid for ten years, the certificates for 825 days, all from an hour b
 Trust model: TLS authenticates the coordinator to the workers (only a holder of ``server.key`` can
 answer on the address) and encrypts the traffic; mutual TLS additionally keeps every connection
 that does not present a certificate of the testbed CA out before any RPC is read. Neither says
-*which* worker is calling: that stays the bearer token's job (arcsim.auth), since one client
+*which* worker is calling: that stays the bearer token's job (arcsim.transport.auth), since one client
 certificate is shared by every worker and adversary.
 
 ``server_credentials`` and ``channel_credentials`` read the files back (with a one-line error naming

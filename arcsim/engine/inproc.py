@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adversaries.byzantine import ByzantineWorker, Crafter
+from arcsim.engine.byzantine import ByzantineWorker, Crafter
 from arcsim.config import RunConfig
 from arcsim.tasks import load_dataset
-from workers.honest import BatchedWorkers, GradientWorker, shards
+from arcsim.engine.honest import BatchedWorkers, GradientWorker, shards
 
-from .rounds import RoundRecord, RunState
+from arcsim.engine.rounds import RoundRecord, RunState
 
 log = logging.getLogger("arcsim.inproc")
 
@@ -40,7 +40,7 @@ def run_inproc(
 ) -> dict[str, Any]:
     """Run ``config`` to the end in this process; returns the summary (also in ``out_dir/summary.json``).
 
-    ``batch_workers`` computes the honest gradients in one vmapped call (workers.honest.BatchedWorkers):
+    ``batch_workers`` computes the honest gradients in one vmapped call (arcsim.engine.honest.BatchedWorkers):
     faster on a GPU, equal to the per-worker loop only up to rounding, so off by default.
 
     ``checkpoint_seconds``: a checkpoint is written after the first round, then after the first round

@@ -13,7 +13,7 @@ arcsim.v1 clients and servers interoperate with these bindings (tests/test_wire.
 
 - :class:`CoordinatorStub`: the client side, a drop-in for ``coordinator_pb2_grpc.CoordinatorStub``
   whose ``SubmitGradient`` also takes :func:`gradient_stream` bytes and whose streams may yield
-  ``memoryview`` chunks (the readers in :mod:`arcsim.codec` take both).
+  ``memoryview`` chunks (the readers in :mod:`arcsim.transport.codec` take both).
 - :func:`add_coordinator_to_server`: the server side, in place of
   ``add_CoordinatorServicer_to_server``; ``SubmitGradient`` handlers get ``memoryview`` chunks and
   :class:`Malformed` for bytes that are not a ``GradientChunk``; the streaming methods may yield
@@ -31,7 +31,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from arcsim import codec
+from arcsim.transport import codec
 from arcsim.v1 import coordinator_pb2 as pb
 
 SERVICE_NAME = "arcsim.v1.Coordinator"
@@ -86,7 +86,7 @@ def gradient_stream(
     """The serialised ``SubmitGradient`` requests for ``t``: a first message with round, worker id,
     header and loss (no data), then one data-only message per chunk.
 
-    Parsed with protobuf they give the same vector as :func:`arcsim.codec.gradient_chunks`; the
+    Parsed with protobuf they give the same vector as :func:`arcsim.transport.codec.gradient_chunks`; the
     bytes alias nothing (``t`` may change once they are built).
 
     >>> [len(m) for m in gradient_stream(torch.zeros(5), round=3, worker_id=1, chunk_bytes=8)][1:]
@@ -109,7 +109,7 @@ def _event_chunk(chunk: memoryview) -> bytes:
 def round_stream(
     params: torch.Tensor, *, round: int, deadline_unix_ms: int, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
 ) -> list[bytes]:
-    """:func:`arcsim.codec.round_events` for ``params``, serialised: build once per round, send to
+    """:func:`arcsim.transport.codec.round_events` for ``params``, serialised: build once per round, send to
     every worker (gRPC copies each into its own buffers; protobuf would serialise them per stream).
 
     >>> events = round_stream(torch.ones(2), round=4, deadline_unix_ms=0, chunk_bytes=4)
@@ -124,7 +124,7 @@ def round_stream(
 
 
 def observe_stream(vectors: dict[int, torch.Tensor], *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """:func:`arcsim.codec.observe_events`, serialised (one copy of each vector's bytes)."""
+    """:func:`arcsim.transport.codec.observe_events`, serialised (one copy of each vector's bytes)."""
     codec._check_chunk_bytes(chunk_bytes)
     for worker_id in sorted(vectors):
         header, data = codec.encode(vectors[worker_id])
@@ -191,7 +191,7 @@ class CoordinatorStub:
 
     ``SubmitGradient`` takes messages or serialised bytes (:func:`gradient_stream`); ``Rounds``,
     ``Observe`` and ``FetchMomentum`` yield messages and ``memoryview`` chunk payloads, which
-    :class:`arcsim.codec.RoundEventReader` and :class:`arcsim.codec.ObserveEventReader` accept.
+    :class:`arcsim.transport.codec.RoundEventReader` and :class:`arcsim.transport.codec.ObserveEventReader` accept.
     """
 
     def __init__(self, channel: grpc.aio.Channel) -> None:

@@ -1,12 +1,12 @@
 """The worker service: joins the coordinator, follows its rounds, submits a vector per round.
 
-The honest worker (``arcsim worker``) and the adversary (``arcsim adversary``, adversaries/service.py)
+The honest worker (``arcsim worker``) and the adversary (``arcsim adversary``, arcsim/adversaries/service.py)
 share this client; they differ only in what they compute from a round's parameters. The client
 reconnects by itself (retry with exponential backoff) when the coordinator is unreachable or
 restarts, keeping its momentum in memory; a worker that restarts fetches its momentum from the
 coordinator instead. Every call has a deadline derived from the round's (``call_timeout``), so a
 coordinator that stops answering costs the worker a round, not the run. With ``metrics_port`` set, the
-worker serves its Prometheus metrics (workers/metrics.py) while it runs.
+worker serves its Prometheus metrics (arcsim/workers/metrics.py) while it runs.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from arcsim import codec, wire
-from arcsim.auth import ANY_ID, bearer
+from arcsim.transport import codec, wire
+from arcsim.transport.auth import ANY_ID, bearer
 from arcsim.config import RunConfig, loads_config
 from arcsim.v1 import coordinator_pb2 as pb
-from workers.metrics import BYZANTINE, HONEST, WorkerMetrics
+from arcsim.workers.metrics import BYZANTINE, HONEST, WorkerMetrics
 
 log = logging.getLogger("arcsim.worker")
 
@@ -42,7 +42,7 @@ class WorkerSettings:
     max_retry_seconds: float = 300.0  # give up after this long without reaching the coordinator
     channel_credentials: grpc.ChannelCredentials | None = field(default=None, compare=False)
     tls_server_name: str | None = None  # TLS: the name the coordinator's certificate must carry (default: its host)
-    # Prometheus /metrics of this worker (workers/metrics.py): None serves none, 0 any free port.
+    # Prometheus /metrics of this worker (arcsim/workers/metrics.py): None serves none, 0 any free port.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     # Calls tied to a round (SubmitGradient, Observe) get the time left until the round's deadline plus
@@ -72,7 +72,7 @@ def call_timeout(deadline_unix_ms: int, *, round_deadline: float, margin: float)
 
 def _reason(error: grpc.aio.AioRpcError) -> str | None:
     """The coordinator's counted reason for refusing a call (its trailing metadata), if it gave one."""
-    from coordinator.service import REASON_METADATA_KEY
+    from arcsim.transport.channels import REASON_METADATA_KEY
 
     for key, value in error.trailing_metadata() or ():
         if key == REASON_METADATA_KEY:
@@ -109,7 +109,7 @@ class Session:
 
     def __init__(self, settings: WorkerSettings, participant: Participant, *,
                  metrics: WorkerMetrics | None = None) -> None:
-        from workers.honest import resolve_device
+        from arcsim.engine.honest import resolve_device
 
         self.settings = settings
         self.participant = participant
@@ -127,7 +127,7 @@ class Session:
         self.reached = False  # a Join was answered since the last failure: the outage that follows is a new one
 
     def _channel(self, max_bytes: int) -> grpc.aio.Channel:
-        from coordinator.service import grpc_options
+        from arcsim.transport.channels import grpc_options
 
         options = grpc_options(max_bytes)
         if self.settings.tls_server_name:
@@ -302,7 +302,7 @@ class HonestParticipant(Participant):
 
     def setup(self, config: RunConfig, device: torch.device) -> None:
         from arcsim.tasks.datasets import clear_cache
-        from workers.honest import GradientWorker
+        from arcsim.engine.honest import GradientWorker
 
         if not 0 <= self.worker_id < config.num_honest:
             raise ValueError(f"honest worker ids run from 0 to {config.num_honest - 1}, got {self.worker_id}")

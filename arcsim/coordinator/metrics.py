@@ -19,7 +19,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 
 from arcsim import __version__
 
-from .rounds import BYZANTINE, HONEST, ROLES, RoundRecord
+from arcsim.engine.rounds import BYZANTINE, HONEST, ROLES, RoundRecord
 
 if TYPE_CHECKING:
     from arcsim.config import RunConfig

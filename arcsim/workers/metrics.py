@@ -4,7 +4,7 @@ Labels stay bounded: ``role`` (honest, byzantine), ``reason`` (the gRPC status c
 submission, lowercased like the coordinator's reasons: one of the 16 non-OK codes) and ``device``
 (cpu, cuda). No label ever carries a worker id: Prometheus' ``instance`` label tells the workers
 apart. Each process owns a registry, so several can live in one process (tests); colluding Byzantine
-ids in one adversary process share one (adversaries/service.py).
+ids in one adversary process share one (arcsim/adversaries/service.py).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import safetensors
 import safetensors.torch
 from torch import Tensor
 
-from arcsim.codec import DTYPE_NAMES, checksum, tensor_to_bytes
+from arcsim.tensorbytes import DTYPE_NAMES, checksum, tensor_to_bytes
 
 FORMAT: Final[str] = "arcsim-checkpoint-3"  # 1 and 2 were arcsim's own ``.ckpt`` layout
 SUFFIX: Final[str] = ".safetensors"
