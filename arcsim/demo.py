@@ -27,7 +27,7 @@ PIPELINES = (
     "arc > nnm > multi_krum",
     "static_clip > nnm > cwtm",
 )
-ATTACKS = ("sign_flip", "foe", "alie", "optimal_alie", "mimic")
+DEMO_ATTACKS = ("sign_flip", "foe", "alie", "optimal_alie", "mimic")
 
 
 def honest_vectors(num_honest: int, dim: int, *, heterogeneity: float, seed: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ def table(*, num_honest: int, f: int, dim: int, heterogeneity: float, seeds: int
         params = {"c": 2.0} if "static_clip" in spec else {}
         pipeline = build_pipeline(spec, f=f, **params)
         errors = []
-        for attack in ATTACKS:
+        for attack in DEMO_ATTACKS:
             total = 0.0
             for seed in range(seeds):
                 honest = honest_vectors(num_honest, dim, heterogeneity=heterogeneity, seed=seed)
@@ -58,7 +58,7 @@ def table(*, num_honest: int, f: int, dim: int, heterogeneity: float, seeds: int
     width = max(len(spec) for spec in PIPELINES)
     lines = [f"robustness error ||F(x) - honest mean||, {num_honest} honest + {f} Byzantine, d = {dim}, "
              f"heterogeneity {heterogeneity}, mean of {seeds} seeds (lower is better)", "",
-             f"{'pipeline':<{width}}  " + "  ".join(f"{a:>12}" for a in ATTACKS) + f"  {'worst':>8}"]
+             f"{'pipeline':<{width}}  " + "  ".join(f"{a:>12}" for a in DEMO_ATTACKS) + f"  {'worst':>8}"]
     for spec, errors in rows:
         lines.append(f"{spec:<{width}}  " + "  ".join(f"{e:>12.4f}" for e in errors) + f"  {max(errors):>8.4f}")
     return "\n".join(lines)
