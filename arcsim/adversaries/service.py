@@ -19,7 +19,8 @@ import torch
 from arcsim.transport import codec
 from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
-from arcsim.workers.metrics import BYZANTINE, WorkerMetrics
+from arcsim.roles import Role
+from arcsim.workers.metrics import WorkerMetrics
 from arcsim.workers.service import Participant, Session, WorkerSettings
 
 from arcsim.engine.byzantine import ByzantineWorker, Crafter
@@ -150,7 +151,7 @@ async def run_adversaries(settings: list[WorkerSettings]) -> list[str]:
         raise ValueError("the ids of one adversary process share one /metrics endpoint, got "
                          f"{sorted(endpoints, key=str)}")
     port, host = endpoints.pop()
-    metrics = WorkerMetrics(role=BYZANTINE, device=resolve_device(settings[0].device))
+    metrics = WorkerMetrics(role=Role.BYZANTINE, device=resolve_device(settings[0].device))
     if port is not None:
         log.info("serving /metrics on %s:%d", host, metrics.serve(port, host))
     collusion = Collusion()

@@ -19,7 +19,8 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 
 from arcsim import __version__
 
-from arcsim.engine.rounds import BYZANTINE, HONEST, ROLES, RoundRecord
+from arcsim.engine.rounds import RoundRecord
+from arcsim.roles import ROLES, Role
 
 if TYPE_CHECKING:
     from arcsim.config import RunConfig
@@ -178,8 +179,8 @@ class CoordinatorMetrics:
         if record.clip_threshold is not None:
             self.clip_threshold.set(record.clip_threshold)
         if record.clipped_honest is not None:  # None: the clipping cannot be attributed to workers (after NNM)
-            self.clipped.labels(HONEST).inc(record.clipped_honest)
-            self.clipped.labels(BYZANTINE).inc(record.clipped_byzantine)
+            self.clipped.labels(Role.HONEST).inc(record.clipped_honest)
+            self.clipped.labels(Role.BYZANTINE).inc(record.clipped_byzantine)
         for role, norms in record.norms.items():
             for norm in norms:
                 self.vector_norm.labels(role).observe(norm)

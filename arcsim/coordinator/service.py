@@ -48,12 +48,13 @@ from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 from arcsim.transport.wire import SERVICE_NAME
 
 from arcsim.coordinator.metrics import CoordinatorMetrics
-from arcsim.engine.rounds import BYZANTINE, HONEST, RoundRecord, RunState
+from arcsim.engine.rounds import RoundRecord, RunState
+from arcsim.roles import Role
 
 log = logging.getLogger("arcsim.coordinator")
 
 ASSIGNMENT_GRACE = 30.0  # seconds an assigned id stays reserved for the worker that got it to subscribe
-_ROLE_NAMES = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
+_ROLE_NAMES = {pb.HONEST: Role.HONEST, pb.BYZANTINE: Role.BYZANTINE}
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _assign_id(self, role: str) -> int:
         """The first id of ``role`` that nobody follows and that was not handed out recently."""
-        ids = range(self.config.num_honest) if role == HONEST else range(self.config.num_honest,
+        ids = range(self.config.num_honest) if role == Role.HONEST else range(self.config.num_honest,
                                                                           self.config.num_workers)
         now = time.monotonic()
         for worker_id in ids:
@@ -425,7 +426,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         try:
             owner = self._caller(context)
             self._check_worker(owner, request.worker_id)
-            if owner[0] != BYZANTINE:
+            if owner[0] != Role.BYZANTINE:
                 raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
                                    "Observe is only for adversary credentials")
         except Rejection as error:

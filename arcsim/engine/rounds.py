@@ -52,15 +52,15 @@ from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
 
 from arcsim.engine import checkpoint
+from arcsim import roles
 from arcsim.engine.evaluation import Evaluator
+from arcsim.roles import Role
 
 log = logging.getLogger("arcsim.coordinator")
 
 MODEL_FILE = "model.safetensors"  # in out_dir: the final parameters as the model's named state dict
 
-HONEST = "honest"
-BYZANTINE = "byzantine"
-ROLES = (HONEST, BYZANTINE)
+HONEST, BYZANTINE = Role.HONEST, Role.BYZANTINE
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def params_sha256(params: Tensor) -> str:
     return hashlib.sha256(tensor_to_bytes(params.contiguous())).hexdigest()
 
 
-def role_of(config: RunConfig, worker_id: int) -> str:
-    return HONEST if worker_id < config.num_honest else BYZANTINE
+def role_of(config: RunConfig, worker_id: int) -> Role:
+    return roles.role_of(worker_id, num_honest=config.num_honest)
 
 
 class RunState:

@@ -16,9 +16,9 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-HONEST = "honest"
-BYZANTINE = "byzantine"
-ROLES = (HONEST, BYZANTINE)
+from arcsim.roles import ROLES, Role
+
+HONEST, BYZANTINE = Role.HONEST, Role.BYZANTINE
 
 # The refusal reasons: every gRPC status code but OK, so the set is bounded whatever the coordinator answers.
 REFUSAL_REASONS = tuple(code.name.lower() for code in grpc.StatusCode if code != grpc.StatusCode.OK)

@@ -24,7 +24,8 @@ from arcsim.transport import codec, wire
 from arcsim.transport.auth import ANY_ID, bearer
 from arcsim.config import RunConfig, loads_config
 from arcsim.v1 import coordinator_pb2 as pb
-from arcsim.workers.metrics import BYZANTINE, HONEST, WorkerMetrics
+from arcsim.roles import Role
+from arcsim.workers.metrics import WorkerMetrics
 
 log = logging.getLogger("arcsim.worker")
 
@@ -322,7 +323,7 @@ class HonestParticipant(Participant):
 
 def role_name(role: int) -> str:
     """The metrics' role label of a participant's ``pb.Role``."""
-    names = {pb.HONEST: HONEST, pb.BYZANTINE: BYZANTINE}
+    names = {pb.HONEST: Role.HONEST, pb.BYZANTINE: Role.BYZANTINE}
     if role not in names:
         raise ValueError(f"a participant's role is pb.HONEST or pb.BYZANTINE, got {role!r}")
     return names[role]
