@@ -22,7 +22,9 @@ least one row and one column; bad arguments raise ``ValueError`` naming the offe
 
 ``ATTACKS`` maps names to the vector-crafting attacks and ``craft`` dispatches to them by name;
 ``label_flip`` is a data attack (``DATA_ATTACKS``): it maps labels, and the Byzantine worker
-trains on its own data with the flipped labels.
+trains on its own data with the flipped labels. ``ATTACK_REGISTRY`` resolves every attack name,
+built-in or plugin (an entry point of group ``arcsim.attacks`` or ``package.module:callable``): a
+vector attack is a function with ``craft``'s signature, a data attack a :class:`DataAttack` label map.
 """
 
 from __future__ import annotations
@@ -30,28 +32,36 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
 from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
+from arcsim.registry import Registry, UnknownName
+
 __all__ = [
     "ATTACKS",
+    "ATTACK_REGISTRY",
     "DATA_ATTACKS",
     "DEFAULT_ALIE_TAUS",
     "DEFAULT_FOE_TAU",
     "DEFAULT_FOE_TAUS",
     "DEFAULT_GAUSSIAN_STD",
     "REFINE_POINTS",
+    "DataAttack",
     "MimicState",
     "alie",
     "alie_z_max",
     "craft",
+    "data_attack",
     "foe",
     "gaussian",
     "inf",
+    "is_data_attack",
     "label_flip",
+    "label_map",
     "mimic",
     "mimic_index",
     "nan",
@@ -790,6 +800,70 @@ DATA_ATTACKS: tuple[str, ...] = ("label_flip",)
 _CONTEXT = ("num_workers", "aggregate", "generator")
 
 
+@dataclass(frozen=True)
+class DataAttack:
+    """A data attack: a label map ``fn(labels, *, num_classes, **params) -> labels`` (the public contract).
+
+    The Byzantine worker trains honestly on a honest worker's shard with the labels this returns
+    (same shape, integer classes in ``[0, num_classes)``); ``params`` come from ``attack_params``.
+    """
+
+    label_map: Callable[..., Tensor]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The label map's own parameters (those ``attack_params`` may set)."""
+        names = list(inspect.signature(self.label_map).parameters)[1:]
+        return tuple(name for name in names if name != "num_classes")
+
+
+def data_attack(fn: Callable[..., Tensor]) -> DataAttack:
+    """Declare ``fn(labels, *, num_classes, **params) -> labels`` a data attack (a decorator for plugins)."""
+    if not callable(fn):
+        raise ValueError(f"data_attack wraps a label map fn(labels, *, num_classes), got {fn!r}")
+    return DataAttack(fn)
+
+
+def _adapt_attack(name: str, obj: object) -> Callable[..., Tensor] | DataAttack:
+    if isinstance(obj, DataAttack):
+        return obj
+    if not callable(obj):
+        raise TypeError(
+            f"an attack plugin must be a function or an arcsim.attacks.DataAttack, got {type(obj).__name__}"
+        )
+    parameters = inspect.signature(obj).parameters
+    if "num_byzantine" not in parameters or not parameters or next(iter(parameters)) == "num_byzantine":
+        raise TypeError("a vector attack must have craft's signature fn(honest, *, num_byzantine, "
+                        "[num_workers], [aggregate], [generator], **params) -> (num_byzantine, d) tensor")
+    return obj
+
+
+#: Every attack by name: the built-ins (vector attacks and ``label_flip``), then plugins.
+ATTACK_REGISTRY: Registry[Callable[..., Tensor] | DataAttack] = Registry(
+    "attack", builtins={**ATTACKS, "label_flip": DataAttack(label_flip)}, adapt=_adapt_attack
+)
+
+
+def is_data_attack(name: str) -> bool:
+    """Whether attack ``name`` alters the Byzantine worker's data (a label map) rather than crafting vectors."""
+    return name != "none" and isinstance(ATTACK_REGISTRY.get(name), DataAttack)
+
+
+def label_map(name: str, *, num_classes: int, **params: object) -> Callable[[Tensor], Tensor]:
+    """The labels map of data attack ``name`` for a task of ``num_classes`` classes, with its ``params``."""
+    attack = ATTACK_REGISTRY.get(name)
+    if not isinstance(attack, DataAttack):
+        raise ValueError(f"attack {name!r} crafts vectors; it is not a data attack (a label map)")
+    unexpected = sorted(set(params) - set(attack.params))
+    if unexpected:
+        raise ValueError(
+            f"attack {name!r} takes no attack_params, got {unexpected}" if not attack.params
+            else f"attack {name!r} got unexpected parameters {unexpected}; it takes {sorted(attack.params)}"
+        )
+    fn = attack.label_map
+    return lambda labels: fn(labels, num_classes=num_classes, **params)
+
+
 def craft(
     name: str,
     honest: Tensor,
@@ -813,15 +887,18 @@ def craft(
     >>> craft("foe", x, num_byzantine=1, num_workers=4, tau=1.0)
     tensor([[-3., -4.]])
     """
-    attack = ATTACKS.get(name) if isinstance(name, str) else None
-    if attack is None:
-        hint = (
-            f"; {name!r} is a data attack, applied by the Byzantine worker to its labels"
-            if name in DATA_ATTACKS
-            else ""
-        )
+    try:
+        attack = ATTACK_REGISTRY.get(name)
+    except UnknownName:
+        plugins = ", ".join(ATTACK_REGISTRY.names()[len(ATTACK_REGISTRY.builtins) :])
         raise ValueError(
-            f"unknown attack {name!r}; valid attacks: {', '.join(sorted(ATTACKS))}{hint}"
+            f"unknown attack {name!r}; valid attacks: {', '.join(sorted(ATTACKS))}"
+            f"{'; plugins: ' + plugins if plugins else ''} (or package.module:callable)"
+        ) from None
+    if isinstance(attack, DataAttack):
+        raise ValueError(
+            f"unknown attack {name!r} for craft; {name!r} is a data attack, applied by the Byzantine worker "
+            f"to its labels"
         )
     parameters = inspect.signature(attack).parameters
     own = set(parameters) - {"honest", "num_byzantine", *_CONTEXT}

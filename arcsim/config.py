@@ -1,7 +1,10 @@
 """The run config: one validated, frozen object built from YAML.
 
 Unknown keys are rejected with a message naming the key; every value is type- and range-checked
-when the config is loaded, so a bad config fails before any process starts.
+when the config is loaded, so a bad config fails before any process starts. Names of rules, attacks,
+datasets, models and partitioners are resolved here too (built-in, entry point or ``module:callable``,
+see arcsim.registry): every process that loads a config, a worker at Join included, imports the
+plugins it names or fails with one line naming the module and the exception.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import torch
 import yaml
 
 import arcsim.attacks as _attacks
+from arcsim.registry import PluginError, Registry, UnknownName
 from arcsim.robust import build_pipeline
-from arcsim.tasks import DATASETS, MODELS, PARTITIONERS
+from arcsim.tasks import DATASET_REGISTRY, MODEL_REGISTRY, PARTITIONER_REGISTRY
 
 
 class ConfigError(ValueError):
     """A config that cannot be run; the message says which key and why."""
 
 
-# The valid names come from the libraries that implement them: one concept, one list.
+# The built-in names come from the libraries that implement them: one concept, one list (plugins add to them).
 ATTACKS = ("none", *_attacks.ATTACKS, *_attacks.DATA_ATTACKS)
 LR_SCHEDULES = ("constant", "step", "cosine")
 
@@ -128,6 +132,22 @@ def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
         raise _fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _resolve(data: dict[str, Any], key: str, registry: Registry[Any], *, extra: tuple[str, ...] = ()) -> None:
+    """Resolve the name under ``key`` (importing a plugin), or fail naming the key and the valid names."""
+    value = data[key]
+    if value in extra:
+        return
+    try:
+        registry.resolve(value)
+    except UnknownName:
+        plugins = registry.names()[len(registry.builtins) :]
+        raise _fail(key, f"must be one of {', '.join((*extra, *registry.builtins))}"
+                         f"{', plugins ' + ', '.join(plugins) if plugins else ''} or package.module:callable; "
+                         f"got {value!r}") from None
+    except PluginError as error:
+        raise _fail(key, str(error)) from None
+
+
 def _check_attack_params(config: RunConfig) -> None:
     """Fail at load time, not in round 0, on attack_params the attack does not take or accept.
 
@@ -136,9 +156,15 @@ def _check_attack_params(config: RunConfig) -> None:
     a ``mimic`` index outside the honest workers) run here and give the attack's message.
     """
     attack, params = config.attack, config.attack_params
-    if attack == "none" or attack in _attacks.DATA_ATTACKS:
+    if attack == "none":
         if params:
             raise _fail("attack_params", f"attack {attack!r} takes no attack_params, got {sorted(params)}")
+        return
+    if _attacks.is_data_attack(attack):
+        try:
+            _attacks.label_map(attack, num_classes=2, **params)
+        except ValueError as error:
+            raise _fail("attack_params", str(error)) from None
         return
     honest = torch.arange(2.0 * config.num_honest).reshape(config.num_honest, 2)
     try:
@@ -158,24 +184,27 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(_FIELDS)}")
     data = {**RunConfig().to_dict(), **raw}
-    _choice(data, "task", DATASETS)
-    _choice(data, "model", MODELS)
+    _resolve(data, "task", DATASET_REGISTRY)
+    _resolve(data, "model", MODEL_REGISTRY)
     _int(data, "num_honest", minimum=1)
     _int(data, "num_byzantine", minimum=0)
     if data["declared_f"] is not None:
         _int(data, "declared_f", minimum=0)
-    _choice(data, "attack", ATTACKS)
+    _resolve(data, "attack", _attacks.ATTACK_REGISTRY, extra=("none",))
     for key in ("attack_params", "pipeline_params"):
         if not isinstance(data[key], dict):
             raise _fail(key, f"must be a mapping, got {data[key]!r}")
         data[key] = dict(data[key])
     if data["num_byzantine"] > 0 and data["attack"] == "none":
         raise _fail("attack", f"num_byzantine = {data['num_byzantine']} needs an attack other than 'none'")
-    _choice(data, "partitioner", PARTITIONERS)
+    _resolve(data, "partitioner", PARTITIONER_REGISTRY)
     if data["partitioner"] == "dirichlet":
         if data["alpha"] is None:
             raise _fail("alpha", "the dirichlet partitioner needs alpha > 0")
         _number(data, "alpha", low=0.0, low_open=True)
+    elif not PARTITIONER_REGISTRY.is_builtin(data["partitioner"]):
+        if data["alpha"] is not None:  # a plugin partitioner receives alpha as it is given
+            _number(data, "alpha", low=0.0, low_open=True)
     elif data["alpha"] is not None:
         raise _fail("alpha", f"is only used by the dirichlet partitioner, not {data['partitioner']!r}")
     _int(data, "rounds", minimum=1)

@@ -1,8 +1,8 @@
 """The Byzantine worker's computation, free of any transport.
 
-A Byzantine worker either trains on corrupted data (``label_flip``: an honest computation on the
-labels 9 - y of a honest worker's shard, ``(worker_id - num_honest) mod num_honest``) or crafts its
-vector from the honest vectors of the round (every other attack: the workers are omniscient and
+A Byzantine worker either trains on corrupted data (a data attack, i.e. a label map; ``label_flip``: an
+honest computation on the labels 9 - y of a honest worker's shard, ``(worker_id - num_honest) mod num_honest``)
+or crafts its vector from the honest vectors of the round (every other attack: the workers are omniscient and
 collude, so each of them computes the same ``(num_byzantine, d)`` matrix with
 ``arcsim.attacks.craft`` and submits its own row). Attack noise comes from a generator seeded by
 (seed, "attack", round), so every Byzantine process draws the same matrix.
@@ -13,13 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from arcsim.attacks import craft, is_data_attack, label_map
 from arcsim.config import RunConfig
+from arcsim.engine.honest import GradientWorker
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, load_dataset
-from arcsim.engine.honest import GradientWorker
-
-from arcsim.attacks import DATA_ATTACKS, craft, label_flip
 
 
 class Crafter:
@@ -61,16 +60,15 @@ class ByzantineWorker:
         self.config = config
         self.worker_id = worker_id
         self.index = worker_id - config.num_honest
-        self.needs_observation = config.attack not in DATA_ATTACKS
+        self.needs_observation = not is_data_attack(config.attack)
         self.trainer: GradientWorker | None = None
         self.last_loss = float("nan")
         if not self.needs_observation:
             dataset = dataset if dataset is not None else load_dataset(config.task, root=config.data_root,
                                                                       seed=config.seed)
-            classes = dataset.num_classes
             self.trainer = GradientWorker(
                 config, worker_id, shard_index=self.index % config.num_honest,
-                label_map=lambda y: label_flip(y, num_classes=classes),
+                label_map=label_map(config.attack, num_classes=dataset.num_classes, **config.attack_params),
                 device=device, dataset=dataset, shard_list=shard_list,
             )
         self.crafter = crafter if crafter is not None else Crafter(config)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from arcsim.config import RunConfig
-from arcsim.tasks import Dataset, build_model
+from arcsim.tasks import Dataset, build_model, model_loss
 
 
 class Evaluator:
@@ -18,6 +17,7 @@ class Evaluator:
         self.model = build_model(config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                                  seed=config.seed).to(self.device)
         self.model.eval()
+        self.loss = model_loss(config.model)  # the model declares it: F.nll_loss for the built-ins
         self._params = list(self.model.parameters())
         self._x = dataset.test_x.to(self.device)
         self._y = dataset.test_y.to(self.device)
@@ -42,8 +42,8 @@ class Evaluator:
         loss_sum = 0.0
         for start in range(0, self._y.shape[0], self.batch_size):
             x, y = self._x[start : start + self.batch_size], self._y[start : start + self.batch_size]
-            log_probs = self.model(x)
-            loss_sum += float(F.nll_loss(log_probs, y, reduction="sum"))
-            correct += int((log_probs.argmax(dim=1) == y).sum())
+            output = self.model(x)
+            loss_sum += float(self.loss(output, y, reduction="sum"))
+            correct += int((output.argmax(dim=1) == y).sum())
         total = self._y.shape[0]
         return correct / total, loss_sum / total

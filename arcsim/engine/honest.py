@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from arcsim.config import RunConfig
 from arcsim.seeding import generator
-from arcsim.tasks import Dataset, build_model, load_dataset, partition
+from arcsim.tasks import Dataset, build_model, load_dataset, model_loss, partition
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,7 +47,7 @@ class GradientWorker:
     """Computes momentum vectors on one shard of the training set.
 
     ``shard_index`` picks the shard (an honest worker uses its own id); ``label_map`` rewrites
-    labels before the loss (the label-flipping adversary passes ``9 - y``).
+    labels before the loss (a data attack's label map: the label-flipping adversary passes ``9 - y``).
     """
 
     def __init__(
@@ -75,6 +74,7 @@ class GradientWorker:
         self._x = dataset.train_x[shard].to(self.device)
         self._y = labels.to(self.device)
         self.model = build_task_model(config, dataset).to(self.device)
+        self.loss = model_loss(config.model)  # the model declares it: F.nll_loss for the built-ins
         self._params = list(self.model.parameters())
         self.num_parameters = sum(p.numel() for p in self._params)
         self.momentum: Tensor | None = None
@@ -91,7 +91,7 @@ class GradientWorker:
             torch.nn.utils.vector_to_parameters(params.to(self.device), self._params)
         for p in self._params:
             p.grad = None
-        loss = F.nll_loss(self.model(self._x[batch]), self._y[batch])
+        loss = self.loss(self.model(self._x[batch]), self._y[batch])
         loss.backward()
         grad = torch.cat([p.grad.reshape(-1) for p in self._params])
         beta = self.config.momentum
@@ -129,13 +129,14 @@ class BatchedWorkers:
         self.workers = workers
         first = workers[0]
         self.model = first.model
+        loss_fn = first.loss
         names = [name for name, _ in self.model.named_parameters()]
         self._names = names
         self._shapes = [p.shape for p in self.model.parameters()]
         self._sizes = [p.numel() for p in self.model.parameters()]
 
         def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            return F.nll_loss(functional_call(self.model, params, (x,)), y)
+            return loss_fn(functional_call(self.model, params, (x,)), y)
 
         self._grad_fn = vmap(grad_and_value(loss), in_dims=(None, 0, 0))
 

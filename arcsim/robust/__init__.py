@@ -15,14 +15,27 @@ from .geometric_median import geometric_median
 from .krum import krum, multi_krum
 from .mean import mean
 from .nnm import nnm
-from .pipeline import AGGREGATORS, PRE_AGGREGATORS, AggregationReport, Pipeline, StageReport, build_pipeline, parse_spec
+from .pipeline import (
+    AGGREGATORS,
+    PRE_AGGREGATORS,
+    RULE_REGISTRY,
+    AggregationReport,
+    Pipeline,
+    Rule,
+    StageReport,
+    build_pipeline,
+    parse_spec,
+    rule,
+)
 from .static_clip import static_clip
 
 __all__ = [
     "AGGREGATORS",
     "PRE_AGGREGATORS",
+    "RULE_REGISTRY",
     "AggregationReport",
     "Pipeline",
+    "Rule",
     "StageReport",
     "arc",
     "arc_num_clipped",
@@ -38,5 +51,6 @@ __all__ = [
     "multi_krum",
     "nnm",
     "parse_spec",
+    "rule",
     "static_clip",
 ]

@@ -13,6 +13,8 @@ that is possible.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from arcsim.registry import Registry, UnknownName
 
 from ._checks import check_f, check_matrix, check_minority, check_positive
 from .arc import arc_with_report
@@ -102,6 +106,13 @@ StageFn = Callable[[Tensor, int, Mapping[str, Any], torch.Generator | None], tup
 
 @dataclass(frozen=True)
 class Rule:
+    """A robust rule as a pipeline stage: what it is (``kind``), when it applies (``check_n``), what it takes.
+
+    ``kind`` is ``"pre"`` (a pre-aggregator, (n, d) -> (m, d)) or ``"agg"`` (an aggregator, (n, d) -> (d,));
+    ``check_n(n, f, params)`` raises ValueError when the rule cannot run on n rows against f; ``required``
+    and ``optional`` (with defaults) name its parameters. Plugins make one with :func:`rule`.
+    """
+
     name: str
     kind: str  # "pre" (n, d) -> (m, d) or "agg" (n, d) -> (d,)
     run: StageFn
@@ -110,6 +121,63 @@ class Rule:
     optional: Mapping[str, Any] = field(default_factory=dict)
     check_params: Callable[[Mapping[str, Any]], None] = lambda params: None
     mixes_rows: bool = False  # a pre-aggregator whose output rows each blend several input rows
+    condition: str = ""  # the condition on n and f in words, for `arcsim list` (e.g. "n > 2f")
+
+
+_KINDS = {"pre-aggregator": "pre", "aggregator": "agg", "pre": "pre", "agg": "agg"}
+
+
+def rule(
+    *,
+    kind: str,
+    condition: Callable[[int, int], bool] | None = None,
+    requires: str = "",
+    mixes_rows: bool = False,
+) -> Callable[[Callable[..., Tensor]], Rule]:
+    """Make a function a pipeline rule: the public contract of a rule plugin (docs/plugins.md).
+
+    The function is ``fn(x, *, f, **params) -> Tensor``: ``x`` is the (n, d) float tensor of the rows
+    it receives (validated: 2-D, floating, finite at the pipeline's input), ``f`` the declared number of
+    Byzantine vectors, and its other keyword-only parameters are the rule's parameters (those without
+    a default are required; ``pipeline_params`` sets them). ``kind`` is ``"aggregator"`` (returns (d,))
+    or ``"pre-aggregator"`` (returns (m, d)); ``condition(n, f)`` says whether the rule applies to n rows
+    (None: always), and ``requires`` says it in words for the error message (e.g. ``"n > 2f"``).
+
+    >>> @rule(kind="aggregator", condition=lambda n, f: n > 2 * f, requires="n > 2f")
+    ... def middle(x, *, f):
+    ...     return x.sort(dim=0).values[f : x.shape[0] - f].mean(dim=0)
+    >>> middle.kind, middle.required, middle.condition
+    ('agg', (), 'n > 2f')
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"rule kind must be 'pre-aggregator' or 'aggregator', got {kind!r}")
+    if condition is not None and not callable(condition):
+        raise ValueError(f"rule condition must be a callable (n, f) -> bool, got {condition!r}")
+
+    def make(fn: Callable[..., Tensor]) -> Rule:
+        if not callable(fn):
+            raise ValueError(f"@rule decorates a function fn(x, *, f, **params), got {fn!r}")
+        name = getattr(fn, "__name__", repr(fn))
+        parameters = list(inspect.signature(fn).parameters.values())[1:]  # the first one is x
+        takes_f = any(p.name == "f" for p in parameters)
+        own = [p for p in parameters if p.name != "f" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = tuple(p.name for p in own if p.default is inspect.Parameter.empty)
+        optional = {p.name: p.default for p in own if p.default is not inspect.Parameter.empty}
+
+        def run(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+            out = fn(x, f=f, **p) if takes_f else fn(x, **p)
+            if not isinstance(out, Tensor):
+                raise ValueError(f"{name}: a rule must return a tensor, got {type(out).__name__}")
+            return out, {}
+
+        def check_n(n: int, f: int, params: Mapping[str, Any]) -> None:
+            if condition is not None and not condition(n, f):
+                raise ValueError(f"{name}: needs {requires or 'its condition on n and f'}, got n = {n}, f = {f}")
+
+        return Rule(name, _KINDS[kind], run, check_n, required=required, optional=optional,
+                    mixes_rows=mixes_rows, condition=requires)
+
+    return make
 
 
 def _no_condition(n: int, f: int, params: Mapping[str, Any]) -> None:
@@ -202,28 +270,41 @@ def _run_gm(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) 
 RULES: dict[str, Rule] = {
     rule.name: rule
     for rule in (
-        Rule("arc", "pre", _run_arc, _minority("arc")),
+        Rule("arc", "pre", _run_arc, _minority("arc"), condition="2f < n"),
         Rule("static_clip", "pre", _run_static_clip, _no_condition, required=("c",),
              check_params=_positive("static_clip", "c")),
-        Rule("nnm", "pre", lambda x, f, p, g: (nnm_impl(x, f=f), {}), _minority("nnm"), mixes_rows=True),
+        Rule("nnm", "pre", lambda x, f, p, g: (nnm_impl(x, f=f), {}), _minority("nnm"), mixes_rows=True,
+             condition="2f < n"),
         Rule("bucketing", "pre", _run_bucketing, _no_condition, required=("s",),
              check_params=_positive_int("bucketing", "s")),
         Rule("mean", "agg", lambda x, f, p, g: (x.mean(dim=0), {}), _no_condition),
-        Rule("cwtm", "agg", lambda x, f, p, g: (cwtm_impl(x, f=f), {}), _minority("cwtm")),
+        Rule("cwtm", "agg", lambda x, f, p, g: (cwtm_impl(x, f=f), {}), _minority("cwtm"), condition="2f < n"),
         Rule("cwmed", "agg", lambda x, f, p, g: (cwmed_impl(x), {}), _no_condition),
         Rule("geometric_median", "agg", _run_gm, _no_condition,
              optional={"tol": DEFAULT_TOL, "max_iter": DEFAULT_MAX_ITER, "nu": DEFAULT_NU},
              check_params=_gm_params),
-        Rule("krum", "agg", _run_krum, _krum_condition("krum")),
+        Rule("krum", "agg", _run_krum, _krum_condition("krum"), condition="n > 2f + 2"),
         Rule("multi_krum", "agg", _run_multi_krum, _krum_condition("multi_krum"), optional={"m": None},
-             check_params=_positive_int("multi_krum", "m")),
+             check_params=_positive_int("multi_krum", "m"), condition="n > 2f + 2, m <= n"),
         Rule("centered_clip", "agg", _run_centered_clip,
              _no_condition, required=("tau",), optional={"iters": 1, "center": None}, check_params=_cc_params),
-        Rule("bulyan", "agg", lambda x, f, p, g: (bulyan_impl(x, f=f), {}), _bulyan_condition),
+        Rule("bulyan", "agg", lambda x, f, p, g: (bulyan_impl(x, f=f), {}), _bulyan_condition,
+             condition="n >= 4f + 3"),
     )
 }
 PRE_AGGREGATORS = tuple(name for name, rule in RULES.items() if rule.kind == "pre")
 AGGREGATORS = tuple(name for name, rule in RULES.items() if rule.kind == "agg")
+
+
+def _adapt_rule(name: str, obj: object) -> Rule:
+    if not isinstance(obj, Rule):
+        raise TypeError(f"a rule plugin must be an arcsim.robust.Rule (a function decorated with "
+                        f"@arcsim.robust.rule(kind=..., condition=...)), got {type(obj).__name__}")
+    return dataclasses.replace(obj, name=name)  # stages and metrics carry the name the config wrote
+
+
+#: Robust rules by name: the built-ins, then entry points (group ``arcsim.rules``), then ``module:callable``.
+RULE_REGISTRY: Registry[Rule] = Registry("rule", builtins=RULES, adapt=_adapt_rule)
 
 
 class Pipeline:
@@ -257,20 +338,25 @@ class Pipeline:
         return x, AggregationReport(stages=tuple(reports))
 
 
-def parse_spec(spec: str) -> tuple[str, ...]:
-    """Split ``"arc > nnm > cwtm"`` into stage names and check the grammar (not the parameters).
-
-    >>> parse_spec("arc>nnm > cwtm")
-    ('arc', 'nnm', 'cwtm')
-    """
+def _resolve_spec(spec: str) -> tuple[Rule, ...]:
+    """The rules of ``"arc > nnm > cwtm"``, resolved and checked for order (not for parameters)."""
     valid = f"pre-aggregators: {', '.join(PRE_AGGREGATORS)}; aggregators: {', '.join(AGGREGATORS)}"
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"pipeline spec must be a non-empty string like 'arc > nnm > cwtm', got {spec!r}")
     names = tuple(part.strip() for part in spec.split(">"))
+    rules = []
     for position, name in enumerate(names):
-        if name not in RULES:
-            raise ValueError(f"pipeline {spec!r}: unknown rule {name!r}; valid names are {valid}")
-        kind = RULES[name].kind
+        try:
+            rule_ = RULE_REGISTRY.get(name)
+        except UnknownName:
+            raise ValueError(
+                f"pipeline {spec!r}: unknown rule {name!r}; valid names are {valid}; plugins: "
+                f"{', '.join(RULE_REGISTRY.names()[len(RULES):]) or 'none installed'} "
+                f"(entry points of group 'arcsim.rules'), or package.module:callable"
+            ) from None
+        except ValueError as error:
+            raise ValueError(f"pipeline {spec!r}: {error}") from None
+        kind = rule_.kind
         last = position == len(names) - 1
         if last and kind != "agg":
             raise ValueError(f"pipeline {spec!r}: must end with an aggregator ({', '.join(AGGREGATORS)}), got {name!r}")
@@ -279,7 +365,37 @@ def parse_spec(spec: str) -> tuple[str, ...]:
                 f"pipeline {spec!r}: {name!r} is an aggregator and must come last; "
                 f"only pre-aggregators ({', '.join(PRE_AGGREGATORS)}) may precede it"
             )
-    return names
+        rules.append(rule_)
+    return tuple(rules)
+
+
+def parse_spec(spec: str) -> tuple[str, ...]:
+    """Split ``"arc > nnm > cwtm"`` into stage names and check the grammar (not the parameters).
+
+    Each name is resolved (built-in, entry point, or ``package.module:callable``), so a plugin that
+    cannot be imported fails here, naming its module and the exception.
+
+    >>> parse_spec("arc>nnm > cwtm")
+    ('arc', 'nnm', 'cwtm')
+    """
+    return tuple(rule_.name for rule_ in _resolve_spec(spec))
+
+
+def _split_params(
+    spec: str, names: tuple[str, ...], params: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat parameters, and per-stage ones (a key naming a stage of the pipeline, with a mapping value)."""
+    flat: dict[str, Any] = {}
+    per_stage: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in names:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"pipeline {spec!r}: parameters of stage {key!r} must be a mapping such as "
+                                 f"{{{key}: {{name: value}}}}, got {value!r}")
+            per_stage[key] = dict(value)
+        else:
+            flat[key] = value
+    return flat, per_stage
 
 
 def build_pipeline(spec: str, *, f: int, **params: Any) -> Pipeline:
@@ -288,29 +404,41 @@ def build_pipeline(spec: str, *, f: int, **params: Any) -> Pipeline:
     ``f`` is the number of Byzantine vectors the rules defend against (the declared f). Keyword
     ``params`` are handed to every stage that takes them: ``c`` (static_clip), ``s`` (bucketing),
     ``m`` (multi_krum), ``tol``/``max_iter``/``nu`` (geometric_median), ``tau``/``iters``/``center``
-    (centered_clip). A parameter no stage takes, or a missing required one, raises ValueError.
+    (centered_clip), and a plugin rule's own. A parameter named after a stage of the pipeline holds
+    that stage's parameters (``centered_clip={"tau": 5}``), which win over the flat ones. A
+    parameter no stage takes, or a missing required one, raises ValueError.
 
     >>> import torch
     >>> pipeline = build_pipeline("arc > nnm > cwtm", f=1)
     >>> aggregate, report = pipeline(torch.tensor([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]]))
     >>> report.clipped.tolist()
     [False, False, True]
+    >>> build_pipeline("arc > centered_clip", f=1, centered_clip={"tau": 5.0}).stage_names
+    ('arc', 'centered_clip')
     """
     check_f(f, rule="build_pipeline")
-    names = parse_spec(spec)
-    rules = tuple(RULES[name] for name in names)
-    known = {key for rule in rules for key in (*rule.required, *rule.optional)}
-    unknown = sorted(set(params) - known)
+    rules = _resolve_spec(spec)
+    names = tuple(rule_.name for rule_ in rules)
+    flat, per_stage = _split_params(spec, names, params)
+    known = {key for rule_ in rules for key in (*rule_.required, *rule_.optional)}
+    unknown = sorted(set(flat) - known)
     if unknown:
         raise ValueError(
             f"pipeline {spec!r}: unexpected parameters {unknown}; its stages take {sorted(known) or 'none'}"
         )
     stage_params = []
-    for rule in rules:
-        missing = [key for key in rule.required if key not in params]
+    for rule_ in rules:
+        takes = (*rule_.required, *rule_.optional)
+        own = per_stage.get(rule_.name, {})
+        unexpected = sorted(set(own) - set(takes))
+        if unexpected:
+            raise ValueError(f"pipeline {spec!r}: stage {rule_.name!r} got unexpected parameters {unexpected}; "
+                             f"it takes {sorted(takes) or 'none'}")
+        given = {**{k: v for k, v in flat.items() if k in takes}, **own}
+        missing = [key for key in rule_.required if key not in given]
         if missing:
-            raise ValueError(f"pipeline {spec!r}: {rule.name} needs parameter(s) {missing}")
-        chosen = {**rule.optional, **{k: v for k, v in params.items() if k in (*rule.required, *rule.optional)}}
-        rule.check_params(chosen)
+            raise ValueError(f"pipeline {spec!r}: {rule_.name} needs parameter(s) {missing}")
+        chosen = {**rule_.optional, **given}
+        rule_.check_params(chosen)
         stage_params.append(chosen)
     return Pipeline(" > ".join(names), rules, f, tuple(stage_params))

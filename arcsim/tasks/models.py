@@ -12,7 +12,15 @@ All models map a batch ``(B, *input_shape)`` to log-probabilities ``(B, num_clas
   ``D = prod(input_shape)``.
 * ``"logreg"``: flatten -> Linear(D->num_classes) -> log-softmax.
 
-Initialisation is PyTorch's default for Linear/Conv2d layers (weights and biases
+Each model declares its loss (:class:`ModelSpec`): the built-ins return log-probabilities and
+train and evaluate with ``F.nll_loss``. A plugin model (an entry point of group ``arcsim.models`` or
+``package.module:callable``) is a ``ModelSpec(build, loss)``: ``build(*, input_shape, num_classes)``
+returns the module, ``loss(output, target, reduction="mean"|"sum")`` has ``F.cross_entropy``'s
+signature, and accuracy is the argmax of the output. A plugin model is built with torch's global
+generator seeded from ``(seed, "model", name)`` inside ``torch.random.fork_rng`` (restored after),
+so its initialisation is the same in every process.
+
+Initialisation of the built-ins is PyTorch's default for Linear/Conv2d layers (weights and biases
 ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), but drawn from ``arcsim.seeding.generator(seed,
 "model", name)`` in layer order, after building the layers on the ``meta`` device. The global RNG
 is neither read nor advanced, so the same seed gives bitwise identical parameters in any process
@@ -30,14 +38,18 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arcsim.seeding import generator
+from arcsim.registry import Registry, UnknownName
+from arcsim.seeding import derive_seed, generator
 
-__all__ = ["CNN", "MLP", "MODELS", "LogisticRegression", "build_model", "num_parameters"]
+__all__ = ["CNN", "MLP", "MODELS", "MODEL_REGISTRY", "LogisticRegression", "ModelSpec", "build_model", "model_loss",
+           "num_parameters"]
 
 MODELS: tuple[str, ...] = ("cnn", "mlp", "logreg")
 
@@ -88,17 +100,53 @@ class LogisticRegression(nn.Module):
         return F.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
 
 
-_CLASSES: dict[str, type[nn.Module]] = {"cnn": CNN, "mlp": MLP, "logreg": LogisticRegression}
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as a registry holds it: how to build it and the loss it trains and evaluates with.
+
+    ``build(*, input_shape, num_classes) -> nn.Module``; ``loss(output, target, reduction="mean")``
+    with ``F.cross_entropy``'s signature (``F.nll_loss`` for models that return log-probabilities).
+    """
+
+    build: Callable[..., nn.Module]
+    loss: Callable[..., Tensor] = F.nll_loss
+
+
+def _adapt_model(name: str, obj: object) -> ModelSpec:
+    if not isinstance(obj, ModelSpec):
+        raise TypeError(f"a model plugin must be an arcsim.tasks.ModelSpec(build, loss) declaring its loss, "
+                        f"got {type(obj).__name__}")
+    return obj
+
+
+#: Models by name: the built-ins, then entry points (group ``arcsim.models``), then ``module:callable``.
+MODEL_REGISTRY: Registry[ModelSpec] = Registry(
+    "model",
+    builtins={"cnn": ModelSpec(CNN), "mlp": ModelSpec(MLP), "logreg": ModelSpec(LogisticRegression)},
+    adapt=_adapt_model,
+)
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return MODEL_REGISTRY.get(name)
+    except UnknownName:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)} "
+                         f"(or an entry point of group 'arcsim.models', or package.module:callable)") from None
+
+
+def model_loss(name: str) -> Callable[..., Tensor]:
+    """The loss model ``name`` declares, ``loss(output, target, reduction="mean")``; ``F.nll_loss`` for built-ins."""
+    return _spec(name).loss
 
 
 def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
-    """Build model ``name`` (one of ``MODELS``) on the CPU with parameters drawn from ``seed``.
+    """Build model ``name`` (one of ``MODELS``, or a plugin) on the CPU with parameters drawn from ``seed``.
 
     ``input_shape`` excludes the batch dimension (``(C, H, W)`` for the CNN); ``num_classes >= 2``.
     Move the model to another device with ``.to(device)`` afterwards.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    spec = _spec(name)
     input_shape = tuple(input_shape)
     if not input_shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {input_shape}")
@@ -106,7 +154,15 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, se
         raise ValueError(f"the cnn needs input_shape=(channels, height, width), got {input_shape}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    model = _CLASSES[name](input_shape=input_shape, num_classes=num_classes)
+    if not MODEL_REGISTRY.is_builtin(name):
+        # A plugin's layers draw from torch's global generator: seed it for this build only.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "model", name))
+            model = spec.build(input_shape=input_shape, num_classes=num_classes)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model {name!r} must build a torch.nn.Module, got {type(model).__name__}")
+        return model.to("cpu")
+    model = spec.build(input_shape=input_shape, num_classes=num_classes)
     model.to_empty(device="cpu")
     gen = generator(seed, "model", name)
     with torch.no_grad():

@@ -24,6 +24,10 @@ Methods (``PARTITIONERS``):
   ``N mod K`` indices of the sorted order (from the largest label) are dropped so that all shards
   are equal. With ``K >= num_classes`` and balanced classes each worker holds one or two labels.
 
+A plugin partitioner (an entry point of group ``arcsim.partitioners`` or ``package.module:callable``)
+is a function ``fn(labels, *, num_workers, alpha, seed) -> list[Tensor]`` (``alpha`` is the config's,
+possibly None) whose result is checked like the built-ins'.
+
 Each shard is an int64 tensor of indices into the train set, sorted ascending; shards are
 pairwise disjoint and (except for ``extreme``'s dropped remainder) cover every index.
 
@@ -39,14 +43,16 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from arcsim.registry import Registry, UnknownName
 from arcsim.seeding import derive_seed, generator
 
-__all__ = ["PARTITIONERS", "partition"]
+__all__ = ["PARTITIONERS", "PARTITIONER_REGISTRY", "partition"]
 
 PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "extreme")
 
@@ -64,8 +70,11 @@ def partition(
     ``alpha`` is the Dirichlet concentration: required (> 0) for ``"dirichlet"`` and must be
     ``None`` for the other methods. ``labels`` is a 1-D integer tensor and is not modified.
     """
-    if method not in PARTITIONERS:
-        raise ValueError(f"unknown partition method {method!r}; valid methods: {', '.join(PARTITIONERS)}")
+    try:
+        split = PARTITIONER_REGISTRY.get(method)
+    except UnknownName:
+        raise ValueError(f"unknown partition method {method!r}; valid methods: {', '.join(PARTITIONERS)} "
+                         f"(or an entry point of group 'arcsim.partitioners', or package.module:callable)") from None
     integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
     if labels.dim() != 1 or not integer:
         raise ValueError(
@@ -76,26 +85,36 @@ def partition(
         raise ValueError(
             f"num_workers must be an int in [1, {num_samples}] (the number of samples), got {num_workers!r}"
         )
-    if method == "dirichlet":
+    builtin = PARTITIONER_REGISTRY.is_builtin(method)  # a plugin checks its own alpha
+    if builtin and method == "dirichlet":
         if alpha is None or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"the dirichlet partition needs a finite alpha > 0, got alpha={alpha}")
-    elif alpha is not None:
+    elif builtin and alpha is not None:
         raise ValueError(
             f"alpha applies only to the dirichlet partition; got alpha={alpha} with method {method!r}"
         )
 
     labels = labels.detach().to(device="cpu", dtype=torch.int64)
-    if method == "iid":
-        perm = torch.randperm(num_samples, generator=generator(seed, "partition", "iid"))
-        shards = list(torch.tensor_split(perm, num_workers))
-    elif method == "extreme":
-        order = torch.sort(labels, stable=True).indices
-        size = num_samples // num_workers
-        shards = list(order[: size * num_workers].reshape(num_workers, size))
-    else:
-        assert alpha is not None  # checked above
-        shards = _dirichlet(labels, num_workers=num_workers, alpha=float(alpha), seed=seed)
+    shards = split(labels, num_workers=num_workers, alpha=alpha, seed=seed)
+    if not builtin:
+        return _checked_plugin(method, shards, num_samples, num_workers)
     return [torch.sort(shard).values for shard in shards]
+
+
+def _iid(labels: Tensor, *, num_workers: int, alpha: float | None, seed: int) -> list[Tensor]:
+    perm = torch.randperm(labels.shape[0], generator=generator(seed, "partition", "iid"))
+    return list(torch.tensor_split(perm, num_workers))
+
+
+def _extreme(labels: Tensor, *, num_workers: int, alpha: float | None, seed: int) -> list[Tensor]:
+    order = torch.sort(labels, stable=True).indices
+    size = labels.shape[0] // num_workers
+    return list(order[: size * num_workers].reshape(num_workers, size))
+
+
+def _dirichlet_split(labels: Tensor, *, num_workers: int, alpha: float | None, seed: int) -> list[Tensor]:
+    assert alpha is not None  # checked by partition()
+    return _dirichlet(labels, num_workers=num_workers, alpha=float(alpha), seed=seed)
 
 
 def _dirichlet(labels: Tensor, *, num_workers: int, alpha: float, seed: int) -> list[Tensor]:
@@ -126,3 +145,36 @@ def _dirichlet(labels: Tensor, *, num_workers: int, alpha: float, seed: int) -> 
 
     pieces = [torch.split(idx, counts[row].tolist()) for row, idx in enumerate(members)]
     return [torch.cat([per_class[worker] for per_class in pieces]) for worker in range(num_workers)]
+
+
+def _checked_plugin(method: str, shards: object, num_samples: int, num_workers: int) -> list[Tensor]:
+    """A plugin's shards, as the built-ins give them: num_workers disjoint sorted int64 index tensors."""
+    if not isinstance(shards, (list, tuple)) or len(shards) != num_workers:
+        raise ValueError(f"partitioner {method!r} must return a list of {num_workers} index tensors, "
+                         f"got {type(shards).__name__}")
+    out = []
+    seen = torch.zeros(num_samples, dtype=torch.bool)
+    for k, shard in enumerate(shards):
+        integer = isinstance(shard, Tensor) and not (shard.dtype.is_floating_point or shard.dtype == torch.bool)
+        if not integer or shard.dim() != 1:
+            raise ValueError(f"partitioner {method!r}: shard {k} must be a 1-D integer tensor, got {shard!r:.80}")
+        shard = torch.sort(shard.to(torch.int64)).values
+        if shard.numel() and (int(shard[0]) < 0 or int(shard[-1]) >= num_samples):
+            raise ValueError(f"partitioner {method!r}: shard {k} has indices outside [0, {num_samples})")
+        if shard.numel() == 0 or bool(seen[shard].any()) or bool((shard[1:] == shard[:-1]).any()):
+            raise ValueError(f"partitioner {method!r}: shard {k} is empty or shares indices with another shard")
+        seen[shard] = True
+        out.append(shard)
+    return out
+
+
+def _adapt_partitioner(name: str, obj: object) -> Callable[..., list[Tensor]]:
+    if isinstance(obj, type) or not callable(obj):
+        raise TypeError(f"a partitioner plugin must be a function fn(labels, *, num_workers, alpha, seed), got {obj!r}")
+    return obj  # type: ignore[return-value]  # its result is checked by partition()
+
+
+#: Partitioners by name: the built-ins, then entry points (group ``arcsim.partitioners``), then ``module:callable``.
+PARTITIONER_REGISTRY: Registry[Callable[..., list[Tensor]]] = Registry(
+    "partitioner", builtins={"iid": _iid, "dirichlet": _dirichlet_split, "extreme": _extreme}, adapt=_adapt_partitioner
+)
