@@ -14,7 +14,9 @@ pipeline. (Averaging first and taking the maximum second is not the same as the 
 seed's maximum.) Reference: Allouah et al., arXiv:2405.14432, and ByzFL's benchmark.
 
 ``arcsim report DIR`` writes ``DIR/report.md`` (one table per setting and f: rows = pipelines,
-columns = attacks and the worst case) and PNG plots under ``DIR/plots/``:
+columns = attacks and the worst case), the same numbers as CSV (``DIR/tables.csv``, accuracies as
+fractions), the long-format table it computes them from (``DIR/points.csv``: one row per run and
+round, :data:`POINT_COLUMNS`; ``arcsim.load(DIR)`` returns it) and PNG plots under ``DIR/plots/``:
 
 * ``accuracy-*.png``: seed-averaged accuracy over rounds, one panel per attack, for a base
   pipeline P without clipping, with ARC (``arc > P``) and with static clipping (``static_clip > P``);
@@ -51,17 +53,21 @@ from typing import Any
 
 __all__ = [
     "KEY_FIELDS",
+    "POINT_COLUMNS",
     "ReportResult",
     "RunData",
+    "Table",
     "attack_tables",
     "best_accuracy",
     "cell_fields",
     "clipping_variant",
     "group_curves",
+    "load_points",
     "load_runs",
     "markdown_tables",
     "points_from_runs",
     "seed_average",
+    "table_rows",
     "worst_case",
     "write_report",
 ]
@@ -77,6 +83,42 @@ _VARIANT_STYLE = {NO_CLIPPING: ("tab:blue", "-"), ARC: ("tab:red", "-"), STATIC_
 _IGNORED_KEYS = frozenset({"data_root", "round_deadline", "eval_batch_size"})
 _CELL_KEYS = frozenset({"seed", "attack", "attack_params", "pipeline", "pipeline_params", "num_byzantine"})
 _SETTING_CORE = ("task", "model", "num_honest", "partitioner", "alpha", "declared_f")
+
+# The round record's fields that a point carries (rounds.jsonl; ``round`` becomes rounds done).
+_RECORD_FIELDS = ("lr", "accuracy", "test_loss", "train_loss", "clip_threshold", "clipped_honest",
+                  "clipped_byzantine", "clipped_rows", "aggregate_error", "aggregate_norm", "aggregated")
+POINT_COLUMNS = ("setting", "f", "pipeline", "attack", "seed", "base", "variant", "variant_label", "run", "round",
+                 *_RECORD_FIELDS)
+"""The columns of the long-format table (points.csv, :func:`load_points`), one row per run and round.
+``round`` counts the rounds done (1-based); ``accuracy`` and ``test_loss`` are empty between evaluations."""
+
+
+class Table(list[dict[str, Any]]):
+    """A long-format table: a list of rows (dicts) with a fixed column order.
+
+    >>> table = Table([{"round": 1, "accuracy": 0.5}], columns=("round", "accuracy"))
+    >>> table[0]["accuracy"], table.columns
+    (0.5, ('round', 'accuracy'))
+    """
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), *, columns: Sequence[str]) -> None:
+        super().__init__(rows)
+        self.columns = tuple(columns)
+
+    def to_pandas(self) -> Any:
+        """The rows as a ``pandas.DataFrame`` with the table's columns (pandas must be installed)."""
+        try:
+            import pandas
+        except ImportError:
+            raise RuntimeError("to_pandas() needs pandas: pip install pandas") from None
+        return pandas.DataFrame(list(self), columns=list(self.columns))
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the rows as CSV (atomically); None is an empty cell, lists and dicts are JSON."""
+        from arcsim.sweep import write_table
+
+        write_table(Path(path), self.columns, self)
+        return Path(path)
 
 
 # --- the computations (plain data in, plain data out) -----------------------------------------
@@ -302,17 +344,33 @@ def cell_fields(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     return cells
 
 
-def points_from_runs(runs: Sequence[RunData]) -> list[dict[str, Any]]:
-    """Long-format rows, one per run and round: the cell fields, ``round`` (rounds done, 1-based)
-    and the round record's accuracy, clip threshold and clipped vectors by role."""
-    points = []
+def points_from_runs(runs: Sequence[RunData]) -> Table:
+    """Long-format rows (:data:`POINT_COLUMNS`), one per run and round: the cell fields, the run's
+    folder name, ``round`` (rounds done, 1-based) and the round record's numbers."""
+    points = Table(columns=POINT_COLUMNS)
     for run, cell in zip(runs, cell_fields(runs)):
         for record in run.records:
-            points.append({**cell, "round": int(record["round"]) + 1, "accuracy": record.get("accuracy"),
-                           "clip_threshold": record.get("clip_threshold"),
-                           "clipped_honest": record.get("clipped_honest"),
-                           "clipped_byzantine": record.get("clipped_byzantine")})
+            points.append({**cell, "run": run.run_dir.name, "round": int(record["round"]) + 1,
+                           **{name: record.get(name) for name in _RECORD_FIELDS}})
     return points
+
+
+def load_points(path: str | Path) -> Table:
+    """The long-format table of the completed runs of a run folder or a sweep folder (see :func:`load_runs`)."""
+    return points_from_runs(load_runs(path)[0])
+
+
+def table_rows(tables: Mapping[tuple[Any, Any], Mapping[str, Mapping[str, float]]]) -> Table:
+    """The markdown tables as one CSV-ready table: a row per (setting, f, pipeline), a column per attack
+    (empty where a table lacks it), then the worst case and its attack. Accuracies are fractions."""
+    attacks = sorted({attack for rows in tables.values() for row in rows.values() for attack in row})
+    out = Table(columns=("setting", "f", "pipeline", *attacks, "worst_case", "worst_attack"))
+    for (setting, f) in sorted(tables, key=lambda k: (str(k[0]), _sortable(k[1]))):
+        for pipeline, row in sorted(tables[(setting, f)].items()):
+            worst_attack, worst = worst_case(row)
+            out.append({"setting": setting, "f": f, "pipeline": pipeline, **row, "worst_case": worst,
+                        "worst_attack": worst_attack})
+    return out
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -456,10 +514,13 @@ class ReportResult:
     plots: tuple[Path, ...]
     runs: int
     left_out: tuple[Path, ...]
+    points: Path | None = None  # points.csv: the long-format table
+    tables: Path | None = None  # tables.csv: report.md's tables
 
 
 def write_report(path: str | Path) -> ReportResult:
-    """Read the runs under ``path``, write ``path/report.md`` and ``path/plots/*.png``."""
+    """Read the runs under ``path``, write ``path/report.md``, ``path/tables.csv``, ``path/points.csv``
+    and ``path/plots/*.png``."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -468,6 +529,9 @@ def write_report(path: str | Path) -> ReportResult:
     runs, left_out = load_runs(path)
     points = points_from_runs(runs)
     best = best_accuracy(points)
+    tables = attack_tables(best)
+    points_csv = points.to_csv(path / "points.csv")
+    tables_csv = table_rows(tables).to_csv(path / "tables.csv")
     seeds = {key: len(curves) for key, curves in group_curves(points).items()}
     plots_dir = path / "plots"
     plots = [*_plot_accuracy(points, plots_dir), *_plot_worst_case(points, plots_dir),
@@ -482,7 +546,9 @@ def write_report(path: str | Path) -> ReportResult:
     if left_out:
         lines += ["", f"Left out ({len(left_out)} runs not complete): "
                       + ", ".join(f"`{p.name}`" for p in left_out[:20]) + (" ..." if len(left_out) > 20 else "")]
-    lines += ["", "## Tables", "", markdown_tables(attack_tables(best), seeds), "", "## Plots", ""]
+    lines += ["", "## Tables", "", markdown_tables(tables, seeds), "",
+              "The same numbers (as fractions) are in [tables.csv](tables.csv), and every run's rounds in "
+              "[points.csv](points.csv).", "", "## Plots", ""]
     for plot in plots:
         lines.append(f"![{plot.stem}](plots/{plot.name})")
         lines.append("")
@@ -490,4 +556,5 @@ def write_report(path: str | Path) -> ReportResult:
     tmp = path / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
     tmp.replace(markdown)
-    return ReportResult(markdown=markdown, plots=tuple(plots), runs=len(runs), left_out=tuple(left_out))
+    return ReportResult(markdown=markdown, plots=tuple(plots), runs=len(runs), left_out=tuple(left_out),
+                        points=points_csv, tables=tables_csv)

@@ -15,6 +15,7 @@ from arcsim.report import (
     attack_tables,
     best_accuracy,
     clipping_variant,
+    load_points,
     load_runs,
     markdown_tables,
     points_from_runs,
@@ -214,6 +215,31 @@ def test_report_of_a_sweep_has_the_tables_and_valid_plots(sweep_copy: Path) -> N
         assert path.parent == sweep_copy / "plots"
         _assert_png(path)
         assert f"](plots/{path.name})" in text
+
+
+def test_report_writes_its_tables_and_its_long_format_table_as_csv(sweep_copy: Path) -> None:
+    import csv
+
+    # Execute
+    result = write_report(sweep_copy)
+    # Assert: points.csv is the long-format table, a row per run and round (load_points reads the same)
+    assert result.points == sweep_copy / "points.csv" and result.tables == sweep_copy / "tables.csv"
+    with open(result.points, newline="") as handle:
+        points = list(csv.DictReader(handle))
+    assert list(points[0]) == list(report.POINT_COLUMNS)
+    assert len(points) == 18 * 10 and len(load_points(sweep_copy)) == len(points)
+    assert {row["round"] for row in points} == {str(r) for r in range(1, 11)}
+    assert {row["accuracy"] == "" for row in points if row["round"] not in ("5", "10")} == {True}
+    # tables.csv: report.md's cells as fractions, a row per (setting, f, pipeline), the worst case last
+    with open(result.tables, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["setting", "f", "pipeline", "alie", "none", "sign_flip", "worst_case", "worst_attack"]
+    assert len(rows) == 6
+    text = result.markdown.read_text()
+    for row in rows:
+        score = float(row["worst_case"])
+        assert 0.0 <= score <= 1.0 and f"{100 * score:.1f} ({row['worst_attack']})" in text
+        assert row[row["worst_attack"]] == row["worst_case"]
 
 
 def test_report_numbers_match_the_runs(sweep_copy: Path) -> None:
