@@ -18,13 +18,14 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from arcsim.flags import USAGE_ERROR, Parser
+from arcsim.tracking import TRACKERS
 
 if TYPE_CHECKING:  # these import torch or grpc: the commands import them when they need them
     import grpc
@@ -153,6 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config_path.is_file():
         raise UsageError(f"config file not found: {config_path}")
     overrides = _overrides(args.set)
+    if len(set(args.track)) != len(args.track):
+        raise UsageError(f"--track: each tracker once, got {' '.join(args.track)}")
     out_dir = Path(args.out) if args.out else Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and not (out_dir / "checkpoints").is_dir():
         raise UsageError(f"--resume: {out_dir} has no checkpoints to resume from")
@@ -177,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from arcsim.launcher import run_grpc
 
             summary = run_grpc(config_path, config, out_dir, resume=args.resume, metrics_port=args.metrics_port,
-                               device=args.device, progress=not args.no_progress)
+                               device=args.device, progress=not args.no_progress, track=args.track)
     print(format_summary(summary, str(out_dir)))
     if summary["status"] != "completed":
         # E.g. the coordinator alone got SIGTERM: it stopped at its last checkpoint and said so.
@@ -197,8 +200,9 @@ def _run_status(out_dir: Path) -> str:
 
 
 def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> dict[str, Any]:
-    from arcsim.progress import Progress
     from arcsim.engine.inproc import run_inproc
+    from arcsim.progress import Progress
+    from arcsim.tracking import RoundTrackers
 
     display = Progress(config.rounds) if not args.no_progress else None
     metrics = None
@@ -208,24 +212,28 @@ def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> d
         metrics = CoordinatorMetrics(config=config)
         metrics.serve(args.metrics_port)
 
-    def on_round(state: RunState, record: RoundRecord) -> None:
-        if metrics is not None:
-            metrics.observe_round(record)
-        if display is not None:
-            display.update(json.loads(record.to_json()))
+    with RoundTrackers(args.track, config=config, out_dir=out_dir) as sinks:
+        def on_round(state: RunState, record: RoundRecord) -> None:
+            if metrics is not None:
+                metrics.observe_round(record)
+            data = json.loads(record.to_json())
+            sinks.log_round(data)
+            if display is not None:
+                display.update(data)
 
-    try:
-        return run_inproc(config, out_dir, resume=args.resume, device=args.device, on_round=on_round,
-                          batch_workers=args.batch_workers)
-    finally:
-        if display is not None:
-            display.close()
+        try:
+            summary = run_inproc(config, out_dir, resume=args.resume, device=args.device, on_round=on_round,
+                                 batch_workers=args.batch_workers)
+        finally:
+            if display is not None:
+                display.close()
+        sinks.finish(summary)
+        return summary
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from arcsim.transport.auth import read_secret
-    from arcsim.transport.certs import CLIENT_CA_ENV
     from arcsim.launcher import follow_parent
+    from arcsim.transport.auth import read_secret
 
     server_credentials = _server_tls(args)  # bad TLS options fail before anything starts
     secret = read_secret(args.secret_file)
@@ -234,8 +242,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         raise UsageError(f"config file not found: {config_path}")
 
     from arcsim.config import load_config
-    from arcsim.engine import checkpoint
     from arcsim.coordinator.service import CoordinatorSettings, serve
+    from arcsim.engine import checkpoint
 
     follow_parent()
     _setup_logging(args.log_level, json_logs=True)
@@ -407,9 +415,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from arcsim.report import write_report
 
     result = write_report(args.dir)
-    print(f"report of {result.runs} runs: {result.markdown} and {len(result.plots)} plots in "
-          f"{result.markdown.parent / 'plots'}" + (f" ({len(result.left_out)} runs not complete, left out)"
-                                                    if result.left_out else ""))
+    print(f"report of {result.runs} runs: {result.markdown} (tables.csv, points.csv beside it) and "
+          f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}"
+          + (f" ({len(result.left_out)} runs not complete, left out)" if result.left_out else ""))
     return EXIT_OK
 
 
@@ -474,6 +482,10 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--no-progress", action="store_true", help="no live progress line")
     run.add_argument("--batch-workers", action="store_true",
                      help="inproc: honest gradients in one vmapped call (faster on GPU; equal up to rounding)")
+    run.add_argument("--track", action="append", default=[], choices=TRACKERS,
+                     help="also log every round to a tracker (repeatable): tensorboard (OUT/tensorboard), mlflow "
+                          "($MLFLOW_TRACKING_URI, else a file store in OUT/mlruns); extras arcsim[tensorboard], "
+                          "arcsim[mlflow]")
     run.set_defaults(func=cmd_run)
 
 
@@ -572,7 +584,8 @@ def _add_sweep_and_report(sub: Any) -> None:
     report = sub.add_parser(
         "report", help="tables (markdown) and plots (PNG) of a run or a sweep",
         description="Write DIR/report.md (per pipeline and attack, the maximum over evaluations of the "
-                    "seed-averaged accuracy, and the worst case over attacks) and PNG plots in DIR/plots.",
+                    "seed-averaged accuracy, and the worst case over attacks), the same tables as DIR/tables.csv, "
+                    "the long-format table of every run's rounds as DIR/points.csv, and PNG plots in DIR/plots.",
         epilog=_examples("arcsim report runs/paper-fashion-extreme"))
     report.add_argument("dir", help="a run folder or a sweep folder")
     report.set_defaults(func=cmd_report)

@@ -26,12 +26,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV, new_secret, worker_token
 from arcsim.progress import Progress
+from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV, new_secret, worker_token
 
 if TYPE_CHECKING:  # arcsim.config imports torch; the service commands import this module before they need it
     from arcsim.config import RunConfig
@@ -131,7 +131,15 @@ def run_grpc(
     device: str = "cpu",
     progress: bool = True,
     startup_timeout: float = 120.0,
+    track: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """Run ``config`` (read by the services from ``config_path``) with the gRPC engine into ``out_dir``.
+
+    ``track``: per-round sinks (arcsim.tracking), fed from the records the coordinator appends to
+    rounds.jsonl during this run (those of earlier runs that --resume keeps are not logged again).
+    """
+    from arcsim.tracking import RoundTrackers
+
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -157,7 +165,7 @@ def run_grpc(
         coordinator_args.append("--resume")
     display: Progress | None = None
     # SIGTERM stops like Ctrl-C: the finally below stops every child first.
-    with stop_on_sigterm():
+    with stop_on_sigterm(), RoundTrackers(track, config=config, out_dir=out_dir, engine="grpc") as sinks:
         try:
             coordinator = start("coordinator", coordinator_args, {SECRET_ENV: secret})
             deadline = time.monotonic() + startup_timeout
@@ -170,10 +178,11 @@ def run_grpc(
                 time.sleep(0.05)
             endpoint = json.loads(endpoint_file.read_text())
             address = f"127.0.0.1:{endpoint['port']}"
+            # The coordinator has loaded its checkpoint (it writes the endpoint after): the records in
+            # rounds.jsonl now are the rounds done before, which the display's rate and the trackers leave out.
+            rounds_before = _records_in(out_dir / "rounds.jsonl")
             if progress:
-                # The coordinator has loaded its checkpoint (it writes the endpoint after): the records
-                # in rounds.jsonl now are the rounds done before, which the display's rate leaves out.
-                display = Progress(config.rounds, rounds_before=_records_in(out_dir / "rounds.jsonl"))
+                display = Progress(config.rounds, rounds_before=rounds_before)
             for worker_id in range(config.num_honest):
                 start(f"worker-{worker_id}", ["worker", "--coordinator", address, "--worker-id", str(worker_id),
                                               "--device", device],
@@ -186,16 +195,24 @@ def run_grpc(
                     args += ["--worker-id", str(worker_id)]
                 start("adversary", args,
                       {TOKEN_ENV: ",".join(worker_token(secret, "byzantine", worker_id) for worker_id in byzantine)})
-            _follow(coordinator, children, out_dir, display)
+
+            def on_record(index: int, record: dict[str, Any]) -> None:
+                if display is not None:
+                    display.update(record)
+                if index >= rounds_before:
+                    sinks.log_round(record)
+
+            _follow(coordinator, children, out_dir, on_record)
             if coordinator.returncode != 0:
                 raise LaunchError(_died("coordinator", logs))
-            for name, proc in children[1:]:
+            for _, proc in children[1:]:
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.terminate()
-            summary_file = out_dir / "summary.json"
-            return json.loads(summary_file.read_text())
+            summary = json.loads((out_dir / "summary.json").read_text())
+            sinks.finish(summary)
+            return summary
         finally:
             if display is not None:
                 display.close()
@@ -210,10 +227,13 @@ def _records_in(rounds_file: Path) -> int:
         return 0
 
 
-def _follow(coordinator: subprocess.Popen, children: list, out_dir: Path, display: Progress | None) -> None:
-    """Show progress from rounds.jsonl until the coordinator exits; fail fast if a worker dies badly."""
+def _follow(coordinator: subprocess.Popen, children: list, out_dir: Path,
+            on_record: Callable[[int, dict[str, Any]], None]) -> None:
+    """Pass each record of rounds.jsonl, with its line number, to ``on_record`` until the coordinator
+    exits; fail fast if a worker dies badly."""
     rounds_file = out_dir / "rounds.jsonl"
     position = 0
+    index = 0
     pending = ""
     while True:
         finished = coordinator.poll() is not None
@@ -224,8 +244,9 @@ def _follow(coordinator: subprocess.Popen, children: list, out_dir: Path, displa
                 position = handle.tell()
             *lines, pending = pending.split("\n")
             for line in lines:
-                if line.strip() and display is not None:
-                    display.update(json.loads(line))
+                if line.strip():
+                    on_record(index, json.loads(line))
+                    index += 1
         if finished:
             return
         for name, proc in children[1:]:

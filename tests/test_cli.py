@@ -84,7 +84,7 @@ def test_version_is_the_installed_package_version(arcsim: Arcsim) -> None:
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
-        (["run"], ["(default: grpc)", "{grpc,inproc}", "{auto,cpu,cuda}"]),
+        (["run"], ["(default: grpc)", "{grpc,inproc}", "{auto,cpu,cuda}", "{tensorboard,mlflow}"]),
         (["coordinator"], ["default: 50051", "{cpu,cuda}", "{debug,info,warning,error,critical}"]),
         (["worker"], ["default: 300.0", "default: auto", "{debug,info,warning,error,critical}"]),
         (["adversary"], ["default: 300.0", "default: 127.0.0.1", "{debug,info,warning,error,critical}"]),
@@ -119,6 +119,17 @@ def test_a_log_level_typo_is_a_usage_error(capsys: pytest.CaptureFixture[str], m
     monkeypatch.setenv("ARCSIM_SECRET", "s")
     line = _usage_error(capsys, [*command, "--log-level", "verbose"])
     assert "argument --log-level: invalid choice: 'verbose'" in line
+
+
+def test_a_tracker_twice_or_an_unknown_one_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("task: synthetic\n")
+    line = _usage_error(capsys, ["run", str(config), "--track", "mlflow", "--track", "mlflow"])
+    assert line == "arcsim: error: --track: each tracker once, got mlflow mlflow"
+    assert main(["run", str(config), "--track", "wandb"]) == EXIT_USAGE
+    assert "invalid choice: 'wandb'" in capsys.readouterr().err
+    assert not any(p.name != "c.yaml" for p in tmp_path.iterdir())
 
 
 def test_a_value_that_is_not_yaml_in_set_is_a_usage_error(capsys: pytest.CaptureFixture[str],
