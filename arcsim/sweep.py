@@ -44,6 +44,9 @@ engine exactly as ``arcsim run --engine inproc`` writes it. A run is complete wh
 skipped, runs with a checkpoint are resumed from it, so a killed sweep goes on where it stopped.
 ``OUT/sweep.csv`` (one row per run, rewritten atomically after each finished run) and
 ``OUT/sweep.yaml`` (the sweep config as given) sit beside the run folders.
+
+The module is callable: ``arcsim.sweep(config, ...)`` is :func:`arcsim.api.sweep`, the Python API's
+sweep (``arcsim.sweep`` names this module once it is imported, so the module itself answers the call).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ import yaml
 # arcsim.config imports torch: it is imported lazily, so that a pool process can set
 # OMP_NUM_THREADS before torch loads (the process unpickles this module's functions first).
 if TYPE_CHECKING:
+    from arcsim.api import SweepResult
     from arcsim.config import RunConfig
 
 __all__ = [
@@ -713,3 +717,15 @@ def run_sweep(
         return SweepOutcome(out_dir=out_dir, table=table, rows=tuple(rows[run.name] for run in plan.runs),
                             skipped=skipped, completed=completed, failed=len(failed_names),
                             names_failed=tuple(failed_names))
+
+
+class _CallableModule(ModuleType):
+    """This module's type: calling the module runs :func:`arcsim.api.sweep`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SweepResult:
+        from arcsim.api import sweep
+
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
