@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,38 @@ def test_a_host_lacking_the_plugin_fails_at_config_load_with_one_line(tmp_path: 
             "ModuleNotFoundError") in run.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
     assert join.stdout.count("\n") == 1 and "cannot import module 'arcsim_example_plugin'" in join.stdout
+
+
+@pytest.mark.slow
+def test_a_worker_host_lacking_the_plugin_fails_at_join_with_one_line(plugin_path: Path, tmp_path: Path) -> None:
+    # Prepare: a coordinator with the plugin installed, on a free loopback port
+    config = tmp_path / "plugin.yaml"
+    config.write_text(ENTRY_POINT_CONFIG)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "plugin-test-secret"
+    coordinator_env = {**_env(plugin_path), "ARCSIM_SECRET": secret}
+    log = (tmp_path / "coordinator.log").open("w")
+    coordinator = subprocess.Popen([*ARCSIM, "coordinator", "--config", str(config), "--out", str(tmp_path / "out"),
+                                    "--host", "127.0.0.1", "--port", str(port)], env=coordinator_env, cwd=tmp_path,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Execute: an honest worker on a host without the plugin joins
+        worker = subprocess.run([*ARCSIM, "worker", "--coordinator", f"127.0.0.1:{port}", "--worker-id", "0",
+                                 "--max-retry-seconds", "120"], env={**_env(None), "ARCSIM_SECRET": secret},
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        coordinator.kill()
+        coordinator.wait(timeout=30)
+        log.close()
+
+    # Assert: it stops at Join, with one line naming the plugin's name and why; the run never started
+    errors = [line for line in worker.stderr.splitlines() if line.startswith("arcsim: error:")]
+    assert worker.returncode == 2, worker.stderr[-3000:]
+    assert len(errors) == 1 and "Traceback" not in worker.stderr
+    assert "config key 'task': must be one of fashion-mnist" in errors[0] and "got 'blobs'" in errors[0]
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 # --- the contracts, in this process ----------------------------------------------------------
