@@ -13,9 +13,8 @@ vectors of a round, keyed by worker id, and it
    the first round, when that many seconds have passed since the last checkpoint, and after the last
    round, plus :meth:`RunState.flush_checkpoint` when a run is interrupted. A checkpoint
    (``checkpoints/round-XXXXXXXX.safetensors``, see arcsim/engine/checkpoint.py) holds the parameters
-   and every worker's momentum (14 vectors of 431,080 floats for the paper's CNN with 10 + 3
-   workers), a CRC-32 and the scalar state; writing one costs about as much as the round's
-   aggregation (docs/benchmarks.md).
+   and every worker's momentum (n + 1 vectors of the model's size), a CRC-32 and the scalar state;
+   what writing one costs is in docs/benchmarks.md.
 
 When the run ends, :meth:`RunState.summary` writes ``model.safetensors`` (the final parameters as the
 task's model's named state dict, which ``load_state_dict`` takes) and ``summary.json``.

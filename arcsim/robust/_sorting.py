@@ -1,15 +1,15 @@
 """Sorting along one dimension of a matrix, with numpy's SIMD sort on CPU.
 
-numpy (>= 2.0) sorts float32 and float64 with x86-simd-sort (AVX-512 or AVX2), which was 10 to 30
-times faster than ``torch.sort`` on the 2-core CPU machines this project runs on (see
-docs/benchmarks.md). Sorted values do not depend on the algorithm, so results are unchanged.
+numpy (>= 2.0) sorts float32 and float64 with x86-simd-sort (AVX-512 or AVX2), much faster
+than ``torch.sort`` on CPU (figures in docs/benchmarks.md). Sorted values do not depend on the
+algorithm, so results are unchanged.
 Other dtypes, other devices and tensors that require grad use ``torch.sort``. Inputs are never
 modified.
 
 On CPU, the columns of a matrix with few rows (the n workers of a round) and many coordinates are
 sorted by a sorting network instead: a fixed sequence of compare-exchanges between whole rows
 (element-wise minimum and maximum), which streams through memory instead of sorting d tiny columns
-one by one: 2 to 5 times faster than numpy's sort for n <= 31 (docs/benchmarks.md). A NaN would
+one by one, which beats numpy's sort for few rows (docs/benchmarks.md). A NaN would
 spread through the minima and maxima, so a matrix with one (its sum is NaN; one pass) goes to
 numpy, which sorts NaN last.
 """

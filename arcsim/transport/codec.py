@@ -18,25 +18,10 @@ The ``*_events`` / ``gradient_chunks`` helpers build the ``arcsim.v1`` messages 
 streams of ``protos/arcsim/v1/coordinator.proto``, and the ``*Reader`` classes consume them one
 message at a time (so they serve ``for`` and ``async for`` loops alike).
 
-Throughput (one torch thread, 2-core CI machine, 1 MiB chunks, best of 5; MB = 10^6 bytes), with
-zlib's CRC-32 and with zlib-ng's (used when the ``zlib-ng`` package is installed; same values):
-
-==========================  ======================  ========================================
-float32 vector              encode (bytes + crc)    decode (assemble + crc + finite check)
-==========================  ======================  ========================================
-431,080 values (1.72 MB)    ~3,700 / ~47,000 MB/s   ~3,000-3,200 / ~11,700 MB/s
-1,048,576 values (4.19 MB)  ~3,700 / ~52,000 MB/s   ~3,200 / ~12,200 MB/s
-==========================  ======================  ========================================
-
-A round of the default config checks 13 vectors of 1.72 MB three times (the workers check the
-parameters and checksum their vectors, the coordinator checks the vectors): with zlib's CRC-32
-about 10 ms of CPU per pass, with zlib-ng's about 1 ms (docs/benchmarks.md).
-
-With the protobuf messages (``GradientChunk.FromString`` + :func:`assemble_gradient`) decoding
-runs at ~2,700 MB/s; building and serialising the messages varies from ~700 to ~2,800 MB/s with
-the allocator's behaviour for MiB-sized bytes objects. The finite check uses ``torch.aminmax``
-(NaN propagates; one pass, ~40 GB/s) instead of ``torch.isfinite(t).all()`` (~2 GB/s for float32
-and under 1 GB/s for the 16-bit types).
+The finite check uses ``torch.aminmax`` (NaN propagates; one pass over the data) instead of
+``torch.isfinite(t).all()``, which materialises a boolean tensor and is much slower, most of all for
+the 16-bit types. The codec's throughput, and what the CRC-32 costs a round with zlib's and with
+zlib-ng's implementation, are in docs/benchmarks.md ("Tensor codec").
 
 Example:
 
