@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from arcsim.attacks import ATTACKS, craft
-from arcsim.engine.byzantine import ByzantineWorker, Crafter
 from arcsim.adversaries.service import Collusion
+from arcsim.attacks import ATTACKS, craft
 from arcsim.config import RunConfig, from_dict
+from arcsim.engine.byzantine import ByzantineWorker, Crafter
+from arcsim.engine.honest import GradientWorker, build_task_model, shards
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
-from arcsim.engine.honest import GradientWorker, build_task_model, shards
 
 torch.set_num_threads(1)
 
@@ -90,6 +90,33 @@ def test_label_flip_vector_is_the_momentum_of_the_flipped_loss() -> None:
     torch.testing.assert_close(got_0, expected_0, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got_1, expected_1, rtol=1e-5, atol=1e-7)
     assert worker.last_loss == worker.last_loss  # a number, not NaN
+
+
+def test_a_data_attack_plugin_is_a_label_map_the_worker_trains_on(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: label flipping written again as a plugin's data attack, with a parameter of its own
+    (tmp_path / "flip_plugin.py").write_text(textwrap.dedent("""
+        from arcsim.attacks import data_attack
+
+        @data_attack
+        def flip(labels, *, num_classes, offset=0):
+            return (num_classes - 1 - labels + offset) % num_classes
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    builtin = _config(num_honest=4, num_byzantine=1, attack="label_flip")
+    plugin = _config(num_honest=4, num_byzantine=1, attack="flip_plugin:flip", attack_params={"offset": 0})
+    shifted = _config(num_honest=4, num_byzantine=1, attack="flip_plugin:flip", attack_params={"offset": 1})
+    params = _params(builtin)
+
+    # Execute
+    workers = [ByzantineWorker(config, 4) for config in (builtin, plugin, shifted)]
+    vectors = [worker.vector(params=params, round_=0, honest=None) for worker in workers]
+
+    # Assert: no observation needed; the same labels give the same bits, other labels another vector
+    assert not any(worker.needs_observation for worker in workers)
+    assert torch.equal(vectors[0], vectors[1])
+    assert torch.equal(workers[2].trainer._y, (workers[0].trainer._y + 1) % 10)
+    assert not torch.equal(vectors[0], vectors[2])
 
 
 def test_label_flip_differs_from_the_honest_worker_of_the_same_shard() -> None:

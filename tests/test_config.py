@@ -382,3 +382,44 @@ def test_cosine_schedule() -> None:
     assert config.lr_at(4) == pytest.approx(0.4)
     assert config.lr_at(2) == pytest.approx(0.8 * (2 + math.sqrt(2)) / 4)
     assert config.lr_at(7) > 0.0
+
+
+# --- plugins and per-stage pipeline parameters ------------------------------------------------
+def test_pipeline_params_take_per_stage_mappings_beside_flat_ones() -> None:
+    config = from_dict({"pipeline": "bucketing > centered_clip", "num_byzantine": 1,
+                        "pipeline_params": {"s": 2, "centered_clip": {"tau": 5, "iters": 2}}})
+    assert config.pipeline_params == {"s": 2, "centered_clip": {"tau": 5, "iters": 2}}
+    assert loads_config(config.to_yaml()) == config
+
+
+def test_a_per_stage_parameter_the_stage_does_not_take_names_the_stage() -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"pipeline": "bucketing > centered_clip", "num_byzantine": 1,
+                   "pipeline_params": {"s": 2, "centered_clip": {"tau": 5, "s": 3}}})
+    assert str(caught.value).startswith("config key 'pipeline': ")
+    assert "stage 'centered_clip' got unexpected parameters ['s']" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("task", "no_such_lab.data:blobs", "dataset 'no_such_lab.data:blobs': cannot import module 'no_such_lab.data'"),
+        ("model", "no_such_lab:net", "model 'no_such_lab:net': cannot import module 'no_such_lab'"),
+        ("attack", "no_such_lab:evil", "attack 'no_such_lab:evil': cannot import module 'no_such_lab'"),
+        ("partitioner", "no_such_lab:split", "partitioner 'no_such_lab:split': cannot import module 'no_such_lab'"),
+        ("pipeline", "arc > no_such_lab:rule", "rule 'no_such_lab:rule': cannot import module 'no_such_lab'"),
+    ],
+)
+def test_an_unimportable_plugin_is_one_line_naming_the_key_the_module_and_the_exception(
+    key: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({key: value, "num_byzantine": 1})
+    text = str(caught.value)
+    assert text.startswith(f"config key {key!r}: ") and message in text
+    assert "ModuleNotFoundError: No module named 'no_such_lab" in text and "\n" not in text
+
+
+def test_plugin_names_are_listed_as_an_alternative_to_the_built_ins() -> None:
+    with pytest.raises(ConfigError, match=r"must be one of none, sign_flip, .*label_flip or package.module:callable"):
+        from_dict({"attack": "flip"})

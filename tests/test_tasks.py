@@ -18,14 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from arcsim.tasks import (
+    DATASET_REGISTRY,
     DATASETS,
+    MODEL_REGISTRY,
     MODELS,
+    PARTITIONER_REGISTRY,
     PARTITIONERS,
     Dataset,
     DatasetUnavailable,
     build_model,
     download_fashion_mnist,
     load_dataset,
+    model_loss,
     num_parameters,
     partition,
 )
@@ -776,3 +780,24 @@ def test_build_model_rejects_fewer_than_two_classes(num_classes: int) -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
         build_model("logreg", input_shape=(4,), num_classes=num_classes)
+
+
+# --- registries ---------------------------------------------------------------------------------
+def test_the_registries_hold_the_built_ins_in_their_order() -> None:
+    assert DATASET_REGISTRY.builtins == DATASETS
+    assert MODEL_REGISTRY.builtins == MODELS
+    assert PARTITIONER_REGISTRY.builtins == PARTITIONERS
+    assert {DATASET_REGISTRY.resolve(name).origin for name in DATASETS} == {"built-in"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_built_in_models_declare_the_nll_loss_of_their_log_probabilities(name: str) -> None:
+    # The engines train and evaluate with the declared loss: F.nll_loss itself keeps runs bitwise unchanged.
+    assert model_loss(name) is F.nll_loss
+
+
+def test_a_dataset_plugin_must_load_a_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bad_data.py").write_text("def table(*, root, seed):\n    return [[1, 2], [3, 4]]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="dataset 'bad_data:table' must load an arcsim.tasks.Dataset, got list"):
+        load_dataset("bad_data:table")
