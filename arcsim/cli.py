@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from arcsim.flags import USAGE_ERROR, Parser
+from arcsim.listing import add_parser as add_list_parser
 from arcsim.tracking import TRACKERS
 
 if TYPE_CHECKING:  # these import torch or grpc: the commands import them when they need them
@@ -639,6 +640,7 @@ def build_parser() -> Parser:
     _add_workers(sub)
     _add_sweep_and_report(sub)
     _add_health_certs_data(sub)
+    add_list_parser(sub)
     return parser
 
 

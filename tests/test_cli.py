@@ -94,6 +94,7 @@ def test_version_is_the_installed_package_version(arcsim: Arcsim) -> None:
         (["certs"], []),
         (["data"], []),
         (["data", "download"], ["{fashion-mnist}"]),
+        (["list"], ["{rules,attacks,datasets,models,partitioners}", "default: all of them"]),
     ],
 )
 def test_every_command_has_a_description_an_example_and_its_defaults(
@@ -106,6 +107,22 @@ def test_every_command_has_a_description_an_example_and_its_defaults(
     assert f"arcsim {' '.join(command)}" in examples, text
     for fragment in shown:
         assert fragment in text, fragment
+
+
+def test_list_shows_every_registry_or_the_one_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute: every registry, then only the rules
+    assert main(["list"]) == 0
+    everything = capsys.readouterr().out.splitlines()
+    assert main(["list", "rules"]) == 0
+    rules = capsys.readouterr().out.splitlines()
+    # Assert: a heading per registry naming its entry-point group; built-ins with their origin
+    headings = [line.split(" ", 1)[0] for line in everything if not line.startswith(" ")]
+    assert headings == ["rules", "attacks", "datasets", "models", "partitioners"]
+    assert rules[0].startswith("rules (group arcsim.rules")
+    assert [line.split()[:2] for line in rules if line.split()[:1] == ["arc"]] == [["arc", "built-in"]]
+    assert set(rules) <= set(everything) and any(line.split()[:1] == ["alie"] for line in everything)
+    assert main(["list", "aggregators"]) == EXIT_USAGE
+    assert "invalid choice: 'aggregators'" in capsys.readouterr().err
 
 
 # --- one-line errors and exit statuses ---------------------------------------------------------------------
