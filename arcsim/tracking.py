@@ -175,7 +175,8 @@ class _MLflow:
         experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(name)
         folder = str(out_dir.resolve())
         found = []
-        if first_step > 1:  # a resumed run: the MLflow run of this folder, if there is one
+        if first_step > 1 and "'" not in folder:  # a resumed run: the MLflow run of this folder, if there is one
+            # (a folder whose name has a quote cannot be written in MLflow's filter: a new MLflow run then)
             found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{folder}'",
                                             max_results=1)
         if found:

@@ -21,12 +21,24 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_run import (  # noqa: F401
+    ALIE,
+    ENV,
+    LABEL_FLIP,
+    LONG,
+    REPO,
+    Arcsim,
+    _kill_after_rounds,
+    _one_error_line,
+    _records,
+    _summary,
+    _write_config,
+    arcsim,
+)
 
-from arcsim.transport.auth import ANY_ID
 from arcsim.cli import EXIT_STOPPED, EXIT_USAGE, build_parser, main
 from arcsim.progress import Progress
-from test_run import (ALIE, ENV, LABEL_FLIP, LONG, REPO, Arcsim, _kill_after_rounds, _one_error_line,  # noqa: F401
-                      _records, _summary, _write_config, arcsim)
+from arcsim.transport.auth import ANY_ID
 
 # The environment of a machine whose shell sets no arcsim variable.
 CLEAN_ENV = {name: value for name, value in ENV.items() if not name.startswith("ARCSIM_")}
