@@ -65,6 +65,23 @@ def test_run_gives_the_command_lines_final_parameters(engine: str, config_file: 
     assert result.records.columns == RECORD_COLUMNS and set(result.records[0]) == set(RECORD_COLUMNS)
 
 
+def test_one_torch_thread_pins_one_thread_and_restores_the_callers() -> None:
+    from arcsim.api import one_torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with one_torch_thread():
+            inside = torch.get_num_threads()
+        after = torch.get_num_threads()
+        with pytest.raises(KeyboardInterrupt), one_torch_thread():
+            raise KeyboardInterrupt  # a notebook's interrupt gives the threads back too
+        after_interrupt = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert (inside, after, after_interrupt) == (1, 3, 3)
+
+
 def test_a_config_given_as_a_mapping_a_runconfig_or_a_path_with_overrides_is_the_same_run(
         config_file: Path, tmp_path: Path) -> None:
     # Execute: the same run three ways, each with rounds overridden to 4
