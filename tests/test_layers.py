@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRANSPORT_AND_METRICS = ("grpc", "google.protobuf", "prometheus_client")
 
 
-@pytest.mark.parametrize("modules", ["arcsim.config, arcsim.robust", "arcsim.engine.inproc, arcsim.tasks",
+@pytest.mark.parametrize("modules", ["arcsim.config, arcsim.robust, arcsim.registry", "arcsim.engine.inproc, arcsim.tasks",
                                      "arcsim.attacks, arcsim.tensorbytes"])
 def test_core_and_engine_load_no_grpc_protobuf_or_prometheus(modules: str) -> None:
     # Execute: a fresh interpreter imports the modules and lists what came with them

@@ -3,8 +3,8 @@
 One process can hold several Byzantine ids (``arcsim adversary --worker-id 10 --worker-id 11 ...``):
 they collude, as the paper's omniscient adversary does, so each round the process reads the honest
 vectors once through ``Observe``, crafts the ``(num_byzantine, d)`` matrix once with the configured
-attack (arcsim/engine/byzantine.py) and submits one row per id. ``label_flip`` workers instead train
-on flipped labels, each on its own shard.
+attack (arcsim/engine/byzantine.py) and submits one row per id. Workers of a data attack
+(``label_flip``, or a plugin's label map) instead train on their own shard with mapped labels.
 """
 
 from __future__ import annotations

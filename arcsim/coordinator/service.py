@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover
     reflection = None
 
-from arcsim.attacks import DATA_ATTACKS
+from arcsim.attacks import is_data_attack
 from arcsim.transport import codec, wire
 from arcsim.transport.auth import ANY_ID, TokenBook, token_from_metadata
 from arcsim.transport.channels import REASON_METADATA_KEY, server_options
@@ -162,7 +162,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                                 num_byzantine=self.config.num_byzantine)
         # Whether the Byzantine workers craft their vectors from the honest ones (Observe), as every attack
         # but the data attacks (label flipping) does.
-        self._observers = self.config.num_byzantine > 0 and self.config.attack not in DATA_ATTACKS
+        self._observers = self.config.num_byzantine > 0 and not is_data_attack(self.config.attack)
         self.max_bytes = self.state.num_parameters * 4
         self.run_id = self.config.digest()
         self.joined: set[int] = set()
