@@ -426,7 +426,7 @@ def execute_run(config: RunConfig, run_dir: str | Path, device: str = "cpu") -> 
         (run_dir / "error.log").unlink(missing_ok=True)
         return {"status": summary["status"], "seconds": time.perf_counter() - started,
                 "resumed_from": resumed_from, "summary": summary, "error": None}
-    except Exception as error:  # one failing run must not stop the sweep
+    except Exception as error:  # noqa: BLE001 - one failing run must not stop the sweep
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.log").write_text(traceback.format_exc())
@@ -499,7 +499,7 @@ def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: 
                         broken = True
                         result = _failure("a sweep worker process died (killed or crashed) during this run; "
                                           "rerun the sweep to resume it")
-                    except Exception as error:  # e.g. the result could not be sent back
+                    except Exception as error:  # noqa: BLE001 - e.g. the result could not be sent back
                         result = _failure(f"{type(error).__name__}: {error}")
                     yield run, result
             for future, run in list(in_flight.items()):  # the pool broke under these too
@@ -542,7 +542,7 @@ def _run_ray(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int | None, dev
                 run = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
-                except Exception as error:  # the task's worker died, or the node went away
+                except Exception as error:  # noqa: BLE001 - the task's worker died, or the node went away
                     result = _failure(f"ray: {type(error).__name__}: {error}")
                 yield run, result
     finally:

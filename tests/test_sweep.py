@@ -18,6 +18,7 @@ import yaml
 from arcsim import sweep
 from arcsim.cli import main
 from arcsim.config import ConfigError, from_dict
+from arcsim.engine.inproc import run_inproc
 from arcsim.sweep import (
     TABLE_COLUMNS,
     execute_run,
@@ -27,7 +28,6 @@ from arcsim.sweep import (
     run_name,
     run_sweep,
 )
-from arcsim.engine.inproc import run_inproc
 
 REPO = Path(__file__).resolve().parents[1]
 
