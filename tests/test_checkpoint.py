@@ -15,6 +15,8 @@ from arcsim.config import from_dict
 from arcsim.engine import checkpoint
 from arcsim.engine.rounds import RunState, params_sha256
 
+from conftest import tiny_values
+
 VALUES = {"round": 0, "best_accuracy": 0.25, "last_accuracy": None, "momentum_ids": [0], "run_settings": {"q": 3}}
 
 
@@ -196,8 +198,7 @@ def test_an_empty_or_missing_folder_holds_no_checkpoint(tmp_path: Path) -> None:
     assert checkpoint.load_latest(tmp_path / "missing") == (None, [])
 
 
-CONFIG = {"task": "synthetic", "model": "logreg", "num_honest": 3, "num_byzantine": 0, "attack": "none",
-          "partitioner": "iid", "rounds": 4, "eval_every": 2}
+CONFIG = tiny_values(rounds=4, eval_every=2, batch_size=25)
 
 
 def test_resume_uses_the_last_good_checkpoint_and_ends_as_uninterrupted(tmp_path: Path) -> None:

@@ -25,15 +25,16 @@ import torch
 import yaml
 
 from arcsim.transport import codec, wire
-from arcsim.transport.auth import ANY_ID, bearer, worker_token
+from arcsim.transport.auth import ANY_ID
 from arcsim.config import from_dict
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 from arcsim.coordinator.service import Coordinator, CoordinatorSettings, OpenRound
 from arcsim.transport.channels import REASON_METADATA_KEY, grpc_options
+
+from conftest import TEST_SECRET, auth, tiny_values, token
 from test_faults import _metrics  # the tests folder is on sys.path (rootdir)
 
-SECRET = "limits-secret"
 ROOT = Path(__file__).resolve().parent.parent
 # The paper's CNN on 28x28 images (431,080 parameters: 1.7 MB a vector), on data every install has.
 FLOOD_CONFIG = {"task": "mnist-5k", "model": "cnn", "partitioner": "iid", "num_honest": 3, "num_byzantine": 1,
@@ -44,7 +45,7 @@ BYZANTINE_ID = 3
 
 def _md(worker_id: int, num_honest: int = 3) -> tuple[tuple[str, str], ...]:
     role = "honest" if worker_id < num_honest else "byzantine"
-    return bearer(worker_token(SECRET, role, worker_id))
+    return auth(worker_id, role)
 
 
 def _rss(pid: int) -> int:
@@ -66,7 +67,7 @@ class CoordinatorProcess:
         config_path = tmp_path / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         self.out = tmp_path / "run"
-        env = {**os.environ, "ARCSIM_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "ARCSIM_SECRET": TEST_SECRET, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "arcsim", "coordinator", "--config", str(config_path), "--out", str(self.out),
              "--port", "0", "--metrics-port", "0", "--linger", "30", "--join-timeout", "60"],
@@ -259,15 +260,13 @@ async def _drain(call) -> tuple[grpc.StatusCode, str] | str:
 
 
 # --- in-process coordinator: the object itself, for what only it can show -------------------------
-TINY = {"task": "synthetic", "model": "logreg", "partitioner": "iid", "num_honest": 2, "num_byzantine": 0,
-        "attack": "none", "pipeline": "mean", "rounds": 2, "eval_every": 1, "batch_size": 8,
-        "round_deadline": 30.0}
+TINY = tiny_values(num_honest=2, pipeline="mean", batch_size=8, round_deadline=30.0)
 
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, pb_grpc.CoordinatorStub]]:
     """A Coordinator object behind a real gRPC server (no run loop: the test drives it)."""
-    settings = CoordinatorSettings(config=from_dict(TINY), out_dir=tmp_path, secret=SECRET)
+    settings = CoordinatorSettings(config=from_dict(TINY), out_dir=tmp_path, secret=TEST_SECRET)
     coordinator = Coordinator(settings)
     server = grpc.aio.server()
     wire.add_coordinator_to_server(coordinator, server)
@@ -311,7 +310,7 @@ async def test_join_after_the_end_is_refused_before_an_id_is_reserved(served) ->
     # Prepare
     coordinator, stub = served
     await coordinator.end("completed")
-    requests = [(pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), bearer(worker_token(SECRET, "honest", ANY_ID))),
+    requests = [(pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), auth(ANY_ID)),
                 (pb.JoinRequest(worker_id=1, role=pb.HONEST), _md(1, 2))]
     for request, metadata in requests:
         # Execute
@@ -372,7 +371,7 @@ async def test_a_worker_waiting_minutes_for_its_peers_is_never_disconnected(tmp_
     from arcsim.coordinator.service import serve
 
     config = from_dict(TINY)
-    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=SECRET,
+    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=TEST_SECRET,
                                                          join_timeout=300.0)))
     await _until(lambda: (tmp_path / "coordinator.json").exists() or task.done(), 60)
     port = json.loads((tmp_path / "coordinator.json").read_text())["port"]
@@ -409,13 +408,13 @@ async def test_a_second_worker_with_the_same_id_takes_over_and_the_first_stops_w
     from arcsim.workers.service import HonestParticipant, Session, WorkerSettings
 
     config = from_dict(TINY)
-    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=SECRET,
+    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=TEST_SECRET,
                                                          join_timeout=60.0, metrics_port=0)))
     await _until(lambda: (tmp_path / "coordinator.json").exists() or task.done(), 60)
     endpoint = json.loads((tmp_path / "coordinator.json").read_text())
     port = endpoint["port"]
     connected = ("arcsim_workers_connected", (("role", "honest"),))
-    settings = WorkerSettings(coordinator=f"127.0.0.1:{port}", worker_id=0, token=worker_token(SECRET, "honest", 0),
+    settings = WorkerSettings(coordinator=f"127.0.0.1:{port}", worker_id=0, token=token(0),
                               device="cpu", max_retry_seconds=10)
     first = asyncio.create_task(Session(settings, HonestParticipant()).run())
     second = None

@@ -29,8 +29,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from arcsim.transport import codec, wire
-from arcsim.transport.auth import bearer, worker_token
-from arcsim.config import RunConfig, from_dict
+from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 from arcsim.coordinator.metrics import REJECTION_REASONS
@@ -38,7 +37,8 @@ from arcsim.engine.rounds import RunState, params_sha256
 from arcsim.coordinator.service import CoordinatorSettings, serve
 from arcsim.transport.channels import grpc_options
 
-SECRET = "malformed-secret"
+from conftest import TEST_SECRET, auth, tiny_config
+
 CHUNK = 256  # small chunks: a vector is several messages, so streams can be cut and spliced
 SUBMIT = f"/{wire.SERVICE_NAME}/SubmitGradient"
 TARGET = 2  # the worker the malformed streams claim to be (with its own valid token)
@@ -92,13 +92,11 @@ class LiveCoordinator:
 
 
 def _config() -> RunConfig:
-    return from_dict({"task": "synthetic", "model": "logreg", "partitioner": "iid", "num_honest": 3,
-                      "num_byzantine": 0, "attack": "none", "pipeline": "arc > nnm > cwtm", "rounds": 2,
-                      "eval_every": 1, "batch_size": 16, "round_deadline": 600.0})
+    return tiny_config(round_deadline=600.0)
 
 
 def _md(worker_id: int) -> tuple[tuple[str, str], ...]:
-    return bearer(worker_token(SECRET, "honest", worker_id))
+    return auth(worker_id)
 
 
 def _rejections(metrics_port: int) -> dict[str, float]:
@@ -214,7 +212,7 @@ def test_random_malformed_streams_are_refused_counted_and_change_nothing(tmp_pat
     config = _config()
     out = tmp_path / "run"
     out.mkdir()
-    live = LiveCoordinator(CoordinatorSettings(config=config, out_dir=out, secret=SECRET, metrics_port=0,
+    live = LiveCoordinator(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET, metrics_port=0,
                                                chunk_bytes=CHUNK))
     with live as endpoint:
         channel = grpc.insecure_channel(f"127.0.0.1:{endpoint['port']}", options=grpc_options(1 << 20))

@@ -17,8 +17,9 @@ from arcsim.engine.evaluation import Evaluator
 from arcsim.engine.inproc import run_inproc
 from arcsim.engine.rounds import MODEL_FILE, RunState, params_sha256
 
-CONFIG = {"task": "synthetic", "model": "mlp", "num_honest": 3, "num_byzantine": 1, "attack": "sign_flip",
-          "partitioner": "iid", "rounds": 3, "eval_every": 2, "batch_size": 16}
+from conftest import tiny_values
+
+CONFIG = tiny_values(model="mlp", num_byzantine=1, attack="sign_flip", rounds=3, eval_every=2)
 
 
 def _load_into_model(config: RunConfig, path: Path) -> torch.nn.Module:

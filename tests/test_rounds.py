@@ -17,10 +17,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from arcsim.config import RunConfig, from_dict
+from arcsim.config import RunConfig
 from arcsim.engine import checkpoint
 from arcsim.engine.inproc import run_inproc
 from arcsim.engine.rounds import RunState, params_sha256
+
+from conftest import tiny_config
 
 D = 650  # parameters of the synthetic task's logreg model
 
@@ -28,11 +30,8 @@ SETTINGS = {"quorum": 3, "observe_cutoff": 0.5}
 
 
 def _config(**changes: Any) -> RunConfig:
-    # The attack does not matter here: close_round is handed the vectors.
-    attack = "sign_flip" if changes.get("num_byzantine") else "none"
-    values = {"task": "synthetic", "model": "logreg", "num_honest": 3, "num_byzantine": 0, "attack": attack,
-              "partitioner": "iid", "rounds": 4, "eval_every": 2, **changes}
-    return from_dict(values)
+    # The attack does not matter here (close_round is handed the vectors): tiny_config's sign flipping.
+    return tiny_config(**{"rounds": 4, "eval_every": 2, "batch_size": 25, **changes})
 
 
 def _vectors(num_honest: int, num_byzantine: int, *, byzantine_scale: float = 1e3) -> dict[int, Tensor]:

@@ -32,8 +32,8 @@ from arcsim.engine.byzantine import ByzantineWorker
 from arcsim.adversaries.service import run_adversaries, run_adversary
 from arcsim import cli
 from arcsim.transport import codec
-from arcsim.transport.auth import ANY_ID, bearer, worker_token
-from arcsim.config import RunConfig, from_dict
+from arcsim.transport.auth import ANY_ID, bearer
+from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 from arcsim.engine.inproc import run_inproc
@@ -43,9 +43,10 @@ from arcsim.coordinator.service import Coordinator, CoordinatorSettings, serve
 from arcsim.transport.channels import grpc_options
 from arcsim.workers.service import HonestParticipant, WorkerSettings, run_worker
 
+from conftest import TEST_SECRET, auth, tiny_config, token
+
 torch.set_num_threads(1)
 
-SECRET = "test-secret"
 METRIC_NAMES = (
     "arcsim_round",
     "arcsim_round_duration_seconds",
@@ -67,16 +68,9 @@ METRIC_NAMES = (
 )
 
 
-def _config(**changes: Any) -> RunConfig:
-    base = {"task": "synthetic", "model": "logreg", "partitioner": "iid", "num_honest": 3, "num_byzantine": 0,
-            "attack": "none", "pipeline": "arc > nnm > cwtm", "rounds": 2, "eval_every": 1, "batch_size": 16,
-            "round_deadline": 60.0}
-    return from_dict({**base, **changes})
-
-
 def _token(config: RunConfig, worker_id: int) -> str:
     role = "honest" if worker_id < config.num_honest else "byzantine"
-    return worker_token(SECRET, role, worker_id)
+    return token(worker_id, role)
 
 
 def _md(config: RunConfig, worker_id: int) -> tuple[tuple[str, str], ...]:
@@ -106,7 +100,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running
     async def _start(config: RunConfig, *, out_dir: Path | None = None, **settings: Any) -> Running:
         out = out_dir or tmp_path / f"run{len(started)}"
         out.mkdir(parents=True, exist_ok=True)
-        task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out, secret=SECRET,
+        task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET,
                                                              port=settings.pop("port", 0), **settings)))
         endpoint_file = out / "coordinator.json"
         for _ in range(3000):
@@ -225,7 +219,7 @@ def _records(out_dir: Path) -> list[dict[str, Any]]:
 # --- a whole run with the real worker and adversary services ----------------------------------------
 async def test_two_honest_workers_and_an_adversary_complete_the_run(start, tmp_path: Path) -> None:
     # Prepare: ALIE needs Observe, so the adversary exercises the whole protocol.
-    config = _config(num_honest=2, num_byzantine=1, attack="alie", rounds=4, eval_every=2)
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="alie", rounds=4, eval_every=2)
     running = await start(config)
 
     settings = functools.partial(_worker_settings, running, config)
@@ -249,12 +243,12 @@ async def test_two_honest_workers_and_an_adversary_complete_the_run(start, tmp_p
 
 async def test_workers_with_auto_ids_take_the_free_ids_of_their_role_and_finish_the_run(start, tmp_path: Path) -> None:
     # Prepare: every service holds only its role token (as scaled containers do) and asks for an id.
-    config = _config(num_honest=2, num_byzantine=1, attack="alie", rounds=3, eval_every=3)
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="alie", rounds=3, eval_every=3)
     running = await start(config)
     address = f"127.0.0.1:{running.port}"
 
     def settings(role: str) -> WorkerSettings:
-        return WorkerSettings(coordinator=address, worker_id=ANY_ID, token=worker_token(SECRET, role, ANY_ID),
+        return WorkerSettings(coordinator=address, worker_id=ANY_ID, token=token(ANY_ID, role),
                               device="cpu", max_retry_seconds=10)
 
     # Execute
@@ -268,9 +262,9 @@ async def test_workers_with_auto_ids_take_the_free_ids_of_their_role_and_finish_
 
 async def test_a_role_token_gets_an_id_with_its_own_token_and_nothing_else(start) -> None:
     # Prepare
-    config = _config(num_honest=2, num_byzantine=1, attack="alie")
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="alie")
     running = await start(config, metrics_port=0)
-    role_md = bearer(worker_token(SECRET, "honest", ANY_ID))
+    role_md = auth(ANY_ID)
     join_any = pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST)
     # Execute
     first = await running.stub.Join(join_any, metadata=role_md)
@@ -283,7 +277,7 @@ async def test_a_role_token_gets_an_id_with_its_own_token_and_nothing_else(start
     rounds_error = await _rpc_error(rounds.read())
     # Assert: ids 0 and 1 with their own tokens; no third honest id; the role token can do nothing else
     assert (first.worker_id, second.worker_id) == (0, 1)
-    assert first.token == worker_token(SECRET, "honest", 0) and second.token == worker_token(SECRET, "honest", 1)
+    assert first.token == token(0) and second.token == token(1)
     assert spare.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert fixed.code() == grpc.StatusCode.PERMISSION_DENIED
     assert wrong_role.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -294,10 +288,10 @@ async def test_a_role_token_gets_an_id_with_its_own_token_and_nothing_else(start
 
 async def test_a_worker_joining_with_its_own_id_keeps_it_from_role_token_workers(start) -> None:
     # Prepare: worker 0 joins with its own token and has not subscribed to its rounds yet.
-    config = _config(num_honest=2)
+    config = tiny_config(num_honest=2)
     running = await start(config)
     await _join(running, config, 0)
-    role_md = bearer(worker_token(SECRET, "honest", ANY_ID))
+    role_md = auth(ANY_ID)
     # Execute
     assigned = await running.stub.Join(pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), metadata=role_md)
     spare = await _rpc_error(running.stub.Join(pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), metadata=role_md))
@@ -309,7 +303,7 @@ async def test_a_worker_joining_with_its_own_id_keeps_it_from_role_token_workers
 async def test_a_worker_whose_vector_came_too_late_takes_the_coordinators_momentum(start) -> None:
     # Prepare: worker 1 is late in round 1 (the round closes at its deadline without it), as after a
     # network cut that the connection survived.
-    config = _config(num_honest=2, rounds=3, round_deadline=1.0)
+    config = tiny_config(num_honest=2, rounds=3, round_deadline=1.0)
     running = await start(config)
 
     class LateOnce(HonestParticipant):
@@ -345,7 +339,7 @@ async def test_a_worker_whose_vector_came_too_late_takes_the_coordinators_moment
 
 async def test_metrics_linger_after_the_run_for_a_last_scrape(start) -> None:
     # Prepare
-    config = _config(num_honest=1, rounds=2, eval_every=2)
+    config = tiny_config(num_honest=1, rounds=2, eval_every=2)
     running = await start(config, metrics_port=0, linger=30.0)
     settings = WorkerSettings(coordinator=f"127.0.0.1:{running.port}", worker_id=0, token=_token(config, 0),
                               device="cpu", max_retry_seconds=10)
@@ -365,7 +359,7 @@ async def test_a_diverging_model_completes_the_run_like_the_inproc_engine(start,
     # Prepare: the plain mean under a huge FOE blows the model up; the honest gradients then turn
     # non-finite, the coordinator refuses them, the adversary has nothing to observe, and the rounds
     # are recorded as not aggregated, in both engines alike.
-    config = _config(num_honest=2, num_byzantine=1, model="mlp", attack="foe", attack_params={"tau": 1000.0},
+    config = tiny_config(num_honest=2, num_byzantine=1, model="mlp", attack="foe", attack_params={"tau": 1000.0},
                      pipeline="mean", rounds=12, eval_every=4, lr=5.0, round_deadline=10.0)
     running = await start(config)
 
@@ -400,7 +394,7 @@ async def test_colluding_adversaries_in_one_process_observe_once_per_round(start
         return await original(self, request, context)
 
     monkeypatch.setattr(Coordinator, "Observe", counting_observe)
-    config = _config(num_honest=3, num_byzantine=2, attack="alie", rounds=3, eval_every=3)
+    config = tiny_config(num_honest=3, num_byzantine=2, attack="alie", rounds=3, eval_every=3)
     running = await start(config, metrics_port=0)
 
     settings = functools.partial(_worker_settings, running, config)
@@ -420,7 +414,7 @@ async def test_colluding_adversaries_in_one_process_observe_once_per_round(start
 async def test_refused_vectors_answer_the_round_so_it_does_not_wait_for_the_deadline(start, tmp_path: Path) -> None:
     # Prepare: the adversary sends NaN vectors, which the coordinator refuses; with a 60 s deadline the
     # run must still take seconds, and aggregate the honest vectors exactly as the inproc engine does.
-    config = _config(num_honest=3, num_byzantine=1, attack="nan", rounds=3, eval_every=3, round_deadline=60.0)
+    config = tiny_config(num_honest=3, num_byzantine=1, attack="nan", rounds=3, eval_every=3, round_deadline=60.0)
     running = await start(config)
 
     settings = functools.partial(_worker_settings, running, config)
@@ -442,7 +436,7 @@ async def test_workers_survive_a_coordinator_restart_and_the_result_is_unchanged
     # holds back its vector of round 3 until both honest vectors of round 3 are in. Then the
     # coordinator crashes (its task is cancelled) with round 3 open, and is restarted with resume on
     # the same port while the worker services keep running and reconnect by themselves.
-    config = _config(num_honest=2, num_byzantine=1, attack="label_flip", rounds=6, eval_every=3)
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="label_flip", rounds=6, eval_every=3)
     out = tmp_path / "restarted"
     first = await start(config, out_dir=out, metrics_port=0)
     address = f"127.0.0.1:{first.port}"
@@ -494,7 +488,7 @@ async def test_workers_survive_a_coordinator_restart_and_the_result_is_unchanged
 # --- credentials -------------------------------------------------------------------------------------
 async def test_credentials_are_checked(start) -> None:
     # Prepare: 2 honest + 1 adversary; nobody follows the rounds, so round 0 never opens.
-    config = _config(num_honest=2, num_byzantine=1, attack="sign_flip")
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="sign_flip")
     running = await start(config, metrics_port=0)
     stub = running.stub
     # Execute / Assert
@@ -543,7 +537,7 @@ async def test_credentials_are_checked(start) -> None:
 
 
 async def test_health_service_answers_serving(start) -> None:
-    running = await start(_config())
+    running = await start(tiny_config())
     health = health_pb2_grpc.HealthStub(running.channel)
     for service in ("", "arcsim.v1.Coordinator"):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
@@ -552,8 +546,8 @@ async def test_health_service_answers_serving(start) -> None:
 
 async def test_health_command_is_what_container_health_checks_run(start, monkeypatch) -> None:
     # Prepare
-    running = await start(_config())
-    closed = await start(_config())
+    running = await start(tiny_config())
+    closed = await start(tiny_config())
     closed_port = closed.port
     closed.task.cancel()
     with contextlib.suppress(BaseException):
@@ -568,7 +562,7 @@ async def test_health_command_is_what_container_health_checks_run(start, monkeyp
 
 
 async def test_cancelled_coordinator_releases_its_ports(start) -> None:
-    running = await start(_config(), metrics_port=0)
+    running = await start(tiny_config(), metrics_port=0)
     await _metrics_text(running.metrics_port)
     # Execute
     running.task.cancel()
@@ -578,20 +572,20 @@ async def test_cancelled_coordinator_releases_its_ports(start) -> None:
     assert not (running.out_dir / "coordinator.json").exists()
     with pytest.raises(OSError):
         await _metrics_text(running.metrics_port)
-    stale = await _rpc_error(_join(running, _config(), 0))
+    stale = await _rpc_error(_join(running, tiny_config(), 0))
     assert stale.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_metrics_port_in_use_is_a_clear_error(start, tmp_path: Path) -> None:
-    running = await start(_config(), metrics_port=0)
+    running = await start(tiny_config(), metrics_port=0)
     with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{running.metrics_port}"):
-        await start(_config(), out_dir=tmp_path / "second", metrics_port=running.metrics_port)
+        await start(tiny_config(), out_dir=tmp_path / "second", metrics_port=running.metrics_port)
 
 
 # --- submissions ------------------------------------------------------------------------------------
 async def test_bad_submissions_are_rejected_counted_and_change_nothing(start, tmp_path: Path) -> None:
     # Prepare: 3 honest workers driven by hand over two rounds.
-    config = _config(num_honest=3, rounds=2)
+    config = tiny_config(num_honest=3, rounds=2)
     running = await start(config, metrics_port=0, chunk_bytes=1024)
     replies = [await _join(running, config, i) for i in range(3)]
     d = replies[0].num_parameters
@@ -679,7 +673,7 @@ async def test_bad_submissions_are_rejected_counted_and_change_nothing(start, tm
 
 async def test_metrics_page_has_every_metric_and_no_worker_id(start) -> None:
     # Prepare: one closed round with 2 honest + 1 Byzantine vector, so every series has a value.
-    config = _config(num_honest=2, num_byzantine=1, attack="sign_flip", rounds=3)
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="sign_flip", rounds=3)
     running = await start(config, metrics_port=0)
     endpoint = json.loads((running.out_dir / "coordinator.json").read_text())
     assert endpoint["metrics_port"] == running.metrics_port and running.metrics_port > 0
@@ -731,7 +725,7 @@ async def test_metrics_page_has_every_metric_and_no_worker_id(start) -> None:
 # --- stopping --------------------------------------------------------------------------------------
 async def test_sigterm_stops_without_aggregating_the_open_round_and_resume_finishes_it(start, tmp_path: Path) -> None:
     # Prepare: round 0 complete, round 1 with one of three vectors in when SIGTERM arrives.
-    config = _config(num_honest=3, rounds=2)
+    config = tiny_config(num_honest=3, rounds=2)
     out = tmp_path / "stopped"
     running = await start(config, out_dir=out)
     d, followers = await _join_and_follow(running, config)

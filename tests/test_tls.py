@@ -30,26 +30,23 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from arcsim import cli
 
 from arcsim.transport import certs, wire
-from arcsim.transport.auth import bearer, worker_token
 from arcsim.transport.certs import CertFiles, channel_credentials, make_certs, server_credentials
-from arcsim.config import RunConfig, from_dict
+from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.engine.inproc import run_inproc
 from arcsim.coordinator.service import CoordinatorSettings, serve
 from arcsim.workers.service import WorkerSettings, run_worker
 
+from conftest import TEST_SECRET, auth, tiny_config, token
+
 torch.set_num_threads(1)
 
-SECRET = "test-secret"
 TLS_ENVS = (certs.SERVER_CERT_ENV, certs.SERVER_KEY_ENV, certs.CLIENT_CA_ENV, certs.CA_ENV, certs.CLIENT_CERT_ENV,
             certs.CLIENT_KEY_ENV, certs.SERVER_NAME_ENV, "ARCSIM_HEALTH_ADDRESS")
 
 
 def _config(**changes: Any) -> RunConfig:
-    base = {"task": "synthetic", "model": "logreg", "partitioner": "iid", "num_honest": 2, "num_byzantine": 0,
-            "attack": "none", "pipeline": "arc > nnm > cwtm", "rounds": 2, "eval_every": 1, "batch_size": 16,
-            "round_deadline": 60.0}
-    return from_dict({**base, **changes})
+    return tiny_config(**{"num_honest": 2, **changes})
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +87,7 @@ async def _serving(config: RunConfig, out_dir: Path, credentials: grpc.ServerCre
                    host: str = "127.0.0.1") -> AsyncIterator[Running]:
     """A coordinator on a free loopback port, stopped on the way out."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out_dir, secret=SECRET, host=host,
+    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out_dir, secret=TEST_SECRET, host=host,
                                                          port=0, server_credentials=credentials)))
     endpoint = out_dir / "coordinator.json"
     try:
@@ -108,7 +105,7 @@ async def _serving(config: RunConfig, out_dir: Path, credentials: grpc.ServerCre
 def _worker(running: Running, config: RunConfig, worker_id: int, credentials: grpc.ChannelCredentials | None,
             **changes: Any) -> WorkerSettings:
     return WorkerSettings(**{"coordinator": running.address, "worker_id": worker_id, "device": "cpu",
-                             "token": worker_token(SECRET, "honest", worker_id), "max_retry_seconds": 10,
+                             "token": token(worker_id), "max_retry_seconds": 10,
                              "channel_credentials": credentials, **changes})
 
 
@@ -121,7 +118,7 @@ async def _join(address: str, credentials: grpc.ChannelCredentials | None, *,
     async with channel:
         try:
             await wire.CoordinatorStub(channel).Join(pb.JoinRequest(worker_id=0, role=pb.HONEST),
-                                                     metadata=bearer(worker_token(SECRET, "honest", 0)), timeout=10)
+                                                     metadata=auth(0), timeout=10)
         except grpc.aio.AioRpcError as error:
             return error.code()
     return grpc.StatusCode.OK
@@ -325,7 +322,7 @@ def test_credentials_refuse_an_encrypted_key_and_an_expired_certificate(pki: Cer
 ])
 def test_cli_rejects_mismatched_tls_options_in_one_line(argv: list[str], message: str, monkeypatch, capsys) -> None:
     # Prepare: credentials for the worker commands, so only the TLS options are wrong
-    monkeypatch.setenv("ARCSIM_SECRET", SECRET)
+    monkeypatch.setenv("ARCSIM_SECRET", TEST_SECRET)
     if argv[0] == "coordinator":
         argv = [*argv, "--config", "configs/default.yaml", "--out", "unused"]
     elif argv[0] != "health":

@@ -23,10 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from arcsim.adversaries.service import AdversaryParticipant, run_adversaries
 from arcsim.coordinator.service import Coordinator
 from arcsim.transport import codec
-from test_service import (_config, _md, _metrics_text, _records, _rpc_error, _sample, _worker_settings,  # noqa: F401
+from test_service import (_md, _metrics_text, _records, _rpc_error, _sample, _worker_settings,  # noqa: F401
                           start)
 from arcsim.workers.metrics import REFUSAL_REASONS, WorkerMetrics
 from arcsim.workers.service import HonestParticipant, Session, WorkerSettings, call_timeout, run_worker
+
+from conftest import tiny_config
 
 torch.set_num_threads(1)
 
@@ -89,7 +91,7 @@ async def test_a_worker_and_an_adversary_serve_their_metrics_while_they_follow_t
     # Prepare: the adversary sends NaN vectors, which the coordinator refuses (INVALID_ARGUMENT); the
     # honest worker holds round 2 until the pages are read. The adversary process serves on the port its
     # settings name (as `arcsim adversary --metrics-port` does), the worker on any free port.
-    config = _config(num_honest=2, num_byzantine=1, attack="nan", pipeline="mean", rounds=3, eval_every=3)
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="nan", pipeline="mean", rounds=3, eval_every=3)
     running = await start(config)
     honest = Gated(hold=2)
     worker = Session(WorkerSettings(**{**vars(_worker_settings(running, config, 0)), "metrics_port": 0}), honest)
@@ -133,7 +135,7 @@ async def test_a_worker_and_an_adversary_serve_their_metrics_while_they_follow_t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 async def test_a_worker_on_cuda_reports_its_device_and_the_memory_its_tensors_hold(start) -> None:
     # Prepare
-    config = _config(num_honest=1, rounds=2, eval_every=2, pipeline="mean")
+    config = tiny_config(num_honest=1, rounds=2, eval_every=2, pipeline="mean")
     running = await start(config)
     honest = Gated(hold=1)
     settings = {**vars(_worker_settings(running, config, 0)), "device": "cuda", "metrics_port": 0}
@@ -189,7 +191,7 @@ async def test_calls_the_coordinator_never_answers_end_at_the_rounds_deadline_an
     # first observation (the adversary's, round 0) without ever answering them, as a coordinator
     # that hangs would. Both calls must end soon after round 0's deadline, not hold the services.
     calls = _stall_first(monkeypatch, "SubmitGradient", "Observe")
-    config = _config(num_honest=2, num_byzantine=1, attack="alie", rounds=2, eval_every=2, round_deadline=3.0)
+    config = tiny_config(num_honest=2, num_byzantine=1, attack="alie", rounds=2, eval_every=2, round_deadline=3.0)
     running = await start(config)
     settings = functools.partial(_short_margin, running, config)
     sessions = [Session(settings(0), HonestParticipant()), Session(settings(1), HonestParticipant()),
@@ -213,7 +215,7 @@ async def test_a_submission_refused_while_an_earlier_one_is_in_flight_costs_the_
     # Prepare: while worker 0 computes round 0, a stream of its own identity (as one left over from
     # before a reconnect) holds its one submission slot; the coordinator refuses the worker's submission
     # as concurrent, and ends the leftover stream at the round's deadline.
-    config = _config(num_honest=2, rounds=2, eval_every=2, round_deadline=3.0)
+    config = tiny_config(num_honest=2, rounds=2, eval_every=2, round_deadline=3.0)
     running = await start(config)
     gated = Gated(hold=0)
     worker = Session(_worker_settings(running, config, 0), gated)
@@ -248,7 +250,7 @@ async def test_a_momentum_fetch_the_coordinator_never_answers_ends_and_the_worke
         start, monkeypatch) -> None:
     # Prepare: the first FetchMomentum (one worker's, as round 0 opens) is never answered.
     calls = _stall_first(monkeypatch, "FetchMomentum")
-    config = _config(num_honest=2, rounds=2, eval_every=2, round_deadline=4.0)
+    config = tiny_config(num_honest=2, rounds=2, eval_every=2, round_deadline=4.0)
     running = await start(config)
     settings = functools.partial(_short_margin, running, config)
     # Execute
