@@ -41,6 +41,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from conftest import tiny_values
+
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "compose.yaml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -514,9 +516,8 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
     """``arcsim run`` (grpc engine: coordinator, 2 honest workers, 1 adversary) with /metrics on a free
     port, long enough to outlive the tests; stopped with SIGTERM at the end."""
     root = tmp_path_factory.mktemp("live")
-    config = {"task": "synthetic", "model": "mlp", "num_honest": 2, "num_byzantine": 1, "attack": "sign_flip",
-              "pipeline": "arc > nnm > cwtm", "partitioner": "iid", "rounds": 100_000, "eval_every": 2,
-              "round_deadline": 30}
+    config = tiny_values(model="mlp", num_honest=2, num_byzantine=1, attack="sign_flip", rounds=100_000,
+                         eval_every=2, batch_size=25, round_deadline=30)
     (root / "live.yaml").write_text(yaml.safe_dump(config))
     out = root / "run"
     proc = subprocess.Popen([sys.executable, "-m", "arcsim", "run", str(root / "live.yaml"), "--out", str(out),

@@ -47,7 +47,7 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV, worker_token
+from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV
 from arcsim.config import from_dict, load_config
 from arcsim.launcher import PARENT_ENV
 from arcsim.engine.inproc import run_inproc
@@ -55,19 +55,18 @@ from arcsim.coordinator.service import CoordinatorSettings, serve
 from arcsim.workers.service import WorkerSettings, run_worker
 
 import netns
+from conftest import TEST_SECRET, tiny_values, token
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-SECRET = "faults-test-secret"
 STARTUP = 180.0  # seconds a service may take to start (imports torch; slow on a loaded 2-core machine)
 DEADLINE = 2.0  # round_deadline of the runs where a worker goes missing
 HUB_PORT = 50051  # the coordinator's port inside the hub namespace (a private network: nothing else there)
 
 # Rounds of a few milliseconds while every worker answers; enough of them that a fault injected after
 # the first few rounds always lands in the middle of the run.
-BASE = {"task": "synthetic", "model": "mlp", "partitioner": "iid", "num_byzantine": 0, "attack": "none",
-        "pipeline": "arc > nnm > cwtm", "rounds": 100, "eval_every": 50, "batch_size": 16}
+BASE = tiny_values(model="mlp", rounds=100, eval_every=50)
 MISSING_WORKER = {**BASE, "num_honest": 3, "round_deadline": DEADLINE}
 # Every vector always arrives (the deadline is only a safety net), so the result must not depend on the crash.
 COORDINATOR_CRASH = {**BASE, "num_honest": 2, "round_deadline": 60.0}
@@ -104,13 +103,13 @@ class Services:
                     ) -> subprocess.Popen:
         # Round 0 waits for every worker however slowly it starts, so no round goes without one by accident.
         return self.start(name, ["coordinator", "--config", str(config), "--out", str(out),
-                                 "--join-timeout", str(2 * STARTUP), *extra], env={SECRET_ENV: SECRET}, prefix=prefix)
+                                 "--join-timeout", str(2 * STARTUP), *extra], env={SECRET_ENV: TEST_SECRET}, prefix=prefix)
 
     def worker(self, name: str, worker_id: int, address: str, *, prefix: list[str] | None = None
                ) -> subprocess.Popen:
         return self.start(name, ["worker", "--coordinator", address, "--worker-id", str(worker_id),
                                  "--device", "cpu", "--max-retry-seconds", "120"],
-                          env={TOKEN_ENV: worker_token(SECRET, "honest", worker_id)}, prefix=prefix)
+                          env={TOKEN_ENV: token(worker_id)}, prefix=prefix)
 
     def report(self, lines: int = 12) -> str:
         """Exit status and the last lines of every service's log."""
@@ -428,7 +427,7 @@ async def test_a_worker_gets_a_fresh_retry_budget_for_each_outage(tmp_path: Path
                         "round_deadline": 60.0})
     out = tmp_path / "out"
     out.mkdir()
-    coordinator = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out, secret=SECRET)))
+    coordinator = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET)))
     relay = Relay(0)
     worker: asyncio.Task | None = None
     try:
@@ -441,7 +440,7 @@ async def test_a_worker_gets_a_fresh_retry_budget_for_each_outage(tmp_path: Path
         relay.upstream_port = json.loads((out / "coordinator.json").read_text())["port"]
         await relay.restore()
         worker = asyncio.create_task(run_worker(WorkerSettings(
-            coordinator=f"127.0.0.1:{relay.port}", worker_id=0, token=worker_token(SECRET, "honest", 0),
+            coordinator=f"127.0.0.1:{relay.port}", worker_id=0, token=token(0),
             device="cpu", max_retry_seconds=2.0)))
         # Execute: 4 outages of 0.8 s, 5 rounds apart. Each is well within the budget; together they are
         # not: the worker sleeps about 0.2 + 0.4 + 0.8 s (backoff with jitter) before it is back each time.

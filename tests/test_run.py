@@ -33,14 +33,15 @@ from arcsim.cli import main
 from arcsim.config import load_config
 from arcsim.engine.inproc import run_inproc
 
+from conftest import tiny_values
+
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SUMMARY_KEYS = {"config", "rounds_completed", "final_accuracy", "max_accuracy", "final_params_sha256", "wall_seconds"}
 
-BASE = {"task": "synthetic", "model": "mlp", "partitioner": "iid", "pipeline": "arc > nnm > cwtm",
-        "round_deadline": 30}
+BASE = tiny_values(model="mlp", batch_size=25, round_deadline=30)
 # A: label flipping (the Byzantine worker trains and keeps a momentum); the e2e and resume config.
 LABEL_FLIP = {**BASE, "num_honest": 2, "num_byzantine": 1, "attack": "label_flip", "rounds": 30, "eval_every": 10}
 # B: ALIE (the adversary observes the honest vectors each round).
