@@ -189,7 +189,7 @@ def sign_flip(honest: Tensor, *, num_byzantine: int) -> Tensor:
         b_j = -\mu = -\frac{1}{h} \sum_{i=1}^{h} x_i, \qquad j = 1, \dots, f
 
     Reference: Allen-Zhu, Ebrahimianghazani, Li and Alistarh, "Byzantine-resilient non-convex
-    stochastic gradient descent", ICLR 2021 (arXiv 2020); PAPER.md "SF".
+    stochastic gradient descent", ICLR 2021 (arXiv 2020); docs/paper.md, "The attacks".
 
     >>> sign_flip(torch.tensor([[1., 2.], [3., 4.], [5., 6.]]), num_byzantine=2)
     tensor([[-3., -4.],
@@ -270,7 +270,7 @@ def alie(
     :math:`h = 1`, see the module docstring) and :math:`\tau` is the attack factor;
     ``tau=None`` takes :math:`\tau = z_{\max}(n, f)` from ``alie_z_max``.
 
-    Sign convention: :math:`\mu + \tau\sigma`, as in PAPER.md and ByzFL's ``ALittleIsEnough``, so
+    Sign convention: :math:`\mu + \tau\sigma`, as in the paper (docs/paper.md) and ByzFL's ``ALittleIsEnough``, so
     that :math:`\tau` means the same here as in the reference code. Baruch et al. write the shift
     as :math:`\mu - z\sigma`; that is ``tau=-z``. The two are mirror images around
     :math:`\mu` and, for a coordinate-wise rule, neither is stronger a priori; the optimal
@@ -602,7 +602,7 @@ def optimal_alie_tau(
     neighbour on the open side). Ties go to the smallest :math:`\tau`. ``num_workers`` is only
     checked (:math:`n \ge h + f`), for a signature that matches ``alie``.
 
-    Reference: the "optimal" ALIE/FOE of PAPER.md (Allouah et al., arXiv:2405.14432, whose
+    Reference: the "optimal" ALIE/FOE of the paper (docs/paper.md; Allouah et al., arXiv:2405.14432, whose
     experiments use ByzFL). ByzFL's ``LineMaximize`` explores upwards from 0 with growing then
     shrinking steps; this is a plain grid plus optional refinement, so the chosen factor is
     easy to reproduce and to reason about.
@@ -751,7 +751,7 @@ def label_flip(labels: Tensor, *, num_classes: int) -> Tensor:
     where :math:`K` is ``num_classes`` and :math:`y \in \{0, \dots, K-1\}` (for 10 classes,
     :math:`9 - y`). The result has ``labels``' dtype and device.
 
-    Reference: the LF attack of Allouah et al., arXiv:2405.14432 (PAPER.md "LF"), trained on
+    Reference: the LF attack of Allouah et al., arXiv:2405.14432 (docs/paper.md, "LF"), trained on
     :math:`9 - y` for the 10-class datasets.
 
     >>> label_flip(torch.tensor([0, 3, 9]), num_classes=10)

@@ -84,7 +84,7 @@ def test_pipeline_normalises_its_spec():
 
 
 def test_paper_example_through_the_paper_pipeline():
-    # Prepare: ARC (f = 1) clips [7, 8, 9] to [4.4100, 5.0400, 5.6701] (PAPER.md). NNM (2 nearest):
+    # Prepare: ARC (f = 1) clips [7, 8, 9] to [4.4100, 5.0400, 5.6701] (docs/paper.md). NNM (2 nearest):
     # squared distances a-b 27, b-c' ~ 0.28, a-c' ~ 28.0: a -> {a, b}; b -> {b, c'}; c' -> {c', b}.
     # CWTM (f = 1, n = 3) keeps the middle value of each coordinate.
     x = paper_example()

@@ -6,7 +6,7 @@ theta_t, and updates its Polyak momentum
 
 .. math:: m_i \\leftarrow \\beta m_i + (1 - \\beta) g_i, \\qquad m_i = 0 \\text{ before round } 0,
 
-which is the vector it sends (Robust D-SGD, PAPER.md). The service (arcsim/workers/service.py) and the
+which is the vector it sends (Robust D-SGD, docs/paper.md). The service (arcsim/workers/service.py) and the
 in-process engine (arcsim/engine/inproc.py) both use this class, so they compute the same bits.
 """
 

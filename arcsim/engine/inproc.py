@@ -82,9 +82,8 @@ def reuse_freed_memory(*, mmap_threshold: int = 32 << 20, trim_threshold: int = 
     for the paper's CNN with 10 + 3 workers) and the pipeline's and the attack's intermediates. glibc
     serves blocks that large with ``mmap`` and unmaps them when freed, so each round pays page faults
     and the zeroing of fresh pages again. With ``M_MMAP_THRESHOLD`` = 32 MiB (glibc's largest default
-    threshold) and ``M_TRIM_THRESHOLD`` = 256 MiB they come from the heap and are reused: the CPU time
-    of a round of configs/default.yaml fell from about 230 to 180 ms (benchmarks/inproc.py,
-    docs/benchmarks.md). Only where the memory comes from changes, never a computed bit (torch aligns
+    threshold) and ``M_TRIM_THRESHOLD`` = 256 MiB they come from the heap and are reused, and a round
+    of configs/default.yaml costs less CPU time (docs/benchmarks.md, "In-process engine"). Only where the memory comes from changes, never a computed bit (torch aligns
     its buffers itself). Returns False, changing nothing, where the C library is not glibc.
 
     >>> reuse_freed_memory() in (True, False)

@@ -64,7 +64,7 @@ def arc(x: Tensor, *, f: int) -> Tensor:
     Reference: Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Boosting Robustness by Clipping
     Gradients in Distributed Learning", arXiv:2405.14432.
 
-    Example (PAPER.md): f = 1, n = 3 gives k = 1 and C = ||[4, 5, 6]||; only the last row changes.
+    Example (docs/paper.md): f = 1, n = 3 gives k = 1 and C = ||[4, 5, 6]||; only the last row changes.
 
     >>> import torch
     >>> arc(torch.tensor([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]]), f=1)
