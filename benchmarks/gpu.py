@@ -23,7 +23,7 @@ from arcsim.config import load_config
 from arcsim.robust import build_pipeline
 from arcsim.tasks import load_dataset
 from arcsim.engine.inproc import run_inproc
-from arcsim.engine.honest import BatchedWorkers, GradientWorker, shards
+from arcsim.engine.honest import BatchedWorkers, HonestWorker, shards
 
 RESULTS: list[dict] = []
 
@@ -63,7 +63,7 @@ def workers(device: torch.device, config_path: str) -> None:
     config = load_config(config_path)
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
     shard_list = shards(config, dataset)
-    make = lambda: [GradientWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)  # noqa: E731
+    make = lambda: [HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)  # noqa: E731
                     for i in range(config.num_honest)]
     looped, batched = make(), BatchedWorkers(make())
     params = torch.nn.utils.parameters_to_vector(looped[0].model.parameters()).detach().cpu()

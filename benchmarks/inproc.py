@@ -11,7 +11,7 @@ rounds, one round of each floor, so the measurements interleave: engine, floors,
 - **floor, bare**: the least work that gives the same bits: one model, the parameters loaded once, for each
   of the 10 honest workers its batch, ``forward``/``backward``, the flat gradient and the momentum update;
   then the ALIE craft, the same pipeline called directly, and the SGD step.
-- **floor, steps**: the same with the engine's own worker objects: 10 ``GradientWorker.step`` calls and a
+- **floor, steps**: the same with the engine's own worker objects: 10 ``HonestWorker.step`` calls and a
   ``Crafter``, then the pipeline and the SGD step.
 
 Both floors start from the engine's parameters and momenta after round 0 and compute round t + 1 ahead of the
@@ -70,7 +70,7 @@ from arcsim.tasks import load_dataset  # noqa: E402
 from arcsim.engine import checkpoint  # noqa: E402
 from arcsim.engine.inproc import run_inproc  # noqa: E402
 from arcsim.engine.rounds import RoundRecord, RunState  # noqa: E402
-from arcsim.engine.honest import GradientWorker, build_task_model, shards  # noqa: E402
+from arcsim.engine.honest import HonestWorker, build_task_model, shards  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 TARGET_RATIO = 1.15
@@ -94,11 +94,11 @@ class BareFloor:
         self.model = build_task_model(config, dataset)
         self.params_list = list(self.model.parameters())
         self.pipeline = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
-        self.momenta: list[torch.Tensor] = []
+        self.last_vectors: list[torch.Tensor] = []
         self.parts: dict[str, list[float]] = {}  # seconds of each part of each round
 
     def start(self, momenta: dict[int, torch.Tensor]) -> None:
-        self.momenta = [momenta[i].clone() for i in range(self.config.num_honest)]
+        self.last_vectors = [momenta[i].clone() for i in range(self.config.num_honest)]
 
     def _part(self, name: str, since: float) -> float:
         now = time.perf_counter()
@@ -118,9 +118,9 @@ class BareFloor:
                 p.grad = None
             F.nll_loss(self.model(self.xs[i][batch]), self.ys[i][batch]).backward()
             grad = torch.cat([p.grad.reshape(-1) for p in self.params_list])
-            self.momenta[i].mul_(beta).add_(grad, alpha=1.0 - beta)
+            self.last_vectors[i].mul_(beta).add_(grad, alpha=1.0 - beta)
         start = self._part("10 x (batch, forward, backward, flat gradient, momentum)", start)
-        honest = torch.stack(self.momenta)
+        honest = torch.stack(self.last_vectors)
         byz = craft(config.attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
                     aggregate=lambda x: self.pipeline(x)[0], generator=generator(config.seed, "attack", t),
                     **config.attack_params)
@@ -135,13 +135,13 @@ class BareFloor:
 
 
 class StepsFloor:
-    """One round with the engine's worker objects: GradientWorker.step x h, a Crafter, the pipeline, SGD step."""
+    """One round with the engine's worker objects: HonestWorker.step x h, a Crafter, the pipeline, SGD step."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
         shard_list = shards(config, dataset)
-        self.workers = [GradientWorker(config, i, dataset=dataset, shard_list=shard_list)
+        self.workers = [HonestWorker(config, i, dataset=dataset, shard_list=shard_list)
                         for i in range(config.num_honest)]
         self.crafter = Crafter(config)
         self.pipeline = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
@@ -195,7 +195,7 @@ def time_components(state: RunState, folder: Path, out: dict[str, list[float]],
                     save: Callable[..., Any] = checkpoint.save) -> None:
     """Seconds of the engine's own work besides the floor's, on this round's tensors (same process)."""
     h = state.config.num_honest
-    vectors = [state.momenta[i] for i in sorted(state.momenta)]
+    vectors = [state.last_vectors[i] for i in sorted(state.last_vectors)]
     x = torch.stack(vectors)
 
     def clock(name: str, fn: Callable[[], Any]) -> None:
@@ -203,8 +203,8 @@ def time_components(state: RunState, folder: Path, out: dict[str, list[float]],
         fn()
         out.setdefault(name, []).append(time.perf_counter() - start)
 
-    values = {"round": state.round, "momentum_ids": sorted(state.momenta)}
-    tensors = {"params": state.params, **{f"momentum/{i}": m for i, m in sorted(state.momenta.items())}}
+    values = {"round": state.round, "momentum_ids": sorted(state.last_vectors)}
+    tensors = {"params": state.params, **{f"momentum/{i}": m for i, m in sorted(state.last_vectors.items())}}
     clock("checkpoint.save (24 MB: CRC-32, write, fsync)", lambda: save(folder, "c.safetensors", values, tensors))
     clock("finite test, isfinite(v).all() x n", lambda: [bool(torch.isfinite(v).all()) for v in vectors])
     clock("finite test, isfinite(v.sum()) x n", lambda: [bool(torch.isfinite(v.sum())) for v in vectors])
@@ -235,15 +235,15 @@ def bench_engine(config_path: Path, *, rounds: int, warmup: int, checkpoint_seco
     mismatches: list[str] = []
     expected: dict[str, torch.Tensor] = {}
     last_end = [0.0]
-    timers = [Timed(RunState, "close_round"), Timed(checkpoint, "save"), Timed(GradientWorker, "step")]
+    timers = [Timed(RunState, "close_round"), Timed(checkpoint, "save"), Timed(HonestWorker, "step")]
 
     def on_round(state: RunState, record: RoundRecord) -> None:
         begin = time.perf_counter()
         begin_cpu = time.process_time()
         t = record.round
         if t == 0:
-            bare.start(state.momenta)
-            steps.start(state.momenta)
+            bare.start(state.last_vectors)
+            steps.start(state.last_vectors)
         else:
             for name, predicted in expected.items():
                 if not torch.equal(predicted, state.params):

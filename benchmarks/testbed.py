@@ -408,7 +408,7 @@ async def _arcsim_client(address: str, *, worker_id: int, secret: str, num_hones
                     await barrier.wait()
                     clock.mark_released(item.round)
                 await stub.SubmitGradient(
-                    wire.gradient_stream(vector, round=item.round, worker_id=worker_id,
+                    wire.vector_stream(vector, round=item.round, worker_id=worker_id,
                                           chunk_bytes=reply.chunk_bytes, train_loss=0.0),
                     metadata=metadata)
                 clock.mark_uploaded(item.round)

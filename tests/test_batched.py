@@ -8,13 +8,13 @@ import torch
 from arcsim.config import from_dict
 from arcsim.tasks import load_dataset
 from arcsim.engine.inproc import run_inproc
-from arcsim.engine.honest import BatchedWorkers, GradientWorker, shards
+from arcsim.engine.honest import BatchedWorkers, HonestWorker, shards
 
 
 def _workers(config):
     dataset = load_dataset(config.task, seed=config.seed)
     shard_list = shards(config, dataset)
-    return [GradientWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(config.num_honest)]
+    return [HonestWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(config.num_honest)]
 
 
 @pytest.mark.parametrize("model", ["mlp", "logreg"])
@@ -45,8 +45,8 @@ def test_vmap_gradients_match_the_loop_for_the_cnn() -> None:
     config = from_dict({"task": "fashion-mnist", "model": "cnn", "num_honest": 3, "num_byzantine": 0,
                         "attack": "none", "partitioner": "extreme"})
     shard_list = shards(config, dataset)
-    looped = [GradientWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(3)]
-    batched = BatchedWorkers([GradientWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(3)])
+    looped = [HonestWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(3)]
+    batched = BatchedWorkers([HonestWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(3)])
     params = torch.nn.utils.parameters_to_vector(looped[0].model.parameters()).detach().clone()
     # Execute
     expected = [w.step(params, 0) for w in looped]

@@ -19,7 +19,7 @@ from arcsim.adversaries.service import Collusion
 from arcsim.attacks import ATTACKS, craft
 from arcsim.config import RunConfig, from_dict
 from arcsim.engine.byzantine import ByzantineWorker, Crafter
-from arcsim.engine.honest import GradientWorker, build_task_model, shards
+from arcsim.engine.honest import HonestWorker, build_task_model, shards
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
@@ -122,7 +122,7 @@ def test_a_data_attack_plugin_is_a_label_map_the_worker_trains_on(tmp_path: Path
 def test_label_flip_differs_from_the_honest_worker_of_the_same_shard() -> None:
     config = _config(num_honest=4, num_byzantine=1, attack="label_flip")
     params = _params(config)
-    honest = GradientWorker(config, 0).step(params, 0)
+    honest = HonestWorker(config, 0).step(params, 0)
     byzantine = ByzantineWorker(config, 4).vector(params=params, round_=0, honest=None)
     assert not torch.allclose(honest, byzantine)
 

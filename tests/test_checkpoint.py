@@ -220,8 +220,8 @@ def test_resume_uses_the_last_good_checkpoint_and_ends_as_uninterrupted(tmp_path
     # Assert
     assert resumed.round == 4
     assert params_sha256(resumed.params) == params_sha256(reference.params)
-    assert resumed.momenta.keys() == reference.momenta.keys()
-    assert all(torch.equal(resumed.momenta[i], reference.momenta[i]) for i in reference.momenta)
+    assert resumed.last_vectors.keys() == reference.last_vectors.keys()
+    assert all(torch.equal(resumed.last_vectors[i], reference.last_vectors[i]) for i in reference.last_vectors)
 
 
 def test_resume_from_a_folder_of_old_format_checkpoints_is_one_clear_error(tmp_path: Path) -> None:

@@ -263,9 +263,9 @@ def test_property_message_round_trip_with_random_chunk_sizes(
     before = t.clone()
 
     # Execute
-    wire = [m.SerializeToString() for m in codec.gradient_chunks(t, round=seed, worker_id=3, chunk_bytes=chunk_bytes)]
+    wire = [m.SerializeToString() for m in codec.vector_chunks(t, round=seed, worker_id=3, chunk_bytes=chunk_bytes)]
     messages = (pb.GradientChunk.FromString(w) for w in wire)
-    got = codec.assemble_gradient(messages, max_bytes=1 << 20, require_finite=False)
+    got = codec.assemble_vector(messages, max_bytes=1 << 20, require_finite=False)
 
     # Assert
     assert (got.round, got.worker_id, got.vector.shape, got.vector.dtype) == (seed, 3, t.shape, t.dtype)
@@ -419,12 +419,12 @@ def test_finish_rejects_non_finite_values(dtype_name: str, bad: float, position:
 # SubmitGradient messages
 
 
-def test_gradient_chunks_put_round_worker_and_header_in_the_first_message_only() -> None:
+def test_vector_chunks_put_round_worker_and_header_in_the_first_message_only() -> None:
     # Prepare
     t = torch.arange(10, dtype=torch.float32)
 
     # Execute
-    messages = list(codec.gradient_chunks(t, round=12, worker_id=4, chunk_bytes=16))
+    messages = list(codec.vector_chunks(t, round=12, worker_id=4, chunk_bytes=16))
 
     # Assert
     assert [len(m.data) for m in messages] == [16, 16, 8]
@@ -433,24 +433,24 @@ def test_gradient_chunks_put_round_worker_and_header_in_the_first_message_only()
     assert all(m == pb.GradientChunk(data=m.data) for m in messages[1:])
 
 
-def test_gradient_chunks_of_an_empty_tensor_is_one_header_message() -> None:
+def test_vector_chunks_of_an_empty_tensor_is_one_header_message() -> None:
     # Execute
-    messages = list(codec.gradient_chunks(torch.empty(0), round=1, worker_id=0))
+    messages = list(codec.vector_chunks(torch.empty(0), round=1, worker_id=0))
 
     # Assert
     assert len(messages) == 1 and messages[0].HasField("header") and messages[0].data == b""
 
 
-def test_gradient_chunks_rejects_a_non_positive_chunk_size() -> None:
+def test_vector_chunks_rejects_a_non_positive_chunk_size() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="chunk_bytes must be >= 1, got -5"):
-        list(codec.gradient_chunks(torch.ones(1), round=0, worker_id=0, chunk_bytes=-5))
+        list(codec.vector_chunks(torch.ones(1), round=0, worker_id=0, chunk_bytes=-5))
 
 
-def test_gradient_reader_exposes_round_and_worker_after_the_first_message() -> None:
+def test_vector_reader_exposes_round_and_worker_after_the_first_message() -> None:
     # Prepare
-    messages = codec.gradient_chunks(torch.ones(6), round=2, worker_id=5, chunk_bytes=8)
-    reader = codec.GradientReader(max_bytes=64, expected_shape=(6,), expected_dtype="float32")
+    messages = codec.vector_chunks(torch.ones(6), round=2, worker_id=5, chunk_bytes=8)
+    reader = codec.VectorReader(max_bytes=64, expected_shape=(6,), expected_dtype="float32")
 
     # Execute
     firsts = [reader.add(m) for m in messages]
@@ -461,15 +461,15 @@ def test_gradient_reader_exposes_round_and_worker_after_the_first_message() -> N
     assert torch.equal(reader.finish(), torch.ones(6))
 
 
-def test_gradient_reader_rejects_negative_max_bytes() -> None:
+def test_vector_reader_rejects_negative_max_bytes() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="max_bytes must be >= 0, got -3"):
-        codec.GradientReader(max_bytes=-3)
+        codec.VectorReader(max_bytes=-3)
 
 
-def test_gradient_reader_rejects_a_first_message_without_header() -> None:
+def test_vector_reader_rejects_a_first_message_without_header() -> None:
     # Prepare
-    reader = codec.GradientReader(max_bytes=64)
+    reader = codec.VectorReader(max_bytes=64)
 
     # Execute / Assert
     with pytest.raises(CodecError, match="first GradientChunk") as err:
@@ -477,31 +477,31 @@ def test_gradient_reader_rejects_a_first_message_without_header() -> None:
     assert err.value.reason == "missing_header"
 
 
-def test_gradient_reader_rejects_an_empty_stream() -> None:
+def test_vector_reader_rejects_an_empty_stream() -> None:
     # Execute / Assert
     with pytest.raises(CodecError, match="carried no message") as err:
-        codec.assemble_gradient([], max_bytes=64)
+        codec.assemble_vector([], max_bytes=64)
     assert err.value.reason == "missing_header"
 
 
-def test_gradient_reader_rejects_a_header_on_a_later_message() -> None:
+def test_vector_reader_rejects_a_header_on_a_later_message() -> None:
     # Prepare
-    messages = list(codec.gradient_chunks(torch.ones(4), round=1, worker_id=1, chunk_bytes=8))
+    messages = list(codec.vector_chunks(torch.ones(4), round=1, worker_id=1, chunk_bytes=8))
     messages[1].header.CopyFrom(messages[0].header)
 
     # Execute / Assert
     with pytest.raises(CodecError, match="only the first GradientChunk") as err:
-        codec.assemble_gradient(messages, max_bytes=64)
+        codec.assemble_vector(messages, max_bytes=64)
     assert err.value.reason == "unexpected_header"
 
 
-def test_gradient_reader_reports_a_truncated_stream() -> None:
+def test_vector_reader_reports_a_truncated_stream() -> None:
     # Prepare
-    messages = list(codec.gradient_chunks(torch.ones(4), round=1, worker_id=1, chunk_bytes=8))
+    messages = list(codec.vector_chunks(torch.ones(4), round=1, worker_id=1, chunk_bytes=8))
 
     # Execute / Assert
     with pytest.raises(CodecError) as err:
-        codec.assemble_gradient(messages[:-1], max_bytes=64)
+        codec.assemble_vector(messages[:-1], max_bytes=64)
     assert err.value.reason == "truncated"
 
 

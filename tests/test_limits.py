@@ -158,13 +158,13 @@ async def test_a_submission_flood_from_one_byzantine_identity_stays_bounded(coor
     d, _streams = await _join_all(running, 4)
     honest = {i: torch.randn(d, generator=torch.Generator().manual_seed(i)) * 0.01 for i in range(3)}
     for i, v in honest.items():
-        reply = await running.stub.SubmitGradient(iter(codec.gradient_chunks(v, round=0, worker_id=i)),
+        reply = await running.stub.SubmitGradient(iter(codec.vector_chunks(v, round=0, worker_id=i)),
                                                   metadata=_md(i))
         assert reply.accepted
     streams_per_connection, connections = 10, 20
     flood = streams_per_connection * connections
     vector = torch.full((d,), 0.5)
-    messages = list(codec.gradient_chunks(vector, round=0, worker_id=BYZANTINE_ID, chunk_bytes=1 << 20))[:2]
+    messages = list(codec.vector_chunks(vector, round=0, worker_id=BYZANTINE_ID, chunk_bytes=1 << 20))[:2]
     channels = [grpc.aio.insecure_channel(running.address, options=grpc_options(64 << 20)) for _ in range(connections)]
     stall, stop = asyncio.Event(), asyncio.Event()
     baseline = _rss(running.process.pid)
@@ -328,7 +328,7 @@ async def _open_round(coordinator: Coordinator, stub: pb_grpc.CoordinatorStub, *
     await stub.Join(pb.JoinRequest(worker_id=0, role=pb.HONEST), metadata=_md(0, 2))
     coordinator._round = OpenRound(0, deadline)
     d = coordinator.state.num_parameters
-    return list(codec.gradient_chunks(torch.ones(d), round=0, worker_id=0, chunk_bytes=64))
+    return list(codec.vector_chunks(torch.ones(d), round=0, worker_id=0, chunk_bytes=64))
 
 
 async def test_a_second_concurrent_submission_is_refused_with_its_reason(served) -> None:

@@ -113,7 +113,7 @@ def _rejections(metrics_port: int) -> dict[str, float]:
 # --- the malformed streams -------------------------------------------------------------------------
 
 def _valid(vector: torch.Tensor, *, round_: int = 0, worker_id: int = TARGET) -> list[bytes]:
-    return list(wire.gradient_stream(vector, round=round_, worker_id=worker_id, chunk_bytes=CHUNK))
+    return list(wire.vector_stream(vector, round=round_, worker_id=worker_id, chunk_bytes=CHUNK))
 
 
 def _first(vector: torch.Tensor, **changes: Any) -> bytes:
@@ -279,7 +279,7 @@ def test_random_malformed_streams_are_refused_counted_and_change_nothing(tmp_pat
                 assert [next_round(i).round for i in range(3)] == [t] * 3
             for i in sorted(vectors, key=lambda i: i != TARGET):
                 vector = vectors[i]
-                reply = stub.SubmitGradient(codec.gradient_chunks(vector, round=t, worker_id=i, chunk_bytes=CHUNK),
+                reply = stub.SubmitGradient(codec.vector_chunks(vector, round=t, worker_id=i, chunk_bytes=CHUNK),
                                             metadata=_md(i), timeout=30)
                 assert reply.accepted
         summary = live.wait()

@@ -204,7 +204,7 @@ class _LoopbackServicer(pb_grpc.CoordinatorServicer):
         yield codec.run_end_event(rounds_completed=request.from_round + 1, reason="completed")
 
     async def SubmitGradient(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SubmitReply:  # noqa: N802
-        reader = codec.GradientReader(max_bytes=1 << 20, expected_shape=self.params.shape, expected_dtype="float32")
+        reader = codec.VectorReader(max_bytes=1 << 20, expected_shape=self.params.shape, expected_dtype="float32")
         try:
             async for message in request_iterator:
                 reader.add(message)
@@ -232,10 +232,10 @@ async def _loopback_exchange(
             round_reader = codec.RoundEventReader(max_bytes=1 << 20, expected_shape=(5000,))
             rounds = stub.Rounds(pb.RoundsRequest(worker_id=1, from_round=7))
             items = [item async for e in rounds if (item := round_reader.feed(e)) is not None]
-            ones = codec.gradient_chunks(torch.ones(5000), round=7, worker_id=1, chunk_bytes=999)
+            ones = codec.vector_chunks(torch.ones(5000), round=7, worker_id=1, chunk_bytes=999)
             reply = await stub.SubmitGradient(ones)
             try:
-                await stub.SubmitGradient(codec.gradient_chunks(torch.ones(4), round=7, worker_id=1))
+                await stub.SubmitGradient(codec.vector_chunks(torch.ones(4), round=7, worker_id=1))
                 raise AssertionError("a wrongly shaped vector was accepted")
             except grpc.aio.AioRpcError as err:
                 rejected = err

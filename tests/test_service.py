@@ -170,7 +170,7 @@ async def _submit(running: Running, config: RunConfig, vector: torch.Tensor, *, 
                   token_of: int | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                   mutate: Callable[[list[pb.GradientChunk]], list[pb.GradientChunk]] | None = None,
                   metadata: Any = None) -> pb.SubmitReply:
-    messages = list(codec.gradient_chunks(vector, round=round_, worker_id=worker_id, chunk_bytes=chunk_bytes))
+    messages = list(codec.vector_chunks(vector, round=round_, worker_id=worker_id, chunk_bytes=chunk_bytes))
     if mutate is not None:
         messages = mutate(messages)
     if metadata is None:
@@ -310,10 +310,10 @@ async def test_a_worker_whose_vector_came_too_late_takes_the_coordinators_moment
         def __init__(self) -> None:
             super().__init__()
             self.sent: dict[int, torch.Tensor] = {}
-            self.momenta: list[torch.Tensor | None] = []
+            self.last_vectors: list[torch.Tensor | None] = []
 
         def set_momentum(self, momentum: torch.Tensor | None) -> None:
-            self.momenta.append(None if momentum is None else momentum.clone())
+            self.last_vectors.append(None if momentum is None else momentum.clone())
             super().set_momentum(momentum)
 
         async def compute(self, stub, round_: int, params: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -333,8 +333,8 @@ async def test_a_worker_whose_vector_came_too_late_takes_the_coordinators_moment
     # which it took back from the coordinator (its round-0 vector) before computing round 2.
     assert clients == ["completed", "completed"]
     assert [r["received_honest"] for r in _records(running.out_dir)] == [2, 1, 2]
-    assert late.momenta[0] is None and len(late.momenta) == 2
-    assert torch.equal(late.momenta[1], late.sent[0])
+    assert late.last_vectors[0] is None and len(late.last_vectors) == 2
+    assert torch.equal(late.last_vectors[1], late.sent[0])
 
 
 async def test_metrics_linger_after_the_run_for_a_last_scrape(start) -> None:
@@ -641,7 +641,7 @@ async def test_bad_submissions_are_rejected_counted_and_change_nothing(start, tm
     # Bytes that are not a GradientChunk, first or in the middle of a stream (the raw method sends bytes as they are).
     raw_submit = running.channel.stream_unary("/arcsim.v1.Coordinator/SubmitGradient",
                                               response_deserializer=pb.SubmitReply.FromString)
-    header_message = next(codec.gradient_chunks(round_1[1], round=1, worker_id=1, chunk_bytes=1024)).SerializeToString()
+    header_message = next(codec.vector_chunks(round_1[1], round=1, worker_id=1, chunk_bytes=1024)).SerializeToString()
     garbage = [[b"\xff\xff\xff\xff"], [header_message, b"\x22\x05ab"], [b"\x08"]]
     for stream in garbage:
         error = await _rpc_error(raw_submit(iter(stream), metadata=_md(config, 1)))

@@ -28,28 +28,28 @@ def _tensor(numel: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("numel, chunk_bytes", [(0, 8), (1, 8), (5, 8), (1000, 1024), (300, 7), (40_000, 1 << 20)])
-def test_gradient_stream_parses_into_the_messages_of_gradient_chunks(numel: int, chunk_bytes: int) -> None:
+def test_vector_stream_parses_into_the_messages_of_vector_chunks(numel: int, chunk_bytes: int) -> None:
     t = _tensor(numel)
-    raw = list(wire.gradient_stream(t, round=7, worker_id=3, chunk_bytes=chunk_bytes, train_loss=0.25))
+    raw = list(wire.vector_stream(t, round=7, worker_id=3, chunk_bytes=chunk_bytes, train_loss=0.25))
     parsed = [pb.GradientChunk.FromString(b) for b in raw]
-    reference = list(codec.gradient_chunks(t, round=7, worker_id=3, chunk_bytes=chunk_bytes, train_loss=0.25))
+    reference = list(codec.vector_chunks(t, round=7, worker_id=3, chunk_bytes=chunk_bytes, train_loss=0.25))
     first = parsed[0]
     assert (first.round, first.worker_id, first.train_loss, first.data) == (7, 3, 0.25, b"")
     assert first.header == reference[0].header
     assert all(not m.HasField("header") and m.round == 0 for m in parsed[1:])
     assert b"".join(m.data for m in parsed) == b"".join(m.data for m in reference)
     assert all(0 < len(m.data) <= chunk_bytes for m in parsed[1:])
-    got = codec.assemble_gradient(parsed, max_bytes=numel * 4)
+    got = codec.assemble_vector(parsed, max_bytes=numel * 4)
     assert torch.equal(got.vector, t) and (got.round, got.worker_id) == (7, 3)
 
 
-def test_gradient_stream_bytes_do_not_alias_the_tensor() -> None:
+def test_vector_stream_bytes_do_not_alias_the_tensor() -> None:
     t = _tensor(100)
-    stream = wire.gradient_stream(t, round=0, worker_id=0, chunk_bytes=64)
+    stream = wire.vector_stream(t, round=0, worker_id=0, chunk_bytes=64)
     raw = [next(stream), next(stream)]  # the header and the first chunk: built before the change
     expected = t.clone()
     t.zero_()
-    got = bytes(wire.parse_gradient_chunk(raw[1]))
+    got = bytes(wire.parse_vector_chunk(raw[1]))
     assert got == codec.tensor_to_bytes(expected)[:64].tobytes()
 
 
@@ -76,15 +76,15 @@ def test_readers_take_the_fast_path_views_and_give_the_same_tensors(chunk_bytes:
     events = [wire.parse_observe_event(b) for b in wire.observe_stream(vectors, chunk_bytes=chunk_bytes)]
     got = codec.read_observe_events(events, max_bytes=4000)
     assert got.keys() == vectors.keys() and all(torch.equal(got[i], vectors[i]) for i in vectors)
-    messages = [wire.parse_gradient_chunk(b) for b in wire.gradient_stream(params, round=1, worker_id=0,
+    messages = [wire.parse_vector_chunk(b) for b in wire.vector_stream(params, round=1, worker_id=0,
                                                                            chunk_bytes=chunk_bytes)]
     assert isinstance(messages[0], pb.GradientChunk) and all(isinstance(m, memoryview) for m in messages[1:])
-    assert torch.equal(codec.assemble_gradient(messages, max_bytes=4000).vector, params)
+    assert torch.equal(codec.assemble_vector(messages, max_bytes=4000).vector, params)
 
 
 def test_a_data_view_first_is_a_missing_header_and_a_view_with_nothing_in_progress_is_unexpected() -> None:
     with pytest.raises(codec.CodecError) as caught:
-        codec.GradientReader(max_bytes=64).add(memoryview(b"abcd"))
+        codec.VectorReader(max_bytes=64).add(memoryview(b"abcd"))
     assert caught.value.reason == "missing_header"
     with pytest.raises(codec.CodecError) as caught:
         codec.RoundEventReader(max_bytes=64).feed(memoryview(b"abcd"))
@@ -99,7 +99,7 @@ def test_data_messages_in_other_forms_go_through_protobuf() -> None:
     with_round = pb.GradientChunk(round=3, data=b"xyz").SerializeToString()
     twice = b"\x22\x01a\x22\x01b"
     long_varint = b"\x22\x81\x00z"  # length 1 written in two bytes: still exactly one data field
-    parsed = [wire.parse_gradient_chunk(b) for b in (with_round, twice, long_varint)]
+    parsed = [wire.parse_vector_chunk(b) for b in (with_round, twice, long_varint)]
     assert isinstance(parsed[0], pb.GradientChunk) and parsed[0].round == 3 and parsed[0].data == b"xyz"
     assert isinstance(parsed[1], pb.GradientChunk) and parsed[1].data == b"b"
     assert isinstance(parsed[2], memoryview) and bytes(parsed[2]) == b"z"
@@ -109,7 +109,7 @@ def test_data_messages_in_other_forms_go_through_protobuf() -> None:
 
 def test_bytes_that_are_not_a_gradient_chunk_are_malformed_not_an_exception() -> None:
     for junk in (b"\xff\xff\xff\xff", b"\x22\x05ab", b"\x08", b"\x22\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"):
-        got = wire.parse_gradient_chunk(junk)
+        got = wire.parse_vector_chunk(junk)
         assert isinstance(got, wire.Malformed) and "not a GradientChunk" in got.error
     assert CODEC_STATUS[codec.CodecError("malformed", "not a GradientChunk").reason] == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -123,7 +123,7 @@ def test_bytes_that_are_not_a_gradient_chunk_are_malformed_not_an_exception() ->
     st.binary(max_size=20).map(lambda d: bytes((0x12, len(d) + 2, 0x0A, len(d))) + d),
 ))
 def test_readers_agree_with_protobuf_on_any_bytes(buf: bytes) -> None:
-    for parse, message_type in ((wire.parse_gradient_chunk, pb.GradientChunk),
+    for parse, message_type in ((wire.parse_vector_chunk, pb.GradientChunk),
                                 (wire.parse_round_event, pb.RoundEvent),
                                 (wire.parse_observe_event, pb.ObserveEvent)):
         try:
@@ -177,7 +177,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         return codec.round_events(params, round=0, deadline_unix_ms=0, chunk_bytes=100)
 
     async def SubmitGradient(self, request_iterator, context):
-        reader = codec.GradientReader(max_bytes=1 << 20)
+        reader = codec.VectorReader(max_bytes=1 << 20)
         async for message in request_iterator:
             reader.add(message)
         self.received.append(reader.finish())
@@ -220,9 +220,9 @@ async def test_wire_and_generated_bindings_interoperate(fast_server: bool, fast_
             assert [o.worker_id for o in observed] == [0, 1] and torch.equal(observed[1].vector, -params)
             vector = _tensor(777, 9)
             if fast_client:
-                request = wire.gradient_stream(vector, round=4, worker_id=1, chunk_bytes=100)
+                request = wire.vector_stream(vector, round=4, worker_id=1, chunk_bytes=100)
             else:
-                request = codec.gradient_chunks(vector, round=4, worker_id=1, chunk_bytes=100)
+                request = codec.vector_chunks(vector, round=4, worker_id=1, chunk_bytes=100)
             reply = await stub.SubmitGradient(request)
             assert reply.accepted and reply.round == 4 and torch.equal(servicer.received[0], vector)
     finally:

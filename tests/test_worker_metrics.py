@@ -221,7 +221,7 @@ async def test_a_submission_refused_while_an_earlier_one_is_in_flight_costs_the_
     worker = Session(_worker_settings(running, config, 0), gated)
     clients = asyncio.gather(worker.run(), run_worker(_worker_settings(running, config, 1)))
     await asyncio.wait_for(gated.reached.wait(), 60)
-    header = next(codec.gradient_chunks(torch.zeros(worker.num_parameters), round=0, worker_id=0))
+    header = next(codec.vector_chunks(torch.zeros(worker.num_parameters), round=0, worker_id=0))
     never = asyncio.Event()
 
     async def header_then_nothing():

@@ -55,7 +55,7 @@ REJECTION_REASONS = (
     "subscription_replaced",  # a Rounds/Observe stream superseded by a newer one of the same identity
 )
 
-# Norms of momentum vectors span many orders of magnitude (attacks send 1e6 or more).
+# Norms of the workers' vectors span many orders of magnitude (attacks send 1e6 or more).
 _NORM_BUCKETS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3, 1e4, 1e6, float("inf"))
 _ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, float("inf"))
 _STAGE_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf"))

@@ -244,7 +244,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         except Rejection as error:
             await error.abort(context)
         self.joined.add(worker_id)
-        momentum = self.state.momenta.get(worker_id)
+        momentum = self.state.last_vectors.get(worker_id)
         log.info(json.dumps({"event": "join", "worker_id": worker_id, "role": owner[0], "assigned": bool(token)}))
         return pb.JoinReply(run_id=self.run_id, config_yaml=self.config.to_yaml(),
                             num_parameters=self.state.num_parameters, current_round=self.state.round,
@@ -270,7 +270,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._check_worker(owner, request.worker_id)
         except Rejection as error:
             await error.abort(context)
-        momentum = self.state.momenta.get(request.worker_id)
+        momentum = self.state.last_vectors.get(request.worker_id)
         if momentum is not None:
             async with self._subscription("FetchMomentum", request.worker_id, context):
                 for event in wire.observe_stream({request.worker_id: momentum}, chunk_bytes=self.settings.chunk_bytes):
@@ -327,7 +327,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         try:
             owner = self._caller(context)
             submitter = self._claim(owner[1])
-            reader = codec.GradientReader(max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,),
+            reader = codec.VectorReader(max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,),
                                           expected_dtype="float32")
             claimed: OpenRound | None = None  # the open round, once the sender may submit to it
             received = 0

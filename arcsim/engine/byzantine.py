@@ -15,7 +15,7 @@ from torch import Tensor
 
 from arcsim.attacks import craft, is_data_attack, label_map
 from arcsim.config import RunConfig
-from arcsim.engine.honest import GradientWorker
+from arcsim.engine.honest import HonestWorker
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, load_dataset
@@ -61,12 +61,12 @@ class ByzantineWorker:
         self.worker_id = worker_id
         self.index = worker_id - config.num_honest
         self.needs_observation = not is_data_attack(config.attack)
-        self.trainer: GradientWorker | None = None
+        self.trainer: HonestWorker | None = None
         self.last_loss = float("nan")
         if not self.needs_observation:
             dataset = dataset if dataset is not None else load_dataset(config.task, root=config.data_root,
                                                                       seed=config.seed)
-            self.trainer = GradientWorker(
+            self.trainer = HonestWorker(
                 config, worker_id, shard_index=self.index % config.num_honest,
                 label_map=label_map(config.attack, num_classes=dataset.num_classes, **config.attack_params),
                 device=device, dataset=dataset, shard_list=shard_list,

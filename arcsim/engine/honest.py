@@ -43,7 +43,7 @@ def shards(config: RunConfig, dataset: Dataset) -> list[Tensor]:
                      alpha=config.alpha, seed=config.seed)
 
 
-class GradientWorker:
+class HonestWorker:
     """Computes momentum vectors on one shard of the training set.
 
     ``shard_index`` picks the shard (an honest worker uses its own id); ``label_map`` rewrites
@@ -115,13 +115,13 @@ class BatchedWorkers:
     Every honest worker computes its gradient at the same announced theta_t, on its own batch, so
     the per-worker gradients are one ``vmap`` of ``grad(loss)`` over the stacked batches, with the
     parameters shared (``in_dims=(None, 0, 0)``). It gives the same vectors as calling
-    :meth:`GradientWorker.step` on each worker, up to floating-point rounding (the batched kernels
+    :meth:`HonestWorker.step` on each worker, up to floating-point rounding (the batched kernels
     sum in another order), so the in-process engine uses it only when asked (``batch_workers``):
     measured on 2 CPU cores it was slower than the loop for the paper's CNN; on a GPU it batches h
     small kernels into one (docs/benchmarks.md).
     """
 
-    def __init__(self, workers: list[GradientWorker]) -> None:
+    def __init__(self, workers: list[HonestWorker]) -> None:
         from torch.func import functional_call, grad_and_value, vmap
 
         if not workers:

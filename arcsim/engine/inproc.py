@@ -21,7 +21,7 @@ from torch import Tensor
 from arcsim.engine.byzantine import ByzantineWorker, Crafter
 from arcsim.config import RunConfig
 from arcsim.tasks import load_dataset
-from arcsim.engine.honest import BatchedWorkers, GradientWorker, shards
+from arcsim.engine.honest import BatchedWorkers, HonestWorker, shards
 
 from arcsim.engine.rounds import RoundRecord, RunState
 
@@ -53,13 +53,13 @@ def run_inproc(
     state = RunState(config, out_dir, resume=resume, device=device, checkpoint_seconds=checkpoint_seconds)
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
     shard_list = shards(config, dataset)
-    honest = [GradientWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)
+    honest = [HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)
               for i in range(config.num_honest)]
     crafter = Crafter(config)  # the Byzantine workers collude: one crafted matrix per round
     byzantine = [ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
                  for i in range(config.num_honest, config.num_workers)]
     for worker in (*honest, *byzantine):
-        worker.set_momentum(state.momenta.get(worker.worker_id))
+        worker.set_momentum(state.last_vectors.get(worker.worker_id))
     batched = BatchedWorkers(honest) if batch_workers else None
     try:
         _loop(state, honest, byzantine, batched, on_round)
@@ -105,7 +105,7 @@ def _all_finite(v: Tensor) -> bool:
     return bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())
 
 
-def _loop(state: RunState, honest: list[GradientWorker], byzantine: list[ByzantineWorker],
+def _loop(state: RunState, honest: list[HonestWorker], byzantine: list[ByzantineWorker],
           batched: BatchedWorkers | None, on_round: Callable[[RunState, RoundRecord], None] | None) -> None:
     while not state.done:
         t = state.round

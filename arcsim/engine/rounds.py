@@ -134,7 +134,7 @@ class RunState:
         self.params = self.evaluator.initial_parameters()
         self.num_parameters = self.params.numel()
         self.round = 0
-        self.momenta: dict[int, Tensor] = {}
+        self.last_vectors: dict[int, Tensor] = {}
         self.best_accuracy: float | None = None
         self.last_accuracy: float | None = None
         self.started = time.time()
@@ -214,7 +214,7 @@ class RunState:
                 self.params = self.params.sub(update, alpha=lr)
         aggregation_seconds = time.perf_counter() - start
         for i in ids:
-            self.momenta[i] = vectors[i]
+            self.last_vectors[i] = vectors[i]
         accuracy = test_loss = eval_seconds = None
         last = t + 1 >= config.rounds
         if (t + 1) % config.eval_every == 0 or last:
@@ -268,10 +268,10 @@ class RunState:
             "best_accuracy": self.best_accuracy,
             "last_accuracy": self.last_accuracy,
             "wall_seconds": self.wall_seconds(),
-            "momentum_ids": sorted(self.momenta),
+            "momentum_ids": sorted(self.last_vectors),
         }
         # The tensors are never modified after they are stored here (params is replaced each round).
-        tensors = {"params": self.params, **{f"momentum/{i}": m for i, m in sorted(self.momenta.items())}}
+        tensors = {"params": self.params, **{f"momentum/{i}": m for i, m in sorted(self.last_vectors.items())}}
         name = f"round-{self.round:08d}{checkpoint.SUFFIX}"
         if self._writer is None:
             checkpoint.save(self.ckpt_dir, name, values, tensors)
@@ -318,7 +318,7 @@ class RunState:
         self.round = int(values["round"])
         self.checkpointed_round = self.round
         self.params = found.tensors["params"]
-        self.momenta = {int(i): found.tensors[f"momentum/{i}"] for i in values["momentum_ids"]}
+        self.last_vectors = {int(i): found.tensors[f"momentum/{i}"] for i in values["momentum_ids"]}
         self.best_accuracy = values["best_accuracy"]
         self.last_accuracy = values["last_accuracy"]
         self.wall_seconds_before = float(values["wall_seconds"])

@@ -14,7 +14,7 @@ at its offset into one preallocated buffer (:class:`TensorAssembler`) and wraps 
 ``reason`` is a short machine-readable label (bounded, so usable as a metric label); the service
 maps it to the gRPC status the protocol documents for it.
 
-The ``*_events`` / ``gradient_chunks`` helpers build the ``arcsim.v1`` messages for the three
+The ``*_events`` / ``vector_chunks`` helpers build the ``arcsim.v1`` messages for the three
 streams of ``protos/arcsim/v1/coordinator.proto``, and the ``*Reader`` classes consume them one
 message at a time (so they serve ``for`` and ``async for`` loops alike).
 
@@ -311,7 +311,7 @@ def decode(
 # Senders: tensors -> arcsim.v1 messages
 
 
-def gradient_chunks(
+def vector_chunks(
     t: torch.Tensor,
     *,
     round: int,
@@ -324,7 +324,7 @@ def gradient_chunks(
     The first message carries ``round``, ``worker_id``, the header and the first chunk; the others
     carry only data. An empty tensor still gives one message (the header).
 
-    >>> [len(m.data) for m in gradient_chunks(torch.zeros(5), round=3, worker_id=1, chunk_bytes=8)]
+    >>> [len(m.data) for m in vector_chunks(torch.zeros(5), round=3, worker_id=1, chunk_bytes=8)]
     [8, 8, 4]
     """
     _check_chunk_bytes(chunk_bytes)
@@ -388,7 +388,7 @@ def observe_events(
 
 
 @dataclass(frozen=True, slots=True)
-class ReceivedGradient:
+class ReceivedVector:
     """A complete ``SubmitGradient`` stream: who sent which vector for which round."""
 
     round: int
@@ -434,13 +434,13 @@ class _Limits:
         )
 
 
-class GradientReader:
+class VectorReader:
     """Server side of ``SubmitGradient``: feed the request messages, then :meth:`finish`.
 
     After the first :meth:`add` (which returns True), ``round``, ``worker_id`` and ``header`` are
     known, so the service can check them before the payload has arrived::
 
-        reader = GradientReader(max_bytes=..., expected_shape=(d,), expected_dtype="float32")
+        reader = VectorReader(max_bytes=..., expected_shape=(d,), expected_dtype="float32")
         async for message in request_iterator:
             if reader.add(message):
                 check(reader.round, reader.worker_id)   # FAILED_PRECONDITION, ALREADY_EXISTS, ...
@@ -498,28 +498,28 @@ class GradientReader:
         return self._assembler.finish()
 
 
-def assemble_gradient(
+def assemble_vector(
     messages: Iterable[pb.GradientChunk],
     *,
     max_bytes: int,
     expected_shape: Sequence[int] | None = None,
     expected_dtype: str | torch.dtype | None = None,
     require_finite: bool = True,
-) -> ReceivedGradient:
-    """A whole ``SubmitGradient`` request stream at once (see :class:`GradientReader`).
+) -> ReceivedVector:
+    """A whole ``SubmitGradient`` request stream at once (see :class:`VectorReader`).
 
-    >>> got = assemble_gradient(gradient_chunks(torch.ones(3), round=4, worker_id=2), max_bytes=64)
+    >>> got = assemble_vector(vector_chunks(torch.ones(3), round=4, worker_id=2), max_bytes=64)
     >>> got.round, got.worker_id, got.vector
     (4, 2, tensor([1., 1., 1.]))
     """
-    reader = GradientReader(
+    reader = VectorReader(
         max_bytes=max_bytes, expected_shape=expected_shape, expected_dtype=expected_dtype, require_finite=require_finite
     )
     for message in messages:
         reader.add(message)
     vector = reader.finish()
     assert reader.round is not None and reader.worker_id is not None
-    return ReceivedGradient(reader.round, reader.worker_id, vector)
+    return ReceivedVector(reader.round, reader.worker_id, vector)
 
 
 class RoundEventReader:

@@ -12,7 +12,7 @@ order), goes through protobuf as before: what is on the wire is the same protoco
 arcsim.v1 clients and servers interoperate with these bindings (tests/test_wire.py).
 
 - :class:`CoordinatorStub`: the client side, a drop-in for ``coordinator_pb2_grpc.CoordinatorStub``
-  whose ``SubmitGradient`` also takes :func:`gradient_stream` bytes and whose streams may yield
+  whose ``SubmitGradient`` also takes :func:`vector_stream` bytes and whose streams may yield
   ``memoryview`` chunks (the readers in :mod:`arcsim.transport.codec` take both).
 - :func:`add_coordinator_to_server`: the server side, in place of
   ``add_CoordinatorServicer_to_server``; ``SubmitGradient`` handlers get ``memoryview`` chunks and
@@ -75,7 +75,7 @@ def _data_only(buf: bytes, tag: int, pos: int = 0) -> int:
 # Writers
 
 
-def gradient_stream(
+def vector_stream(
     t: torch.Tensor,
     *,
     round: int,
@@ -86,10 +86,10 @@ def gradient_stream(
     """The serialised ``SubmitGradient`` requests for ``t``: a first message with round, worker id,
     header and loss (no data), then one data-only message per chunk.
 
-    Parsed with protobuf they give the same vector as :func:`arcsim.transport.codec.gradient_chunks`; the
+    Parsed with protobuf they give the same vector as :func:`arcsim.transport.codec.vector_chunks`; the
     bytes alias nothing (``t`` may change once they are built).
 
-    >>> [len(m) for m in gradient_stream(torch.zeros(5), round=3, worker_id=1, chunk_bytes=8)][1:]
+    >>> [len(m) for m in vector_stream(torch.zeros(5), round=3, worker_id=1, chunk_bytes=8)][1:]
     [10, 10, 6]
     """
     codec._check_chunk_bytes(chunk_bytes)
@@ -152,7 +152,7 @@ class Malformed:
     error: str
 
 
-def parse_gradient_chunk(buf: bytes) -> pb.GradientChunk | memoryview | Malformed:
+def parse_vector_chunk(buf: bytes) -> pb.GradientChunk | memoryview | Malformed:
     """A ``SubmitGradient`` request: its payload as a ``memoryview`` if the message carries only data,
     else the parsed message, or :class:`Malformed`."""
     start = _data_only(buf, _GRADIENT_DATA)
@@ -189,7 +189,7 @@ parse_observe_event = _event_parser(pb.ObserveEvent)
 class CoordinatorStub:
     """The arcsim.v1 client with the fast path (same methods as the generated stub).
 
-    ``SubmitGradient`` takes messages or serialised bytes (:func:`gradient_stream`); ``Rounds``,
+    ``SubmitGradient`` takes messages or serialised bytes (:func:`vector_stream`); ``Rounds``,
     ``Observe`` and ``FetchMomentum`` yield messages and ``memoryview`` chunk payloads, which
     :class:`arcsim.transport.codec.RoundEventReader` and :class:`arcsim.transport.codec.ObserveEventReader` accept.
     """
@@ -216,7 +216,7 @@ def add_coordinator_to_server(servicer: Any, server: grpc.aio.Server) -> None:
         "Rounds": grpc.unary_stream_rpc_method_handler(
             servicer.Rounds, request_deserializer=pb.RoundsRequest.FromString, response_serializer=serialize),
         "SubmitGradient": grpc.stream_unary_rpc_method_handler(
-            servicer.SubmitGradient, request_deserializer=parse_gradient_chunk,
+            servicer.SubmitGradient, request_deserializer=parse_vector_chunk,
             response_serializer=pb.SubmitReply.SerializeToString),
         "Observe": grpc.unary_stream_rpc_method_handler(
             servicer.Observe, request_deserializer=pb.ObserveRequest.FromString, response_serializer=serialize),

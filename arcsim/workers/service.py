@@ -268,7 +268,7 @@ class Session:
         self.metrics.sent()
         try:
             await stub.SubmitGradient(
-                wire.gradient_stream(vector, round=round_, worker_id=self.worker_id,
+                wire.vector_stream(vector, round=round_, worker_id=self.worker_id,
                                       chunk_bytes=self.chunk_bytes, train_loss=loss),
                 metadata=self.metadata, timeout=timeout)
             self.rounds_done += 1
@@ -303,11 +303,11 @@ class HonestParticipant(Participant):
 
     def setup(self, config: RunConfig, device: torch.device) -> None:
         from arcsim.tasks.datasets import clear_cache
-        from arcsim.engine.honest import GradientWorker
+        from arcsim.engine.honest import HonestWorker
 
         if not 0 <= self.worker_id < config.num_honest:
             raise ValueError(f"honest worker ids run from 0 to {config.num_honest - 1}, got {self.worker_id}")
-        self.worker = GradientWorker(config, self.worker_id, device=device)
+        self.worker = HonestWorker(config, self.worker_id, device=device)
         clear_cache()  # keep only this worker's shard in memory
         self.worker.set_momentum(self._momentum)
 
