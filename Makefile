@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make demo        - run the default experiment, configs/default.yaml (sets everything up first)"
 	@echo "make test        - run the whole test suite (sets everything up first)"
-	@echo "make lint        - the fast checks: the import contracts between the layers (docs/architecture.md)"
+	@echo "make lint        - the fast checks: ruff (lint, import order, format) and the layers' import contracts"
 	@echo "make demo-robust - the robust aggregation library alone: a table of robustness errors"
 	@echo "make bench       - run the benchmarks (figures go in docs/benchmarks.md)"
 	@echo "make soak        - soak test of the coordinator with 10, 200 and 1,000 workers (not in make test)"
@@ -51,6 +51,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
 bench: data

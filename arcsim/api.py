@@ -32,9 +32,25 @@ __all__ = ["ENGINES", "RECORD_COLUMNS", "RunResult", "SweepResult", "load", "run
 
 ENGINES = ("inproc", "grpc")
 RECORD_COLUMNS = (
-    "round", "lr", "received_honest", "received_byzantine", "aggregated", "skip_reason", "clip_threshold",
-    "clipped_honest", "clipped_byzantine", "clipped_rows", "aggregate_error", "aggregate_norm", "train_loss",
-    "accuracy", "test_loss", "round_seconds", "aggregation_seconds", "eval_seconds", "stage_seconds",
+    "round",
+    "lr",
+    "received_honest",
+    "received_byzantine",
+    "aggregated",
+    "skip_reason",
+    "clip_threshold",
+    "clipped_honest",
+    "clipped_byzantine",
+    "clipped_rows",
+    "aggregate_error",
+    "aggregate_norm",
+    "train_loss",
+    "accuracy",
+    "test_loss",
+    "round_seconds",
+    "aggregation_seconds",
+    "eval_seconds",
+    "stage_seconds",
 )
 """The columns of :attr:`RunResult.records` (the fields of a line of rounds.jsonl; ``round`` is 0-based there)."""
 
@@ -161,31 +177,35 @@ def run(
         raise ValueError(f"{out_dir} already holds a run; choose another out or pass resume=True")
     with one_torch_thread():
         if engine == "inproc":
-            summary = _run_inproc(resolved, out_dir, resume=resume, device=device, trackers=trackers,
-                                  progress=progress)
+            summary = _run_inproc(resolved, out_dir, resume=resume, device=device, trackers=trackers, progress=progress)
         else:
             from arcsim.launcher import run_grpc
 
             out_dir.mkdir(parents=True, exist_ok=True)
             config_path = out_dir / "config.requested.yaml"
             config_path.write_text(resolved.to_yaml())
-            summary = run_grpc(config_path, resolved, out_dir, resume=resume, device=device, progress=progress,
-                               track=trackers)
+            summary = run_grpc(
+                config_path, resolved, out_dir, resume=resume, device=device, progress=progress, track=trackers
+            )
     if summary["status"] != "completed":
-        raise RuntimeError(f"the run in {out_dir} stopped before completing ({summary['status']}, "
-                           f"{summary['rounds_completed']} of {resolved.rounds} rounds); continue it with "
-                           "resume=True")
+        raise RuntimeError(
+            f"the run in {out_dir} stopped before completing ({summary['status']}, "
+            f"{summary['rounds_completed']} of {resolved.rounds} rounds); continue it with "
+            "resume=True"
+        )
     return RunResult(out_dir=out_dir, config=resolved, summary=summary, records=read_records(out_dir))
 
 
-def _run_inproc(config: RunConfig, out_dir: Path, *, resume: bool, device: str, trackers: Sequence[str],
-                progress: bool) -> dict[str, Any]:
+def _run_inproc(
+    config: RunConfig, out_dir: Path, *, resume: bool, device: str, trackers: Sequence[str], progress: bool
+) -> dict[str, Any]:
     from arcsim.engine.inproc import run_inproc
     from arcsim.progress import Progress
     from arcsim.tracking import RoundTrackers
 
     display = Progress(config.rounds) if progress else None
     with RoundTrackers(trackers, config=config, out_dir=out_dir) as sinks:
+
         def on_round(state: Any, record: Any) -> None:
             data = json.loads(record.to_json())
             sinks.log_round(data)
@@ -240,8 +260,14 @@ def sweep(
         raise TypeError(f"config must be a path or a mapping, got {type(config).__name__}: {config!r}")
     out_dir = Path(out) if out is not None else Path("runs") / plan.name
     with one_torch_thread():  # the inline executor computes here; pool processes pin their own
-        outcome: SweepOutcome = run_sweep(plan, out_dir, jobs=jobs, executor=executor, device=device,
-                                          echo=(lambda line: print(line, flush=True)) if echo else (lambda line: None))
+        outcome: SweepOutcome = run_sweep(
+            plan,
+            out_dir,
+            jobs=jobs,
+            executor=executor,
+            device=device,
+            echo=(lambda line: print(line, flush=True)) if echo else (lambda line: None),
+        )
     from arcsim.sweep import table_columns
 
     rows = Table((dict(row) for row in outcome.rows), columns=table_columns(plan))

@@ -110,9 +110,7 @@ def _check_honest(honest: object) -> None:
             if isinstance(honest, Tensor)
             else f"a {type(honest).__name__}"
         )
-        raise ValueError(
-            f"honest must be a 2-D floating tensor (h, d) with h >= 1 and d >= 1, got {described}"
-        )
+        raise ValueError(f"honest must be a 2-D floating tensor (h, d) with h >= 1 and d >= 1, got {described}")
     # A finite sum proves every entry finite (NaN and infinities propagate through a sum) in one read;
     # only a non-finite sum, which overflow can also cause, pays for the element-wise count.
     if bool(torch.isfinite(honest.sum())):
@@ -129,12 +127,7 @@ def _check_count(name: str, value: int, *, minimum: int) -> int:
 
 
 def _check_real(name: str, value: float, *, minimum: float = -math.inf) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < minimum
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
         bound = "" if minimum == -math.inf else f" >= {minimum}"
         raise ValueError(f"{name} must be a finite real number{bound}, got {value!r}")
     return float(value)
@@ -144,8 +137,7 @@ def _check_num_workers(num_workers: int, *, num_honest: int, num_byzantine: int)
     _check_count("num_workers", num_workers, minimum=1)
     if num_workers < num_honest + num_byzantine:
         raise ValueError(
-            f"num_workers={num_workers} is less than the {num_honest} honest vectors plus "
-            f"num_byzantine={num_byzantine}"
+            f"num_workers={num_workers} is less than the {num_honest} honest vectors plus num_byzantine={num_byzantine}"
         )
     return num_workers
 
@@ -257,9 +249,7 @@ def alie_z_max(*, num_workers: int, num_byzantine: int) -> float:
     return NormalDist().inv_cdf((n - s) / n)
 
 
-def alie(
-    honest: Tensor, *, num_byzantine: int, num_workers: int, tau: float | None = None
-) -> Tensor:
+def alie(honest: Tensor, *, num_byzantine: int, num_workers: int, tau: float | None = None) -> Tensor:
     r"""A little is enough (ALIE): the mean shifted by ``tau`` coordinate-wise standard deviations.
 
     .. math::
@@ -357,9 +347,7 @@ def mimic(honest: Tensor, *, num_byzantine: int, index: int | None = None) -> Te
     if index is None:
         index = mimic_index(honest)
     elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < honest.shape[0]:
-        raise ValueError(
-            f"index must be an int in [0, {honest.shape[0] - 1}] (a row of honest), got {index!r}"
-        )
+        raise ValueError(f"index must be an int in [0, {honest.shape[0] - 1}] (a row of honest), got {index!r}")
     return _repeat_row(honest[index], num_byzantine)
 
 
@@ -416,8 +404,7 @@ class MimicState:
     def _learn(self, honest: Tensor) -> int:
         if self.running_mean is not None and self.running_mean.shape[0] != honest.shape[1]:
             raise ValueError(
-                f"honest has d={honest.shape[1]} coordinates but earlier rounds had "
-                f"d={self.running_mean.shape[0]}"
+                f"honest has d={honest.shape[1]} coordinates but earlier rounds had d={self.running_mean.shape[0]}"
             )
         t = self.rounds_seen + 1
         round_mean = honest.mean(dim=0)
@@ -434,9 +421,7 @@ class MimicState:
         else:
             step = centred.T @ (centred @ self.direction)
             step = torch.nn.functional.normalize(step, dim=0)
-            self.direction = torch.nn.functional.normalize(
-                self.direction * ((t - 1) / t) + step / t, dim=0
-            )
+            self.direction = torch.nn.functional.normalize(self.direction * ((t - 1) / t) + step / t, dim=0)
         self.rounds_seen = t
         return int((centred @ self.direction).abs().argmax().item())
 
@@ -499,9 +484,7 @@ def inf(honest: Tensor, *, num_byzantine: int) -> Tensor:
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    return torch.full(
-        (num_byzantine, honest.shape[1]), math.inf, dtype=honest.dtype, device=honest.device
-    )
+    return torch.full((num_byzantine, honest.shape[1]), math.inf, dtype=honest.dtype, device=honest.device)
 
 
 def nan(honest: Tensor, *, num_byzantine: int) -> Tensor:
@@ -518,9 +501,7 @@ def nan(honest: Tensor, *, num_byzantine: int) -> Tensor:
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    return torch.full(
-        (num_byzantine, honest.shape[1]), math.nan, dtype=honest.dtype, device=honest.device
-    )
+    return torch.full((num_byzantine, honest.shape[1]), math.nan, dtype=honest.dtype, device=honest.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,8 +814,10 @@ def _adapt_attack(name: str, obj: object) -> Callable[..., Tensor] | DataAttack:
         )
     parameters = inspect.signature(obj).parameters
     if "num_byzantine" not in parameters or not parameters or next(iter(parameters)) == "num_byzantine":
-        raise TypeError("a vector attack must have craft's signature fn(honest, *, num_byzantine, "
-                        "[num_workers], [aggregate], [generator], **params) -> (num_byzantine, d) tensor")
+        raise TypeError(
+            "a vector attack must have craft's signature fn(honest, *, num_byzantine, "
+            "[num_workers], [aggregate], [generator], **params) -> (num_byzantine, d) tensor"
+        )
     return obj
 
 
@@ -857,7 +840,8 @@ def label_map(name: str, *, num_classes: int, **params: object) -> Callable[[Ten
     unexpected = sorted(set(params) - set(attack.params))
     if unexpected:
         raise ValueError(
-            f"attack {name!r} takes no attack_params, got {unexpected}" if not attack.params
+            f"attack {name!r} takes no attack_params, got {unexpected}"
+            if not attack.params
             else f"attack {name!r} got unexpected parameters {unexpected}; it takes {sorted(attack.params)}"
         )
     fn = attack.label_map
@@ -905,8 +889,7 @@ def craft(
     unexpected = sorted(set(params) - own)
     if unexpected:
         raise ValueError(
-            f"attack {name!r} got unexpected parameters {unexpected}; "
-            f"it takes {sorted(own) if own else 'none'}"
+            f"attack {name!r} got unexpected parameters {unexpected}; it takes {sorted(own) if own else 'none'}"
         )
     context: dict[str, object] = {
         "num_workers": num_workers,

@@ -49,8 +49,11 @@ class UsageError(ValueError):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        entry: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname.lower(),
-                                 "logger": record.name}
+        entry: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
         try:
             parsed = json.loads(message)
             entry.update(parsed if isinstance(parsed, dict) else {"message": message})
@@ -112,12 +115,16 @@ def _server_tls(args: argparse.Namespace) -> grpc.ServerCredentials | None:
 
     cert, key, client_ca = args.tls_cert or None, args.tls_key or None, args.tls_client_ca or None
     if (cert is None) != (key is None):
-        raise UsageError(f"--tls-cert and --tls-key go together (or ${certs.SERVER_CERT_ENV} and "
-                         f"${certs.SERVER_KEY_ENV}): give the coordinator's certificate and its key, or neither")
+        raise UsageError(
+            f"--tls-cert and --tls-key go together (or ${certs.SERVER_CERT_ENV} and "
+            f"${certs.SERVER_KEY_ENV}): give the coordinator's certificate and its key, or neither"
+        )
     if cert is None:
         if client_ca is not None:
-            raise UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: the coordinator serves TLS "
-                             "before it can ask for client certificates")
+            raise UsageError(
+                "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: the coordinator serves TLS "
+                "before it can ask for client certificates"
+            )
         return None
     return certs.server_credentials(cert, key, client_ca=client_ca)
 
@@ -134,13 +141,16 @@ def _client_tls(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | Non
     ca, cert, key = args.tls_ca or None, args.tls_cert or None, args.tls_key or None
     server_name = args.tls_server_name or None
     if (cert is None) != (key is None):
-        raise UsageError(f"--tls-cert and --tls-key go together (or ${certs.CLIENT_CERT_ENV} and "
-                         f"${certs.CLIENT_KEY_ENV}): give the client certificate and its key, or neither")
+        raise UsageError(
+            f"--tls-cert and --tls-key go together (or ${certs.CLIENT_CERT_ENV} and "
+            f"${certs.CLIENT_KEY_ENV}): give the client certificate and its key, or neither"
+        )
     if ca is None:
         if cert is not None or server_name is not None:
             given = "--tls-cert/--tls-key" if cert is not None else "--tls-server-name"
-            raise UsageError(f"{given} needs --tls-ca (or ${certs.CA_ENV}): the CA that signed the coordinator's "
-                             "certificate")
+            raise UsageError(
+                f"{given} needs --tls-ca (or ${certs.CA_ENV}): the CA that signed the coordinator's certificate"
+            )
         return None, None
     return certs.channel_credentials(ca, cert=cert, key=key), server_name
 
@@ -180,13 +190,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                 config_path = resolved
             from arcsim.launcher import run_grpc
 
-            summary = run_grpc(config_path, config, out_dir, resume=args.resume, metrics_port=args.metrics_port,
-                               device=args.device, progress=not args.no_progress, track=args.track)
+            summary = run_grpc(
+                config_path,
+                config,
+                out_dir,
+                resume=args.resume,
+                metrics_port=args.metrics_port,
+                device=args.device,
+                progress=not args.no_progress,
+                track=args.track,
+            )
     print(format_summary(summary, str(out_dir)))
     if summary["status"] != "completed":
         # E.g. the coordinator alone got SIGTERM: it stopped at its last checkpoint and said so.
-        print(f"arcsim: the run stopped before completing ({summary['status']}, {summary['rounds_completed']} of "
-              f"{summary['config']['rounds']} rounds); continue it with --resume --out {out_dir}", file=sys.stderr)
+        print(
+            f"arcsim: the run stopped before completing ({summary['status']}, {summary['rounds_completed']} of "
+            f"{summary['config']['rounds']} rounds); continue it with --resume --out {out_dir}",
+            file=sys.stderr,
+        )
         return EXIT_STOPPED
     return EXIT_OK
 
@@ -214,6 +235,7 @@ def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> d
         metrics.serve(args.metrics_port)
 
     with RoundTrackers(args.track, config=config, out_dir=out_dir) as sinks:
+
         def on_round(state: RunState, record: RoundRecord) -> None:
             if metrics is not None:
                 metrics.observe_round(record)
@@ -223,8 +245,14 @@ def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> d
                 display.update(data)
 
         try:
-            summary = run_inproc(config, out_dir, resume=args.resume, device=args.device, on_round=on_round,
-                                 batch_workers=args.batch_workers)
+            summary = run_inproc(
+                config,
+                out_dir,
+                resume=args.resume,
+                device=args.device,
+                on_round=on_round,
+                batch_workers=args.batch_workers,
+            )
         finally:
             if display is not None:
                 display.close()
@@ -255,15 +283,30 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     config = load_config(config_path)
     resume = args.resume or (args.resume_if_present and checkpoint.any_checkpoint(Path(args.out) / "checkpoints"))
     settings = CoordinatorSettings(
-        config=config, out_dir=Path(args.out), secret=secret, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host, resume=resume, quorum=args.quorum,
-        join_timeout=args.join_timeout, device=args.device, linger=args.linger,
+        config=config,
+        out_dir=Path(args.out),
+        secret=secret,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        resume=resume,
+        quorum=args.quorum,
+        join_timeout=args.join_timeout,
+        device=args.device,
+        linger=args.linger,
         server_credentials=server_credentials,
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     summary = _uvloop_run(serve(settings))
-    logging.getLogger("arcsim.coordinator").info(json.dumps({"event": "summary", **{
-        k: summary[k] for k in ("status", "rounds_completed", "final_accuracy", "final_params_sha256")}}))
+    logging.getLogger("arcsim.coordinator").info(
+        json.dumps(
+            {
+                "event": "summary",
+                **{k: summary[k] for k in ("status", "rounds_completed", "final_accuracy", "final_params_sha256")},
+            }
+        )
+    )
     # A service stopped on request (SIGTERM from its supervisor) has done its job: exit 0, so that a
     # restart policy "on-failure" leaves it stopped. `arcsim run` reads the summary's status instead.
     return EXIT_OK if summary["status"] in ("completed", "stopped") else EXIT_FAILURE
@@ -300,19 +343,29 @@ def _worker_settings(args: argparse.Namespace, role: str) -> list[WorkerSettings
         # A trusted testbed hands every service the run secret; each derives its own credentials.
         tokens = [worker_token(os.environ[SECRET_ENV], role, worker_id) for worker_id in ids]
     if not tokens:
-        raise UsageError(f"no credentials: pass --token-file, or set {TOKEN_ENV} (or {SECRET_ENV} on a trusted "
-                         "testbed)")
+        raise UsageError(
+            f"no credentials: pass --token-file, or set {TOKEN_ENV} (or {SECRET_ENV} on a trusted testbed)"
+        )
     if len(tokens) != len(ids):
         raise UsageError(f"{len(ids)} worker id(s) but {len(tokens)} token(s): give one token per id, in order")
     channel_credentials, server_name = _client_tls(args)
 
     from arcsim.workers.service import WorkerSettings
 
-    return [WorkerSettings(coordinator=args.coordinator, worker_id=worker_id, token=token, device=args.device,
-                           max_retry_seconds=args.max_retry_seconds, channel_credentials=channel_credentials,
-                           tls_server_name=server_name, metrics_port=args.metrics_port,
-                           metrics_host=args.metrics_host)
-            for worker_id, token in zip(ids, tokens)]
+    return [
+        WorkerSettings(
+            coordinator=args.coordinator,
+            worker_id=worker_id,
+            token=token,
+            device=args.device,
+            max_retry_seconds=args.max_retry_seconds,
+            channel_credentials=channel_credentials,
+            tls_server_name=server_name,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+        )
+        for worker_id, token in zip(ids, tokens)
+    ]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -359,12 +412,16 @@ def cmd_health(args: argparse.Namespace) -> int:
         return EXIT_OK
     credentials, server_name = _client_tls(args)
     options = [(SERVER_NAME_OPTION, server_name)] if server_name else []
-    channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
-               else grpc.insecure_channel(address))
+    channel = (
+        grpc.secure_channel(address, credentials, options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="arcsim.v1.Coordinator"), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service="arcsim.v1.Coordinator"), timeout=args.timeout
+            )
         except grpc.RpcError as error:
             print(f"unhealthy: {error.code().name}: {error.details()}", file=sys.stderr)
             return EXIT_FAILURE
@@ -378,12 +435,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from arcsim.transport.certs import make_certs, server_names
 
     files = make_certs(args.dir, hosts=args.host, force=args.force)
-    print(f"testbed CA and certificates in {Path(args.dir)} (keys mode 0600)\n"
-          f"  coordinator: --tls-cert {files.server_cert} --tls-key {files.server_key}"
-          f"  [--tls-client-ca {files.ca_cert} for mutual TLS]\n"
-          f"  workers:     --tls-ca {files.ca_cert}  [--tls-cert {files.client_cert} --tls-key {files.client_key}]\n"
-          f"  the coordinator's certificate is valid for: {', '.join(str(n.value) for n in server_names(args.host))}\n"
-          f"  {files.ca_key} is only needed to issue certificates: give it to no service")
+    print(
+        f"testbed CA and certificates in {Path(args.dir)} (keys mode 0600)\n"
+        f"  coordinator: --tls-cert {files.server_cert} --tls-key {files.server_key}"
+        f"  [--tls-client-ca {files.ca_cert} for mutual TLS]\n"
+        f"  workers:     --tls-ca {files.ca_cert}  [--tls-cert {files.client_cert} --tls-key {files.client_key}]\n"
+        f"  the coordinator's certificate is valid for: {', '.join(str(n.value) for n in server_names(args.host))}\n"
+        f"  {files.ca_key} is only needed to issue certificates: give it to no service"
+    )
     return EXIT_OK
 
 
@@ -407,8 +466,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {'complete' if is_complete(out_dir / run.name, run.config) else 'to run  '}  {run.name}")
         print(f"results would go to {out_dir}")
         return EXIT_OK
-    outcome = run_sweep(plan, out_dir, jobs=args.jobs, executor=args.executor, ray_address=args.ray_address,
-                        device=args.device)
+    outcome = run_sweep(
+        plan, out_dir, jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, device=args.device
+    )
     return EXIT_OK if outcome.ok else EXIT_FAILURE
 
 
@@ -416,9 +476,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from arcsim.report import write_report
 
     result = write_report(args.dir)
-    print(f"report of {result.runs} runs: {result.markdown} (tables.csv, points.csv beside it) and "
-          f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}"
-          + (f" ({len(result.left_out)} runs not complete, left out)" if result.left_out else ""))
+    print(
+        f"report of {result.runs} runs: {result.markdown} (tables.csv, points.csv beside it) and "
+        f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}"
+        + (f" ({len(result.left_out)} runs not complete, left out)" if result.left_out else "")
+    )
     return EXIT_OK
 
 
@@ -449,44 +511,77 @@ def _add_client_tls(p: Parser) -> None:
     """TLS options of a client of the coordinator (worker, adversary, health); plaintext by default."""
     from arcsim.transport import certs
 
-    p.add_argument("--tls-ca", metavar="PEM", env=certs.CA_ENV,
-                   help="connect over TLS, trusting this CA, e.g. ca.pem of `arcsim certs`")
-    p.add_argument("--tls-cert", metavar="PEM", env=certs.CLIENT_CERT_ENV,
-                   help="mutual TLS: present this client certificate, e.g. client.pem")
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        env=certs.CA_ENV,
+        help="connect over TLS, trusting this CA, e.g. ca.pem of `arcsim certs`",
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        env=certs.CLIENT_CERT_ENV,
+        help="mutual TLS: present this client certificate, e.g. client.pem",
+    )
     p.add_argument("--tls-key", metavar="PEM", env=certs.CLIENT_KEY_ENV, help="its private key")
-    p.add_argument("--tls-server-name", metavar="NAME", env=certs.SERVER_NAME_ENV,
-                   help="the name the coordinator's certificate must carry, when --coordinator/--address uses "
-                        "another (e.g. an IP address the certificate lacks)")
+    p.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        env=certs.SERVER_NAME_ENV,
+        help="the name the coordinator's certificate must carry, when --coordinator/--address uses "
+        "another (e.g. an IP address the certificate lacks)",
+    )
 
 
 def _add_run(sub: Any) -> None:
     run = sub.add_parser(
-        "run", help="run an experiment on this machine",
+        "run",
+        help="run an experiment on this machine",
         description="Run an experiment to its end: the coordinator, the honest workers and the adversaries as "
-                    "processes talking gRPC over loopback (--engine grpc), or the same rounds in one process "
-                    "(--engine inproc, bit-for-bit the same final parameters). Results go in --out: summary.json, "
-                    "rounds.jsonl, checkpoints/ (and logs/ for grpc).",
-        epilog=_examples("arcsim run configs/default.yaml",
-                         "arcsim run configs/small.yaml --engine inproc --set attack=sign_flip",
-                         "arcsim run configs/default.yaml --out runs/a --resume   # continue after a crash")
-               + "\n\nexit status: 0 completed, 1 runtime failure, 2 usage or config error, 3 stopped before "
-                 "completing,\n130/143 stopped by SIGINT/SIGTERM (resume with --resume)")
+        "processes talking gRPC over loopback (--engine grpc), or the same rounds in one process "
+        "(--engine inproc, bit-for-bit the same final parameters). Results go in --out: summary.json, "
+        "rounds.jsonl, checkpoints/ (and logs/ for grpc).",
+        epilog=_examples(
+            "arcsim run configs/default.yaml",
+            "arcsim run configs/small.yaml --engine inproc --set attack=sign_flip",
+            "arcsim run configs/default.yaml --out runs/a --resume   # continue after a crash",
+        )
+        + "\n\nexit status: 0 completed, 1 runtime failure, 2 usage or config error, 3 stopped before "
+        "completing,\n130/143 stopped by SIGINT/SIGTERM (resume with --resume)",
+    )
     run.add_argument("config", help="YAML run config (e.g. configs/default.yaml)")
-    run.add_argument("--engine", choices=("grpc", "inproc"), default="grpc",
-                     help="grpc: real services over loopback; inproc: one process, same results")
+    run.add_argument(
+        "--engine",
+        choices=("grpc", "inproc"),
+        default="grpc",
+        help="grpc: real services over loopback; inproc: one process, same results",
+    )
     run.add_argument("--out", help="results folder (default: runs/<config>-<time>)")
     run.add_argument("--metrics-port", type=int, help="serve the coordinator's /metrics on this port (default: none)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where workers compute")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key (repeatable; the value is YAML)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable; the value is YAML)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no live progress line")
-    run.add_argument("--batch-workers", action="store_true",
-                     help="inproc: honest gradients in one vmapped call (faster on GPU; equal up to rounding)")
-    run.add_argument("--track", action="append", default=[], choices=TRACKERS,
-                     help="also log every round to a tracker (repeatable): tensorboard (OUT/tensorboard), mlflow "
-                          "($MLFLOW_TRACKING_URI, else a file store in OUT/mlruns); extras arcsim[tensorboard], "
-                          "arcsim[mlflow]")
+    run.add_argument(
+        "--batch-workers",
+        action="store_true",
+        help="inproc: honest gradients in one vmapped call (faster on GPU; equal up to rounding)",
+    )
+    run.add_argument(
+        "--track",
+        action="append",
+        default=[],
+        choices=TRACKERS,
+        help="also log every round to a tracker (repeatable): tensorboard (OUT/tensorboard), mlflow "
+        "($MLFLOW_TRACKING_URI, else a file store in OUT/mlruns); extras arcsim[tensorboard], "
+        "arcsim[mlflow]",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -494,15 +589,19 @@ def _add_coordinator(sub: Any) -> None:
     from arcsim.transport import certs
 
     coord = sub.add_parser(
-        "coordinator", help="the coordinator service", env_fallback=True,
+        "coordinator",
+        help="the coordinator service",
+        env_fallback=True,
         description="The coordinator: serves the gRPC Coordinator service, runs the rounds (aggregation, "
-                    "evaluation, checkpoints) and writes the results into --out. Every flag can be given as an "
-                    "environment variable instead (shown with each); the run secret comes from --secret-file or "
-                    "ARCSIM_SECRET. SIGTERM stops it at its last checkpoint (exit 0); --resume continues.",
-        epilog=_examples("ARCSIM_SECRET=... arcsim coordinator --config configs/default.yaml --out runs/x "
-                         "--host 0.0.0.0 --metrics-port 9464",
-                         "ARCSIM_CONFIG=configs/default.yaml ARCSIM_OUT=/runs/x ARCSIM_RESUME_IF_PRESENT=true "
-                         "arcsim coordinator"))
+        "evaluation, checkpoints) and writes the results into --out. Every flag can be given as an "
+        "environment variable instead (shown with each); the run secret comes from --secret-file or "
+        "ARCSIM_SECRET. SIGTERM stops it at its last checkpoint (exit 0); --resume continues.",
+        epilog=_examples(
+            "ARCSIM_SECRET=... arcsim coordinator --config configs/default.yaml --out runs/x "
+            "--host 0.0.0.0 --metrics-port 9464",
+            "ARCSIM_CONFIG=configs/default.yaml ARCSIM_OUT=/runs/x ARCSIM_RESUME_IF_PRESENT=true arcsim coordinator",
+        ),
+    )
     coord.add_argument("--config", required=True, help="YAML run config")
     coord.add_argument("--out", required=True, help="results and checkpoints folder")
     coord.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
@@ -510,53 +609,93 @@ def _add_coordinator(sub: Any) -> None:
     coord.add_argument("--metrics-port", type=int, help="serve /metrics on this port (default: no /metrics)")
     coord.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on")
     coord.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    coord.add_argument("--resume-if-present", action="store_true",
-                       help="resume when --out holds checkpoints, else start fresh (for restarting containers)")
+    coord.add_argument(
+        "--resume-if-present",
+        action="store_true",
+        help="resume when --out holds checkpoints, else start fresh (for restarting containers)",
+    )
     coord.add_argument("--secret-file", help="run secret (else ARCSIM_SECRET)")
     coord.add_argument("--quorum", type=int, help="vectors that close a round early (default: all workers)")
     coord.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for every worker to join")
-    coord.add_argument("--linger", type=float, default=0.0,
-                       help="keep /metrics up this many seconds after the run ends (for Prometheus' last scrape)")
+    coord.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="keep /metrics up this many seconds after the run ends (for Prometheus' last scrape)",
+    )
     _add_service_common(coord, device=("cpu", "cuda"), default_device="cpu")
-    coord.add_argument("--tls-cert", metavar="PEM", env=certs.SERVER_CERT_ENV,
-                       help="serve TLS with this certificate, e.g. server.pem of `arcsim certs` (default: plaintext)")
+    coord.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        env=certs.SERVER_CERT_ENV,
+        help="serve TLS with this certificate, e.g. server.pem of `arcsim certs` (default: plaintext)",
+    )
     coord.add_argument("--tls-key", metavar="PEM", env=certs.SERVER_KEY_ENV, help="its private key")
-    coord.add_argument("--tls-client-ca", metavar="PEM", env=certs.CLIENT_CA_ENV,
-                       help="mutual TLS: require client certificates signed by this CA, e.g. ca.pem")
+    coord.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        env=certs.CLIENT_CA_ENV,
+        help="mutual TLS: require client certificates signed by this CA, e.g. ca.pem",
+    )
     coord.set_defaults(func=cmd_coordinator)
 
 
 def _add_workers(sub: Any) -> None:
-    for name, func, help_text in (("worker", cmd_worker, "an honest worker service"),
-                                  ("adversary", cmd_adversary, "a Byzantine worker service")):
+    for name, func, help_text in (
+        ("worker", cmd_worker, "an honest worker service"),
+        ("adversary", cmd_adversary, "a Byzantine worker service"),
+    ):
         if name == "worker":
-            description = ("An honest worker: joins the coordinator, trains on its shard and sends its momentum "
-                           "vector every round; reconnects by itself after faults.")
-            examples = _examples("ARCSIM_TOKEN=... arcsim worker --coordinator HOST:50051 --worker-id 0",
-                                 "ARCSIM_SECRET=... ARCSIM_COORDINATOR=coordinator:50051 ARCSIM_WORKER_ID=auto "
-                                 "arcsim worker")
+            description = (
+                "An honest worker: joins the coordinator, trains on its shard and sends its momentum "
+                "vector every round; reconnects by itself after faults."
+            )
+            examples = _examples(
+                "ARCSIM_TOKEN=... arcsim worker --coordinator HOST:50051 --worker-id 0",
+                "ARCSIM_SECRET=... ARCSIM_COORDINATOR=coordinator:50051 ARCSIM_WORKER_ID=auto arcsim worker",
+            )
         else:
-            description = ("Byzantine workers: one process holds every --worker-id given (they collude, observing "
-                           "and crafting once per round) and runs the config's attack.")
-            examples = _examples("ARCSIM_TOKEN=t10,t11 arcsim adversary --coordinator HOST:50051 --worker-id 10 "
-                                 "--worker-id 11",
-                                 "ARCSIM_SECRET=... ARCSIM_COORDINATOR=coordinator:50051 ARCSIM_WORKER_ID=10,11 "
-                                 "arcsim adversary")
-        p = sub.add_parser(name, help=help_text, env_fallback=True, epilog=examples,
-                           description=description + " Every flag can be given as an environment variable "
-                                                     "instead (shown with each); credentials come from "
-                                                     "--token-file, ARCSIM_TOKEN or ARCSIM_SECRET.")
+            description = (
+                "Byzantine workers: one process holds every --worker-id given (they collude, observing "
+                "and crafting once per round) and runs the config's attack."
+            )
+            examples = _examples(
+                "ARCSIM_TOKEN=t10,t11 arcsim adversary --coordinator HOST:50051 --worker-id 10 --worker-id 11",
+                "ARCSIM_SECRET=... ARCSIM_COORDINATOR=coordinator:50051 ARCSIM_WORKER_ID=10,11 arcsim adversary",
+            )
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            env_fallback=True,
+            epilog=examples,
+            description=description + " Every flag can be given as an environment variable "
+            "instead (shown with each); credentials come from "
+            "--token-file, ARCSIM_TOKEN or ARCSIM_SECRET.",
+        )
         p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
         if name == "adversary":
-            p.add_argument("--worker-id", type=_worker_id, required=True, action="append",
-                           help="a Byzantine id, or 'auto'; repeat it to hold several colluding ids in one process "
-                                "(the variable: a comma-separated list)")
+            p.add_argument(
+                "--worker-id",
+                type=_worker_id,
+                required=True,
+                action="append",
+                help="a Byzantine id, or 'auto'; repeat it to hold several colluding ids in one process "
+                "(the variable: a comma-separated list)",
+            )
         else:
-            p.add_argument("--worker-id", type=_worker_id, required=True,
-                           help="this worker's id, or 'auto' for the first free id of its role")
+            p.add_argument(
+                "--worker-id",
+                type=_worker_id,
+                required=True,
+                help="this worker's id, or 'auto' for the first free id of its role",
+            )
         p.add_argument("--token-file", help="credentials, one token per id (else ARCSIM_TOKEN)")
-        p.add_argument("--max-retry-seconds", type=float, default=300.0,
-                       help="give up after this many seconds without reaching the coordinator")
+        p.add_argument(
+            "--max-retry-seconds",
+            type=float,
+            default=300.0,
+            help="give up after this many seconds without reaching the coordinator",
+        )
         p.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port (default: none)")
         p.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on")
         _add_service_common(p, device=("auto", "cpu", "cuda"), default_device="auto")
@@ -566,73 +705,105 @@ def _add_workers(sub: Any) -> None:
 
 def _add_sweep_and_report(sub: Any) -> None:
     sweep = sub.add_parser(
-        "sweep", help="run a grid of experiments (any config value may be a list), resumable",
+        "sweep",
+        help="run a grid of experiments (any config value may be a list), resumable",
         description="Run every combination of a sweep config's lists (see arcsim/sweep.py for bundles, exclusions "
-                    "and the f = 0 baseline), each run in its own folder under --out; rerunning resumes it. Exits 1 "
-                    "when a run failed.",
-        epilog=_examples("arcsim sweep configs/paper/fashion-extreme.yaml --jobs 2",
-                         "arcsim sweep configs/paper/fashion-extreme.yaml --dry-run"))
+        "and the f = 0 baseline), each run in its own folder under --out; rerunning resumes it. Exits 1 "
+        "when a run failed.",
+        epilog=_examples(
+            "arcsim sweep configs/paper/fashion-extreme.yaml --jobs 2",
+            "arcsim sweep configs/paper/fashion-extreme.yaml --dry-run",
+        ),
+    )
     sweep.add_argument("config", help="YAML sweep config: a run config whose values may be lists (see arcsim.sweep)")
     sweep.add_argument("--jobs", type=int, help="runs in parallel (default: CPU cores; ray: no limit)")
     sweep.add_argument("--out", help="sweep folder (default: runs/<sweep name>); rerunning resumes it")
-    sweep.add_argument("--executor", choices=("local", "ray"), default="local",
-                       help="local: a process pool here; ray: tasks on a Ray cluster")
+    sweep.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool here; ray: tasks on a Ray cluster",
+    )
     sweep.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray instance)")
     sweep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each run computes")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are complete; run nothing")
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser(
-        "report", help="tables (markdown) and plots (PNG) of a run or a sweep",
+        "report",
+        help="tables (markdown) and plots (PNG) of a run or a sweep",
         description="Write DIR/report.md (per pipeline and attack, the maximum over evaluations of the "
-                    "seed-averaged accuracy, and the worst case over attacks), the same tables as DIR/tables.csv, "
-                    "the long-format table of every run's rounds as DIR/points.csv, and PNG plots in DIR/plots.",
-        epilog=_examples("arcsim report runs/paper-fashion-extreme"))
+        "seed-averaged accuracy, and the worst case over attacks), the same tables as DIR/tables.csv, "
+        "the long-format table of every run's rounds as DIR/points.csv, and PNG plots in DIR/plots.",
+        epilog=_examples("arcsim report runs/paper-fashion-extreme"),
+    )
     report.add_argument("dir", help="a run folder or a sweep folder")
     report.set_defaults(func=cmd_report)
 
 
 def _add_health_certs_data(sub: Any) -> None:
     health = sub.add_parser(
-        "health", help="check a coordinator's gRPC health (container health checks)", env_fallback=True,
+        "health",
+        help="check a coordinator's gRPC health (container health checks)",
+        env_fallback=True,
         description="Exit 0 when the coordinator at --address reports SERVING, 1 otherwise; with no address "
-                    "(a worker's container) exit 0. Every flag can be given as an environment variable instead.",
-        epilog=_examples("arcsim health --address 127.0.0.1:50051",
-                         "ARCSIM_HEALTH_ADDRESS=127.0.0.1:50051 ARCSIM_TLS_CA=/certs/ca.pem arcsim health"))
+        "(a worker's container) exit 0. Every flag can be given as an environment variable instead.",
+        epilog=_examples(
+            "arcsim health --address 127.0.0.1:50051",
+            "ARCSIM_HEALTH_ADDRESS=127.0.0.1:50051 ARCSIM_TLS_CA=/certs/ca.pem arcsim health",
+        ),
+    )
     health.add_argument("--address", env="ARCSIM_HEALTH_ADDRESS", help="host:port (none: healthy)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     _add_client_tls(health)
     health.set_defaults(func=cmd_health)
 
     certs = sub.add_parser(
-        "certs", help="make a testbed CA and certificates for TLS and mutual TLS",
+        "certs",
+        help="make a testbed CA and certificates for TLS and mutual TLS",
         description="Write ca.pem, ca.key (the testbed CA), server.pem, server.key (the coordinator's) and "
-                    "client.pem, client.key (one client certificate for every worker, for mutual TLS) into DIR; "
-                    "keys mode 0600.",
-        epilog=_examples("arcsim certs certs/ --host coordinator.example.org --host 10.0.0.5"))
+        "client.pem, client.key (one client certificate for every worker, for mutual TLS) into DIR; "
+        "keys mode 0600.",
+        epilog=_examples("arcsim certs certs/ --host coordinator.example.org --host 10.0.0.5"),
+    )
     certs.add_argument("dir", help="folder for the PEM files (made if missing)")
-    certs.add_argument("--host", action="append", default=[], metavar="NAME",
-                       help="a DNS name or IP address workers reach the coordinator by; repeat it. Always "
-                            "included: localhost, 127.0.0.1, coordinator (the compose service)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP address workers reach the coordinator by; repeat it. Always "
+        "included: localhost, 127.0.0.1, coordinator (the compose service)",
+    )
     certs.add_argument("--force", action="store_true", help="replace the files of an earlier `arcsim certs`")
     certs.set_defaults(func=cmd_certs)
 
-    data = sub.add_parser("data", help="datasets", description="Fetch the datasets arcsim cannot find offline.",
-                          epilog=_examples("arcsim data download fashion-mnist"))
+    data = sub.add_parser(
+        "data",
+        help="datasets",
+        description="Fetch the datasets arcsim cannot find offline.",
+        epilog=_examples("arcsim data download fashion-mnist"),
+    )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{download}")
     download = data_sub.add_parser(
-        "download", help="download a dataset with checksum verification",
+        "download",
+        help="download a dataset with checksum verification",
         description="Download a dataset into --dest and verify its checksums.",
-        epilog=_examples("arcsim data download fashion-mnist",
-                         "arcsim data download fashion-mnist --dest /data/fashion-mnist"))
+        epilog=_examples(
+            "arcsim data download fashion-mnist", "arcsim data download fashion-mnist --dest /data/fashion-mnist"
+        ),
+    )
     download.add_argument("name", choices=("fashion-mnist",), help="the dataset")
     download.add_argument("--dest", help="folder (default: the user cache, e.g. ~/.cache/arcsim/fashion-mnist)")
     download.set_defaults(func=cmd_data)
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="arcsim", description="Byzantine-robust distributed learning testbed (ARC).",
-                    epilog=_examples("arcsim run configs/default.yaml", "arcsim run --help"))
+    parser = Parser(
+        prog="arcsim",
+        description="Byzantine-robust distributed learning testbed (ARC).",
+        epilog=_examples("arcsim run configs/default.yaml", "arcsim run --help"),
+    )
     parser.add_argument("--version", action="version", version=f"arcsim {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
@@ -665,8 +836,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     except ImportError as error:
         # Reported without importing anything more (no chained tracebacks on a machine missing a package).
-        print(f"arcsim: error: {error}: this command needs it (install arcsim's dependencies, e.g. make venv)",
-              file=sys.stderr)
+        print(
+            f"arcsim: error: {error}: this command needs it (install arcsim's dependencies, e.g. make venv)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     except (ValueError, OSError, RuntimeError) as error:
         # One clear line for the user; the services' logs keep the details. ValueError covers

@@ -112,8 +112,15 @@ def _int(data: dict[str, Any], key: str, *, minimum: int) -> None:
         raise _fail(key, f"must be >= {minimum}, got {value}")
 
 
-def _number(data: dict[str, Any], key: str, *, low: float, high: float | None = None,
-            low_open: bool = False, high_open: bool = False) -> None:
+def _number(
+    data: dict[str, Any],
+    key: str,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _fail(key, f"must be a number, got {value!r}")
@@ -141,9 +148,12 @@ def _resolve(data: dict[str, Any], key: str, registry: Registry[Any], *, extra: 
         registry.resolve(value)
     except UnknownName:
         plugins = registry.names()[len(registry.builtins) :]
-        raise _fail(key, f"must be one of {', '.join((*extra, *registry.builtins))}"
-                         f"{', plugins ' + ', '.join(plugins) if plugins else ''} or package.module:callable; "
-                         f"got {value!r}") from None
+        raise _fail(
+            key,
+            f"must be one of {', '.join((*extra, *registry.builtins))}"
+            f"{', plugins ' + ', '.join(plugins) if plugins else ''} or package.module:callable; "
+            f"got {value!r}",
+        ) from None
     except PluginError as error:
         raise _fail(key, str(error)) from None
 
@@ -168,8 +178,15 @@ def _check_attack_params(config: RunConfig) -> None:
         return
     honest = torch.arange(2.0 * config.num_honest).reshape(config.num_honest, 2)
     try:
-        _attacks.craft(attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
-              aggregate=lambda x: x.mean(dim=0), generator=torch.Generator().manual_seed(0), **params)
+        _attacks.craft(
+            attack,
+            honest,
+            num_byzantine=config.num_byzantine,
+            num_workers=config.num_workers,
+            aggregate=lambda x: x.mean(dim=0),
+            generator=torch.Generator().manual_seed(0),
+            **params,
+        )
     except (ValueError, TypeError) as error:
         raise _fail("attack_params", str(error)) from None
 

@@ -49,16 +49,25 @@ def table(*, num_honest: int, f: int, dim: int, heterogeneity: float, seeds: int
             total = 0.0
             for seed in range(seeds):
                 honest = honest_vectors(num_honest, dim, heterogeneity=heterogeneity, seed=seed)
-                byz = craft(attack, honest, num_byzantine=f, num_workers=n,
-                            aggregate=lambda x: pipeline(x)[0], generator=generator(seed, "noise"))
+                byz = craft(
+                    attack,
+                    honest,
+                    num_byzantine=f,
+                    num_workers=n,
+                    aggregate=lambda x: pipeline(x)[0],
+                    generator=generator(seed, "noise"),
+                )
                 aggregate, _ = pipeline(torch.cat([honest, byz]))
                 total += float(torch.linalg.vector_norm(aggregate - honest.mean(dim=0)))
             errors.append(total / seeds)
         rows.append((spec, errors))
     width = max(len(spec) for spec in PIPELINES)
-    lines = [f"robustness error ||F(x) - honest mean||, {num_honest} honest + {f} Byzantine, d = {dim}, "
-             f"heterogeneity {heterogeneity}, mean of {seeds} seeds (lower is better)", "",
-             f"{'pipeline':<{width}}  " + "  ".join(f"{a:>12}" for a in DEMO_ATTACKS) + f"  {'worst':>8}"]
+    lines = [
+        f"robustness error ||F(x) - honest mean||, {num_honest} honest + {f} Byzantine, d = {dim}, "
+        f"heterogeneity {heterogeneity}, mean of {seeds} seeds (lower is better)",
+        "",
+        f"{'pipeline':<{width}}  " + "  ".join(f"{a:>12}" for a in DEMO_ATTACKS) + f"  {'worst':>8}",
+    ]
     for spec, errors in rows:
         lines.append(f"{spec:<{width}}  " + "  ".join(f"{e:>12.4f}" for e in errors) + f"  {max(errors):>8.4f}")
     return "\n".join(lines)
@@ -74,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for f in sorted({args.f, max((args.num_honest - 1) // 2, 1)}):
-        print(table(num_honest=args.num_honest, f=f, dim=args.dim, heterogeneity=args.heterogeneity,
-                    seeds=args.seeds))
+        print(table(num_honest=args.num_honest, f=f, dim=args.dim, heterogeneity=args.heterogeneity, seeds=args.seeds))
         print()
 
 

@@ -40,8 +40,9 @@ class HelpFormatter(argparse.HelpFormatter):
             if "\n" in paragraph:
                 paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
             else:
-                paragraphs.append(textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent,
-                                                subsequent_indent=indent))
+                paragraphs.append(
+                    textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent)
+                )
         return "\n\n".join(paragraphs)
 
 
@@ -99,8 +100,14 @@ class Parser(argparse.ArgumentParser):
         # parse_known_args tells a flag given from one left to its variable or default.
         action = super().add_argument(*names, default=argparse.SUPPRESS, **kwargs)
         long_flag = next((n for n in names if n.startswith("--")), names[0])
-        flag = EnvFlag(action=action, variable=env or env_name(long_flag), default=default, required=required,
-                       repeated=action_name == "append", switch=switch)
+        flag = EnvFlag(
+            action=action,
+            variable=env or env_name(long_flag),
+            default=default,
+            required=required,
+            repeated=action_name == "append",
+            switch=switch,
+        )
         self.env_flags.append(flag)
         _describe(action, default, required=required, variable=flag.variable)
         return action
@@ -118,8 +125,9 @@ class Parser(argparse.ArgumentParser):
                 names |= parser.env_variables()
         return frozenset(names)
 
-    def parse_known_args(self, args: Sequence[str] | None = None,
-                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         namespace, extras = super().parse_known_args(args, namespace)
         for flag in self.env_flags:
             dest = flag.action.dest

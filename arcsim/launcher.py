@@ -98,6 +98,7 @@ def follow_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         return
     if not armed:
+
         def watch() -> None:
             while os.getppid() == parent:
                 time.sleep(1.0)
@@ -115,8 +116,7 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in drop}
     # One torch thread per process: parallelism comes from processes (2-core machines oversubscribe
     # badly), and equal thread counts give bitwise-equal results across engines.
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                PARENT_ENV: str(os.getpid())})
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())})
     env.update(extra)
     return env
 
@@ -151,14 +151,29 @@ def run_grpc(
 
     def start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         log_file = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(python + args, env=_child_env(env), stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            python + args,
+            env=_child_env(env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log_file.close()
         children.append((name, proc))
         return proc
 
-    coordinator_args = ["coordinator", "--config", str(config_path), "--out", str(out_dir), "--port", "0",
-                        "--host", "127.0.0.1"]
+    coordinator_args = [
+        "coordinator",
+        "--config",
+        str(config_path),
+        "--out",
+        str(out_dir),
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+    ]
     if metrics_port is not None:
         coordinator_args += ["--metrics-port", str(metrics_port)]
     if resume:
@@ -173,8 +188,9 @@ def run_grpc(
                 if coordinator.poll() is not None:
                     raise LaunchError(_died("coordinator", logs))
                 if time.monotonic() > deadline:
-                    raise LaunchError(f"the coordinator did not start within {startup_timeout:.0f}s; "
-                                      f"see {logs}/coordinator.log")
+                    raise LaunchError(
+                        f"the coordinator did not start within {startup_timeout:.0f}s; see {logs}/coordinator.log"
+                    )
                 time.sleep(0.05)
             endpoint = json.loads(endpoint_file.read_text())
             address = f"127.0.0.1:{endpoint['port']}"
@@ -184,17 +200,22 @@ def run_grpc(
             if progress:
                 display = Progress(config.rounds, rounds_before=rounds_before)
             for worker_id in range(config.num_honest):
-                start(f"worker-{worker_id}", ["worker", "--coordinator", address, "--worker-id", str(worker_id),
-                                              "--device", device],
-                      {TOKEN_ENV: worker_token(secret, "honest", worker_id)})
+                start(
+                    f"worker-{worker_id}",
+                    ["worker", "--coordinator", address, "--worker-id", str(worker_id), "--device", device],
+                    {TOKEN_ENV: worker_token(secret, "honest", worker_id)},
+                )
             byzantine = list(range(config.num_honest, config.num_workers))
             if byzantine:
                 # One process for all the Byzantine ids: they collude, so it observes and crafts once a round.
                 args = ["adversary", "--coordinator", address, "--device", device]
                 for worker_id in byzantine:
                     args += ["--worker-id", str(worker_id)]
-                start("adversary", args,
-                      {TOKEN_ENV: ",".join(worker_token(secret, "byzantine", worker_id) for worker_id in byzantine)})
+                start(
+                    "adversary",
+                    args,
+                    {TOKEN_ENV: ",".join(worker_token(secret, "byzantine", worker_id) for worker_id in byzantine)},
+                )
 
             def on_record(index: int, record: dict[str, Any]) -> None:
                 if display is not None:
@@ -227,8 +248,9 @@ def _records_in(rounds_file: Path) -> int:
         return 0
 
 
-def _follow(coordinator: subprocess.Popen, children: list, out_dir: Path,
-            on_record: Callable[[int, dict[str, Any]], None]) -> None:
+def _follow(
+    coordinator: subprocess.Popen, children: list, out_dir: Path, on_record: Callable[[int, dict[str, Any]], None]
+) -> None:
     """Pass each record of rounds.jsonl, with its line number, to ``on_record`` until the coordinator
     exits; fail fast if a worker dies badly."""
     rounds_file = out_dir / "rounds.jsonl"

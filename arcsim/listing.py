@@ -21,8 +21,13 @@ def _registries() -> dict[str, Any]:
     from arcsim.robust import RULE_REGISTRY
     from arcsim.tasks import DATASET_REGISTRY, MODEL_REGISTRY, PARTITIONER_REGISTRY
 
-    return {"rules": RULE_REGISTRY, "attacks": ATTACK_REGISTRY, "datasets": DATASET_REGISTRY,
-            "models": MODEL_REGISTRY, "partitioners": PARTITIONER_REGISTRY}
+    return {
+        "rules": RULE_REGISTRY,
+        "attacks": ATTACK_REGISTRY,
+        "datasets": DATASET_REGISTRY,
+        "models": MODEL_REGISTRY,
+        "partitioners": PARTITIONER_REGISTRY,
+    }
 
 
 def _describe(kind: str, value: object) -> str:
@@ -71,10 +76,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `list` command to an argparse subparsers object (arcsim.cli's)."""
     parser = subparsers.add_parser(
-        "list", help="list the rules, attacks, datasets, models and partitioners a config may name",
+        "list",
+        help="list the rules, attacks, datasets, models and partitioners a config may name",
         description="List built-in names and the plugins installed as entry points (groups arcsim.rules, "
-                    "arcsim.attacks, arcsim.datasets, arcsim.models, arcsim.partitioners), with where each "
-                    "comes from. A config may also name package.module:callable directly.",
+        "arcsim.attacks, arcsim.datasets, arcsim.models, arcsim.partitioners), with where each "
+        "comes from. A config may also name package.module:callable directly.",
         epilog="examples:\n  arcsim list\n  arcsim list rules",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

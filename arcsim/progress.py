@@ -16,8 +16,9 @@ class Progress:
     display that first replays earlier records (the grpc launcher reading rounds.jsonl) passes it.
     """
 
-    def __init__(self, total_rounds: int, *, stream: TextIO | None = None, label: str = "",
-                 rounds_before: int | None = None) -> None:
+    def __init__(
+        self, total_rounds: int, *, stream: TextIO | None = None, label: str = "", rounds_before: int | None = None
+    ) -> None:
         if rounds_before is not None and rounds_before < 0:
             raise ValueError(f"rounds_before must be >= 0, got {rounds_before}")
         self.total = total_rounds
@@ -53,10 +54,14 @@ class Progress:
         rate = f"{ran / elapsed:.2f}" if ran > 0 and elapsed > 0 else "-"
         honest, byzantine = record.get("clipped_honest", 0), record.get("clipped_byzantine", 0)
         # None: the clipping stage saw mixtures of rows (after NNM), so only a row count is known.
-        clipped = (f"clipped h/b {honest}/{byzantine}" if honest is not None
-                   else f"clipped rows {record.get('clipped_rows', 0)}")
-        line = (f"{self.label}[{bar}] round {done}/{self.total}  acc {accuracy}  clip C {clip}  {clipped}  "
-                f"{rate} rounds/s")
+        clipped = (
+            f"clipped h/b {honest}/{byzantine}"
+            if honest is not None
+            else f"clipped rows {record.get('clipped_rows', 0)}"
+        )
+        line = (
+            f"{self.label}[{bar}] round {done}/{self.total}  acc {accuracy}  clip C {clip}  {clipped}  {rate} rounds/s"
+        )
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:
@@ -74,12 +79,14 @@ def format_summary(summary: dict[str, Any], out_dir: str) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
     config = summary["config"]
-    return "\n".join([
-        f"run {summary['status']}: {summary['rounds_completed']} rounds in {summary['wall_seconds']:.1f}s "
-        f"({summary['engine']} engine)",
-        f"  {config['num_honest']} honest + {config['num_byzantine']} Byzantine ({config['attack']}), "
-        f"pipeline '{config['pipeline']}', {config['task']} / {config['model']}, {config['partitioner']}",
-        f"  final accuracy {pct(summary['final_accuracy'])}, max accuracy {pct(summary['max_accuracy'])}",
-        f"  final_params_sha256 {summary['final_params_sha256']}",
-        f"  results in {out_dir} (summary.json, rounds.jsonl)",
-    ])
+    return "\n".join(
+        [
+            f"run {summary['status']}: {summary['rounds_completed']} rounds in {summary['wall_seconds']:.1f}s "
+            f"({summary['engine']} engine)",
+            f"  {config['num_honest']} honest + {config['num_byzantine']} Byzantine ({config['attack']}), "
+            f"pipeline '{config['pipeline']}', {config['task']} / {config['model']}, {config['partitioner']}",
+            f"  final accuracy {pct(summary['final_accuracy'])}, max accuracy {pct(summary['max_accuracy'])}",
+            f"  final_params_sha256 {summary['final_params_sha256']}",
+            f"  results in {out_dir} (summary.json, rounds.jsonl)",
+        ]
+    )

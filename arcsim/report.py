@@ -85,10 +85,32 @@ _CELL_KEYS = frozenset({"seed", "attack", "attack_params", "pipeline", "pipeline
 _SETTING_CORE = ("task", "model", "num_honest", "partitioner", "alpha", "declared_f")
 
 # The round record's fields that a point carries (rounds.jsonl; ``round`` becomes rounds done).
-_RECORD_FIELDS = ("lr", "accuracy", "test_loss", "train_loss", "clip_threshold", "clipped_honest",
-                  "clipped_byzantine", "clipped_rows", "aggregate_error", "aggregate_norm", "aggregated")
-POINT_COLUMNS = ("setting", "f", "pipeline", "attack", "seed", "base", "variant", "variant_label", "run", "round",
-                 *_RECORD_FIELDS)
+_RECORD_FIELDS = (
+    "lr",
+    "accuracy",
+    "test_loss",
+    "train_loss",
+    "clip_threshold",
+    "clipped_honest",
+    "clipped_byzantine",
+    "clipped_rows",
+    "aggregate_error",
+    "aggregate_norm",
+    "aggregated",
+)
+POINT_COLUMNS = (
+    "setting",
+    "f",
+    "pipeline",
+    "attack",
+    "seed",
+    "base",
+    "variant",
+    "variant_label",
+    "run",
+    "round",
+    *_RECORD_FIELDS,
+)
 """The columns of the long-format table (points.csv, :func:`load_points`), one row per run and round.
 ``round`` counts the rounds done (1-based); ``accuracy`` and ``test_loss`` are empty between evaluations."""
 
@@ -139,8 +161,9 @@ def _round(value: float) -> float:
     return round(value, 12)  # hides float noise such as 0.6000000000000001 in tables and doctests
 
 
-def group_curves(points: Iterable[Mapping[str, Any]], *, keys: Sequence[str] = KEY_FIELDS,
-                 value: str = "accuracy") -> dict[tuple[Any, ...], dict[Any, dict[int, float]]]:
+def group_curves(
+    points: Iterable[Mapping[str, Any]], *, keys: Sequence[str] = KEY_FIELDS, value: str = "accuracy"
+) -> dict[tuple[Any, ...], dict[Any, dict[int, float]]]:
     """Long-format points -> {key: {seed: {round: value}}}; points whose value is None are left out.
 
     Every point has the fields ``keys``, ``"seed"``, ``"round"`` and ``value``.
@@ -153,8 +176,9 @@ def group_curves(points: Iterable[Mapping[str, Any]], *, keys: Sequence[str] = K
     return {key: {seed: dict(curve) for seed, curve in seeds.items()} for key, seeds in grouped.items()}
 
 
-def best_accuracy(points: Iterable[Mapping[str, Any]], *,
-                  keys: Sequence[str] = KEY_FIELDS) -> dict[tuple[Any, ...], float]:
+def best_accuracy(
+    points: Iterable[Mapping[str, Any]], *, keys: Sequence[str] = KEY_FIELDS
+) -> dict[tuple[Any, ...], float]:
     """For each key: the maximum over evaluations of the seed-averaged accuracy.
 
     Keys whose seeds share no evaluated round are left out.
@@ -203,22 +227,27 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def markdown_tables(tables: Mapping[tuple[Any, Any], Mapping[str, Mapping[str, float]]],
-                    seeds: Mapping[tuple[Any, ...], int] | None = None) -> str:
+def markdown_tables(
+    tables: Mapping[tuple[Any, Any], Mapping[str, Mapping[str, float]]],
+    seeds: Mapping[tuple[Any, ...], int] | None = None,
+) -> str:
     """One markdown table per (setting, f): rows = pipelines, columns = attacks, then the worst case.
 
     Accuracies are in percent; the best worst case of each table is in bold. ``seeds`` (number
     of seeds per (setting, f, pipeline, attack)) adds a line saying how many seeds each cell has.
     """
     blocks = []
-    for (setting, f) in sorted(tables, key=lambda k: (str(k[0]), _sortable(k[1]))):
+    for setting, f in sorted(tables, key=lambda k: (str(k[0]), _sortable(k[1]))):
         rows = tables[(setting, f)]
         attacks = sorted({attack for row in rows.values() for attack in row})
         worst = {pipeline: worst_case(row) for pipeline, row in rows.items() if row}
         top = max((score for _, score in worst.values()), default=None)
-        lines = [f"### {setting}, f = {f}", "",
-                 "| pipeline | " + " | ".join(attacks) + " | worst case |",
-                 "|---|" + "---:|" * (len(attacks) + 1)]
+        lines = [
+            f"### {setting}, f = {f}",
+            "",
+            "| pipeline | " + " | ".join(attacks) + " | worst case |",
+            "|---|" + "---:|" * (len(attacks) + 1),
+        ]
         for pipeline in sorted(rows, key=lambda p: (clipping_variant(p)[1], clipping_variant(p)[0])):
             row = rows[pipeline]
             cells = [_pct(row.get(attack)) for attack in attacks]
@@ -289,8 +318,11 @@ def load_runs(path: str | Path) -> tuple[list[RunData], list[Path]]:
         else:
             runs.append(run)
     if not runs:
-        raise ValueError(f"report: no completed run in {path} "
-                         f"({len(left_out)} run folders not complete)" if left_out else f"report: no run in {path}")
+        raise ValueError(
+            f"report: no completed run in {path} ({len(left_out)} run folders not complete)"
+            if left_out
+            else f"report: no run in {path}"
+        )
     return runs, left_out
 
 
@@ -321,26 +353,36 @@ def cell_fields(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     The setting names the task, model, honest workers and partitioner, plus any other config key
     that differs between the runs (e.g. lr), so runs that differ in it are never averaged together.
     """
-    other = [key for key in (runs[0].config if runs else {})
-             if key not in _IGNORED_KEYS and key not in _CELL_KEYS and key not in _SETTING_CORE
-             and len({_canonical(run.config.get(key)) for run in runs}) > 1]
+    other = [
+        key
+        for key in (runs[0].config if runs else {})
+        if key not in _IGNORED_KEYS
+        and key not in _CELL_KEYS
+        and key not in _SETTING_CORE
+        and len({_canonical(run.config.get(key)) for run in runs}) > 1
+    ]
     cells = []
     for run in runs:
         config = run.config
         pipeline_params = dict(config.get("pipeline_params") or {})
         variant, base = clipping_variant(config["pipeline"])
         base_params = {k: v for k, v in pipeline_params.items() if not (variant == STATIC_CLIP and k == "c")}
-        cells.append({
-            "setting": _setting_label(config, other),
-            "f": config["num_byzantine"],
-            "pipeline": _label(config["pipeline"], pipeline_params),
-            "attack": _label(config["attack"], config.get("attack_params") or {}),
-            "seed": config["seed"],
-            "base": _label(base, base_params),
-            "variant": variant,
-            "variant_label": (_label("static clipping", {"c": pipeline_params["c"]})
-                              if variant == STATIC_CLIP and "c" in pipeline_params else VARIANT_LABELS[variant]),
-        })
+        cells.append(
+            {
+                "setting": _setting_label(config, other),
+                "f": config["num_byzantine"],
+                "pipeline": _label(config["pipeline"], pipeline_params),
+                "attack": _label(config["attack"], config.get("attack_params") or {}),
+                "seed": config["seed"],
+                "base": _label(base, base_params),
+                "variant": variant,
+                "variant_label": (
+                    _label("static clipping", {"c": pipeline_params["c"]})
+                    if variant == STATIC_CLIP and "c" in pipeline_params
+                    else VARIANT_LABELS[variant]
+                ),
+            }
+        )
     return cells
 
 
@@ -350,8 +392,14 @@ def points_from_runs(runs: Sequence[RunData]) -> Table:
     points = Table(columns=POINT_COLUMNS)
     for run, cell in zip(runs, cell_fields(runs)):
         for record in run.records:
-            points.append({**cell, "run": run.run_dir.name, "round": int(record["round"]) + 1,
-                           **{name: record.get(name) for name in _RECORD_FIELDS}})
+            points.append(
+                {
+                    **cell,
+                    "run": run.run_dir.name,
+                    "round": int(record["round"]) + 1,
+                    **{name: record.get(name) for name in _RECORD_FIELDS},
+                }
+            )
     return points
 
 
@@ -365,11 +413,19 @@ def table_rows(tables: Mapping[tuple[Any, Any], Mapping[str, Mapping[str, float]
     (empty where a table lacks it), then the worst case and its attack. Accuracies are fractions."""
     attacks = sorted({attack for rows in tables.values() for row in rows.values() for attack in row})
     out = Table(columns=("setting", "f", "pipeline", *attacks, "worst_case", "worst_attack"))
-    for (setting, f) in sorted(tables, key=lambda k: (str(k[0]), _sortable(k[1]))):
+    for setting, f in sorted(tables, key=lambda k: (str(k[0]), _sortable(k[1]))):
         for pipeline, row in sorted(tables[(setting, f)].items()):
             worst_attack, worst = worst_case(row)
-            out.append({"setting": setting, "f": f, "pipeline": pipeline, **row, "worst_case": worst,
-                        "worst_attack": worst_attack})
+            out.append(
+                {
+                    "setting": setting,
+                    "f": f,
+                    "pipeline": pipeline,
+                    **row,
+                    "worst_case": worst,
+                    "worst_attack": worst_attack,
+                }
+            )
     return out
 
 
@@ -412,7 +468,8 @@ def _variant_order(variant: str) -> int:
 def _plot_accuracy(points: Sequence[Mapping[str, Any]], plots: Path) -> list[Path]:
     curves = group_curves(points, keys=("setting", "f", "base", "attack", "variant", "variant_label"))
     by_figure: dict[tuple[Any, ...], dict[str, list[tuple[str, str, dict[int, float]]]]] = defaultdict(
-        lambda: defaultdict(list))
+        lambda: defaultdict(list)
+    )
     for (setting, f, base, attack, variant, label), seeds in curves.items():
         by_figure[(setting, f, base)][attack].append((variant, label, seed_average(seeds)))
     paths = []
@@ -422,8 +479,15 @@ def _plot_accuracy(points: Sequence[Mapping[str, Any]], plots: Path) -> list[Pat
         for ax, attack in zip(axes, attacks):
             for variant, label, curve in sorted(by_attack[attack], key=lambda v: (_variant_order(v[0]), v[1])):
                 color, style = _VARIANT_STYLE[variant]
-                ax.plot(list(curve), [100 * v for v in curve.values()], style, color=color, marker="o",
-                        markersize=3, label=label)
+                ax.plot(
+                    list(curve),
+                    [100 * v for v in curve.values()],
+                    style,
+                    color=color,
+                    marker="o",
+                    markersize=3,
+                    label=label,
+                )
             ax.set_title(f"attack: {attack}")
             ax.set_xlabel("round")
             ax.set_ylabel("test accuracy (%)")
@@ -445,7 +509,8 @@ def _plot_worst_case(points: Sequence[Mapping[str, Any]], plots: Path) -> list[P
     for (setting, f, base, variant, label, attack), score in best.items():
         by_attack[(setting, base, variant, label, f)][attack] = score
     series: dict[str, dict[str, dict[tuple[str, str], dict[Any, float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(dict)))
+        lambda: defaultdict(lambda: defaultdict(dict))
+    )
     for (setting, base, variant, label, f), scores in by_attack.items():
         series[setting][base][(variant, label)][f] = worst_case(scores)[1]
     paths = []
@@ -453,8 +518,9 @@ def _plot_worst_case(points: Sequence[Mapping[str, Any]], plots: Path) -> list[P
         bases = sorted(series[setting])
         figure, axes = _figure(len(bases), columns=3, width=5.0)
         for ax, base in zip(axes, bases):
-            for (variant, label), by_f in sorted(series[setting][base].items(),
-                                                 key=lambda kv: (_variant_order(kv[0][0]), kv[0][1])):
+            for (variant, label), by_f in sorted(
+                series[setting][base].items(), key=lambda kv: (_variant_order(kv[0][0]), kv[0][1])
+            ):
                 color, style = _VARIANT_STYLE[variant]
                 fs = sorted(by_f)
                 ax.plot(fs, [100 * by_f[f] for f in fs], style, color=color, marker="o", label=label)
@@ -471,8 +537,10 @@ def _plot_worst_case(points: Sequence[Mapping[str, Any]], plots: Path) -> list[P
 def _plot_arc_clipping(points: Sequence[Mapping[str, Any]], plots: Path) -> list[Path]:
     arc_points = [p for p in points if p["variant"] == ARC]
     keys = ("setting", "f", "pipeline", "attack")
-    series = {name: group_curves(arc_points, keys=keys, value=name)
-              for name in ("clip_threshold", "clipped_honest", "clipped_byzantine")}
+    series = {
+        name: group_curves(arc_points, keys=keys, value=name)
+        for name in ("clip_threshold", "clipped_honest", "clipped_byzantine")
+    }
     figures: dict[tuple[Any, ...], list[str]] = defaultdict(list)
     for key in set().union(*(s.keys() for s in series.values())):
         figures[key[:3]].append(key[3])
@@ -502,8 +570,9 @@ def _plot_arc_clipping(points: Sequence[Mapping[str, Any]], plots: Path) -> list
 
 
 def _spans_decades(grouped: Mapping[tuple[Any, ...], Mapping[Any, Mapping[int, float]]], *prefix: Any) -> bool:
-    values = [v for key, seeds in grouped.items() if key[:3] == prefix for curve in seeds.values()
-              for v in curve.values()]
+    values = [
+        v for key, seeds in grouped.items() if key[:3] == prefix for curve in seeds.values() for v in curve.values()
+    ]
     return bool(values) and min(values) > 0 and max(values) / min(values) > 100
 
 
@@ -534,8 +603,11 @@ def write_report(path: str | Path) -> ReportResult:
     tables_csv = table_rows(tables).to_csv(path / "tables.csv")
     seeds = {key: len(curves) for key, curves in group_curves(points).items()}
     plots_dir = path / "plots"
-    plots = [*_plot_accuracy(points, plots_dir), *_plot_worst_case(points, plots_dir),
-             *_plot_arc_clipping(points, plots_dir)]
+    plots = [
+        *_plot_accuracy(points, plots_dir),
+        *_plot_worst_case(points, plots_dir),
+        *_plot_arc_clipping(points, plots_dir),
+    ]
     lines = [
         f"# arcsim report: {path.name or path}",
         "",
@@ -544,11 +616,24 @@ def write_report(path: str | Path) -> ReportResult:
         "protocol, as in Allouah et al., arXiv:2405.14432). f is the number of Byzantine workers.",
     ]
     if left_out:
-        lines += ["", f"Left out ({len(left_out)} runs not complete): "
-                      + ", ".join(f"`{p.name}`" for p in left_out[:20]) + (" ..." if len(left_out) > 20 else "")]
-    lines += ["", "## Tables", "", markdown_tables(tables, seeds), "",
-              "The same numbers (as fractions) are in [tables.csv](tables.csv), and every run's rounds in "
-              "[points.csv](points.csv).", "", "## Plots", ""]
+        lines += [
+            "",
+            f"Left out ({len(left_out)} runs not complete): "
+            + ", ".join(f"`{p.name}`" for p in left_out[:20])
+            + (" ..." if len(left_out) > 20 else ""),
+        ]
+    lines += [
+        "",
+        "## Tables",
+        "",
+        markdown_tables(tables, seeds),
+        "",
+        "The same numbers (as fractions) are in [tables.csv](tables.csv), and every run's rounds in "
+        "[points.csv](points.csv).",
+        "",
+        "## Plots",
+        "",
+    ]
     for plot in plots:
         lines.append(f"![{plot.stem}](plots/{plot.name})")
         lines.append("")
@@ -556,5 +641,11 @@ def write_report(path: str | Path) -> ReportResult:
     tmp = path / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
     tmp.replace(markdown)
-    return ReportResult(markdown=markdown, plots=tuple(plots), runs=len(runs), left_out=tuple(left_out),
-                        points=points_csv, tables=tables_csv)
+    return ReportResult(
+        markdown=markdown,
+        plots=tuple(plots),
+        runs=len(runs),
+        left_out=tuple(left_out),
+        points=points_csv,
+        tables=tables_csv,
+    )

@@ -106,9 +106,23 @@ _LIST_KEYS = frozenset({"lr_milestones"})  # RunConfig keys whose single value i
 _MAPPING_KEYS = frozenset({"attack_params", "pipeline_params"})  # ... whose single value is a mapping
 
 TABLE_COLUMNS = (
-    "task", "model", "pipeline", "attack", "num_byzantine", "declared_f", "partitioner", "alpha", "seed",
-    "status", "rounds_completed", "final_accuracy", "max_accuracy", "final_params_sha256", "wall_seconds",
-    "run_dir", "error",
+    "task",
+    "model",
+    "pipeline",
+    "attack",
+    "num_byzantine",
+    "declared_f",
+    "partitioner",
+    "alpha",
+    "seed",
+    "status",
+    "rounds_completed",
+    "final_accuracy",
+    "max_accuracy",
+    "final_params_sha256",
+    "wall_seconds",
+    "run_dir",
+    "error",
 )
 """The fixed columns of sweep.csv; the keys the sweep varies (if not among them) come first.
 ``declared_f`` is the f the pipeline is built with (``RunConfig.f``)."""
@@ -174,8 +188,10 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
     """
     unknown = [str(key) for key in grid if key not in _fields()]
     if unknown:
-        raise _config_error(f"unknown config keys {unknown} in the sweep; valid keys: {', '.join(_fields())} "
-                          f"and the {SWEEP_SECTION!r} section")
+        raise _config_error(
+            f"unknown config keys {unknown} in the sweep; valid keys: {', '.join(_fields())} "
+            f"and the {SWEEP_SECTION!r} section"
+        )
     axes = {key: values for key, value in grid.items() if (values := _axis_values(key, value)) is not None}
     single = {key: value for key, value in grid.items() if key not in axes}
     owners: dict[str, str] = {}
@@ -345,13 +361,24 @@ def plan_sweep(raw: Mapping[str, Any], *, name: str = "sweep", source_text: str 
             f"(fix them, exclude them with sweep.exclude, or set sweep.skip_invalid: true):\n  {listed}{more}"
         )
     if not runs:
-        raise _config_error(f"sweep {sweep_name!r} has no run left to do (grid of {len(combos)}, "
-                          f"{excluded} excluded, {len(invalid)} invalid)")
+        raise _config_error(
+            f"sweep {sweep_name!r} has no run left to do (grid of {len(combos)}, "
+            f"{excluded} excluded, {len(invalid)} invalid)"
+        )
     dicts = [run.config.to_dict() for run in runs]
-    varied = tuple(key for key in _fields()
-                   if len({json.dumps(d[key], sort_keys=True, default=str) for d in dicts}) > 1)
-    return SweepPlan(name=sweep_name, runs=tuple(runs), varied=varied, combinations=len(combos),
-                     excluded=excluded, duplicates=duplicates, invalid=tuple(invalid), source_text=source_text)
+    varied = tuple(
+        key for key in _fields() if len({json.dumps(d[key], sort_keys=True, default=str) for d in dicts}) > 1
+    )
+    return SweepPlan(
+        name=sweep_name,
+        runs=tuple(runs),
+        varied=varied,
+        combinations=len(combos),
+        excluded=excluded,
+        duplicates=duplicates,
+        invalid=tuple(invalid),
+        source_text=source_text,
+    )
 
 
 def load_sweep(path: str | Path) -> SweepPlan:
@@ -390,8 +417,12 @@ def _same_config(summary: Mapping[str, Any], config: RunConfig) -> bool:
 def is_complete(run_dir: Path, config: RunConfig) -> bool:
     """True when ``run_dir/summary.json`` records a completed run of ``config`` with all its rounds."""
     summary = read_summary(run_dir)
-    return (summary is not None and summary.get("status") == "completed"
-            and summary.get("rounds_completed") == config.rounds and _same_config(summary, config))
+    return (
+        summary is not None
+        and summary.get("status") == "completed"
+        and summary.get("rounds_completed") == config.rounds
+        and _same_config(summary, config)
+    )
 
 
 def _one_thread() -> None:
@@ -421,19 +452,28 @@ def execute_run(config: RunConfig, run_dir: str | Path, device: str = "cpu") -> 
         if found is not None:
             resumed_from = int(found.values["round"])
         # On a GPU the honest gradients go in one vmapped call; on a CPU the plain loop is faster.
-        summary = run_inproc(config, run_dir, resume=found is not None, device=device,
-                             batch_workers=device == "cuda")
+        summary = run_inproc(config, run_dir, resume=found is not None, device=device, batch_workers=device == "cuda")
         (run_dir / "error.log").unlink(missing_ok=True)
-        return {"status": summary["status"], "seconds": time.perf_counter() - started,
-                "resumed_from": resumed_from, "summary": summary, "error": None}
+        return {
+            "status": summary["status"],
+            "seconds": time.perf_counter() - started,
+            "resumed_from": resumed_from,
+            "summary": summary,
+            "error": None,
+        }
     except Exception as error:  # noqa: BLE001 - one failing run must not stop the sweep
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.log").write_text(traceback.format_exc())
         except OSError:
             pass
-        return {"status": "failed", "seconds": time.perf_counter() - started, "resumed_from": resumed_from,
-                "summary": None, "error": f"{type(error).__name__}: {error}"}
+        return {
+            "status": "failed",
+            "seconds": time.perf_counter() - started,
+            "resumed_from": resumed_from,
+            "summary": None,
+            "error": f"{type(error).__name__}: {error}",
+        }
 
 
 def _failure(message: str) -> dict[str, Any]:
@@ -474,8 +514,12 @@ def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: 
     context = multiprocessing.get_context("spawn")
     pending = deque(todo)
     while pending:
-        pool = ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=context,
-                                   initializer=_init_pool_worker, initargs=(os.getpid(),))
+        pool = ProcessPoolExecutor(
+            max_workers=min(jobs, len(pending)),
+            mp_context=context,
+            initializer=_init_pool_worker,
+            initargs=(os.getpid(),),
+        )
         in_flight: dict[Future[dict[str, Any]], PlannedRun] = {}
         broken = False
         try:
@@ -497,15 +541,21 @@ def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: 
                         result = future.result()
                     except BrokenProcessPool:
                         broken = True
-                        result = _failure("a sweep worker process died (killed or crashed) during this run; "
-                                          "rerun the sweep to resume it")
+                        result = _failure(
+                            "a sweep worker process died (killed or crashed) during this run; "
+                            "rerun the sweep to resume it"
+                        )
                     except Exception as error:  # noqa: BLE001 - e.g. the result could not be sent back
                         result = _failure(f"{type(error).__name__}: {error}")
                     yield run, result
             for future, run in list(in_flight.items()):  # the pool broke under these too
                 in_flight.pop(future)
-                yield run, _failure("a sweep worker process died (killed or crashed) during this run; "
-                                    "rerun the sweep to resume it")
+                yield (
+                    run,
+                    _failure(
+                        "a sweep worker process died (killed or crashed) during this run; rerun the sweep to resume it"
+                    ),
+                )
         finally:
             if in_flight:  # interrupted: stop the runs now (their checkpoints let the next sweep resume)
                 for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -513,8 +563,9 @@ def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: 
             pool.shutdown(wait=not in_flight, cancel_futures=True)
 
 
-def _run_ray(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int | None, device: str,
-             address: str | None) -> Results:
+def _run_ray(
+    todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int | None, device: str, address: str | None
+) -> Results:
     """Ray tasks (one CPU each) calling :func:`execute_run`. Without ``address`` a local Ray
     instance with ``jobs`` CPUs is started (and stopped); with one, the cluster's nodes must import
     arcsim and share ``out_dir``'s file system."""
@@ -565,8 +616,9 @@ def table_columns(plan: SweepPlan) -> list[str]:
     return [key for key in plan.varied if key not in TABLE_COLUMNS] + list(TABLE_COLUMNS)
 
 
-def table_row(run: PlannedRun, *, status: str, summary: Mapping[str, Any] | None = None,
-              error: str | None = None) -> dict[str, Any]:
+def table_row(
+    run: PlannedRun, *, status: str, summary: Mapping[str, Any] | None = None, error: str | None = None
+) -> dict[str, Any]:
     """One row of sweep.csv (before formatting): every config key, ``declared_f``, and the results."""
     summary = summary or {}
     return {
@@ -623,8 +675,9 @@ def _sweep_lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another arcsim sweep is running in {out_dir}; "
-                               "wait for it or use another --out") from None
+            raise RuntimeError(
+                f"another arcsim sweep is running in {out_dir}; wait for it or use another --out"
+            ) from None
         try:
             yield
         finally:
@@ -673,8 +726,10 @@ def run_sweep(
             if is_complete(out_dir / run.name, run.config):
                 rows[run.name] = table_row(run, status="completed", summary=summary)
                 finished += 1
-                echo(f"[{finished}/{total}] {run.name} skipped: already complete "
-                     f"(max acc {_pct((summary or {}).get('max_accuracy')).strip()})")
+                echo(
+                    f"[{finished}/{total}] {run.name} skipped: already complete "
+                    f"(max acc {_pct((summary or {}).get('max_accuracy')).strip()})"
+                )
             else:
                 rows[run.name] = table_row(run, status="pending")
                 todo.append(run)
@@ -698,8 +753,10 @@ def run_sweep(
                 if result["status"] == "completed":
                     completed += 1
                     rows[run.name] = table_row(run, status="completed", summary=summary)
-                    line = (f"[{finished}/{total}] {run.name} completed: max acc {_pct(summary['max_accuracy'])}, "
-                            f"{result['seconds']:.1f}s{resumed}")
+                    line = (
+                        f"[{finished}/{total}] {run.name} completed: max acc {_pct(summary['max_accuracy'])}, "
+                        f"{result['seconds']:.1f}s{resumed}"
+                    )
                 else:
                     failed_names.append(run.name)
                     error = result["error"] or f"run ended with status {result['status']!r}"
@@ -712,11 +769,19 @@ def run_sweep(
             if close is not None:
                 close()
             write()
-        echo(f"sweep {plan.name!r}: {total} runs, {skipped} already complete, {completed} completed now, "
-             f"{len(failed_names)} failed; table {table}")
-        return SweepOutcome(out_dir=out_dir, table=table, rows=tuple(rows[run.name] for run in plan.runs),
-                            skipped=skipped, completed=completed, failed=len(failed_names),
-                            names_failed=tuple(failed_names))
+        echo(
+            f"sweep {plan.name!r}: {total} runs, {skipped} already complete, {completed} completed now, "
+            f"{len(failed_names)} failed; table {table}"
+        )
+        return SweepOutcome(
+            out_dir=out_dir,
+            table=table,
+            rows=tuple(rows[run.name] for run in plan.runs),
+            skipped=skipped,
+            completed=completed,
+            failed=len(failed_names),
+            names_failed=tuple(failed_names),
+        )
 
 
 class _CallableModule(ModuleType):

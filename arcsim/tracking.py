@@ -49,10 +49,16 @@ __all__ = ["METRICS", "TRACKERS", "RoundTrackers", "check_trackers", "flat_param
 
 TRACKERS = ("tensorboard", "mlflow")
 METRICS = {
-    "test/accuracy": "accuracy", "test/loss": "test_loss", "train/loss": "train_loss", "train/lr": "lr",
-    "clipping/threshold": "clip_threshold", "clipping/honest": "clipped_honest",
-    "clipping/byzantine": "clipped_byzantine", "clipping/rows": "clipped_rows",
-    "aggregate/error": "aggregate_error", "aggregate/norm": "aggregate_norm",
+    "test/accuracy": "accuracy",
+    "test/loss": "test_loss",
+    "train/loss": "train_loss",
+    "train/lr": "lr",
+    "clipping/threshold": "clip_threshold",
+    "clipping/honest": "clipped_honest",
+    "clipping/byzantine": "clipped_byzantine",
+    "clipping/rows": "clipped_rows",
+    "aggregate/error": "aggregate_error",
+    "aggregate/norm": "aggregate_norm",
 }
 """Tracker metric name -> the field of the round record (rounds.jsonl) it carries."""
 
@@ -133,8 +139,9 @@ class _TensorBoard:
             raise _missing("tensorboard", error) from None
         # purge_step: a resumed run rewrites the steps from its first one (they may have been logged
         # by the process that was stopped after its last checkpoint).
-        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"),
-                                    purge_step=first_step if first_step > 1 else None)
+        self.writer = SummaryWriter(
+            log_dir=str(out_dir / "tensorboard"), purge_step=first_step if first_step > 1 else None
+        )
         if first_step <= 1:
             experiment, start, end = hparams(flat_params(config), dict.fromkeys(METRICS, 0.0))
             for summary in (experiment, start, end):
@@ -177,22 +184,25 @@ class _MLflow:
         found = []
         if first_step > 1 and "'" not in folder:  # a resumed run: the MLflow run of this folder, if there is one
             # (a folder whose name has a quote cannot be written in MLflow's filter: a new MLflow run then)
-            found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{folder}'",
-                                            max_results=1)
+            found = self.client.search_runs(
+                [experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{folder}'", max_results=1
+            )
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=out_dir.name,
-                                         tags={RUN_TAG: folder, "arcsim.engine": engine})
+            run = self.client.create_run(
+                experiment_id, run_name=out_dir.name, tags={RUN_TAG: folder, "arcsim.engine": engine}
+            )
             self.run_id = run.info.run_id
             self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in flat_params(config).items()])
         self.uri = uri
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[self._metric(name, value, now, step)
-                                                    for name, value in metrics.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[self._metric(name, value, now, step) for name, value in metrics.items()]
+        )
 
     def close(self, *, status: str) -> None:
         try:
@@ -258,7 +268,8 @@ class RoundTrackers:
             for sink in reversed(sinks):
                 stack.callback(sink.close, status=status)
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if not self._finished:
             self._close("FAILED" if kind is not None and issubclass(kind, Exception) else "KILLED")

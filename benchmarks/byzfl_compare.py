@@ -76,17 +76,26 @@ def byzfl_config(*, steps: int, data: Path, results: Path) -> dict[str, Any]:
             "size_train_set": 1.0,
         },
         "model": {
-            "name": "cnn_mnist", "dataset_name": "fashionmnist", "nb_labels": 10, "loss": "NLLLoss",
-            "learning_rate": LR, "learning_rate_decay": 1.0, "milestones": [],
+            "name": "cnn_mnist",
+            "dataset_name": "fashionmnist",
+            "nb_labels": 10,
+            "loss": "NLLLoss",
+            "learning_rate": LR,
+            "learning_rate_decay": 1.0,
+            "milestones": [],
         },
         "aggregator": [{"name": "TrMean", "parameters": {}}],
         "pre_aggregators": [{"name": "ARC", "parameters": {}}, {"name": "NNM", "parameters": {}}],
         "honest_clients": {"momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH},
         "attack": [{"name": "ALittleIsEnough", "parameters": {"tau": ALIE_TAU}}],
         "evaluation_and_results": {
-            "evaluation_delta": steps + 1, "batch_size_evaluation": 128, "evaluate_on_test": False,
-            "store_per_client_metrics": False, "store_models": False,
-            "data_folder": str(data), "results_directory": str(results),
+            "evaluation_delta": steps + 1,
+            "batch_size_evaluation": 128,
+            "evaluate_on_test": False,
+            "store_per_client_metrics": False,
+            "store_models": False,
+            "data_folder": str(data),
+            "results_directory": str(results),
         },
     }
 
@@ -134,8 +143,9 @@ def byzfl_child(steps: int, data: Path, out: Path) -> None:
             run_benchmark(nb_jobs=1)
         finally:
             os.chdir(cwd)
-        train_time = [float((p.read_text().split() or ["nan"])[0])
-                      for p in (work / "results").rglob("train_time_*.txt")]
+        train_time = [
+            float((p.read_text().split() or ["nan"])[0]) for p in (work / "results").rglob("train_time_*.txt")
+        ]
     lines = [line.split() for line in stamps_path.read_text().splitlines()]
     stamps_path.unlink()
     parts: dict[str, float] = {}
@@ -147,13 +157,20 @@ def byzfl_child(steps: int, data: Path, out: Path) -> None:
     cpu = [float(c) for _, c, _ in lines]
     step_seconds = [b - a for a, b in zip(stamps, stamps[1:])]
     step_cpu_seconds = [b - a for a, b in zip(cpu, cpu[1:])]
-    out.write_text(json.dumps({
-        "engine": "byzfl", "byzfl": getattr(byzfl, "__version__", "0.0.11"), "torch": torch.__version__,
-        "torch_threads": sorted({int(n) for _, _, n in lines}), "step_seconds": step_seconds,
-        "step_cpu_seconds": step_cpu_seconds,
-        "train_time_seconds": train_time[0] if train_time else None,
-        "parts_seconds_per_step": {name: total / steps for name, total in parts.items()},
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "engine": "byzfl",
+                "byzfl": getattr(byzfl, "__version__", "0.0.11"),
+                "torch": torch.__version__,
+                "torch_threads": sorted({int(n) for _, _, n in lines}),
+                "step_seconds": step_seconds,
+                "step_cpu_seconds": step_cpu_seconds,
+                "train_time_seconds": train_time[0] if train_time else None,
+                "parts_seconds_per_step": {name: total / steps for name, total in parts.items()},
+            }
+        )
+    )
 
 
 def byzfl_parts() -> list[tuple[Any, str]]:
@@ -164,10 +181,17 @@ def byzfl_parts() -> list[tuple[Any, str]]:
     from byzfl.fed_framework.client import Client
     from byzfl.fed_framework.server import Server
 
-    return [(Client, "compute_gradients"), (Client, "get_flat_gradients_with_momentum"),
-            (Client, "set_model_state"), (ByzantineClient, "apply_attack"),
-            (attacks.ALittleIsEnough, "__call__"), (Server, "update_model_with_gradients"),
-            (preaggregators.ARC, "__call__"), (preaggregators.NNM, "__call__"), (aggregators.TrMean, "__call__")]
+    return [
+        (Client, "compute_gradients"),
+        (Client, "get_flat_gradients_with_momentum"),
+        (Client, "set_model_state"),
+        (ByzantineClient, "apply_attack"),
+        (attacks.ALittleIsEnough, "__call__"),
+        (Server, "update_model_with_gradients"),
+        (preaggregators.ARC, "__call__"),
+        (preaggregators.NNM, "__call__"),
+        (aggregators.TrMean, "__call__"),
+    ]
 
 
 def wrap_part(owner: Any, name: str, path: Path) -> None:
@@ -195,32 +219,68 @@ def arcsim_child(steps: int, out: Path) -> None:
     from arcsim.config import from_dict
     from arcsim.engine.inproc import run_inproc
 
-    config = from_dict({
-        "task": "fashion-mnist", "model": "cnn", "num_honest": NUM_HONEST, "num_byzantine": NUM_BYZANTINE,
-        "attack": "alie", "attack_params": {"tau": ALIE_TAU}, "pipeline": "arc > nnm > cwtm",
-        "partitioner": "extreme", "rounds": steps, "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
-        "batch_size": BATCH, "eval_every": steps, "seed": 0,
-    })
+    config = from_dict(
+        {
+            "task": "fashion-mnist",
+            "model": "cnn",
+            "num_honest": NUM_HONEST,
+            "num_byzantine": NUM_BYZANTINE,
+            "attack": "alie",
+            "attack_params": {"tau": ALIE_TAU},
+            "pipeline": "arc > nnm > cwtm",
+            "partitioner": "extreme",
+            "rounds": steps,
+            "lr": LR,
+            "momentum": MOMENTUM,
+            "weight_decay": WEIGHT_DECAY,
+            "batch_size": BATCH,
+            "eval_every": steps,
+            "seed": 0,
+        }
+    )
     stamps: list[float] = []
     cpu: list[float] = []
     evals: list[float] = []
     with tempfile.TemporaryDirectory(prefix="arcsim-byzfl-bench-") as tmp:
-        run_inproc(config, Path(tmp) / "run",
-                   on_round=lambda state, record: (stamps.append(time.perf_counter()), cpu.append(time.process_time()),
-                                                   evals.append(record.eval_seconds or 0.0)))
+        run_inproc(
+            config,
+            Path(tmp) / "run",
+            on_round=lambda state, record: (
+                stamps.append(time.perf_counter()),
+                cpu.append(time.process_time()),
+                evals.append(record.eval_seconds or 0.0),
+            ),
+        )
     # Round t (t >= 1) lasts from round t - 1's callback to its own (the last one evaluates: left out later).
     step_seconds = [b - a - e for a, b, e in zip(stamps, stamps[1:], evals[1:])]
     step_cpu_seconds = [b - a for a, b in zip(cpu, cpu[1:])]
-    out.write_text(json.dumps({"engine": "arcsim", "torch": torch.__version__,
-                               "torch_threads": [torch.get_num_threads()], "step_seconds": step_seconds,
-                               "step_cpu_seconds": step_cpu_seconds}))
+    out.write_text(
+        json.dumps(
+            {
+                "engine": "arcsim",
+                "torch": torch.__version__,
+                "torch_threads": [torch.get_num_threads()],
+                "step_seconds": step_seconds,
+                "step_cpu_seconds": step_cpu_seconds,
+            }
+        )
+    )
 
 
 # --- the comparison -----------------------------------------------------------------------------------------
 def run_child(python: str, mode: str, steps: int, data: Path, out: Path) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [python, str(Path(__file__).resolve()), mode, "--steps", str(steps), "--data", str(data),
-               "--out", str(out)]
+    command = [
+        python,
+        str(Path(__file__).resolve()),
+        mode,
+        "--steps",
+        str(steps),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
     subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -244,15 +304,26 @@ def compare(*, steps: int, repeats: int, byzfl_python: str, data: Path, same_tor
                 times[name].extend(measured)
                 cpu_times[name].extend(result["step_cpu_seconds"][1:last])
                 meta[name] = {k: v for k, v in result.items() if k not in ("step_seconds", "step_cpu_seconds")}
-                print(f"  repeat {repeat}, {name:18s}: median {statistics.median(measured):.3f} s/step "
-                      f"({statistics.median(result['step_cpu_seconds'][1:last]):.3f} CPU s) over "
-                      f"{len(measured)} steps (torch {result['torch']}, threads {result['torch_threads']})"
-                      + (f", train_time {result['train_time_seconds']:.1f} s for {steps} steps"
-                         if result.get("train_time_seconds") else ""), flush=True)
+                print(
+                    f"  repeat {repeat}, {name:18s}: median {statistics.median(measured):.3f} s/step "
+                    f"({statistics.median(result['step_cpu_seconds'][1:last]):.3f} CPU s) over "
+                    f"{len(measured)} steps (torch {result['torch']}, threads {result['torch_threads']})"
+                    + (
+                        f", train_time {result['train_time_seconds']:.1f} s for {steps} steps"
+                        if result.get("train_time_seconds")
+                        else ""
+                    ),
+                    flush=True,
+                )
     medians = {name: statistics.median(values) for name, values in times.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu_times.items()}
-    result: dict[str, Any] = {"steps": steps, "repeats": repeats, "meta": meta, "step_seconds": times,
-                              "step_cpu_seconds": cpu_times}
+    result: dict[str, Any] = {
+        "steps": steps,
+        "repeats": repeats,
+        "meta": meta,
+        "step_seconds": times,
+        "step_cpu_seconds": cpu_times,
+    }
     for name, median in medians.items():
         result[f"{name}_s_per_step"] = median
         result[f"{name}_cpu_s_per_step"] = cpu_medians[name]
@@ -272,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each (default 3)")
     parser.add_argument("--byzfl-python", default=str(DEFAULT_BYZFL_PYTHON), help="python of the ByzFL venv")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ByzFL's data folder (DATA/FashionMNIST/raw)")
-    parser.add_argument("--same-torch", action="store_true",
-                        help="also run arcsim on the ByzFL venv's torch (a control; needs pyyaml, grpcio and "
-                             "protobuf there)")
+    parser.add_argument(
+        "--same-torch",
+        action="store_true",
+        help="also run arcsim on the ByzFL venv's torch (a control; needs pyyaml, grpcio and protobuf there)",
+    )
     parser.add_argument("--out", type=Path, help="children: where to write the result; compare: JSON of the results")
     args = parser.parse_args(argv)
     if args.mode == "byzfl-child":
@@ -286,24 +359,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 4:
         parser.error(f"--steps must be at least 4 (the first and last are left out), got {args.steps}")
     if not Path(args.byzfl_python).exists():
-        parser.error(f"no ByzFL python at {args.byzfl_python}: python3 -m venv /work/byzfl-venv && "
-                     "/work/byzfl-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 byzfl==0.0.11")
+        parser.error(
+            f"no ByzFL python at {args.byzfl_python}: python3 -m venv /work/byzfl-venv && "
+            "/work/byzfl-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 byzfl==0.0.11"
+        )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}, {platform.platform()}", flush=True)
-    result = compare(steps=args.steps, repeats=args.repeats, byzfl_python=args.byzfl_python, data=args.data,
-                     same_torch=args.same_torch)
+    result = compare(
+        steps=args.steps,
+        repeats=args.repeats,
+        byzfl_python=args.byzfl_python,
+        data=args.data,
+        same_torch=args.same_torch,
+    )
     result["loadavg_after"] = os.getloadavg()
     held = "held" if result["speedup"] >= TARGET else "NOT held"
-    print(f"ByzFL  {result['byzfl_s_per_step']:.3f} s/step ({result['byzfl_steps_per_s']:.2f} steps/s), "
-          f"{result['byzfl_cpu_s_per_step']:.3f} CPU s/step")
-    print(f"arcsim {result['arcsim_s_per_step']:.3f} s/step ({result['arcsim_steps_per_s']:.2f} steps/s), "
-          f"{result['arcsim_cpu_s_per_step']:.3f} CPU s/step")
-    print(f"arcsim / ByzFL steps per second: {result['speedup']:.2f}x wall, {result['speedup_cpu']:.2f}x CPU time "
-          f"(target >= {TARGET}x: {held})")
+    print(
+        f"ByzFL  {result['byzfl_s_per_step']:.3f} s/step ({result['byzfl_steps_per_s']:.2f} steps/s), "
+        f"{result['byzfl_cpu_s_per_step']:.3f} CPU s/step"
+    )
+    print(
+        f"arcsim {result['arcsim_s_per_step']:.3f} s/step ({result['arcsim_steps_per_s']:.2f} steps/s), "
+        f"{result['arcsim_cpu_s_per_step']:.3f} CPU s/step"
+    )
+    print(
+        f"arcsim / ByzFL steps per second: {result['speedup']:.2f}x wall, {result['speedup_cpu']:.2f}x CPU time "
+        f"(target >= {TARGET}x: {held})"
+    )
     if "speedup_same_torch" in result:
-        print(f"arcsim on ByzFL's torch {result['arcsim_byzfl_torch_s_per_step']:.3f} s/step, "
-              f"{result['arcsim_byzfl_torch_cpu_s_per_step']:.3f} CPU s/step: "
-              f"{result['speedup_same_torch']:.2f}x wall, "
-              f"{result['speedup_same_torch_cpu']:.2f}x CPU time ByzFL's steps per second")
+        print(
+            f"arcsim on ByzFL's torch {result['arcsim_byzfl_torch_s_per_step']:.3f} s/step, "
+            f"{result['arcsim_byzfl_torch_cpu_s_per_step']:.3f} CPU s/step: "
+            f"{result['speedup_same_torch']:.2f}x wall, "
+            f"{result['speedup_same_torch_cpu']:.2f}x CPU time ByzFL's steps per second"
+        )
     print("ByzFL's time per step by function (last repeat; nested calls count in both):")
     for name, seconds in (result["meta"]["byzfl"].get("parts_seconds_per_step") or {}).items():
         print(f"  {name:45s} {1000 * seconds:8.1f} ms")

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from arcsim.config import load_config
+from arcsim.engine.honest import BatchedWorkers, HonestWorker, shards
+from arcsim.engine.inproc import run_inproc
 from arcsim.robust import build_pipeline
 from arcsim.tasks import load_dataset
-from arcsim.engine.inproc import run_inproc
-from arcsim.engine.honest import BatchedWorkers, HonestWorker, shards
 
 RESULTS: list[dict] = []
 
@@ -51,26 +51,46 @@ def robust(device: torch.device) -> None:
     for n, d, f in ((13, 431080, 3), (19, 431080, 8), (256, 65536, 64)):
         x = torch.randn(n, d, device=device)
         floor = timed(lambda: x.clone(), device=device)
-        for spec in ("arc > nnm > cwtm", "arc > nnm > geometric_median", "arc > nnm > multi_krum",
-                     "arc > nnm > cwmed"):
+        for spec in ("arc > nnm > cwtm", "arc > nnm > geometric_median", "arc > nnm > multi_krum", "arc > nnm > cwmed"):
             pipeline = build_pipeline(spec, f=f)
             seconds = timed(lambda: pipeline(x), device=device)
-            emit(check="robust", device=device.type, n=n, d=d, f=f, pipeline=spec, seconds=seconds,
-                 clone_seconds=floor, ratio_to_clone=seconds / floor)
+            emit(
+                check="robust",
+                device=device.type,
+                n=n,
+                d=d,
+                f=f,
+                pipeline=spec,
+                seconds=seconds,
+                clone_seconds=floor,
+                ratio_to_clone=seconds / floor,
+            )
 
 
 def workers(device: torch.device, config_path: str) -> None:
     config = load_config(config_path)
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
     shard_list = shards(config, dataset)
-    make = lambda: [HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)  # noqa: E731
-                    for i in range(config.num_honest)]
+
+    def make() -> list[HonestWorker]:
+        return [
+            HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)
+            for i in range(config.num_honest)
+        ]
+
     looped, batched = make(), BatchedWorkers(make())
     params = torch.nn.utils.parameters_to_vector(looped[0].model.parameters()).detach().cpu()
     loop_s = timed(lambda: [w.step(params, 0) for w in looped], device=device)
     vmap_s = timed(lambda: batched.step(params, 0), device=device)
-    emit(check="worker_gradients", device=device.type, workers=config.num_honest, batch=config.batch_size,
-         loop_seconds=loop_s, vmap_seconds=vmap_s, vmap_speedup=loop_s / vmap_s)
+    emit(
+        check="worker_gradients",
+        device=device.type,
+        workers=config.num_honest,
+        batch=config.batch_size,
+        loop_seconds=loop_s,
+        vmap_seconds=vmap_s,
+        vmap_speedup=loop_s / vmap_s,
+    )
 
 
 def engine(device: str, config_path: str, rounds: int, batch_workers: bool) -> None:
@@ -81,9 +101,16 @@ def engine(device: str, config_path: str, rounds: int, batch_workers: bool) -> N
         total = time.perf_counter() - start
         records = [json.loads(line) for line in (Path(out) / "rounds.jsonl").read_text().splitlines()]
     per_round = statistics.median(r["round_seconds"] for r in records[1:-1])
-    emit(check="inproc_engine", device=device, batch_workers=batch_workers, rounds=rounds,
-         median_round_seconds=per_round, total_seconds=total, final_accuracy=summary["final_accuracy"],
-         final_params_sha256=summary["final_params_sha256"])
+    emit(
+        check="inproc_engine",
+        device=device,
+        batch_workers=batch_workers,
+        rounds=rounds,
+        median_round_seconds=per_round,
+        total_seconds=total,
+        final_accuracy=summary["final_accuracy"],
+        final_params_sha256=summary["final_params_sha256"],
+    )
 
 
 def main() -> None:
@@ -94,8 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
-    emit(check="environment", torch=torch.__version__, cuda=cuda,
-         gpu=torch.cuda.get_device_name(0) if cuda else None)
+    emit(check="environment", torch=torch.__version__, cuda=cuda, gpu=torch.cuda.get_device_name(0) if cuda else None)
     devices = [torch.device("cuda")] if cuda else [torch.device("cpu")]
     for device in devices:
         robust(device)

@@ -62,15 +62,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from arcsim.attacks import craft  # noqa: E402
-from arcsim.engine.byzantine import Crafter  # noqa: E402
 from arcsim.config import RunConfig, load_config  # noqa: E402
+from arcsim.engine import checkpoint  # noqa: E402
+from arcsim.engine.byzantine import Crafter  # noqa: E402
+from arcsim.engine.honest import HonestWorker, build_task_model, shards  # noqa: E402
+from arcsim.engine.inproc import run_inproc  # noqa: E402
+from arcsim.engine.rounds import RoundRecord, RunState  # noqa: E402
 from arcsim.robust import build_pipeline  # noqa: E402
 from arcsim.seeding import generator  # noqa: E402
 from arcsim.tasks import load_dataset  # noqa: E402
-from arcsim.engine import checkpoint  # noqa: E402
-from arcsim.engine.inproc import run_inproc  # noqa: E402
-from arcsim.engine.rounds import RoundRecord, RunState  # noqa: E402
-from arcsim.engine.honest import HonestWorker, build_task_model, shards  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 TARGET_RATIO = 1.15
@@ -121,9 +121,15 @@ class BareFloor:
             self.last_vectors[i].mul_(beta).add_(grad, alpha=1.0 - beta)
         start = self._part("10 x (batch, forward, backward, flat gradient, momentum)", start)
         honest = torch.stack(self.last_vectors)
-        byz = craft(config.attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
-                    aggregate=lambda x: self.pipeline(x)[0], generator=generator(config.seed, "attack", t),
-                    **config.attack_params)
+        byz = craft(
+            config.attack,
+            honest,
+            num_byzantine=config.num_byzantine,
+            num_workers=config.num_workers,
+            aggregate=lambda x: self.pipeline(x)[0],
+            generator=generator(config.seed, "attack", t),
+            **config.attack_params,
+        )
         start = self._part("stack + ALIE craft", start)
         aggregate, report = self.pipeline(torch.cat([honest, byz]))
         for stage in report.stages:
@@ -141,8 +147,9 @@ class StepsFloor:
         self.config = config
         dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
         shard_list = shards(config, dataset)
-        self.workers = [HonestWorker(config, i, dataset=dataset, shard_list=shard_list)
-                        for i in range(config.num_honest)]
+        self.workers = [
+            HonestWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(config.num_honest)
+        ]
         self.crafter = Crafter(config)
         self.pipeline = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
 
@@ -191,8 +198,9 @@ def median_ms(values: list[float]) -> float:
 
 
 # --- engine vs floor ----------------------------------------------------------------------------------------------
-def time_components(state: RunState, folder: Path, out: dict[str, list[float]],
-                    save: Callable[..., Any] = checkpoint.save) -> None:
+def time_components(
+    state: RunState, folder: Path, out: dict[str, list[float]], save: Callable[..., Any] = checkpoint.save
+) -> None:
     """Seconds of the engine's own work besides the floor's, on this round's tensors (same process)."""
     h = state.config.num_honest
     vectors = [state.last_vectors[i] for i in sorted(state.last_vectors)]
@@ -283,13 +291,20 @@ def bench_engine(config_path: Path, *, rounds: int, warmup: int, checkpoint_seco
     close, save, step = (timer.per_interval(intervals) for timer in timers)
     saves_in_run = len(timers[1].calls)
     result = {
-        "config": str(config_path), "rounds": rounds, "warmup": warmup, "measured_rounds": len(engine_s),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "engine_ms": median_ms(engine_s), "floor_bare_ms": median_ms(bare_s), "floor_steps_ms": median_ms(steps_s),
+        "config": str(config_path),
+        "rounds": rounds,
+        "warmup": warmup,
+        "measured_rounds": len(engine_s),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "engine_ms": median_ms(engine_s),
+        "floor_bare_ms": median_ms(bare_s),
+        "floor_steps_ms": median_ms(steps_s),
         "ratio_bare": statistics.median(e / b for e, b in zip(engine_s, bare_s)),
         "ratio_bare_of_medians": statistics.median(engine_s) / statistics.median(bare_s),
         "ratio_bare_of_sums": sum(engine_s) / sum(bare_s),
-        "engine_cpu_ms": median_ms(engine_cpu), "floor_bare_cpu_ms": median_ms(bare_cpu),
+        "engine_cpu_ms": median_ms(engine_cpu),
+        "floor_bare_cpu_ms": median_ms(bare_cpu),
         "ratio_bare_cpu": statistics.median(engine_cpu) / statistics.median(bare_cpu),
         "ratio_steps": statistics.median(e / s for e, s in zip(engine_s, steps_s)),
         "engine_worker_steps_ms": median_ms(step),
@@ -298,8 +313,9 @@ def bench_engine(config_path: Path, *, rounds: int, warmup: int, checkpoint_seco
         "engine_checkpoints_written": saves_in_run,
         "checkpoint_seconds": "run_inproc default" if checkpoint_seconds is None else checkpoint_seconds,
         "components_ms": {name: median_ms(values) for name, values in components.items()},
-        "floor_parts_ms": {name: median_ms(values[warmup + 1:]) for name, values in bare.parts.items()},
-        "bit_identical": not mismatches, "mismatches": mismatches[:5],
+        "floor_parts_ms": {name: median_ms(values[warmup + 1 :]) for name, values in bare.parts.items()},
+        "bit_identical": not mismatches,
+        "mismatches": mismatches[:5],
         "engine_ms_all": [round(1000 * s, 2) for s in engine_s],
         "floor_bare_ms_all": [round(1000 * s, 2) for s in bare_s],
     }
@@ -307,8 +323,10 @@ def bench_engine(config_path: Path, *, rounds: int, warmup: int, checkpoint_seco
 
 
 def print_engine(result: dict[str, Any]) -> None:
-    print(f"in-process engine vs floor: {result['config']}, {result['measured_rounds']} measured rounds, "
-          f"{result['torch_threads']} torch thread(s), torch {result['torch']}")
+    print(
+        f"in-process engine vs floor: {result['config']}, {result['measured_rounds']} measured rounds, "
+        f"{result['torch_threads']} torch thread(s), torch {result['torch']}"
+    )
     print(f"  engine round           {result['engine_ms']:8.1f} ms (median)")
     print(f"    worker steps (10)    {result['engine_worker_steps_ms']:8.1f} ms")
     print(f"    close_round          {result['engine_close_round_ms']:8.1f} ms")
@@ -316,16 +334,24 @@ def print_engine(result: dict[str, Any]) -> None:
     print(f"  floor, bare            {result['floor_bare_ms']:8.1f} ms")
     print(f"  floor, worker steps    {result['floor_steps_ms']:8.1f} ms")
     held = "held" if result["ratio_bare"] <= TARGET_RATIO else "NOT held"
-    print(f"  engine / bare floor    {result['ratio_bare']:8.3f}x  (median of per-round ratios; target "
-          f"<= {TARGET_RATIO}x: {held})")
+    print(
+        f"  engine / bare floor    {result['ratio_bare']:8.3f}x  (median of per-round ratios; target "
+        f"<= {TARGET_RATIO}x: {held})"
+    )
     print(f"  engine / steps floor   {result['ratio_steps']:8.3f}x")
-    print(f"  engine / bare floor, ratio of medians {result['ratio_bare_of_medians']:.3f}x, of sums "
-          f"{result['ratio_bare_of_sums']:.3f}x")
-    print(f"  CPU time of this process: engine {result['engine_cpu_ms']:.1f} ms, bare floor "
-          f"{result['floor_bare_cpu_ms']:.1f} ms per round: {result['ratio_bare_cpu']:.3f}x")
+    print(
+        f"  engine / bare floor, ratio of medians {result['ratio_bare_of_medians']:.3f}x, of sums "
+        f"{result['ratio_bare_of_sums']:.3f}x"
+    )
+    print(
+        f"  CPU time of this process: engine {result['engine_cpu_ms']:.1f} ms, bare floor "
+        f"{result['floor_bare_cpu_ms']:.1f} ms per round: {result['ratio_bare_cpu']:.3f}x"
+    )
     print(f"  floors bit-identical to the engine: {result['bit_identical']} {' '.join(result['mismatches'])}")
-    print(f"  checkpoint_seconds: {result['checkpoint_seconds']}; checkpoints written: "
-          f"{result['engine_checkpoints_written']} in {result['rounds']} rounds")
+    print(
+        f"  checkpoint_seconds: {result['checkpoint_seconds']}; checkpoints written: "
+        f"{result['engine_checkpoints_written']} in {result['rounds']} rounds"
+    )
     print("  the bare floor's parts (median ms per round):")
     for name, value in result["floor_parts_ms"].items():
         print(f"    {name:55s} {value:8.2f}")
@@ -363,8 +389,13 @@ def time_sweep(sweep_file: Path, out: Path, jobs: int) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "arcsim", "sweep", str(sweep_file), "--jobs", str(jobs), "--out", str(out)],
-                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "arcsim", "sweep", str(sweep_file), "--jobs", str(jobs), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -380,8 +411,11 @@ def bench_sweep(config_path: Path, *, runs: int, rounds: int, repeats: int) -> d
             for jobs in (1, 2):
                 wall, cpu = time_sweep(sweep_file, Path(tmp) / f"out-{repeat}-{jobs}", jobs)
                 results[jobs].append((wall, cpu))
-                print(f"  repeat {repeat}, --jobs {jobs}: {wall:6.1f} s wall, {cpu:6.1f} CPU s, "
-                      f"{runs * rounds / wall:5.2f} rounds/s, {cpu / wall:4.2f} cores busy", flush=True)
+                print(
+                    f"  repeat {repeat}, --jobs {jobs}: {wall:6.1f} s wall, {cpu:6.1f} CPU s, "
+                    f"{runs * rounds / wall:5.2f} rounds/s, {cpu / wall:4.2f} cores busy",
+                    flush=True,
+                )
     summary: dict[str, Any] = {"runs": runs, "rounds": rounds, "repeats": repeats}
     for jobs, values in results.items():
         walls = [w for w, _ in values]
@@ -393,19 +427,27 @@ def bench_sweep(config_path: Path, *, runs: int, rounds: int, repeats: int) -> d
 
 
 def print_sweep(summary: dict[str, Any]) -> None:
-    print(f"arcsim sweep, {summary['runs']} identical-cost runs x {summary['rounds']} rounds, "
-          f"{summary['repeats']} interleaved repeats (medians):")
+    print(
+        f"arcsim sweep, {summary['runs']} identical-cost runs x {summary['rounds']} rounds, "
+        f"{summary['repeats']} interleaved repeats (medians):"
+    )
     for jobs in (1, 2):
-        print(f"  --jobs {jobs}: {summary[f'jobs{jobs}_wall_s']:6.1f} s wall, "
-              f"{summary[f'jobs{jobs}_rounds_per_s']:5.2f} rounds/s, "
-              f"{summary[f'jobs{jobs}_cores_busy']:4.2f} cores busy")
+        print(
+            f"  --jobs {jobs}: {summary[f'jobs{jobs}_wall_s']:6.1f} s wall, "
+            f"{summary[f'jobs{jobs}_rounds_per_s']:5.2f} rounds/s, "
+            f"{summary[f'jobs{jobs}_cores_busy']:4.2f} cores busy"
+        )
     print(f"  speedup --jobs 2 / --jobs 1: {summary['speedup']:.2f}x")
 
 
 def machine() -> dict[str, Any]:
     load = os.getloadavg()
-    return {"cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in load], "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg": [round(v, 2) for v in load],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,8 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=4, help="sweep: runs in the grid")
     parser.add_argument("--repeats", type=int, default=2, help="sweep: interleaved repeats of jobs 1 and 2")
     parser.add_argument("--top", type=int, default=25, help="profile: functions listed")
-    parser.add_argument("--checkpoint-seconds", type=float,
-                        help="engine: passed to run_inproc (0: a checkpoint after every round; default: its default)")
+    parser.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        help="engine: passed to run_inproc (0: a checkpoint after every round; default: its default)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run with few rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -428,17 +473,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "engine":
         rounds = args.rounds or (6 if args.quick else 40)
         warmup = min(args.warmup, 1) if args.quick else args.warmup
-        result.update(bench_engine(args.config, rounds=rounds, warmup=warmup,
-                                   checkpoint_seconds=args.checkpoint_seconds))
+        result.update(
+            bench_engine(args.config, rounds=rounds, warmup=warmup, checkpoint_seconds=args.checkpoint_seconds)
+        )
         print_engine(result)
     elif args.mode == "profile":
         text = profile_engine(args.config, rounds=args.rounds or (4 if args.quick else 20), top=args.top)
         print(text)
         result["profile"] = text
     else:
-        summary = bench_sweep(args.config, runs=2 if args.quick else args.runs,
-                              rounds=args.rounds or (3 if args.quick else 15),
-                              repeats=1 if args.quick else args.repeats)
+        summary = bench_sweep(
+            args.config,
+            runs=2 if args.quick else args.runs,
+            rounds=args.rounds or (3 if args.quick else 15),
+            repeats=1 if args.quick else args.repeats,
+        )
         print_sweep(summary)
         result.update(summary)
     result["machine_after"] = machine()

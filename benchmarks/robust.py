@@ -65,22 +65,33 @@ SEED = 2405_14432
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer repeats: a smoke run")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch (and OpenBLAS) threads; default: torch's default, i.e. all cores "
-                             "(1 with --quick, which must stay fast on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch (and OpenBLAS) threads; default: torch's default, i.e. all cores "
+        "(1 with --quick, which must stay fast on a busy machine)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per rule (default 7, quick 3)")
-    parser.add_argument("--max-pairs", type=int, default=None,
-                        help="pairs timed in a loop baseline's double loop before extrapolating "
-                             "(default 4096, quick 512)")
+    parser.add_argument(
+        "--max-pairs",
+        type=int,
+        default=None,
+        help="pairs timed in a loop baseline's double loop before extrapolating (default 4096, quick 512)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown to this file")
     parser.add_argument("--no-loop", action="store_true", help="skip the loop baselines")
     parser.add_argument("--device", default="cpu", help="torch device for arcsim (the loop baselines stay on CPU)")
-    parser.add_argument("--before", type=Path, default=None,
-                        help="a directory holding an earlier copy of the arcsim/robust package, timed against the "
-                             "current one in the same process, e.g. after "
-                             "`git archive 537f257 arcsim/robust | tar -x -C /tmp/before`: "
-                             "--before /tmp/before/arcsim/robust")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a directory holding an earlier copy of the arcsim/robust package, timed against the "
+        "current one in the same process, e.g. after "
+        "`git archive 537f257 arcsim/robust | tar -x -C /tmp/before`: "
+        "--before /tmp/before/arcsim/robust",
+    )
     args = parser.parse_args(argv)
     if args.quick and args.threads is None:
         args.threads = 1
@@ -373,9 +384,16 @@ def _bulyan_max_f(n: int) -> int:
 def _pipeline_case(spec: str, package: Any) -> Case:
     stages = robust.parse_spec(spec)
     loops = {
-        "arc": loop_arc, "nnm": loop_nnm, "static_clip": loop_static_clip, "bucketing": loop_bucketing,
-        "cwtm": loop_cwtm, "cwmed": loop_cwmed, "geometric_median": loop_geometric_median,
-        "multi_krum": loop_multi_krum, "krum": loop_krum, "mean": lambda v, f, c: loop_mean(v),
+        "arc": loop_arc,
+        "nnm": loop_nnm,
+        "static_clip": loop_static_clip,
+        "bucketing": loop_bucketing,
+        "cwtm": loop_cwtm,
+        "cwmed": loop_cwmed,
+        "geometric_median": loop_geometric_median,
+        "multi_krum": loop_multi_krum,
+        "krum": loop_krum,
+        "mean": lambda v, f, c: loop_mean(v),
     }
     pipelines: dict[int, Any] = {}
 
@@ -398,21 +416,28 @@ def cases(package: Any = robust) -> list[Case]:
     r = package
     rules = [
         Case("arc", True, lambda x, f: r.arc(x, f=f), loop_arc, _minority),
-        Case("static_clip (c=2)", True, lambda x, f: r.static_clip(x, c=STATIC_CLIP_C), loop_static_clip,
-             lambda n: n),
+        Case("static_clip (c=2)", True, lambda x, f: r.static_clip(x, c=STATIC_CLIP_C), loop_static_clip, lambda n: n),
         Case("nnm", True, lambda x, f: r.nnm(x, f=f), loop_nnm, _minority),
-        Case("bucketing (s=2)", True,
-             lambda x, f: r.bucketing(x, s=BUCKET_SIZE, generator=generator(SEED, "bucketing")),
-             loop_bucketing, lambda n: n),
+        Case(
+            "bucketing (s=2)",
+            True,
+            lambda x, f: r.bucketing(x, s=BUCKET_SIZE, generator=generator(SEED, "bucketing")),
+            loop_bucketing,
+            lambda n: n,
+        ),
         Case("mean", False, lambda x, f: r.mean(x), lambda v, f, c: loop_mean(v), lambda n: n),
         Case("cwtm", False, lambda x, f: r.cwtm(x, f=f), loop_cwtm, _minority),
         Case("cwmed", False, lambda x, f: r.cwmed(x), loop_cwmed, lambda n: n),
-        Case("geometric_median", False, lambda x, f: r.geometric_median(x), loop_geometric_median,
-             lambda n: n),
+        Case("geometric_median", False, lambda x, f: r.geometric_median(x), loop_geometric_median, lambda n: n),
         Case("krum", False, lambda x, f: r.krum(x, f=f), loop_krum, _krum_max_f),
         Case("multi_krum", False, lambda x, f: r.multi_krum(x, f=f), loop_multi_krum, _krum_max_f),
-        Case("centered_clip (tau=1)", False, lambda x, f: r.centered_clip(x, tau=CENTERED_CLIP_TAU),
-             loop_centered_clip, lambda n: n),
+        Case(
+            "centered_clip (tau=1)",
+            False,
+            lambda x, f: r.centered_clip(x, tau=CENTERED_CLIP_TAU),
+            loop_centered_clip,
+            lambda n: n,
+        ),
         Case("bulyan", False, lambda x, f: r.bulyan(x, f=f), loop_bulyan, _bulyan_max_f),
     ]
     return rules + [_pipeline_case(spec, package) for spec in PIPELINES]
@@ -482,13 +507,26 @@ def measure_size(
         loop_seconds = speedup = rel = None
         note = ""
         if loops:
-            loop_seconds, expected, note = time_loop(lambda clock: case.loop(vectors, rule_f, clock),
-                                                     repeats=repeats, max_pairs=max_pairs)
+            loop_seconds, expected, note = time_loop(
+                lambda clock: case.loop(vectors, rule_f, clock), repeats=repeats, max_pairs=max_pairs
+            )
             speedup = loop_seconds / seconds
             want = np.stack(expected) if isinstance(expected, list) else expected
             rel = _rel_diff(case.run(x, rule_f).cpu().numpy(), want)
-        rows.append(Row(case.name, rule_f, floor_name, seconds, floor_seconds, seconds / floor_seconds,
-                        loop_seconds, speedup, rel, note))
+        rows.append(
+            Row(
+                case.name,
+                rule_f,
+                floor_name,
+                seconds,
+                floor_seconds,
+                seconds / floor_seconds,
+                loop_seconds,
+                speedup,
+                rel,
+                note,
+            )
+        )
         if old is not None:
             rows[-1].before_s = timed["before"]
             rows[-1].speedup_vs_before = timed["before"] / seconds
@@ -504,11 +542,19 @@ def nnm_breakdown(n: int, d: int, f: int, *, repeats: int, device: torch.device)
     mix = torch.zeros((n, n), dtype=x.dtype, device=device)
     nearest = torch.argsort(torch.rand((n, n), generator=generator(SEED, "mix")), dim=1)[:, : n - f].to(device)
     mix.scatter_(1, nearest, 1.0 / (n - f))
-    timed = time_interleaved({"nnm": lambda: robust.nnm(x, f=f), "gram": lambda: y @ y.T, "mixing": lambda: mix @ x},
-                             repeats=repeats, device=device)
+    timed = time_interleaved(
+        {"nnm": lambda: robust.nnm(x, f=f), "gram": lambda: y @ y.T, "mixing": lambda: mix @ x},
+        repeats=repeats,
+        device=device,
+    )
     total, gram, mixing = timed["nnm"], timed["gram"], timed["mixing"]
-    return {"nnm_s": total, "gram_s": gram, "mixing_s": mixing, "rest_s": max(total - gram - mixing, 0.0),
-            "matmul_share": min((gram + mixing) / total, 1.0)}
+    return {
+        "nnm_s": total,
+        "gram_s": gram,
+        "mixing_s": mixing,
+        "rest_s": max(total - gram - mixing, 0.0),
+        "matmul_share": min((gram + mixing) / total, 1.0),
+    }
 
 
 def headline_one_thread(
@@ -527,9 +573,13 @@ def headline_one_thread(
                 old = before.build_pipeline(HEADLINE, f=f)
                 calls["before"] = lambda: old(x)
             timed = time_interleaved(calls, repeats=repeats, device=device)
-            results[f"({n}, {d})"] = {"f": f, "seconds": timed["arcsim"], "floor_s": timed["floor"],
-                                      "ratio_to_floor": timed["arcsim"] / timed["floor"],
-                                      "before_s": timed.get("before")}
+            results[f"({n}, {d})"] = {
+                "f": f,
+                "seconds": timed["arcsim"],
+                "floor_s": timed["floor"],
+                "ratio_to_floor": timed["arcsim"] / timed["floor"],
+                "before_s": timed.get("before"),
+            }
         return results
     finally:
         torch.set_num_threads(threads)
@@ -539,8 +589,10 @@ def headline_one_thread(
 # Output
 # --------------------------------------------------------------------------------------------------
 
-HEADER = (f"{'rule':<30} {'f':>3} {'arcsim s':>9} {'floor':>9} {'floor s':>8} {'/floor':>7} {'loop s':>8} "
-          f"{'speed-up':>9} {'rel diff':>8}")
+HEADER = (
+    f"{'rule':<30} {'f':>3} {'arcsim s':>9} {'floor':>9} {'floor s':>8} {'/floor':>7} {'loop s':>8} "
+    f"{'speed-up':>9} {'rel diff':>8}"
+)
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -554,9 +606,11 @@ def _speedup(value: float | None) -> str:
 
 
 def format_row(row: Row) -> str:
-    text = (f"{row.rule:<30} {row.f:>3} {row.arcsim_s:>9.4f} {row.floor:>9} {row.floor_s:>8.4f} "
-            f"{row.ratio_to_floor:>6.1f}x {_num(row.loop_s, '>8.4f')} {_speedup(row.speedup_vs_loop):>9} "
-            f"{_num(row.max_rel_diff, '>8.1e')}")
+    text = (
+        f"{row.rule:<30} {row.f:>3} {row.arcsim_s:>9.4f} {row.floor:>9} {row.floor_s:>8.4f} "
+        f"{row.ratio_to_floor:>6.1f}x {_num(row.loop_s, '>8.4f')} {_speedup(row.speedup_vs_loop):>9} "
+        f"{_num(row.max_rel_diff, '>8.1e')}"
+    )
     if row.before_s is not None:
         text += f"  [before {row.before_s:.4f} s, {_speedup(row.speedup_vs_before)}, diff {row.before_rel_diff:.0e}]"
     return text + (f"  ({row.note})" if row.note else "")
@@ -591,26 +645,40 @@ def markdown(results: dict[str, Any]) -> str:
         if notes:
             lines += ["", "\\* " + "; ".join(notes) + "."]
         lines.append("")
-    lines += ["#### Where NNM's time goes", "",
-              "| n, d, threads | NNM (s) | Gram y yᵀ (s) | mixing product (s) | rest (s) | matrix products' share |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "#### Where NNM's time goes",
+        "",
+        "| n, d, threads | NNM (s) | Gram y yᵀ (s) | mixing product (s) | rest (s) | matrix products' share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for key, value in results["nnm_breakdown"].items():
-        lines.append(f"| {key} | {value['nnm_s']:.4f} | {value['gram_s']:.4f} | {value['mixing_s']:.4f} | "
-                     f"{value['rest_s']:.4f} | {100 * value['matmul_share']:.0f}% |")
+        lines.append(
+            f"| {key} | {value['nnm_s']:.4f} | {value['gram_s']:.4f} | {value['mixing_s']:.4f} | "
+            f"{value['rest_s']:.4f} | {100 * value['matmul_share']:.0f}% |"
+        )
     with_before = results.get("before") is not None
-    lines += ["", f"#### `{HEADLINE}` with one torch thread", "",
-              "| n, d | f | seconds | floor `x.sum(0)` (s) | ratio to floor |"
-              + (" before (s) |" if with_before else ""),
-              "|---|---:|---:|---:|---:|" + ("---:|" if with_before else "")]
+    lines += [
+        "",
+        f"#### `{HEADLINE}` with one torch thread",
+        "",
+        "| n, d | f | seconds | floor `x.sum(0)` (s) | ratio to floor |" + (" before (s) |" if with_before else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|" if with_before else ""),
+    ]
     for key, value in results["headline_one_thread"].items():
-        lines.append(f"| {key} | {value['f']} | {value['seconds']:.4f} | {value['floor_s']:.4f} | "
-                     f"{value['ratio_to_floor']:.1f}x |" + (f" {value['before_s']:.4f} |" if with_before else ""))
+        lines.append(
+            f"| {key} | {value['f']} | {value['seconds']:.4f} | {value['floor_s']:.4f} | "
+            f"{value['ratio_to_floor']:.1f}x |" + (f" {value['before_s']:.4f} |" if with_before else "")
+        )
     if with_before:
-        lines += ["", f"#### Before and after (`--before {results['before']}`)", "",
-                  "| rule | "
-                  + " | ".join(f"n={size['n']}: before (s) | after (s) | speed-up" for size in results["sizes"])
-                  + " | max rel. diff |",
-                  "|---|" + "---:|---:|---:|" * len(results["sizes"]) + "---:|"]
+        lines += [
+            "",
+            f"#### Before and after (`--before {results['before']}`)",
+            "",
+            "| rule | "
+            + " | ".join(f"n={size['n']}: before (s) | after (s) | speed-up" for size in results["sizes"])
+            + " | max rel. diff |",
+            "|---|" + "---:|---:|---:|" * len(results["sizes"]) + "---:|",
+        ]
         for index, row in enumerate(results["sizes"][0]["rows"]):
             cells = []
             diff = 0.0
@@ -632,24 +700,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     max_pairs = args.max_pairs or (512 if args.quick else 4096)
     results: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/robust.py", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device),
         "machine": {
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "threads": torch.get_num_threads(),
             "python": platform.python_version(),
         },
-        "repeats": repeats, "max_pairs": max_pairs, "sizes": [],
+        "repeats": repeats,
+        "max_pairs": max_pairs,
+        "sizes": [],
         "load_average_before": os.getloadavg()[0],
     }
-    print(f"arcsim.robust benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{os.cpu_count()} CPUs, device {device}, median of {repeats} calls")
+    print(
+        f"arcsim.robust benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{os.cpu_count()} CPUs, device {device}, median of {repeats} calls"
+    )
     before = load_package(args.before) if args.before is not None else None
     results["before"] = str(args.before) if before is not None else None
     for n, d, f in sizes:
         print(f"\nn = {n}, d = {d}, f = {f} (a rule that needs less gets its largest valid f)\n{HEADER}", flush=True)
-        rows = measure_size(n, d, f, repeats=repeats, max_pairs=max_pairs, loops=not args.no_loop, device=device,
-                            before=before)
+        rows = measure_size(
+            n, d, f, repeats=repeats, max_pairs=max_pairs, loops=not args.no_loop, device=device, before=before
+        )
         results["sizes"].append({"n": n, "d": d, "f": f, "rows": [asdict(row) for row in rows]})
     print("\nNNM: matrix products vs the rest")
     results["nnm_breakdown"] = {}
@@ -660,9 +736,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             split = nnm_breakdown(n, d, f, repeats=repeats, device=device)
             split["threads"] = thread_count
             results["nnm_breakdown"][f"({n}, {d}), {thread_count} thread(s)"] = split
-            print(f"  ({n}, {d}) f={f}, {thread_count} thread(s): nnm {split['nnm_s']:.4f} s = Gram "
-                  f"{split['gram_s']:.4f} + mixing {split['mixing_s']:.4f} + rest {split['rest_s']:.4f} "
-                  f"({100 * split['matmul_share']:.0f}% matrix products)")
+            print(
+                f"  ({n}, {d}) f={f}, {thread_count} thread(s): nnm {split['nnm_s']:.4f} s = Gram "
+                f"{split['gram_s']:.4f} + mixing {split['mixing_s']:.4f} + rest {split['rest_s']:.4f} "
+                f"({100 * split['matmul_share']:.0f}% matrix products)"
+            )
     torch.set_num_threads(threads)
     print(f"\n{HEADLINE} with 1 torch thread")
     results["headline_one_thread"] = headline_one_thread(sizes, repeats=repeats, device=device, before=before)
@@ -670,8 +748,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         was = "" if value["before_s"] is None else f"; before: {value['before_s']:.4f} s"
         print(f"  {key} f={value['f']}: {value['seconds']:.4f} s ({value['ratio_to_floor']:.1f}x x.sum(0)){was}")
     results["load_average_after"] = os.getloadavg()[0]
-    print(f"\n1-minute load average: {results['load_average_before']:.1f} before, "
-          f"{results['load_average_after']:.1f} after (other processes make the timings noisy)")
+    print(
+        f"\n1-minute load average: {results['load_average_before']:.1f} before, "
+        f"{results['load_average_after']:.1f} after (other processes make the timings noisy)"
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown is not None:

@@ -61,7 +61,10 @@ from testbed import RoundClock, _arcsim_client, _one_torch_thread, _receive, _ru
 # Models whose parameter count --numel chooses from: (task, model), every pairing the config allows
 # that is not a duplicate count (mnist-5k and digits give the counts of fashion-mnist and synthetic).
 MODEL_CHOICES: tuple[tuple[str, str], ...] = (
-    ("synthetic", "logreg"), ("synthetic", "mlp"), ("fashion-mnist", "logreg"), ("fashion-mnist", "mlp"),
+    ("synthetic", "logreg"),
+    ("synthetic", "mlp"),
+    ("fashion-mnist", "logreg"),
+    ("fashion-mnist", "mlp"),
     ("fashion-mnist", "cnn"),
 )
 SAMPLE_SECONDS = 0.05  # RSS sampling period
@@ -107,16 +110,28 @@ class SoakSettings:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if self.client_processes > self.num_workers:
-            raise ValueError(f"client_processes ({self.client_processes}) must not exceed num_workers"
-                             f" ({self.num_workers})")
+            raise ValueError(
+                f"client_processes ({self.client_processes}) must not exceed num_workers ({self.num_workers})"
+            )
 
     def config(self) -> Any:
         """The run config: all workers honest, evaluation after the last round only."""
         from arcsim.config import from_dict
 
-        return from_dict({"task": self.task, "model": self.model, "num_honest": self.num_workers,
-                          "num_byzantine": 0, "attack": "none", "pipeline": self.pipeline, "partitioner": "iid",
-                          "rounds": self.rounds, "eval_every": self.rounds, "round_deadline": self.round_deadline})
+        return from_dict(
+            {
+                "task": self.task,
+                "model": self.model,
+                "num_honest": self.num_workers,
+                "num_byzantine": 0,
+                "attack": "none",
+                "pipeline": self.pipeline,
+                "partitioner": "iid",
+                "rounds": self.rounds,
+                "eval_every": self.rounds,
+                "round_deadline": self.round_deadline,
+            }
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,8 +150,9 @@ def _coordinator_main(conn: Any, argv: list[str]) -> None:
         def timed_save(folder: Path, name: str, values: dict[str, Any], tensors: dict[str, Any], **kw: Any) -> Path:
             start = time.perf_counter()
             path = save(folder, name, values, tensors, **kw)
-            writes.append({"round": values["round"], "seconds": time.perf_counter() - start,
-                           "bytes": path.stat().st_size})
+            writes.append(
+                {"round": values["round"], "seconds": time.perf_counter() - start, "bytes": path.stat().st_size}
+            )
             return path
 
         checkpoint.save = timed_save  # RunState calls checkpoint.save through the module
@@ -182,8 +198,11 @@ class CoordinatorSampler(threading.Thread):
             closed = self.rounds_path.read_bytes().count(b"\n") if self.rounds_path.exists() else 0
         except OSError:
             return None
-        kib = {key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in status.splitlines())
-               if key in ("VmRSS", "VmHWM")}
+        kib = {
+            key: int(rest.split()[0])
+            for key, _, rest in (line.partition(":") for line in status.splitlines())
+            if key in ("VmRSS", "VmHWM")
+        }
         return Sample(time.perf_counter(), closed, kib["VmRSS"] * 1024, kib["VmHWM"] * 1024)
 
     def run(self) -> None:
@@ -236,28 +255,53 @@ class SoakClock(RoundClock):
         self.answered[round_] += 1
 
 
-async def _run_clients(address: str, *, secret: str, worker_ids: Sequence[int], num_honest: int,
-                       coordinator_pid: int, timeout: float) -> dict[str, Any]:
+async def _run_clients(
+    address: str, *, secret: str, worker_ids: Sequence[int], num_honest: int, coordinator_pid: int, timeout: float
+) -> dict[str, Any]:
     """Run the clients of ``worker_ids`` to the end of the run; what each saw, and this process's CPU time."""
     started = time.perf_counter()
     clock = SoakClock(server_pid=coordinator_pid)
-    outcomes = await asyncio.wait_for(asyncio.gather(*[
-        _arcsim_client(address, worker_id=i, secret=secret, num_honest=num_honest, barrier=None, clock=clock)
-        for i in worker_ids
-    ], return_exceptions=True), timeout)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(
+            *[
+                _arcsim_client(address, worker_id=i, secret=secret, num_honest=num_honest, barrier=None, clock=clock)
+                for i in worker_ids
+            ],
+            return_exceptions=True,
+        ),
+        timeout,
+    )
     failed = [f"worker {i}: {outcome!r}" for i, outcome in zip(worker_ids, outcomes) if outcome is not None]
-    return {"clients": len(worker_ids), "failed": len(failed), "errors": failed[:5], "got": dict(clock.got),
-            "answered": dict(clock.answered), "started": started, "arrived": clock.arrived,
-            "cpu_per_round": clock.cpu_per_round(warmup=0) if clock.cpu else {}}
+    return {
+        "clients": len(worker_ids),
+        "failed": len(failed),
+        "errors": failed[:5],
+        "got": dict(clock.got),
+        "answered": dict(clock.answered),
+        "started": started,
+        "arrived": clock.arrived,
+        "cpu_per_round": clock.cpu_per_round(warmup=0) if clock.cpu else {},
+    }
 
 
-def _clients_main(conn: Any, address: str, secret: str, worker_ids: list[int], num_honest: int,
-                  coordinator_pid: int, timeout: float) -> None:
+def _clients_main(
+    conn: Any, address: str, secret: str, worker_ids: list[int], num_honest: int, coordinator_pid: int, timeout: float
+) -> None:
     """One client process: a lightweight client per id in ``worker_ids``, all on one event loop."""
     try:
         _one_torch_thread()
-        conn.send(_run_async(_run_clients(address, secret=secret, worker_ids=worker_ids, num_honest=num_honest,
-                                          coordinator_pid=coordinator_pid, timeout=timeout)))
+        conn.send(
+            _run_async(
+                _run_clients(
+                    address,
+                    secret=secret,
+                    worker_ids=worker_ids,
+                    num_honest=num_honest,
+                    coordinator_pid=coordinator_pid,
+                    timeout=timeout,
+                )
+            )
+        )
     except BaseException as error:
         conn.send({"error": repr(error)})
         raise
@@ -279,9 +323,23 @@ def run_soak(settings: SoakSettings) -> dict[str, Any]:
         out = Path(tmp) / "run"
         (Path(tmp) / "config.yaml").write_text(config.to_yaml())
         (Path(tmp) / "secret").write_text(secret)
-        argv = ["coordinator", "--config", str(Path(tmp) / "config.yaml"), "--out", str(out), "--port", "0",
-                "--metrics-port", "0", "--secret-file", str(Path(tmp) / "secret"), "--linger", str(LINGER_SECONDS),
-                "--log-level", "error"]
+        argv = [
+            "coordinator",
+            "--config",
+            str(Path(tmp) / "config.yaml"),
+            "--out",
+            str(out),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--secret-file",
+            str(Path(tmp) / "secret"),
+            "--linger",
+            str(LINGER_SECONDS),
+            "--log-level",
+            "error",
+        ]
         coordinator, coordinator_conn = _spawn(_coordinator_main, argv)
         clients: list[tuple[Any, Any]] = []
         try:
@@ -290,10 +348,13 @@ def run_soak(settings: SoakSettings) -> dict[str, Any]:
             sampler.start()
             address = f"127.0.0.1:{endpoint['port']}"
             share = [list(range(n))[k :: settings.client_processes] for k in range(settings.client_processes)]
-            clients = [_spawn(_clients_main, address, secret, ids, n, coordinator.pid, settings.timeout)
-                       for ids in share]
-            reports = [_receive(process, conn, timeout=settings.timeout + 60, what=f"client process {k}")
-                       for k, (process, conn) in enumerate(clients)]
+            clients = [
+                _spawn(_clients_main, address, secret, ids, n, coordinator.pid, settings.timeout) for ids in share
+            ]
+            reports = [
+                _receive(process, conn, timeout=settings.timeout + 60, what=f"client process {k}")
+                for k, (process, conn) in enumerate(clients)
+            ]
             metrics = scrape_metrics(endpoint["metrics_port"])
             sampler.stop()
             coordinator.terminate()  # SIGTERM ends the linger; the run itself has completed
@@ -309,9 +370,16 @@ def run_soak(settings: SoakSettings) -> dict[str, Any]:
     return {
         "settings": {**settings.__dict__, "num_parameters": summary["num_parameters"]},
         "seconds": round(time.monotonic() - started, 1),
-        **analyse(settings, num_parameters=summary["num_parameters"], records=records, reports=reports,
-                  metrics=metrics, samples=sampler.samples, checkpoint_writes=result["checkpoint_writes"],
-                  rounds_completed=summary["rounds_completed"]),
+        **analyse(
+            settings,
+            num_parameters=summary["num_parameters"],
+            records=records,
+            reports=reports,
+            metrics=metrics,
+            samples=sampler.samples,
+            checkpoint_writes=result["checkpoint_writes"],
+            rounds_completed=summary["rounds_completed"],
+        ),
     }
 
 
@@ -328,8 +396,16 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def _latency(values: Sequence[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(values), "p99_s": percentile(values, 99), "max_s": max(values),
-            "values": [round(v, 4) for v in values]} if values else {"values": []}
+    return (
+        {
+            "median_s": statistics.median(values),
+            "p99_s": percentile(values, 99),
+            "max_s": max(values),
+            "values": [round(v, 4) for v in values],
+        }
+        if values
+        else {"values": []}
+    )
 
 
 def round_peaks(samples: Sequence[Sample], rounds: int) -> list[int]:
@@ -341,8 +417,15 @@ def round_peaks(samples: Sequence[Sample], rounds: int) -> list[int]:
     return peaks
 
 
-def _checks(settings: SoakSettings, *, num_parameters: int, records: Sequence[dict[str, Any]],
-            reports: Sequence[dict[str, Any]], metrics: dict[str, float], rounds_completed: int) -> dict[str, bool]:
+def _checks(
+    settings: SoakSettings,
+    *,
+    num_parameters: int,
+    records: Sequence[dict[str, Any]],
+    reports: Sequence[dict[str, Any]],
+    metrics: dict[str, float],
+    rounds_completed: int,
+) -> dict[str, bool]:
     """No lost or double-counted submission, by rounds.jsonl, the /metrics page and the clients (name -> passed)."""
     n, rounds = settings.num_workers, settings.rounds
     got, answered = Counter(), Counter()
@@ -352,8 +435,9 @@ def _checks(settings: SoakSettings, *, num_parameters: int, records: Sequence[di
     rejected = sum(v for k, v in metrics.items() if k.startswith("arcsim_submissions_rejected_total{"))
     return {
         "rounds_completed": rounds_completed == rounds and len(records) == rounds,
-        "every_round_N_vectors": all(r["received_honest"] == n and r["received_byzantine"] == 0 and r["aggregated"]
-                                     for r in records),
+        "every_round_N_vectors": all(
+            r["received_honest"] == n and r["received_byzantine"] == 0 and r["aggregated"] for r in records
+        ),
         "submissions_total_honest": metrics.get('arcsim_submissions_total{role="honest"}') == rounds * n,
         "submissions_total_byzantine": metrics.get('arcsim_submissions_total{role="byzantine"}') == 0,
         "no_rejection": rejected == 0,
@@ -387,12 +471,26 @@ def _memory(samples: Sequence[Sample], *, rounds: int, vectors_bytes: int) -> di
     }
 
 
-def analyse(settings: SoakSettings, *, num_parameters: int, records: Sequence[dict[str, Any]],
-            reports: Sequence[dict[str, Any]], metrics: dict[str, float], samples: Sequence[Sample],
-            checkpoint_writes: Sequence[dict[str, float]], rounds_completed: int) -> dict[str, Any]:
+def analyse(
+    settings: SoakSettings,
+    *,
+    num_parameters: int,
+    records: Sequence[dict[str, Any]],
+    reports: Sequence[dict[str, Any]],
+    metrics: dict[str, float],
+    samples: Sequence[Sample],
+    checkpoint_writes: Sequence[dict[str, float]],
+    rounds_completed: int,
+) -> dict[str, Any]:
     """The checks, latency, CPU, memory and checkpoint figures of a run."""
-    checks = _checks(settings, num_parameters=num_parameters, records=records, reports=reports, metrics=metrics,
-                     rounds_completed=rounds_completed)
+    checks = _checks(
+        settings,
+        num_parameters=num_parameters,
+        records=records,
+        reports=reports,
+        metrics=metrics,
+        rounds_completed=rounds_completed,
+    )
     first_arrival: dict[int, float] = {}
     for report in reports:
         for r, t in report["arrived"].items():
@@ -442,45 +540,90 @@ def markdown(results: dict[str, Any], command: str) -> str:
     m = results["machine"]
     runs = results["runs"]
     d = runs[0]["settings"]["num_parameters"] if runs else 0
-    rounds_header = ["workers", "rounds", "join s", "round s, median", "p99", "round interval s, median", "p99",
-                     "aggregation s, median", "coordinator CPU s/round", "clients CPU s/round", "checks"]
-    memory_header = ["workers", "one round's vectors, MB", "RSS before round 0, MB", "peak RSS in rounds, MB",
-                     "(peak - before) / vectors", "VmHWM, MB", "RSS trend, MB/round", "checkpoint, MB",
-                     "checkpoint write s, median", "max"]
+    rounds_header = [
+        "workers",
+        "rounds",
+        "join s",
+        "round s, median",
+        "p99",
+        "round interval s, median",
+        "p99",
+        "aggregation s, median",
+        "coordinator CPU s/round",
+        "clients CPU s/round",
+        "checks",
+    ]
+    memory_header = [
+        "workers",
+        "one round's vectors, MB",
+        "RSS before round 0, MB",
+        "peak RSS in rounds, MB",
+        "(peak - before) / vectors",
+        "VmHWM, MB",
+        "RSS trend, MB/round",
+        "checkpoint, MB",
+        "checkpoint write s, median",
+        "max",
+    ]
     lines = [
         f"Measured {m['date']} on {m['cores']} cores ({m['cpu']}), Python {m['python']}, torch {m['torch']},"
         f" grpcio {m['grpcio']}; load average {m['loadavg_start']} at the start, {m.get('loadavg_end')} at the end.",
         f"Command: `{command}`; vectors of {d:,} float32 ({d * 4 / 1e3:.0f} kB).",
-        "", _row(rounds_header), "|" + "---|" * len(rounds_header),
+        "",
+        _row(rounds_header),
+        "|" + "---|" * len(rounds_header),
     ]
     for run in runs:
         s, cpu = run["settings"], run["cpu_s_per_round"]
         failed = [name for name, ok in run["checks"].items() if not ok]
-        lines.append(_row([
-            s["num_workers"], s["rounds"], _cell(run["join_s"], ".1f"), _cell(run["round_seconds"].get("median_s")),
-            _cell(run["round_seconds"].get("p99_s")), _cell(run["round_interval"].get("median_s")),
-            _cell(run["round_interval"].get("p99_s")), _cell(run["aggregation_s_median"], ".3f"),
-            _cell(cpu["coordinator"]), _cell(cpu["clients"]),
-            "all passed" if not failed else "FAILED: " + ", ".join(failed)]))
+        lines.append(
+            _row(
+                [
+                    s["num_workers"],
+                    s["rounds"],
+                    _cell(run["join_s"], ".1f"),
+                    _cell(run["round_seconds"].get("median_s")),
+                    _cell(run["round_seconds"].get("p99_s")),
+                    _cell(run["round_interval"].get("median_s")),
+                    _cell(run["round_interval"].get("p99_s")),
+                    _cell(run["aggregation_s_median"], ".3f"),
+                    _cell(cpu["coordinator"]),
+                    _cell(cpu["clients"]),
+                    "all passed" if not failed else "FAILED: " + ", ".join(failed),
+                ]
+            )
+        )
     lines += ["", _row(memory_header), "|" + "---|" * len(memory_header)]
     for run in runs:
         mem, ckpt = run["memory"], run["checkpoint"]
-        lines.append(_row([
-            run["settings"]["num_workers"], _cell(mem["vectors_bytes"], ".0f", 1e6),
-            _cell(mem["base_rss_bytes"], ".0f", 1e6), _cell(mem["rounds_peak_rss_bytes"], ".0f", 1e6),
-            _cell(mem["rounds_peak_over_base_in_vectors"], ".1f"), _cell(mem["peak_rss_bytes"], ".0f", 1e6),
-            _cell(mem["trend_bytes_per_round"], "+.1f", 1e6), _cell(ckpt["bytes_median"], ".0f", 1e6),
-            _cell(ckpt["seconds_median"]), _cell(ckpt["seconds_max"])]))
+        lines.append(
+            _row(
+                [
+                    run["settings"]["num_workers"],
+                    _cell(mem["vectors_bytes"], ".0f", 1e6),
+                    _cell(mem["base_rss_bytes"], ".0f", 1e6),
+                    _cell(mem["rounds_peak_rss_bytes"], ".0f", 1e6),
+                    _cell(mem["rounds_peak_over_base_in_vectors"], ".1f"),
+                    _cell(mem["peak_rss_bytes"], ".0f", 1e6),
+                    _cell(mem["trend_bytes_per_round"], "+.1f", 1e6),
+                    _cell(ckpt["bytes_median"], ".0f", 1e6),
+                    _cell(ckpt["seconds_median"]),
+                    _cell(ckpt["seconds_max"]),
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
 def _print_run(run: dict[str, Any]) -> None:
     s, mem = run["settings"], run["memory"]
-    print(f"{s['num_workers']} workers x {s['num_parameters']:,} floats x {s['rounds']} rounds:"
-          f" round {run['round_seconds'].get('median_s', math.nan):.2f} s median,"
-          f" {run['round_seconds'].get('p99_s', math.nan):.2f} s p99;"
-          f" peak RSS {mem['peak_rss_bytes'] / 1e6:.0f} MB (base {mem['base_rss_bytes'] / 1e6:.0f} MB);"
-          f" checks {'passed' if run['passed'] else 'FAILED'} in {run['seconds']:.0f}s")
+    print(
+        f"{s['num_workers']} workers x {s['num_parameters']:,} floats x {s['rounds']} rounds:"
+        f" round {run['round_seconds'].get('median_s', math.nan):.2f} s median,"
+        f" {run['round_seconds'].get('p99_s', math.nan):.2f} s p99;"
+        f" peak RSS {mem['peak_rss_bytes'] / 1e6:.0f} MB (base {mem['base_rss_bytes'] / 1e6:.0f} MB);"
+        f" checks {'passed' if run['passed'] else 'FAILED'} in {run['seconds']:.0f}s"
+    )
     for failure in run["failures"]:
         print(f"  {failure}")
     sys.stdout.flush()
@@ -489,12 +632,20 @@ def _print_run(run: dict[str, Any]) -> None:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[10, 200, 1000], help="worker counts, one run each")
-    parser.add_argument("--numel", type=int, default=100_000,
-                        help="vector length wanted: the model whose parameter count is nearest is used")
+    parser.add_argument(
+        "--numel",
+        type=int,
+        default=100_000,
+        help="vector length wanted: the model whose parameter count is nearest is used",
+    )
     parser.add_argument("--rounds", type=int, default=30, help="rounds per run (default 30)")
     parser.add_argument("--pipeline", default="mean", help="the coordinator's pipeline (default: mean)")
-    parser.add_argument("--client-processes", type=int, default=2,
-                        help="processes the clients are spread over (default 2; fewer where there are fewer workers)")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=2,
+        help="processes the clients are spread over (default 2; fewer where there are fewer workers)",
+    )
     parser.add_argument("--round-deadline", type=float, default=60.0, help="seconds a round stays open (default 60)")
     parser.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table to this file")
@@ -514,8 +665,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"vectors: {numel:,} float32 (model {model!r} on {task!r}, the nearest to --numel {args.numel:,})")
     results: dict[str, Any] = {"machine": machine(), "runs": []}
     for n in args.workers:
-        settings = SoakSettings(num_workers=n, rounds=args.rounds, task=task, model=model, pipeline=args.pipeline,
-                                client_processes=min(args.client_processes, n), round_deadline=args.round_deadline)
+        settings = SoakSettings(
+            num_workers=n,
+            rounds=args.rounds,
+            task=task,
+            model=model,
+            pipeline=args.pipeline,
+            client_processes=min(args.client_processes, n),
+            round_deadline=args.round_deadline,
+        )
         run = run_soak(settings)
         results["runs"].append(run)
         _print_run(run)

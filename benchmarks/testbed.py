@@ -275,15 +275,18 @@ class PlainRounds:
 
 
 async def _plain_serve(conn: Any, num_clients: int, payload_bytes: int, chunk_bytes: int, rounds: int) -> None:
-    state = PlainRounds(num_clients=num_clients, payload_bytes=payload_bytes, chunk_bytes=chunk_bytes,
-                        rounds=rounds)
+    state = PlainRounds(num_clients=num_clients, payload_bytes=payload_bytes, chunk_bytes=chunk_bytes, rounds=rounds)
     limit = chunk_bytes + (1 << 16)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
-                                      ("grpc.max_receive_message_length", limit)])
-    handler = grpc.method_handlers_generic_handler(PLAIN_SERVICE, {
-        "Rounds": grpc.unary_stream_rpc_method_handler(state.stream_rounds),
-        "Upload": grpc.stream_unary_rpc_method_handler(state.upload),
-    })
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    )
+    handler = grpc.method_handlers_generic_handler(
+        PLAIN_SERVICE,
+        {
+            "Rounds": grpc.unary_stream_rpc_method_handler(state.stream_rounds),
+            "Upload": grpc.stream_unary_rpc_method_handler(state.upload),
+        },
+    )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -303,8 +306,9 @@ def _plain_server_main(conn: Any, num_clients: int, payload_bytes: int, chunk_by
         raise
 
 
-async def _plain_client(address: str, *, payload_bytes: int, chunk_bytes: int, barrier: asyncio.Barrier | None,
-                        clock: RoundClock) -> None:
+async def _plain_client(
+    address: str, *, payload_bytes: int, chunk_bytes: int, barrier: asyncio.Barrier | None, clock: RoundClock
+) -> None:
     payload = os.urandom(payload_bytes)
     chunks = [payload[i : i + chunk_bytes] for i in range(0, payload_bytes, chunk_bytes)]
     async with grpc.aio.insecure_channel(address, options=_local_channel_options(chunk_bytes + (1 << 16))) as channel:
@@ -329,8 +333,14 @@ async def _plain_client(address: str, *, payload_bytes: int, chunk_bytes: int, b
             number += 1
 
 
-def run_plain(*, rounds: int, barrier: bool, num_clients: int = NUM_CLIENTS, payload_bytes: int = VECTOR_BYTES,
-              chunk_bytes: int = CHUNK_BYTES) -> RoundClock:
+def run_plain(
+    *,
+    rounds: int,
+    barrier: bool,
+    num_clients: int = NUM_CLIENTS,
+    payload_bytes: int = VECTOR_BYTES,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> RoundClock:
     """One run of the floor: the server in a child process, ``num_clients`` clients in this one."""
     process, conn = _spawn(_plain_server_main, num_clients, payload_bytes, chunk_bytes, rounds)
     try:
@@ -339,11 +349,18 @@ def run_plain(*, rounds: int, barrier: bool, num_clients: int = NUM_CLIENTS, pay
 
         async def main() -> None:
             gate = asyncio.Barrier(num_clients) if barrier else None
-            await _gather_clients([
-                _plain_client(f"127.0.0.1:{port}", payload_bytes=payload_bytes, chunk_bytes=chunk_bytes,
-                              barrier=gate, clock=clock)
-                for _ in range(num_clients)
-            ])
+            await _gather_clients(
+                [
+                    _plain_client(
+                        f"127.0.0.1:{port}",
+                        payload_bytes=payload_bytes,
+                        chunk_bytes=chunk_bytes,
+                        barrier=gate,
+                        clock=clock,
+                    )
+                    for _ in range(num_clients)
+                ]
+            )
 
         _run_async(main())
         return clock
@@ -362,8 +379,8 @@ def _coordinator_main(conn: Any, config_yaml: str, out_dir: str, secret: str, ch
 
         logging.basicConfig(level=logging.WARNING)
         from arcsim.config import loads_config
-        from arcsim.engine.rounds import RunState
         from arcsim.coordinator.service import CoordinatorSettings, serve
+        from arcsim.engine.rounds import RunState
 
         if not checkpoints:  # a diagnostic only: what the per-round checkpoint costs
             RunState.save_checkpoint = lambda self: None  # type: ignore[method-assign]
@@ -377,29 +394,33 @@ def _coordinator_main(conn: Any, config_yaml: str, out_dir: str, secret: str, ch
         raise
 
 
-async def _arcsim_client(address: str, *, worker_id: int, secret: str, num_honest: int,
-                         barrier: asyncio.Barrier | None, clock: RoundClock) -> None:
+async def _arcsim_client(
+    address: str, *, worker_id: int, secret: str, num_honest: int, barrier: asyncio.Barrier | None, clock: RoundClock
+) -> None:
     """A worker that answers every round at once with a constant vector (the calls of ``Session``)."""
     import torch
 
     from arcsim.transport import codec, wire
     from arcsim.transport.auth import bearer, worker_token
-    from arcsim.v1 import coordinator_pb2 as pb
-    from arcsim.transport.wire import CoordinatorStub
     from arcsim.transport.channels import grpc_options
+    from arcsim.transport.wire import CoordinatorStub
+    from arcsim.v1 import coordinator_pb2 as pb
 
     honest = worker_id < num_honest
     metadata = bearer(worker_token(secret, "honest" if honest else "byzantine", worker_id))
     options = grpc_options(VECTOR_BYTES * 2 + (1 << 16)) + [("grpc.use_local_subchannel_pool", 1)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = CoordinatorStub(channel)
-        reply = await stub.Join(pb.JoinRequest(worker_id=worker_id, role=pb.HONEST if honest else pb.BYZANTINE),
-                                metadata=metadata, wait_for_ready=True, timeout=60)
+        reply = await stub.Join(
+            pb.JoinRequest(worker_id=worker_id, role=pb.HONEST if honest else pb.BYZANTINE),
+            metadata=metadata,
+            wait_for_ready=True,
+            timeout=60,
+        )
         d = reply.num_parameters
         vector = torch.full((d,), 1e-3 * (worker_id + 1), dtype=torch.float32)
         reader = codec.RoundEventReader(max_bytes=d * 4, expected_shape=(d,), expected_dtype="float32")
-        stream = stub.Rounds(pb.RoundsRequest(worker_id=worker_id, from_round=reply.current_round),
-                             metadata=metadata)
+        stream = stub.Rounds(pb.RoundsRequest(worker_id=worker_id, from_round=reply.current_round), metadata=metadata)
         async for event in stream:
             item = reader.feed(event)
             if isinstance(item, codec.RoundParams) and item.params is not None:
@@ -408,9 +429,11 @@ async def _arcsim_client(address: str, *, worker_id: int, secret: str, num_hones
                     await barrier.wait()
                     clock.mark_released(item.round)
                 await stub.SubmitGradient(
-                    wire.vector_stream(vector, round=item.round, worker_id=worker_id,
-                                          chunk_bytes=reply.chunk_bytes, train_loss=0.0),
-                    metadata=metadata)
+                    wire.vector_stream(
+                        vector, round=item.round, worker_id=worker_id, chunk_bytes=reply.chunk_bytes, train_loss=0.0
+                    ),
+                    metadata=metadata,
+                )
                 clock.mark_uploaded(item.round)
             elif isinstance(item, pb.RunEnd):
                 return
@@ -424,7 +447,9 @@ def transport_config(*, rounds: int, pipeline: str) -> Any:
     return load_config(DEFAULT_CONFIG, {"rounds": rounds, "eval_every": 1_000_000, "pipeline": pipeline})
 
 
-def run_arcsim(*, rounds: int, barrier: bool, pipeline: str, checkpoints: bool = True) -> tuple[RoundClock, dict[str, Any]]:
+def run_arcsim(
+    *, rounds: int, barrier: bool, pipeline: str, checkpoints: bool = True
+) -> tuple[RoundClock, dict[str, Any]]:
     """One run of the real coordinator in a child process with 13 lightweight clients in this one.
 
     ``checkpoints=False`` replaces ``RunState.save_checkpoint`` by a no-op in the coordinator's
@@ -450,17 +475,21 @@ def run_arcsim(*, rounds: int, barrier: bool, pipeline: str, checkpoints: bool =
 
             async def main() -> None:
                 gate = asyncio.Barrier(NUM_CLIENTS) if barrier else None
-                await _gather_clients([
-                    _arcsim_client(address, worker_id=i, secret=secret, num_honest=config.num_honest, barrier=gate,
-                                   clock=clock)
-                    for i in range(NUM_CLIENTS)
-                ])
+                await _gather_clients(
+                    [
+                        _arcsim_client(
+                            address, worker_id=i, secret=secret, num_honest=config.num_honest, barrier=gate, clock=clock
+                        )
+                        for i in range(NUM_CLIENTS)
+                    ]
+                )
 
             _run_async(main())
             result = _receive(process, conn, timeout=120, what="coordinator")
             records = [json.loads(line) for line in (Path(out) / "rounds.jsonl").read_text().splitlines() if line]
-            result["aggregation_s_median"] = (statistics.median(r["aggregation_seconds"] for r in records)
-                                              if records else None)
+            result["aggregation_s_median"] = (
+                statistics.median(r["aggregation_seconds"] for r in records) if records else None
+            )
             return clock, result
         finally:
             _stop(process)
@@ -520,13 +549,16 @@ def bench_transport(*, rounds: int, repeats: int, warmup: int, variants: Sequenc
     aggregation: dict[str, list[float | None]] = {v.name: [] for v in variants}
     for _ in range(repeats):
         clock = run_plain(rounds=rounds, barrier=False)
-        runs["plain"].append({**_summary(_intervals(clock.arrivals(), warmup=warmup)),
-                              **clock.cpu_per_round(warmup=warmup)})
+        runs["plain"].append(
+            {**_summary(_intervals(clock.arrivals(), warmup=warmup)), **clock.cpu_per_round(warmup=warmup)}
+        )
         for variant in variants:
-            clock, result = run_arcsim(rounds=rounds, barrier=False, pipeline=variant.pipeline,
-                                       checkpoints=variant.checkpoints)
-            runs[variant.name].append({**_summary(_intervals(clock.arrivals(), warmup=warmup)),
-                                       **clock.cpu_per_round(warmup=warmup)})
+            clock, result = run_arcsim(
+                rounds=rounds, barrier=False, pipeline=variant.pipeline, checkpoints=variant.checkpoints
+            )
+            runs[variant.name].append(
+                {**_summary(_intervals(clock.arrivals(), warmup=warmup)), **clock.cpu_per_round(warmup=warmup)}
+            )
             aggregation[variant.name].append(result["aggregation_s_median"])
 
     def side(name: str) -> dict[str, Any]:
@@ -542,9 +574,12 @@ def bench_transport(*, rounds: int, repeats: int, warmup: int, variants: Sequenc
     for variant in variants:
         result = side(variant.name)
         values = [a for a in aggregation[variant.name] if a is not None]
-        result.update(pipeline=variant.pipeline, checkpoints=variant.checkpoints,
-                      aggregation_s_median=statistics.median(values) if values else None,
-                      ratio=result["median_s"] / floor["median_s"])
+        result.update(
+            pipeline=variant.pipeline,
+            checkpoints=variant.checkpoints,
+            aggregation_s_median=statistics.median(values) if values else None,
+            ratio=result["median_s"] / floor["median_s"],
+        )
         out["variants"][variant.name] = result
     out["headline"] = variants[0].name
     out["ratio"] = out["variants"][variants[0].name]["ratio"]
@@ -564,8 +599,9 @@ def _inproc_main(conn: Any, config_yaml: str, out_dir: str) -> None:
         from arcsim.engine.inproc import run_inproc
 
         times: list[float] = []
-        summary = run_inproc(loads_config(config_yaml), Path(out_dir),
-                             on_round=lambda state, record: times.append(time.perf_counter()))
+        summary = run_inproc(
+            loads_config(config_yaml), Path(out_dir), on_round=lambda state, record: times.append(time.perf_counter())
+        )
         conn.send({"times": times, "final_params_sha256": summary["final_params_sha256"]})
     except Exception as error:
         conn.send({"error": repr(error)})
@@ -585,8 +621,18 @@ def run_engine_inproc(config: Any) -> dict[str, Any]:
 def run_engine_grpc(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """``arcsim run --engine grpc``; completion times of the rounds from the coordinator's log."""
     with tempfile.TemporaryDirectory(prefix="arcsim-bench-") as out:
-        command = [sys.executable, "-m", "arcsim", "run", str(config_path), "--engine", "grpc", "--out", out,
-                   "--no-progress"]
+        command = [
+            sys.executable,
+            "-m",
+            "arcsim",
+            "run",
+            str(config_path),
+            "--engine",
+            "grpc",
+            "--out",
+            out,
+            "--no-progress",
+        ]
         for key, value in overrides.items():
             command += ["--set", f"{key}={value}"]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
@@ -651,12 +697,14 @@ def plain_loop(config: Any, *, on_round: Callable[[int], None]) -> Any:
     from arcsim.tasks import build_model, load_dataset, partition
 
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
-    shard_list = partition(dataset.train_y, num_workers=config.num_honest, method=config.partitioner,
-                           alpha=config.alpha, seed=config.seed)
+    shard_list = partition(
+        dataset.train_y, num_workers=config.num_honest, method=config.partitioner, alpha=config.alpha, seed=config.seed
+    )
     xs = [dataset.train_x[s] for s in shard_list]
     ys = [dataset.train_y[s] for s in shard_list]
-    model = build_model(config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                        seed=config.seed)
+    model = build_model(
+        config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed
+    )
     weights = list(model.parameters())
     params = torch.nn.utils.parameters_to_vector(weights).detach().clone()
     pipeline = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
@@ -672,11 +720,19 @@ def plain_loop(config: Any, *, on_round: Callable[[int], None]) -> Any:
                 w.grad = None
             F.nll_loss(model(xs[i][batch]), ys[i][batch]).backward()
             grad = torch.cat([w.grad.reshape(-1) for w in weights])
-            momenta[i] = grad.mul_(1.0 - beta) if momenta[i] is None else momenta[i].mul_(beta).add_(grad, alpha=1 - beta)
+            momenta[i] = (
+                grad.mul_(1.0 - beta) if momenta[i] is None else momenta[i].mul_(beta).add_(grad, alpha=1 - beta)
+            )
         honest = torch.stack(momenta)
-        byzantine = craft(config.attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
-                          aggregate=lambda x: pipeline(x)[0], generator=generator(config.seed, "attack", t),
-                          **config.attack_params)
+        byzantine = craft(
+            config.attack,
+            honest,
+            num_byzantine=config.num_byzantine,
+            num_workers=config.num_workers,
+            aggregate=lambda x: pipeline(x)[0],
+            generator=generator(config.seed, "attack", t),
+            **config.attack_params,
+        )
         aggregate, _ = pipeline(torch.cat([honest, byzantine]))
         update = aggregate.add(params, alpha=config.weight_decay) if config.weight_decay else aggregate
         params = params.sub(update, alpha=config.lr_at(t))
@@ -730,7 +786,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -752,63 +808,88 @@ def markdown(results: dict[str, Any], command: str) -> str:
     ]
     if "ingress" in results:
         r = results["ingress"]
-        lines.append(f"| coordinator ingress, 13 x 1.72 MB at once | {r['arcsim']['MB_per_s']:.0f} MB/s |"
-                     f" {r['plain']['MB_per_s']:.0f} MB/s (plain grpc.aio client streaming) | {r['ratio']:.2f} |"
-                     f" >= {r['target']:.2f} | {'yes' if r['met'] else 'no'} |")
+        lines.append(
+            f"| coordinator ingress, 13 x 1.72 MB at once | {r['arcsim']['MB_per_s']:.0f} MB/s |"
+            f" {r['plain']['MB_per_s']:.0f} MB/s (plain grpc.aio client streaming) | {r['ratio']:.2f} |"
+            f" >= {r['target']:.2f} | {'yes' if r['met'] else 'no'} |"
+        )
     if "rounds" in results:
         r = results["rounds"]
-        lines.append(f"| s/round, `{r['config']}`, engine grpc vs inproc | {r['grpc']['median_s']:.3f} s |"
-                     f" {r['inproc']['median_s']:.3f} s (inproc) | {r['ratio']:.2f} | <= {r['target']:.1f} |"
-                     f" {'yes' if r['met'] else 'no'} |")
+        lines.append(
+            f"| s/round, `{r['config']}`, engine grpc vs inproc | {r['grpc']['median_s']:.3f} s |"
+            f" {r['inproc']['median_s']:.3f} s (inproc) | {r['ratio']:.2f} | <= {r['target']:.1f} |"
+            f" {'yes' if r['met'] else 'no'} |"
+        )
     if "loop" in results:
         r = results["loop"]
-        lines.append(f"| rounds/s, `{r['config']}`, inproc engine vs plain loop | {r['inproc']['rounds_per_s']:.2f} |"
-                     f" {r['plain']['rounds_per_s']:.2f} (one model, workers in turn) | {r['ratio']:.2f} | - | - |")
+        lines.append(
+            f"| rounds/s, `{r['config']}`, inproc engine vs plain loop | {r['inproc']['rounds_per_s']:.2f} |"
+            f" {r['plain']['rounds_per_s']:.2f} (one model, workers in turn) | {r['ratio']:.2f} | - | - |"
+        )
     if "transport" in results:
         r = results["transport"]
         for name, v in r["variants"].items():
             headline = name == r["headline"]
             target = f"<= {r['target']:.1f}" if headline else "(diagnostic)"
             met = ("yes" if v["ratio"] <= r["target"] else "no") if headline else "-"
-            lines.append(f"| s/round, trivial compute, `{name}` | {v['median_s']:.3f} s |"
-                         f" {r['plain']['median_s']:.3f} s (plain grpc.aio floor) | {v['ratio']:.2f} | {target} |"
-                         f" {met} |")
+            lines.append(
+                f"| s/round, trivial compute, `{name}` | {v['median_s']:.3f} s |"
+                f" {r['plain']['median_s']:.3f} s (plain grpc.aio floor) | {v['ratio']:.2f} | {target} |"
+                f" {met} |"
+            )
     if "transport" in results:
         r = results["transport"]
-        lines += ["", "Transport, per round (medians over runs): wall time, CPU seconds of the server process and of the"
-                  " clients' process, and the coordinator's aggregation time from rounds.jsonl.", "",
-                  "| side | s/round | server CPU s/round | clients CPU s/round | aggregation s |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Transport, per round (medians over runs): wall time, CPU seconds of the server process and of the"
+            " clients' process, and the coordinator's aggregation time from rounds.jsonl.",
+            "",
+            "| side | s/round | server CPU s/round | clients CPU s/round | aggregation s |",
+            "|---|---|---|---|---|",
+        ]
 
         def cell(value: float | None) -> str:
             return "-" if value is None else f"{value:.3f}"
 
         floor = r["plain"]
-        lines.append(f"| plain grpc.aio floor | {floor['median_s']:.3f} | {cell(floor.get('server_cpu_s'))} |"
-                     f" {cell(floor.get('client_cpu_s'))} | - |")
+        lines.append(
+            f"| plain grpc.aio floor | {floor['median_s']:.3f} | {cell(floor.get('server_cpu_s'))} |"
+            f" {cell(floor.get('client_cpu_s'))} | - |"
+        )
         for name, v in r["variants"].items():
-            lines.append(f"| arcsim, `{name}` | {v['median_s']:.3f} | {cell(v.get('server_cpu_s'))} |"
-                         f" {cell(v.get('client_cpu_s'))} | {cell(v.get('aggregation_s_median'))} |")
+            lines.append(
+                f"| arcsim, `{name}` | {v['median_s']:.3f} | {cell(v.get('server_cpu_s'))} |"
+                f" {cell(v.get('client_cpu_s'))} | {cell(v.get('aggregation_s_median'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def _print_result(name: str, result: dict[str, Any]) -> None:
     if name == "ingress":
-        print(f"ingress: arcsim {result['arcsim']['MB_per_s']:.0f} MB/s, plain {result['plain']['MB_per_s']:.0f} MB/s,"
-              f" ratio {result['ratio']:.2f} (target >= {result['target']})")
+        print(
+            f"ingress: arcsim {result['arcsim']['MB_per_s']:.0f} MB/s, plain {result['plain']['MB_per_s']:.0f} MB/s,"
+            f" ratio {result['ratio']:.2f} (target >= {result['target']})"
+        )
     elif name == "transport":
         floor = result["plain"]
         for name, v in result["variants"].items():
-            print(f"transport [{name}]: {v['median_s']:.3f} s/round vs floor {floor['median_s']:.3f},"
-                  f" ratio {v['ratio']:.2f}; CPU s/round server {v.get('server_cpu_s', math.nan):.3f}"
-                  f" (floor {floor.get('server_cpu_s', math.nan):.3f}), clients {v.get('client_cpu_s', math.nan):.3f}"
-                  f" (floor {floor.get('client_cpu_s', math.nan):.3f})")
+            print(
+                f"transport [{name}]: {v['median_s']:.3f} s/round vs floor {floor['median_s']:.3f},"
+                f" ratio {v['ratio']:.2f}; CPU s/round server {v.get('server_cpu_s', math.nan):.3f}"
+                f" (floor {floor.get('server_cpu_s', math.nan):.3f}), clients {v.get('client_cpu_s', math.nan):.3f}"
+                f" (floor {floor.get('client_cpu_s', math.nan):.3f})"
+            )
     elif name == "rounds":
-        print(f"rounds: grpc {result['grpc']['median_s']:.3f} s/round, inproc {result['inproc']['median_s']:.3f},"
-              f" ratio {result['ratio']:.2f} (target <= {result['target']}), same params: {result['same_final_params']}")
+        print(
+            f"rounds: grpc {result['grpc']['median_s']:.3f} s/round, inproc {result['inproc']['median_s']:.3f},"
+            f" ratio {result['ratio']:.2f} (target <= {result['target']}), same params: {result['same_final_params']}"
+        )
     elif name == "loop":
-        print(f"loop: inproc {result['inproc']['rounds_per_s']:.2f} rounds/s, plain loop"
-              f" {result['plain']['rounds_per_s']:.2f}, ratio {result['ratio']:.2f},"
-              f" same params: {result['same_final_params']}")
+        print(
+            f"loop: inproc {result['inproc']['rounds_per_s']:.2f} rounds/s, plain loop"
+            f" {result['plain']['rounds_per_s']:.2f}, ratio {result['ratio']:.2f},"
+            f" same params: {result['same_final_params']}"
+        )
     sys.stdout.flush()
 
 
@@ -817,20 +898,30 @@ BENCHES = ("ingress", "transport", "loop", "rounds")
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("benches", nargs="*", default=[], metavar="BENCH",
-                        help=f"which to run: {', '.join(BENCHES)} (default: all)")
+    parser.add_argument(
+        "benches", nargs="*", default=[], metavar="BENCH", help=f"which to run: {', '.join(BENCHES)} (default: all)"
+    )
     parser.add_argument("--quick", action="store_true", help="few rounds, one repeat, small config for 'rounds'")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default: 40; quick: 6)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs of each side (default 3; quick 1)")
     parser.add_argument("--warmup", type=int, default=None, help="round intervals skipped per run (default 3; quick 1)")
-    parser.add_argument("--pipelines", default=None,
-                        help="'|'-separated pipelines for transport; the first is held to the target"
-                             " (default: 'mean|arc > nnm > cwtm'; quick: 'mean')")
-    parser.add_argument("--no-diagnostics", action="store_true",
-                        help="transport: skip the extra run of the first pipeline with checkpoints off"
-                             " (default: on unless --quick)")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="config for rounds and loop (default configs/default.yaml; quick rounds: configs/small.yaml)")
+    parser.add_argument(
+        "--pipelines",
+        default=None,
+        help="'|'-separated pipelines for transport; the first is held to the target"
+        " (default: 'mean|arc > nnm > cwtm'; quick: 'mean')",
+    )
+    parser.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="transport: skip the extra run of the first pipeline with checkpoints off (default: on unless --quick)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config for rounds and loop (default configs/default.yaml; quick rounds: configs/small.yaml)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
     parser.add_argument("--markdown", type=Path, default=None, help="write the summary table to this file")
     args = parser.parse_args(argv)
@@ -858,7 +949,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipelines = [p.strip() for p in (args.pipelines or ("mean" if args.quick else "mean|arc > nnm > cwtm")).split("|")]
     loop_config = args.config or DEFAULT_CONFIG
     rounds_config = args.config or (QUICK_ROUNDS_CONFIG if args.quick else DEFAULT_CONFIG)
-    results: dict[str, Any] = {"machine": machine(), "settings": {"rounds": rounds, "repeats": repeats, "warmup": warmup}}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {"rounds": rounds, "repeats": repeats, "warmup": warmup},
+    }
     started = time.perf_counter()
     for name in benches:
         if name == "ingress":

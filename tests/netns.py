@@ -107,8 +107,20 @@ class Star:
             self.namespaces.append(name)
             ip("-n", name, "link", "set", "lo", "up")
         for i, spoke in enumerate(self.spoke_names):
-            ip("link", "add", self.hub_dev(i), "netns", self.hub, "type", "veth",
-               "peer", "name", self.spoke_dev(i), "netns", spoke)
+            ip(
+                "link",
+                "add",
+                self.hub_dev(i),
+                "netns",
+                self.hub,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.spoke_dev(i),
+                "netns",
+                spoke,
+            )
             ip("-n", self.hub, "addr", "add", f"{self.hub_address(i)}/24", "dev", self.hub_dev(i))
             ip("-n", spoke, "addr", "add", f"{SUBNET}.{i}.2/24", "dev", self.spoke_dev(i))
             ip("-n", self.hub, "link", "set", self.hub_dev(i), "up")
@@ -144,8 +156,23 @@ class Star:
     def limit(self, i: int, rate: str, *, burst: str = "16kb", latency: str = "100ms") -> None:
         """Shape both directions of spoke ``i``'s link to ``rate`` (e.g. ``"20mbit"``) with tc tbf."""
         for namespace, dev in ((self.spoke_names[i], self.spoke_dev(i)), (self.hub, self.hub_dev(i))):
-            ip("tc", "-n", namespace, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
-               "latency", latency)
+            ip(
+                "tc",
+                "-n",
+                namespace,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                burst,
+                "latency",
+                latency,
+            )
 
     def shaped(self, i: int) -> dict[str, int]:
         """The tbf counters of spoke ``i``'s uplink (spoke -> hub): bytes and packets sent, overlimits."""

@@ -20,14 +20,29 @@ from arcsim.config import RunConfig
 from arcsim.report import POINT_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"task": "synthetic", "model": "logreg", "num_honest": 3, "num_byzantine": 1, "attack": "alie",
-        "pipeline": "arc > nnm > cwtm", "partitioner": "iid", "rounds": 6, "eval_every": 3, "round_deadline": 30}
+TINY = {
+    "task": "synthetic",
+    "model": "logreg",
+    "num_honest": 3,
+    "num_byzantine": 1,
+    "attack": "alie",
+    "pipeline": "arc > nnm > cwtm",
+    "partitioner": "iid",
+    "rounds": 6,
+    "eval_every": 3,
+    "round_deadline": 30,
+}
 
 
 def _cli_run(config: Path, out: Path, engine: str) -> dict:
     """``arcsim run`` in a subprocess, as a user runs it; its summary."""
-    result = subprocess.run([sys.executable, "-m", "arcsim", "run", str(config), "--engine", engine, "--out",
-                             str(out), "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "arcsim", "run", str(config), "--engine", engine, "--out", str(out), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads((out / "summary.json").read_text())
 
@@ -45,8 +60,9 @@ def cli_summary(config_file: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.parametrize("engine", ["inproc", "grpc"])
-def test_run_gives_the_command_lines_final_parameters(engine: str, config_file: Path, cli_summary: dict,
-                                                      tmp_path: Path) -> None:
+def test_run_gives_the_command_lines_final_parameters(
+    engine: str, config_file: Path, cli_summary: dict, tmp_path: Path
+) -> None:
     # Prepare: the caller's torch uses two threads; the run pins one and gives the two back
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -83,7 +99,8 @@ def test_one_torch_thread_pins_one_thread_and_restores_the_callers() -> None:
 
 
 def test_a_config_given_as_a_mapping_a_runconfig_or_a_path_with_overrides_is_the_same_run(
-        config_file: Path, tmp_path: Path) -> None:
+    config_file: Path, tmp_path: Path
+) -> None:
     # Execute: the same run three ways, each with rounds overridden to 4
     from_path = arcsim.run(config_file, out=tmp_path / "path", rounds=4)
     from_mapping = arcsim.run({**TINY, "rounds": 9}, out=tmp_path / "mapping", rounds=4)
@@ -134,10 +151,8 @@ def test_a_finished_run_is_not_overwritten_and_resume_gives_it_back(config_file:
 
 def test_sweep_runs_a_grid_and_load_reads_it_as_report_does(tmp_path: Path) -> None:
     # Execute: two seeds; a rerun finds both complete
-    result = arcsim.sweep({**TINY, "rounds": 3, "eval_every": 3}, out=tmp_path / "grid", executor="inline",
-                          seed=[1, 2])
-    rerun = arcsim.sweep({**TINY, "rounds": 3, "eval_every": 3}, out=tmp_path / "grid", executor="inline",
-                         seed=[1, 2])
+    result = arcsim.sweep({**TINY, "rounds": 3, "eval_every": 3}, out=tmp_path / "grid", executor="inline", seed=[1, 2])
+    rerun = arcsim.sweep({**TINY, "rounds": 3, "eval_every": 3}, out=tmp_path / "grid", executor="inline", seed=[1, 2])
     table = arcsim.load(tmp_path / "grid")
     # Assert
     assert result.ok and [row["seed"] for row in result.rows] == [1, 2]
@@ -197,11 +212,16 @@ def test_the_quickstart_notebook_runs(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(TINY))
     script = tmp_path / "quickstart.py"
     script.write_text(_notebook_code(REPO / "examples" / "quickstart.ipynb"))
-    env = {"PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg", "ARCSIM_QUICKSTART_CONFIG": str(config),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MPLBACKEND": "Agg",
+        "ARCSIM_QUICKSTART_CONFIG": str(config),
+        "OMP_NUM_THREADS": "1",
+    }
     # Execute
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     # Assert: it ran to the end, leaving a run and a sweep
     assert result.returncode == 0, result.stderr
     assert "final accuracy" in result.stdout

@@ -147,9 +147,7 @@ def test_alie_negative_tau_is_the_minus_form() -> None:
     byzantine = alie(honest, num_byzantine=1, num_workers=5, tau=-1.0)
 
     # Assert
-    torch.testing.assert_close(
-        byzantine, torch.tensor([[1 - std, 2 - std, 2.0]], dtype=torch.float64)
-    )
+    torch.testing.assert_close(byzantine, torch.tensor([[1 - std, 2 - std, 2.0]], dtype=torch.float64))
 
 
 def test_alie_z_max_for_13_workers_3_byzantine() -> None:
@@ -213,9 +211,7 @@ def test_alie_without_byzantine_needs_no_z_max() -> None:
 def test_mimic_index_picks_the_extreme_along_the_top_direction() -> None:
     # Prepare: the e_1 spread (sum of squares 28.08) beats the e_2 one (24.5); row 0 is the
     # farthest along e_1 although rows 4 and 5 are longer.
-    honest = torch.tensor(
-        [[3.2, 0.0], [-3.0, 0.0], [2.0, 0.0], [-2.2, 0.0], [0.0, 3.5], [0.0, -3.5]]
-    )
+    honest = torch.tensor([[3.2, 0.0], [-3.0, 0.0], [2.0, 0.0], [-2.2, 0.0], [0.0, 3.5], [0.0, -3.5]])
 
     # Execute
     index = mimic_index(honest)
@@ -282,9 +278,7 @@ def test_mimic_state_learns_then_freezes() -> None:
     assert state.index == 1
     assert state.running_mean is not None and state.direction is not None
     torch.testing.assert_close(state.running_mean, torch.tensor([1.0, 5 / 6]))
-    torch.testing.assert_close(
-        state.direction.abs(), torch.tensor([0.9403, 0.3404]), atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(state.direction.abs(), torch.tensor([0.9403, 0.3404]), atol=1e-4, rtol=0)
     assert torch.equal(third, torch.tensor([[8.0, 8.0], [8.0, 8.0]]))
 
 
@@ -310,9 +304,7 @@ def test_gaussian_adds_independent_noise_to_the_mean(dtype: torch.dtype) -> None
     noise = torch.randn((2, 3), generator=torch.Generator().manual_seed(11), dtype=dtype)
 
     # Execute
-    byzantine = gaussian(
-        honest, num_byzantine=2, std=0.5, generator=torch.Generator().manual_seed(11)
-    )
+    byzantine = gaussian(honest, num_byzantine=2, std=0.5, generator=torch.Generator().manual_seed(11))
 
     # Assert
     torch.testing.assert_close(byzantine, torch.tensor([1.0, 2.0, 2.0], dtype=dtype) + 0.5 * noise)
@@ -324,9 +316,7 @@ def test_gaussian_moments() -> None:
     honest = torch.tensor([[1.0, -1.0], [3.0, 1.0]])  # mean [2, 0]
 
     # Execute
-    byzantine = gaussian(
-        honest, num_byzantine=20000, std=3.0, generator=torch.Generator().manual_seed(0)
-    )
+    byzantine = gaussian(honest, num_byzantine=20000, std=3.0, generator=torch.Generator().manual_seed(0))
 
     # Assert
     torch.testing.assert_close(byzantine.mean(dim=0), torch.tensor([2.0, 0.0]), atol=0.1, rtol=0)
@@ -585,16 +575,12 @@ def test_registry_names() -> None:
         (
             "gaussian",
             {"std": 2.0},
-            lambda x: gaussian(
-                x, num_byzantine=2, std=2.0, generator=torch.Generator().manual_seed(3)
-            ),
+            lambda x: gaussian(x, num_byzantine=2, std=2.0, generator=torch.Generator().manual_seed(3)),
         ),
         (
             "optimal_alie",
             {"taus": [0.0, 1.0]},
-            lambda x: optimal_alie(
-                x, num_byzantine=2, num_workers=6, aggregate=_mean, taus=[0.0, 1.0]
-            ),
+            lambda x: optimal_alie(x, num_byzantine=2, num_workers=6, aggregate=_mean, taus=[0.0, 1.0]),
         ),
         (
             "optimal_foe",
@@ -738,9 +724,7 @@ def test_aggregate_must_be_callable() -> None:
         optimal_foe_tau(LINE, num_byzantine=1, aggregate=None)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    "taus", [[], [[0.0, 1.0]], [0.0, math.nan], "abc"], ids=["empty", "2-D", "nan", "text"]
-)
+@pytest.mark.parametrize("taus", [[], [[0.0, 1.0]], [0.0, math.nan], "abc"], ids=["empty", "2-D", "nan", "text"])
 def test_taus_must_be_a_finite_grid(taus: object) -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match=r"taus must be a non-empty 1-D sequence"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from arcsim.config import from_dict
-from arcsim.tasks import load_dataset
-from arcsim.engine.inproc import run_inproc
 from arcsim.engine.honest import BatchedWorkers, HonestWorker, shards
+from arcsim.engine.inproc import run_inproc
+from arcsim.tasks import load_dataset
 
 
 def _workers(config):
@@ -20,8 +20,17 @@ def _workers(config):
 @pytest.mark.parametrize("model", ["mlp", "logreg"])
 def test_vmap_gradients_match_the_loop_over_rounds(model: str) -> None:
     # Prepare: two identical sets of workers; momentum makes later rounds depend on earlier ones
-    config = from_dict({"task": "synthetic", "model": model, "num_honest": 4, "num_byzantine": 0, "attack": "none",
-                        "partitioner": "iid", "batch_size": 16})
+    config = from_dict(
+        {
+            "task": "synthetic",
+            "model": model,
+            "num_honest": 4,
+            "num_byzantine": 0,
+            "attack": "none",
+            "partitioner": "iid",
+            "batch_size": 16,
+        }
+    )
     looped, batched_workers = _workers(config), _workers(config)
     batched = BatchedWorkers(batched_workers)
     params = torch.nn.utils.parameters_to_vector(looped[0].model.parameters()).detach().clone()
@@ -42,8 +51,16 @@ def test_vmap_gradients_match_the_loop_for_the_cnn() -> None:
         dataset = load_dataset("fashion-mnist")
     except Exception as error:  # noqa: BLE001 - no data here: say so
         pytest.skip(f"fashion-mnist not available: {error}")
-    config = from_dict({"task": "fashion-mnist", "model": "cnn", "num_honest": 3, "num_byzantine": 0,
-                        "attack": "none", "partitioner": "extreme"})
+    config = from_dict(
+        {
+            "task": "fashion-mnist",
+            "model": "cnn",
+            "num_honest": 3,
+            "num_byzantine": 0,
+            "attack": "none",
+            "partitioner": "extreme",
+        }
+    )
     shard_list = shards(config, dataset)
     looped = [HonestWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(3)]
     batched = BatchedWorkers([HonestWorker(config, i, dataset=dataset, shard_list=shard_list) for i in range(3)])
@@ -58,8 +75,18 @@ def test_vmap_gradients_match_the_loop_for_the_cnn() -> None:
 
 def test_batched_inproc_run_reaches_the_same_accuracy(tmp_path) -> None:
     # Prepare
-    config = from_dict({"task": "synthetic", "model": "mlp", "num_honest": 4, "num_byzantine": 1,
-                        "attack": "sign_flip", "partitioner": "iid", "rounds": 30, "eval_every": 10})
+    config = from_dict(
+        {
+            "task": "synthetic",
+            "model": "mlp",
+            "num_honest": 4,
+            "num_byzantine": 1,
+            "attack": "sign_flip",
+            "partitioner": "iid",
+            "rounds": 30,
+            "eval_every": 10,
+        }
+    )
     # Execute
     plain = run_inproc(config, tmp_path / "loop")
     batched = run_inproc(config, tmp_path / "vmap", batch_workers=True)

@@ -30,8 +30,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _config(**changes: object) -> RunConfig:
-    base = {"task": "synthetic", "model": "logreg", "partitioner": "iid", "num_honest": 4, "num_byzantine": 1,
-            "attack": "sign_flip", "batch_size": 8, "momentum": 0.5, "seed": 3}
+    base = {
+        "task": "synthetic",
+        "model": "logreg",
+        "partitioner": "iid",
+        "num_honest": 4,
+        "num_byzantine": 1,
+        "attack": "sign_flip",
+        "batch_size": 8,
+        "momentum": 0.5,
+        "seed": 3,
+    }
     return from_dict({**base, **changes})
 
 
@@ -92,16 +101,19 @@ def test_label_flip_vector_is_the_momentum_of_the_flipped_loss() -> None:
     assert worker.last_loss == worker.last_loss  # a number, not NaN
 
 
-def test_a_data_attack_plugin_is_a_label_map_the_worker_trains_on(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_data_attack_plugin_is_a_label_map_the_worker_trains_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Prepare: label flipping written again as a plugin's data attack, with a parameter of its own
-    (tmp_path / "flip_plugin.py").write_text(textwrap.dedent("""
+    (tmp_path / "flip_plugin.py").write_text(
+        textwrap.dedent("""
         from arcsim.attacks import data_attack
 
         @data_attack
         def flip(labels, *, num_classes, offset=0):
             return (num_classes - 1 - labels + offset) % num_classes
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     builtin = _config(num_honest=4, num_byzantine=1, attack="label_flip")
     plugin = _config(num_honest=4, num_byzantine=1, attack="flip_plugin:flip", attack_params={"offset": 0})
@@ -150,8 +162,10 @@ def test_colluding_workers_submit_the_rows_of_one_crafted_matrix() -> None:
     crafter = Crafter(config)
     expected = craft("gaussian", honest, num_byzantine=2, num_workers=6, generator=generator(config.seed, "attack", 5))
     # Execute
-    got = [ByzantineWorker(config, i, crafter=crafter).vector(params=torch.zeros(6), round_=5, honest=honest)
-           for i in (4, 5)]
+    got = [
+        ByzantineWorker(config, i, crafter=crafter).vector(params=torch.zeros(6), round_=5, honest=honest)
+        for i in (4, 5)
+    ]
     # Assert
     assert torch.equal(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
@@ -165,8 +179,9 @@ def test_workers_with_their_own_crafters_agree_with_a_shared_one() -> None:
     shared = Crafter(config)
     for worker_id in (4, 5):
         own = ByzantineWorker(config, worker_id).vector(params=torch.zeros(6), round_=2, honest=honest)
-        together = ByzantineWorker(config, worker_id, crafter=shared).vector(params=torch.zeros(6), round_=2,
-                                                                              honest=honest)
+        together = ByzantineWorker(config, worker_id, crafter=shared).vector(
+            params=torch.zeros(6), round_=2, honest=honest
+        )
         assert torch.equal(own, together)
 
 
@@ -260,8 +275,14 @@ def test_gaussian_attack_is_identical_in_another_process() -> None:
         print(hashlib.sha256(Crafter(config).craft_all(honest, 3).numpy().tobytes()).hexdigest())
     """)
     # Execute
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     # Assert
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == _matrix_digest(config, honest, 3)

@@ -10,12 +10,11 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import tiny_values
 
 from arcsim.config import from_dict
 from arcsim.engine import checkpoint
 from arcsim.engine.rounds import RunState, params_sha256
-
-from conftest import tiny_values
 
 VALUES = {"round": 0, "best_accuracy": 0.25, "last_accuracy": None, "momentum_ids": [0], "run_settings": {"q": 3}}
 
@@ -59,8 +58,13 @@ def test_a_checkpoint_is_a_plain_safetensors_file_with_its_crc_and_values_in_the
 def test_empty_tensors_and_one_tensor_under_two_names_round_trip(tmp_path: Path) -> None:
     # Prepare: safetensors refuses two names for one memory; e.g. one vector kept as two workers' momenta
     shared = torch.arange(4, dtype=torch.float32)
-    tensors = {"momentum/1": shared, "momentum/2": shared, "prefix": shared[:2],
-               "empty": torch.empty(0, dtype=torch.float16), "row": torch.ones(2, 3)[1]}
+    tensors = {
+        "momentum/1": shared,
+        "momentum/2": shared,
+        "prefix": shared[:2],
+        "empty": torch.empty(0, dtype=torch.float16),
+        "row": torch.ones(2, 3)[1],
+    }
     # Execute
     checkpoint.save(tmp_path, _name(1), {"round": 1}, tensors)
     found = checkpoint.load(tmp_path / _name(1))
@@ -93,16 +97,16 @@ def test_a_name_of_another_kind_is_refused(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("keep", [0, -1, True, 1.5])
 def test_keep_must_be_a_positive_integer(tmp_path: Path, keep: object) -> None:
     with pytest.raises(ValueError, match=f"keep must be an integer >= 1, got {keep!r}"):
-        checkpoint.save(tmp_path, _name(1), {"round": 1}, {"params": torch.zeros(2)},
-                        keep=keep)  # type: ignore[arg-type]
+        checkpoint.save(tmp_path, _name(1), {"round": 1}, {"params": torch.zeros(2)}, keep=keep)  # type: ignore[arg-type]
 
 
 def _header_length(data: bytes) -> int:
     return 8 + int.from_bytes(data[:8], "little")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip header", "flip payload", "flip crc", "flip values",
-                                    "empty", "garbage", "appended"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip header", "flip payload", "flip crc", "flip values", "empty", "garbage", "appended"]
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, damage: str) -> None:
     # Prepare
     _save(tmp_path, 1)
@@ -167,8 +171,11 @@ def test_no_usable_checkpoint_gives_none_and_the_reasons(tmp_path: Path) -> None
 
 def test_a_safetensors_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
     safetensors.torch.save_file({"params": torch.zeros(3)}, tmp_path / _name(1), metadata={"format": "pt"})
-    with pytest.raises(checkpoint.CheckpointError, match="not an arcsim checkpoint of format arcsim-checkpoint-3 "
-                                                         r"\(format 'pt'\)"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match="not an arcsim checkpoint of format arcsim-checkpoint-3 "
+        r"\(format 'pt'\)",
+    ):
         checkpoint.load(tmp_path / _name(1))
 
 
@@ -180,9 +187,13 @@ def _old_format_file(folder: Path, round_: int) -> None:
 def test_a_folder_with_only_old_format_checkpoints_is_refused_saying_so(tmp_path: Path) -> None:
     _old_format_file(tmp_path, 3)
     assert checkpoint.any_checkpoint(tmp_path)
-    with pytest.raises(checkpoint.CheckpointError, match=(
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=(
             "holds checkpoints of arcsim's earlier format \\(round-00000003.ckpt\\) and no .safetensors one: "
-            "this version reads round-XXXXXXXX.safetensors only")):
+            "this version reads round-XXXXXXXX.safetensors only"
+        ),
+    ):
         checkpoint.load_latest(tmp_path)
 
 

@@ -110,7 +110,8 @@ def test_version_is_the_installed_package_version(arcsim: Arcsim) -> None:
     ],
 )
 def test_every_command_has_a_description_an_example_and_its_defaults(
-        capsys: pytest.CaptureFixture[str], command: list[str], shown: list[str]) -> None:
+    capsys: pytest.CaptureFixture[str], command: list[str], shown: list[str]
+) -> None:
     assert main([*command, "--help"]) == 0
     text = capsys.readouterr().out
     description = text.split("\n\n")[1]
@@ -138,20 +139,23 @@ def test_list_shows_every_registry_or_the_one_asked_for(capsys: pytest.CaptureFi
 
 
 # --- one-line errors and exit statuses ---------------------------------------------------------------------
-@pytest.mark.parametrize("command", [
-    ["coordinator", "--config", "c.yaml", "--out", "out"],
-    ["worker", "--coordinator", "127.0.0.1:1", "--worker-id", "0"],
-    ["adversary", "--coordinator", "127.0.0.1:1", "--worker-id", "2"],
-])
-def test_a_log_level_typo_is_a_usage_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                           command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["coordinator", "--config", "c.yaml", "--out", "out"],
+        ["worker", "--coordinator", "127.0.0.1:1", "--worker-id", "0"],
+        ["adversary", "--coordinator", "127.0.0.1:1", "--worker-id", "2"],
+    ],
+)
+def test_a_log_level_typo_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
     monkeypatch.setenv("ARCSIM_SECRET", "s")
     line = _usage_error(capsys, [*command, "--log-level", "verbose"])
     assert "argument --log-level: invalid choice: 'verbose'" in line
 
 
-def test_a_tracker_twice_or_an_unknown_one_is_a_usage_error(capsys: pytest.CaptureFixture[str],
-                                                            tmp_path: Path) -> None:
+def test_a_tracker_twice_or_an_unknown_one_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("task: synthetic\n")
     line = _usage_error(capsys, ["run", str(config), "--track", "mlflow", "--track", "mlflow"])
@@ -161,8 +165,7 @@ def test_a_tracker_twice_or_an_unknown_one_is_a_usage_error(capsys: pytest.Captu
     assert not any(p.name != "c.yaml" for p in tmp_path.iterdir())
 
 
-def test_a_value_that_is_not_yaml_in_set_is_a_usage_error(capsys: pytest.CaptureFixture[str],
-                                                          tmp_path: Path) -> None:
+def test_a_value_that_is_not_yaml_in_set_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = _write_config(tmp_path, "small", ALIE)
     line = _usage_error(capsys, ["run", str(config), "--out", str(tmp_path / "out"), "--set", "attack_params={a: [1"])
     assert "--set 'attack_params={a: [1': the value is not valid YAML" in line
@@ -176,20 +179,23 @@ def test_a_value_that_is_not_yaml_in_set_is_a_usage_error(capsys: pytest.Capture
         (["run", "{config}", "--set", "attack=[1"], 2, "the value is not valid YAML"),
         (["run", "{config}", "--engine", "grcp"], 2, "argument --engine: invalid choice: 'grcp'"),
         (["run", "{config}", "--out", "{tmp}/out", "--resume"], 2, "has no checkpoints to resume from"),
-        (["coordinator", "--config", "{config}", "--out", "{tmp}/out", "--log-level", "loud"], 2,
-         "argument --log-level: invalid choice: 'loud'"),
+        (
+            ["coordinator", "--config", "{config}", "--out", "{tmp}/out", "--log-level", "loud"],
+            2,
+            "argument --log-level: invalid choice: 'loud'",
+        ),
         (["coordinator", "--config", "{config}", "--out", "{tmp}/out"], 2, "no run secret"),
         (["worker", "--coordinator", "127.0.0.1:1", "--worker-id", "0"], 2, "no credentials"),
         # What does need torch says so in one line too.
         (["run", "{config}", "--out", "{tmp}/out"], 1, "No module named 'torch'"),
     ],
 )
-def test_errors_are_one_line_on_a_machine_without_torch(arcsim: Arcsim, tmp_path: Path, argv: list[str], code: int,
-                                                        message: str) -> None:
+def test_errors_are_one_line_on_a_machine_without_torch(
+    arcsim: Arcsim, tmp_path: Path, argv: list[str], code: int, message: str
+) -> None:
     config = _write_config(tmp_path, "small", ALIE)
     fill = {"tmp": str(tmp_path), "config": str(config)}
-    result = arcsim.run(*(arg.format(**fill) for arg in argv), prefix=["-c", BLOCK_TORCH], env=CLEAN_ENV,
-                        timeout=60)
+    result = arcsim.run(*(arg.format(**fill) for arg in argv), prefix=["-c", BLOCK_TORCH], env=CLEAN_ENV, timeout=60)
     assert result.returncode == code, result.stderr
     assert message.format(**fill) in _one_error_line(result.stderr)
 
@@ -200,8 +206,9 @@ def test_version_and_help_need_no_torch(arcsim: Arcsim) -> None:
         assert result.returncode == 0 and result.stdout.startswith(("arcsim ", "usage:")), result.stderr
 
 
-def test_a_run_whose_coordinator_was_stopped_exits_3_and_resumes(arcsim: Arcsim, capsys: pytest.CaptureFixture[str],
-                                                                 tmp_path: Path) -> None:
+def test_a_run_whose_coordinator_was_stopped_exits_3_and_resumes(
+    arcsim: Arcsim, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     # Prepare
     config = _write_config(tmp_path, "label_flip", LABEL_FLIP)
     out = tmp_path / "out"
@@ -240,29 +247,45 @@ def test_sigterm_stops_a_run_with_status_143(arcsim: Arcsim, tmp_path: Path, eng
 # --- ARCSIM_* variables --------------------------------------------------------------------------------------
 # Each service's variables: name -> (value, the flag's attribute, the value parsed).
 COORDINATOR_ENV = {
-    "ARCSIM_CONFIG": ("c.yaml", "config", "c.yaml"), "ARCSIM_OUT": ("o", "out", "o"),
-    "ARCSIM_HOST": ("0.0.0.0", "host", "0.0.0.0"), "ARCSIM_PORT": ("6001", "port", 6001),
-    "ARCSIM_METRICS_PORT": ("9464", "metrics_port", 9464), "ARCSIM_METRICS_HOST": ("::", "metrics_host", "::"),
-    "ARCSIM_RESUME": ("no", "resume", False), "ARCSIM_RESUME_IF_PRESENT": ("YES", "resume_if_present", True),
-    "ARCSIM_SECRET_FILE": ("s", "secret_file", "s"), "ARCSIM_QUORUM": ("5", "quorum", 5),
-    "ARCSIM_JOIN_TIMEOUT": ("7.5", "join_timeout", 7.5), "ARCSIM_LINGER": ("2", "linger", 2.0),
-    "ARCSIM_DEVICE": ("cuda", "device", "cuda"), "ARCSIM_LOG_LEVEL": ("DEBUG", "log_level", "debug"),
-    "ARCSIM_TLS_SERVER_CERT": ("s.pem", "tls_cert", "s.pem"), "ARCSIM_TLS_SERVER_KEY": ("s.key", "tls_key", "s.key"),
+    "ARCSIM_CONFIG": ("c.yaml", "config", "c.yaml"),
+    "ARCSIM_OUT": ("o", "out", "o"),
+    "ARCSIM_HOST": ("0.0.0.0", "host", "0.0.0.0"),
+    "ARCSIM_PORT": ("6001", "port", 6001),
+    "ARCSIM_METRICS_PORT": ("9464", "metrics_port", 9464),
+    "ARCSIM_METRICS_HOST": ("::", "metrics_host", "::"),
+    "ARCSIM_RESUME": ("no", "resume", False),
+    "ARCSIM_RESUME_IF_PRESENT": ("YES", "resume_if_present", True),
+    "ARCSIM_SECRET_FILE": ("s", "secret_file", "s"),
+    "ARCSIM_QUORUM": ("5", "quorum", 5),
+    "ARCSIM_JOIN_TIMEOUT": ("7.5", "join_timeout", 7.5),
+    "ARCSIM_LINGER": ("2", "linger", 2.0),
+    "ARCSIM_DEVICE": ("cuda", "device", "cuda"),
+    "ARCSIM_LOG_LEVEL": ("DEBUG", "log_level", "debug"),
+    "ARCSIM_TLS_SERVER_CERT": ("s.pem", "tls_cert", "s.pem"),
+    "ARCSIM_TLS_SERVER_KEY": ("s.key", "tls_key", "s.key"),
     "ARCSIM_TLS_CLIENT_CA": ("ca.pem", "tls_client_ca", "ca.pem"),
 }
 CLIENT_TLS_ENV = {
-    "ARCSIM_TLS_CA": ("ca.pem", "tls_ca", "ca.pem"), "ARCSIM_TLS_CLIENT_CERT": ("c.pem", "tls_cert", "c.pem"),
+    "ARCSIM_TLS_CA": ("ca.pem", "tls_ca", "ca.pem"),
+    "ARCSIM_TLS_CLIENT_CERT": ("c.pem", "tls_cert", "c.pem"),
     "ARCSIM_TLS_CLIENT_KEY": ("c.key", "tls_key", "c.key"),
     "ARCSIM_TLS_SERVER_NAME": ("coord", "tls_server_name", "coord"),
 }
 WORKER_ENV = {
-    "ARCSIM_COORDINATOR": ("h:1", "coordinator", "h:1"), "ARCSIM_TOKEN_FILE": ("t", "token_file", "t"),
-    "ARCSIM_MAX_RETRY_SECONDS": ("9", "max_retry_seconds", 9.0), "ARCSIM_METRICS_PORT": ("0", "metrics_port", 0),
-    "ARCSIM_METRICS_HOST": ("0.0.0.0", "metrics_host", "0.0.0.0"), "ARCSIM_DEVICE": ("cpu", "device", "cpu"),
-    "ARCSIM_LOG_LEVEL": ("warning", "log_level", "warning"), **CLIENT_TLS_ENV,
+    "ARCSIM_COORDINATOR": ("h:1", "coordinator", "h:1"),
+    "ARCSIM_TOKEN_FILE": ("t", "token_file", "t"),
+    "ARCSIM_MAX_RETRY_SECONDS": ("9", "max_retry_seconds", 9.0),
+    "ARCSIM_METRICS_PORT": ("0", "metrics_port", 0),
+    "ARCSIM_METRICS_HOST": ("0.0.0.0", "metrics_host", "0.0.0.0"),
+    "ARCSIM_DEVICE": ("cpu", "device", "cpu"),
+    "ARCSIM_LOG_LEVEL": ("warning", "log_level", "warning"),
+    **CLIENT_TLS_ENV,
 }
-HEALTH_ENV = {"ARCSIM_HEALTH_ADDRESS": ("h:1", "address", "h:1"), "ARCSIM_TIMEOUT": ("0.5", "timeout", 0.5),
-              **CLIENT_TLS_ENV}
+HEALTH_ENV = {
+    "ARCSIM_HEALTH_ADDRESS": ("h:1", "address", "h:1"),
+    "ARCSIM_TIMEOUT": ("0.5", "timeout", 0.5),
+    **CLIENT_TLS_ENV,
+}
 
 
 @pytest.mark.parametrize(
@@ -275,8 +298,11 @@ HEALTH_ENV = {"ARCSIM_HEALTH_ADDRESS": ("h:1", "address", "h:1"), "ARCSIM_TIMEOU
     ],
 )
 def test_every_service_flag_falls_back_to_its_variable(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str,
-        variables: dict[str, tuple[str, str, object]]) -> None:
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    variables: dict[str, tuple[str, str, object]],
+) -> None:
     # Execute
     parsed = _parse([command], monkeypatch, {name: raw for name, (raw, _, _) in variables.items()})
     # Assert: every flag took its variable's value (a flag without one would be missing here or keep
@@ -289,10 +315,16 @@ def test_every_service_flag_falls_back_to_its_variable(
 
 
 def test_a_flag_on_the_command_line_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"ARCSIM_PORT": "6001", "ARCSIM_RESUME_IF_PRESENT": "false", "ARCSIM_WORKER_ID": "10,11",
-           "ARCSIM_CONFIG": "env.yaml", "ARCSIM_OUT": "o"}
-    coordinator = _parse(["coordinator", "--port", "7002", "--resume-if-present", "--config", "flag.yaml"],
-                         monkeypatch, env)
+    env = {
+        "ARCSIM_PORT": "6001",
+        "ARCSIM_RESUME_IF_PRESENT": "false",
+        "ARCSIM_WORKER_ID": "10,11",
+        "ARCSIM_CONFIG": "env.yaml",
+        "ARCSIM_OUT": "o",
+    }
+    coordinator = _parse(
+        ["coordinator", "--port", "7002", "--resume-if-present", "--config", "flag.yaml"], monkeypatch, env
+    )
     assert (coordinator["port"], coordinator["resume_if_present"], coordinator["config"]) == (7002, True, "flag.yaml")
     adversary = _parse(["adversary", "--coordinator", "h:1", "--worker-id", "4"], monkeypatch, env)
     assert adversary["worker_id"] == [4]
@@ -304,16 +336,30 @@ def test_a_flag_on_the_command_line_wins_over_its_variable(monkeypatch: pytest.M
     ("command", "name", "value", "message"),
     [
         (["coordinator"], "ARCSIM_PORT", "fifty", "ARCSIM_PORT='fifty': not a valid int"),
-        (["coordinator"], "ARCSIM_RESUME_IF_PRESENT", "maybe",
-         "ARCSIM_RESUME_IF_PRESENT='maybe': expected one of true/1/yes/false/0/no"),
+        (
+            ["coordinator"],
+            "ARCSIM_RESUME_IF_PRESENT",
+            "maybe",
+            "ARCSIM_RESUME_IF_PRESENT='maybe': expected one of true/1/yes/false/0/no",
+        ),
         (["coordinator"], "ARCSIM_LOG_LEVEL", "loud", "ARCSIM_LOG_LEVEL='loud': choose from debug, info"),
-        (["adversary", "--coordinator", "h:1"], "ARCSIM_WORKER_ID", "10,x",
-         "ARCSIM_WORKER_ID='10,x': a worker id is a non-negative integer or 'auto', got 'x'"),
+        (
+            ["adversary", "--coordinator", "h:1"],
+            "ARCSIM_WORKER_ID",
+            "10,x",
+            "ARCSIM_WORKER_ID='10,x': a worker id is a non-negative integer or 'auto', got 'x'",
+        ),
         (["worker", "--worker-id", "0"], "ARCSIM_MAX_RETRY_SECONDS", "1m", "ARCSIM_MAX_RETRY_SECONDS='1m'"),
     ],
 )
-def test_a_bad_variable_is_one_line_naming_it(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                              command: list[str], name: str, value: str, message: str) -> None:
+def test_a_bad_variable_is_one_line_naming_it(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    name: str,
+    value: str,
+    message: str,
+) -> None:
     monkeypatch.setenv("ARCSIM_CONFIG", "c.yaml")
     monkeypatch.setenv("ARCSIM_OUT", "o")
     monkeypatch.setenv("ARCSIM_COORDINATOR", "h:1")
@@ -321,8 +367,9 @@ def test_a_bad_variable_is_one_line_naming_it(capsys: pytest.CaptureFixture[str]
     assert message in _usage_error(capsys, command)
 
 
-def test_a_missing_required_flag_names_its_variable(capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_required_flag_names_its_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("ARCSIM_CONFIG", raising=False)
     assert "--config is required (or set ARCSIM_CONFIG)" in _usage_error(capsys, ["coordinator", "--out", "o"])
 
@@ -332,19 +379,31 @@ def test_services_configured_by_variables_alone_run_to_the_end(arcsim: Arcsim, t
     config = _write_config(tmp_path, "alie", {**ALIE, "rounds": 8, "eval_every": 8})
     out = tmp_path / "out"
     base = {**CLEAN_ENV, "ARCSIM_SECRET": "testbed-secret"}
-    coordinator = arcsim.start("coordinator", env={
-        **base, "ARCSIM_CONFIG": str(config), "ARCSIM_OUT": str(out), "ARCSIM_PORT": "0",
-        "ARCSIM_JOIN_TIMEOUT": "60"})
+    coordinator = arcsim.start(
+        "coordinator",
+        env={
+            **base,
+            "ARCSIM_CONFIG": str(config),
+            "ARCSIM_OUT": str(out),
+            "ARCSIM_PORT": "0",
+            "ARCSIM_JOIN_TIMEOUT": "60",
+        },
+    )
     _wait_for(out / "coordinator.json", coordinator)
     with socket.socket() as probe:  # a port free right now, for the adversary's /metrics
         probe.bind(("127.0.0.1", 0))
         metrics_port = probe.getsockname()[1]
-    client = {**base, "ARCSIM_COORDINATOR": f"127.0.0.1:{json.loads((out / 'coordinator.json').read_text())['port']}",
-              "ARCSIM_DEVICE": "cpu", "ARCSIM_LOG_LEVEL": "warning"}
+    client = {
+        **base,
+        "ARCSIM_COORDINATOR": f"127.0.0.1:{json.loads((out / 'coordinator.json').read_text())['port']}",
+        "ARCSIM_DEVICE": "cpu",
+        "ARCSIM_LOG_LEVEL": "warning",
+    }
     # Execute
     workers = [arcsim.start("worker", env={**client, "ARCSIM_WORKER_ID": "auto"}) for _ in range(2)]
-    adversary = arcsim.start("adversary", env={**client, "ARCSIM_WORKER_ID": "2",
-                                               "ARCSIM_METRICS_PORT": str(metrics_port)})
+    adversary = arcsim.start(
+        "adversary", env={**client, "ARCSIM_WORKER_ID": "2", "ARCSIM_METRICS_PORT": str(metrics_port)}
+    )
     scraped = ""
     while coordinator.poll() is None and not scraped:
         try:
@@ -368,8 +427,14 @@ def test_service_variables_in_the_shell_do_not_reach_a_launched_run(arcsim: Arcs
     # Prepare: variables an operator might have exported for a container; each would break the run
     # if a launched service read it (wrong credentials, one port for every worker, an invalid level).
     config = _write_config(tmp_path, "alie", {**ALIE, "rounds": 3, "eval_every": 3})
-    env = {**CLEAN_ENV, "ARCSIM_TOKEN_FILE": str(tmp_path / "missing"), "ARCSIM_WORKER_ID": "7",
-           "ARCSIM_QUORUM": "1", "ARCSIM_LOG_LEVEL": "nonsense", "ARCSIM_TLS_CA": str(tmp_path / "missing.pem")}
+    env = {
+        **CLEAN_ENV,
+        "ARCSIM_TOKEN_FILE": str(tmp_path / "missing"),
+        "ARCSIM_WORKER_ID": "7",
+        "ARCSIM_QUORUM": "1",
+        "ARCSIM_LOG_LEVEL": "nonsense",
+        "ARCSIM_TLS_CA": str(tmp_path / "missing.pem"),
+    }
     # Execute
     result = arcsim.run("run", str(config), "--out", str(tmp_path / "out"), "--no-progress", env=env)
     # Assert

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from arcsim.seeding import generator
 from arcsim.transport import codec
 from arcsim.transport.codec import CodecError, TensorAssembler, TensorHeader
-from arcsim.seeding import generator
 from arcsim.v1 import coordinator_pb2 as pb
 
 DTYPE_NAMES = sorted(codec.DTYPES)

@@ -14,8 +14,11 @@ from arcsim.config import ConfigError, RunConfig, from_dict, load_config, loads_
 
 REPO = Path(__file__).resolve().parent.parent
 # The run configs shipped in configs/ (sweep configs, with a top-level `sweep:` key, are arcsim.sweep's).
-CONFIG_FILES = sorted(path for path in (REPO / "configs").glob("*.yaml")
-                      if not re.search(r"^sweep:", path.read_text(), flags=re.MULTILINE))
+CONFIG_FILES = sorted(
+    path
+    for path in (REPO / "configs").glob("*.yaml")
+    if not re.search(r"^sweep:", path.read_text(), flags=re.MULTILINE)
+)
 
 # A small valid base (the defaults plus nothing) is RunConfig(); the cases below change one thing.
 
@@ -60,8 +63,18 @@ def test_numbers_are_normalised_to_float() -> None:
 
 def test_yaml_round_trip_keeps_the_config_and_its_digest() -> None:
     # Prepare
-    config = from_dict({"task": "synthetic", "model": "logreg", "attack": "alie", "attack_params": {"tau": 1.5},
-                        "lr_schedule": "step", "lr_milestones": [3, 5], "partitioner": "dirichlet", "alpha": 0.5})
+    config = from_dict(
+        {
+            "task": "synthetic",
+            "model": "logreg",
+            "attack": "alie",
+            "attack_params": {"tau": 1.5},
+            "lr_schedule": "step",
+            "lr_milestones": [3, 5],
+            "partitioner": "dirichlet",
+            "alpha": 0.5,
+        }
+    )
     # Execute
     again = loads_config(config.to_yaml())
     # Assert
@@ -386,16 +399,26 @@ def test_cosine_schedule() -> None:
 
 # --- plugins and per-stage pipeline parameters ------------------------------------------------
 def test_pipeline_params_take_per_stage_mappings_beside_flat_ones() -> None:
-    config = from_dict({"pipeline": "bucketing > centered_clip", "num_byzantine": 1,
-                        "pipeline_params": {"s": 2, "centered_clip": {"tau": 5, "iters": 2}}})
+    config = from_dict(
+        {
+            "pipeline": "bucketing > centered_clip",
+            "num_byzantine": 1,
+            "pipeline_params": {"s": 2, "centered_clip": {"tau": 5, "iters": 2}},
+        }
+    )
     assert config.pipeline_params == {"s": 2, "centered_clip": {"tau": 5, "iters": 2}}
     assert loads_config(config.to_yaml()) == config
 
 
 def test_a_per_stage_parameter_the_stage_does_not_take_names_the_stage() -> None:
     with pytest.raises(ConfigError) as caught:
-        from_dict({"pipeline": "bucketing > centered_clip", "num_byzantine": 1,
-                   "pipeline_params": {"s": 2, "centered_clip": {"tau": 5, "s": 3}}})
+        from_dict(
+            {
+                "pipeline": "bucketing > centered_clip",
+                "num_byzantine": 1,
+                "pipeline_params": {"s": 2, "centered_clip": {"tau": 5, "s": 3}},
+            }
+        )
     assert str(caught.value).startswith("config key 'pipeline': ")
     assert "stage 'centered_clip' got unexpected parameters ['s']" in str(caught.value)
 

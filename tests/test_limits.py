@@ -23,23 +23,33 @@ import grpc
 import pytest
 import torch
 import yaml
-
-from arcsim.transport import codec, wire
-from arcsim.transport.auth import ANY_ID
-from arcsim.config import from_dict
-from arcsim.v1 import coordinator_pb2 as pb
-from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from arcsim.coordinator.service import Coordinator, CoordinatorSettings, OpenRound
-from arcsim.transport.channels import REASON_METADATA_KEY, grpc_options
-
 from conftest import TEST_SECRET, auth, tiny_values, token
 from test_faults import _metrics  # the tests folder is on sys.path (rootdir)
 
+from arcsim.config import from_dict
+from arcsim.coordinator.service import Coordinator, CoordinatorSettings, OpenRound
+from arcsim.transport import codec, wire
+from arcsim.transport.auth import ANY_ID
+from arcsim.transport.channels import REASON_METADATA_KEY, grpc_options
+from arcsim.v1 import coordinator_pb2 as pb
+from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
+
 ROOT = Path(__file__).resolve().parent.parent
 # The paper's CNN on 28x28 images (431,080 parameters: 1.7 MB a vector), on data every install has.
-FLOOD_CONFIG = {"task": "mnist-5k", "model": "cnn", "partitioner": "iid", "num_honest": 3, "num_byzantine": 1,
-                "attack": "sign_flip", "pipeline": "arc > nnm > cwtm", "rounds": 1, "eval_every": 1,
-                "eval_batch_size": 500, "batch_size": 8, "round_deadline": 60.0}
+FLOOD_CONFIG = {
+    "task": "mnist-5k",
+    "model": "cnn",
+    "partitioner": "iid",
+    "num_honest": 3,
+    "num_byzantine": 1,
+    "attack": "sign_flip",
+    "pipeline": "arc > nnm > cwtm",
+    "rounds": 1,
+    "eval_every": 1,
+    "eval_batch_size": 500,
+    "batch_size": 8,
+    "round_deadline": 60.0,
+}
 BYZANTINE_ID = 3
 
 
@@ -69,9 +79,29 @@ class CoordinatorProcess:
         self.out = tmp_path / "run"
         env = {**os.environ, "ARCSIM_SECRET": TEST_SECRET, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "arcsim", "coordinator", "--config", str(config_path), "--out", str(self.out),
-             "--port", "0", "--metrics-port", "0", "--linger", "30", "--join-timeout", "60"],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "coordinator.log", "w"))
+            [
+                sys.executable,
+                "-m",
+                "arcsim",
+                "coordinator",
+                "--config",
+                str(config_path),
+                "--out",
+                str(self.out),
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--linger",
+                "30",
+                "--join-timeout",
+                "60",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "coordinator.log", "w"),
+        )
         self.log = tmp_path / "coordinator.log"
 
     async def start(self) -> None:
@@ -116,8 +146,9 @@ async def _join_all(running: CoordinatorProcess, num_workers: int) -> tuple[int,
     for i in range(num_workers):
         role = pb.HONEST if i < FLOOD_CONFIG["num_honest"] else pb.BYZANTINE
         d = (await running.stub.Join(pb.JoinRequest(worker_id=i, role=role), metadata=_md(i))).num_parameters
-    streams = [running.stub.Rounds(pb.RoundsRequest(worker_id=i, from_round=0), metadata=_md(i))
-               for i in range(num_workers)]
+    streams = [
+        running.stub.Rounds(pb.RoundsRequest(worker_id=i, from_round=0), metadata=_md(i)) for i in range(num_workers)
+    ]
     for stream in streams:
         reader = codec.RoundEventReader(max_bytes=d * 4)
         while not isinstance(reader.feed(await asyncio.wait_for(stream.read(), 60)), codec.RoundParams):
@@ -139,6 +170,7 @@ async def _sample_peak(pid: int, stop: asyncio.Event) -> int:
 
 def _stalling(messages: list[pb.GradientChunk], stall: asyncio.Event, rest: list[pb.GradientChunk] = ()):
     """A request stream that sends ``messages``, stalls until ``stall`` is set, then sends ``rest``."""
+
     async def requests():
         for message in messages:
             yield message
@@ -158,8 +190,7 @@ async def test_a_submission_flood_from_one_byzantine_identity_stays_bounded(coor
     d, _streams = await _join_all(running, 4)
     honest = {i: torch.randn(d, generator=torch.Generator().manual_seed(i)) * 0.01 for i in range(3)}
     for i, v in honest.items():
-        reply = await running.stub.SubmitGradient(iter(codec.vector_chunks(v, round=0, worker_id=i)),
-                                                  metadata=_md(i))
+        reply = await running.stub.SubmitGradient(iter(codec.vector_chunks(v, round=0, worker_id=i)), metadata=_md(i))
         assert reply.accepted
     streams_per_connection, connections = 10, 20
     flood = streams_per_connection * connections
@@ -170,8 +201,11 @@ async def test_a_submission_flood_from_one_byzantine_identity_stays_bounded(coor
     baseline = _rss(running.process.pid)
     sampler = asyncio.create_task(_sample_peak(running.process.pid, stop))
     # Execute
-    calls = [pb_grpc.CoordinatorStub(channel).SubmitGradient(_stalling(messages, stall), metadata=_md(BYZANTINE_ID))
-             for channel in channels for _ in range(streams_per_connection)]
+    calls = [
+        pb_grpc.CoordinatorStub(channel).SubmitGradient(_stalling(messages, stall), metadata=_md(BYZANTINE_ID))
+        for channel in channels
+        for _ in range(streams_per_connection)
+    ]
     outcomes = await asyncio.wait_for(asyncio.gather(*(_outcome(call) for call in calls)), 120)
     stop.set()
     peak = await sampler
@@ -224,10 +258,12 @@ async def test_subscription_floods_keep_only_the_newest_stream_of_an_identity(co
     rounds_calls, observe_calls = [], []
     for k in range(200):
         stub = pb_grpc.CoordinatorStub(channels[k % len(channels)])
-        rounds_calls.append(stub.Rounds(pb.RoundsRequest(worker_id=BYZANTINE_ID, from_round=0),
-                                        metadata=_md(BYZANTINE_ID)))
-        observe_calls.append(stub.Observe(pb.ObserveRequest(worker_id=BYZANTINE_ID, round=0),
-                                          metadata=_md(BYZANTINE_ID)))
+        rounds_calls.append(
+            stub.Rounds(pb.RoundsRequest(worker_id=BYZANTINE_ID, from_round=0), metadata=_md(BYZANTINE_ID))
+        )
+        observe_calls.append(
+            stub.Observe(pb.ObserveRequest(worker_id=BYZANTINE_ID, round=0), metadata=_md(BYZANTINE_ID))
+        )
         await asyncio.sleep(0.005)
     await asyncio.sleep(2.0)
     stop.set()
@@ -310,8 +346,10 @@ async def test_join_after_the_end_is_refused_before_an_id_is_reserved(served) ->
     # Prepare
     coordinator, stub = served
     await coordinator.end("completed")
-    requests = [(pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), auth(ANY_ID)),
-                (pb.JoinRequest(worker_id=1, role=pb.HONEST), _md(1, 2))]
+    requests = [
+        (pb.JoinRequest(worker_id=ANY_ID, role=pb.HONEST), auth(ANY_ID)),
+        (pb.JoinRequest(worker_id=1, role=pb.HONEST), _md(1, 2)),
+    ]
     for request, metadata in requests:
         # Execute
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -322,8 +360,9 @@ async def test_join_after_the_end_is_refused_before_an_id_is_reserved(served) ->
     assert coordinator._handed_out == {} and coordinator.joined == set()
 
 
-async def _open_round(coordinator: Coordinator, stub: pb_grpc.CoordinatorStub, *,
-                      deadline: float) -> list[pb.GradientChunk]:
+async def _open_round(
+    coordinator: Coordinator, stub: pb_grpc.CoordinatorStub, *, deadline: float
+) -> list[pb.GradientChunk]:
     """Worker 0 joined and round 0 open with ``deadline`` seconds: worker 0's vector as small chunks."""
     await stub.Join(pb.JoinRequest(worker_id=0, role=pb.HONEST), metadata=_md(0, 2))
     coordinator._round = OpenRound(0, deadline)
@@ -354,8 +393,9 @@ async def test_a_stalled_submission_is_cut_at_its_rounds_deadline(served) -> Non
     messages = await _open_round(coordinator, stub, deadline=1.0)
     start = time.monotonic()
     # Execute
-    outcome = await asyncio.wait_for(_outcome(stub.SubmitGradient(_stalling(messages[:1], asyncio.Event()),
-                                                                  metadata=_md(0, 2))), 20)
+    outcome = await asyncio.wait_for(
+        _outcome(stub.SubmitGradient(_stalling(messages[:1], asyncio.Event()), metadata=_md(0, 2))), 20
+    )
     # Assert
     assert outcome == (grpc.StatusCode.DEADLINE_EXCEEDED, "stalled")
     assert time.monotonic() - start < 10
@@ -371,8 +411,9 @@ async def test_a_worker_waiting_minutes_for_its_peers_is_never_disconnected(tmp_
     from arcsim.coordinator.service import serve
 
     config = from_dict(TINY)
-    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=TEST_SECRET,
-                                                         join_timeout=300.0)))
+    task = asyncio.create_task(
+        serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=TEST_SECRET, join_timeout=300.0))
+    )
     await _until(lambda: (tmp_path / "coordinator.json").exists() or task.done(), 60)
     port = json.loads((tmp_path / "coordinator.json").read_text())["port"]
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(1 << 20)) for _ in range(2)]
@@ -402,20 +443,25 @@ async def test_a_worker_waiting_minutes_for_its_peers_is_never_disconnected(tmp_
 
 
 async def test_a_second_worker_with_the_same_id_takes_over_and_the_first_stops_with_a_clear_error(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     # Prepare: a 2-worker run waiting for worker 1; worker 0 follows it
     from arcsim.coordinator.service import serve
     from arcsim.workers.service import HonestParticipant, Session, WorkerSettings
 
     config = from_dict(TINY)
-    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=tmp_path, secret=TEST_SECRET,
-                                                         join_timeout=60.0, metrics_port=0)))
+    task = asyncio.create_task(
+        serve(
+            CoordinatorSettings(config=config, out_dir=tmp_path, secret=TEST_SECRET, join_timeout=60.0, metrics_port=0)
+        )
+    )
     await _until(lambda: (tmp_path / "coordinator.json").exists() or task.done(), 60)
     endpoint = json.loads((tmp_path / "coordinator.json").read_text())
     port = endpoint["port"]
     connected = ("arcsim_workers_connected", (("role", "honest"),))
-    settings = WorkerSettings(coordinator=f"127.0.0.1:{port}", worker_id=0, token=token(0),
-                              device="cpu", max_retry_seconds=10)
+    settings = WorkerSettings(
+        coordinator=f"127.0.0.1:{port}", worker_id=0, token=token(0), device="cpu", max_retry_seconds=10
+    )
     first = asyncio.create_task(Session(settings, HonestParticipant()).run())
     second = None
     try:
@@ -435,4 +481,3 @@ async def test_a_second_worker_with_the_same_id_takes_over_and_the_first_stops_w
                     await running
             except BaseException:  # noqa: BLE001 - stopped by the test
                 pass
-

@@ -24,20 +24,19 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from conftest import TEST_SECRET, auth, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from arcsim.transport import codec, wire
 from arcsim.config import RunConfig
+from arcsim.coordinator.metrics import REJECTION_REASONS
+from arcsim.coordinator.service import CoordinatorSettings, serve
+from arcsim.engine.rounds import RunState, params_sha256
+from arcsim.transport import codec, wire
+from arcsim.transport.channels import grpc_options
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from arcsim.coordinator.metrics import REJECTION_REASONS
-from arcsim.engine.rounds import RunState, params_sha256
-from arcsim.coordinator.service import CoordinatorSettings, serve
-from arcsim.transport.channels import grpc_options
-
-from conftest import TEST_SECRET, auth, tiny_config
 
 CHUNK = 256  # small chunks: a vector is several messages, so streams can be cut and spliced
 SUBMIT = f"/{wire.SERVICE_NAME}/SubmitGradient"
@@ -112,6 +111,7 @@ def _rejections(metrics_port: int) -> dict[str, float]:
 
 # --- the malformed streams -------------------------------------------------------------------------
 
+
 def _valid(vector: torch.Tensor, *, round_: int = 0, worker_id: int = TARGET) -> list[bytes]:
     return list(wire.vector_stream(vector, round=round_, worker_id=worker_id, chunk_bytes=CHUNK))
 
@@ -144,7 +144,7 @@ def malformed_streams(vector: torch.Tensor) -> st.SearchStrategy[tuple[str, list
         i, position, mask = args
         message = bytearray(valid[i])
         message[position % len(message)] ^= mask
-        return valid[:i] + [bytes(message)] + valid[i + 1:]
+        return valid[:i] + [bytes(message)] + valid[i + 1 :]
 
     def with_values(args: tuple[int, float]) -> list[bytes]:
         index, value = args
@@ -164,18 +164,22 @@ def malformed_streams(vector: torch.Tensor) -> st.SearchStrategy[tuple[str, list
         st.integers(1, n - 1).map(lambda k: ("truncate", valid[:-k])),
         st.tuples(data_index, st.integers(0, CHUNK + 8), st.integers(1, 255)).map(lambda a: ("flip", flip(a))),
         st.tuples(st.integers(0, n), st.binary(max_size=64)).map(
-            lambda a: ("garbage", valid[:a[0]] + [b"\x07" + a[1]] + valid[a[0]:])),  # wire type 7: never valid
+            lambda a: ("garbage", valid[: a[0]] + [b"\x07" + a[1]] + valid[a[0] :])
+        ),  # wire type 7: never valid
         header_changes.map(lambda changes: ("header", [_first(vector, **changes)] + valid[1:])),
         st.just(("no header", valid[1:])),
         st.just(("empty", [])),
         data_index.map(lambda i: ("second header", valid[:i] + [valid[0]] + valid[i:])),
         st.binary(min_size=1, max_size=CHUNK).map(
-            lambda extra: ("extra data", valid + [pb.GradientChunk(data=extra).SerializeToString()])),
+            lambda extra: ("extra data", valid + [pb.GradientChunk(data=extra).SerializeToString()])
+        ),
         st.tuples(st.integers(0, d - 1), st.sampled_from([float("nan"), float("inf"), -float("inf")])).map(
-            lambda a: ("non-finite", with_values(a))),
+            lambda a: ("non-finite", with_values(a))
+        ),
         # Above a whole vector, below gRPC's receive limit (two vectors): refused by the service, with its reason.
         st.integers(d * 4 + 1, 2 * d * 4).map(
-            lambda size: ("oversized", valid[:1] + [pb.GradientChunk(data=bytes(size)).SerializeToString()])),
+            lambda size: ("oversized", valid[:1] + [pb.GradientChunk(data=bytes(size)).SerializeToString()])
+        ),
         st.integers(1, n - 1).map(lambda k: ("cut", valid[:k])),
     )
 
@@ -184,8 +188,12 @@ EXPECTED = {
     "truncate": {grpc.StatusCode.DATA_LOSS},
     "flip": {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT},
     "garbage": {grpc.StatusCode.INVALID_ARGUMENT},
-    "header": {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION,
-               grpc.StatusCode.PERMISSION_DENIED},
+    "header": {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+    },
     "no header": {grpc.StatusCode.INVALID_ARGUMENT},
     "empty": {grpc.StatusCode.INVALID_ARGUMENT},
     "second header": {grpc.StatusCode.INVALID_ARGUMENT},
@@ -208,17 +216,20 @@ def _requests(messages: list[bytes], cut: bool) -> Iterator[bytes]:
 
 # --- the test --------------------------------------------------------------------------------------
 
+
 def test_random_malformed_streams_are_refused_counted_and_change_nothing(tmp_path: Path) -> None:
     config = _config()
     out = tmp_path / "run"
     out.mkdir()
-    live = LiveCoordinator(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET, metrics_port=0,
-                                               chunk_bytes=CHUNK))
+    live = LiveCoordinator(
+        CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET, metrics_port=0, chunk_bytes=CHUNK)
+    )
     with live as endpoint:
         channel = grpc.insecure_channel(f"127.0.0.1:{endpoint['port']}", options=grpc_options(1 << 20))
         stub = pb_grpc.CoordinatorStub(channel)
-        replies = [stub.Join(pb.JoinRequest(worker_id=i, role=pb.HONEST), metadata=_md(i), timeout=30)
-                   for i in range(3)]
+        replies = [
+            stub.Join(pb.JoinRequest(worker_id=i, role=pb.HONEST), metadata=_md(i), timeout=30) for i in range(3)
+        ]
         d = replies[0].num_parameters
         streams = [stub.Rounds(pb.RoundsRequest(worker_id=i), metadata=_md(i), timeout=120) for i in range(3)]
         readers = [codec.RoundEventReader(max_bytes=d * 4) for _ in range(3)]
@@ -246,8 +257,13 @@ def test_random_malformed_streams_are_refused_counted_and_change_nothing(tmp_pat
                     return total
                 time.sleep(0.01)
 
-        @settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=120,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(malformed_streams(rounds[0][TARGET]))
         def throw(case: tuple[str, list[bytes]]) -> None:
             kind, messages = case
@@ -279,8 +295,9 @@ def test_random_malformed_streams_are_refused_counted_and_change_nothing(tmp_pat
                 assert [next_round(i).round for i in range(3)] == [t] * 3
             for i in sorted(vectors, key=lambda i: i != TARGET):
                 vector = vectors[i]
-                reply = stub.SubmitGradient(codec.vector_chunks(vector, round=t, worker_id=i, chunk_bytes=CHUNK),
-                                            metadata=_md(i), timeout=30)
+                reply = stub.SubmitGradient(
+                    codec.vector_chunks(vector, round=t, worker_id=i, chunk_bytes=CHUNK), metadata=_md(i), timeout=30
+                )
                 assert reply.accepted
         summary = live.wait()
         channel.close()

@@ -15,26 +15,50 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from arcsim import __version__
 from arcsim.config import RunConfig
-from arcsim.coordinator.metrics import DEFAULT_METRICS_PORT, REJECTION_REASONS, CoordinatorMetrics, exported_sample_names
+from arcsim.coordinator.metrics import (
+    DEFAULT_METRICS_PORT,
+    REJECTION_REASONS,
+    CoordinatorMetrics,
+    exported_sample_names,
+)
 from arcsim.engine.rounds import BYZANTINE, HONEST, RoundRecord
 
-CONFIG = RunConfig(task="synthetic", model="mlp", num_honest=4, num_byzantine=2, attack="sign_flip",
-                   pipeline="arc > nnm > cwtm")
+CONFIG = RunConfig(
+    task="synthetic", model="mlp", num_honest=4, num_byzantine=2, attack="sign_flip", pipeline="arc > nnm > cwtm"
+)
 
 
 def _record(round_: int, *, accuracy: float | None = 0.75) -> RoundRecord:
-    return RoundRecord(round=round_, lr=0.1, received_honest=4, received_byzantine=2, aggregated=True,
-                       skip_reason=None, clip_threshold=2.5, clipped_honest=0, clipped_byzantine=2,
-                       aggregate_error=0.3, aggregate_norm=1.0, train_loss=0.9, accuracy=accuracy, test_loss=0.8,
-                       round_seconds=0.2, aggregation_seconds=0.01, stage_seconds={"arc": 0.002, "cwtm": 0.004},
-                       norms={HONEST: [1.0, 1.5, 2.0, 2.5], BYZANTINE: [30.0, 30.0]})
+    return RoundRecord(
+        round=round_,
+        lr=0.1,
+        received_honest=4,
+        received_byzantine=2,
+        aggregated=True,
+        skip_reason=None,
+        clip_threshold=2.5,
+        clipped_honest=0,
+        clipped_byzantine=2,
+        aggregate_error=0.3,
+        aggregate_norm=1.0,
+        train_loss=0.9,
+        accuracy=accuracy,
+        test_loss=0.8,
+        round_seconds=0.2,
+        aggregation_seconds=0.01,
+        stage_seconds={"arc": 0.002, "cwtm": 0.004},
+        norms={HONEST: [1.0, 1.5, 2.0, 2.5], BYZANTINE: [30.0, 30.0]},
+    )
 
 
 def _samples(metrics: CoordinatorMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """The exposition page as {(sample name, labels): value}."""
     page = generate_latest(metrics.registry).decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(page) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+    }
 
 
 def _names(metrics: CoordinatorMetrics) -> set[str]:
@@ -69,8 +93,9 @@ def test_run_info_labels_the_experiment_when_given_a_config() -> None:
     metrics = CoordinatorMetrics(config=CONFIG)
 
     # Assert
-    labels = frozenset({"task": "synthetic", "pipeline": "arc > nnm > cwtm", "attack": "sign_flip", "n": "6",
-                        "f": "2"}.items())
+    labels = frozenset(
+        {"task": "synthetic", "pipeline": "arc > nnm > cwtm", "attack": "sign_flip", "n": "6", "f": "2"}.items()
+    )
     assert _samples(metrics)[("arcsim_run_info", labels)] == 1
     assert [k for k in _samples(metrics) if k[0] == "arcsim_run_info"] == [("arcsim_run_info", labels)]
 
@@ -110,8 +135,11 @@ def test_metric_names_follow_the_naming_guide() -> None:
     names = _names(metrics)
 
     # Assert: the renamed metrics, and none of their old names
-    assert {"arcsim_test_accuracy_ratio", "arcsim_vector_norm_bucket",
-            "arcsim_pipeline_stage_duration_seconds_bucket"} <= names
+    assert {
+        "arcsim_test_accuracy_ratio",
+        "arcsim_vector_norm_bucket",
+        "arcsim_pipeline_stage_duration_seconds_bucket",
+    } <= names
     old = {"arcsim_test_accuracy", "arcsim_gradient_norm_bucket", "arcsim_aggregation_duration_seconds_bucket"}
     assert names & old == set()
     assert _samples(metrics)[("arcsim_test_accuracy_ratio", frozenset())] == 0.75
@@ -133,8 +161,11 @@ def test_stage_durations_are_labelled_by_stage() -> None:
     metrics.observe_round(_record(0))
 
     # Assert
-    counts = {dict(labels)["stage"]: value for (name, labels), value in _samples(metrics).items()
-              if name == "arcsim_pipeline_stage_duration_seconds_count"}
+    counts = {
+        dict(labels)["stage"]: value
+        for (name, labels), value in _samples(metrics).items()
+        if name == "arcsim_pipeline_stage_duration_seconds_count"
+    }
     assert counts == {"arc": 1, "cwtm": 1}
 
 
@@ -143,8 +174,9 @@ def test_rejection_reasons_include_the_resource_limits() -> None:
     metrics = CoordinatorMetrics()
 
     # Execute
-    counted = {dict(labels)["reason"] for name, labels in _samples(metrics)
-               if name == "arcsim_submissions_rejected_total"}
+    counted = {
+        dict(labels)["reason"] for name, labels in _samples(metrics) if name == "arcsim_submissions_rejected_total"
+    }
 
     # Assert
     assert {"concurrent_submission", "stalled", "subscription_replaced"} <= set(REJECTION_REASONS)
@@ -163,8 +195,14 @@ def test_exported_sample_names_include_labelled_series_not_yet_created() -> None
 
     # Assert
     assert generate_latest(registry).decode().count("\ndemo_") == 0  # nothing on the page yet
-    assert names == {"demo_duration_seconds_bucket", "demo_duration_seconds_sum", "demo_duration_seconds_count",
-                     "demo_duration_seconds_created", "demo_events_total", "demo_events_created"}
+    assert names == {
+        "demo_duration_seconds_bucket",
+        "demo_duration_seconds_sum",
+        "demo_duration_seconds_count",
+        "demo_duration_seconds_created",
+        "demo_events_total",
+        "demo_events_created",
+    }
 
 
 def test_exported_sample_names_cover_a_page_after_a_round() -> None:
@@ -186,8 +224,13 @@ def test_promtool_lints_the_page_clean() -> None:
     metrics.rejected.labels("stalled").inc()
 
     # Execute
-    result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(metrics.registry).decode(),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=generate_latest(metrics.registry).decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     # Assert
     assert result.returncode == 0, result.stdout + result.stderr

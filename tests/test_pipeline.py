@@ -320,7 +320,8 @@ def test_clipped_inputs_credit_each_member_of_a_clipped_bucket():
 
 def test_clipped_inputs_follow_buckets_of_buckets():
     _, report = build_pipeline("bucketing > bucketing > arc > mean", f=1, s=2)(
-        randn(12, 3), generator=torch.Generator().manual_seed(1))
+        randn(12, 3), generator=torch.Generator().manual_seed(1)
+    )
     first, second = report.stages[0].groups, report.stages[1].groups
     assert torch.equal(report.clipped_inputs, report.clipped[second[first]])
 
@@ -330,8 +331,15 @@ def test_clipped_inputs_are_the_mask_when_the_rows_are_the_inputs():
     assert report.clipped_inputs is report.clipped
 
 
-@pytest.mark.parametrize(("spec", "params"), [("nnm > arc > mean", {}), ("nnm > cwtm", {}), ("mean", {}),
-                                             ("nnm > bucketing > static_clip > mean", {"s": 2, "c": 1.0})])
+@pytest.mark.parametrize(
+    ("spec", "params"),
+    [
+        ("nnm > arc > mean", {}),
+        ("nnm > cwtm", {}),
+        ("mean", {}),
+        ("nnm > bucketing > static_clip > mean", {"s": 2, "c": 1.0}),
+    ],
+)
 def test_clipped_inputs_are_unknown_after_mixing_or_without_clipping(spec, params):
     _, report = build_pipeline(spec, f=1, **params)(randn(7, 3))
     assert report.clipped_inputs is None
@@ -460,15 +468,39 @@ def test_rejects_bad_f_when_built(bad):
         ("centered_clip", {"tau": 0}, "centered_clip: tau must be a positive number, got tau = 0"),
         ("centered_clip", {"tau": float("inf")}, "centered_clip: tau must be finite, got tau = inf"),
         ("centered_clip", {"tau": 1.0, "iters": 0}, "centered_clip: iters must be a positive integer, got iters = 0"),
-        ("centered_clip", {"tau": 1.0, "iters": 1.0}, "centered_clip: iters must be a positive integer, got iters = 1.0"),
+        (
+            "centered_clip",
+            {"tau": 1.0, "iters": 1.0},
+            "centered_clip: iters must be a positive integer, got iters = 1.0",
+        ),
         ("geometric_median", {"tol": 0.0}, "geometric_median: tol must be a positive number, got tol = 0.0"),
         ("geometric_median", {"tol": float("inf")}, "geometric_median: tol must be finite, got tol = inf"),
         ("geometric_median", {"nu": -1e-8}, "geometric_median: nu must be a positive number, got nu = -1e-08"),
-        ("geometric_median", {"max_iter": 0}, "geometric_median: max_iter must be a positive integer, got max_iter = 0"),
-        ("geometric_median", {"max_iter": False}, "geometric_median: max_iter must be a positive integer, got max_iter = False"),
-        ("centered_clip", {"tau": 1.0, "center": [0.0, 1.0]}, "centered_clip: center must be a tensor or None, got list"),
-        ("centered_clip", {"tau": 1.0, "center": torch.zeros(2, 2)}, "centered_clip: center must have shape (d,), got (2, 2)"),
-        ("centered_clip", {"tau": 1.0, "center": torch.tensor([0.0, float("nan")])}, "centered_clip: center has non-finite values"),
+        (
+            "geometric_median",
+            {"max_iter": 0},
+            "geometric_median: max_iter must be a positive integer, got max_iter = 0",
+        ),
+        (
+            "geometric_median",
+            {"max_iter": False},
+            "geometric_median: max_iter must be a positive integer, got max_iter = False",
+        ),
+        (
+            "centered_clip",
+            {"tau": 1.0, "center": [0.0, 1.0]},
+            "centered_clip: center must be a tensor or None, got list",
+        ),
+        (
+            "centered_clip",
+            {"tau": 1.0, "center": torch.zeros(2, 2)},
+            "centered_clip: center must have shape (d,), got (2, 2)",
+        ),
+        (
+            "centered_clip",
+            {"tau": 1.0, "center": torch.tensor([0.0, float("nan")])},
+            "centered_clip: center has non-finite values",
+        ),
     ],
 )
 def test_rejects_bad_parameter_values_when_built(spec, params, message):

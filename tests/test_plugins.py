@@ -47,9 +47,11 @@ eval_every: 2
 seed: 3
 round_deadline: 30
 """
-MODULE_PATH_CONFIG = (ENTRY_POINT_CONFIG.replace("task: blobs", "task: arcsim_example_plugin:blobs")
-                      .replace("attack: scaled_mean", "attack: arcsim_example_plugin:scaled_mean")
-                      .replace("arc > meamed", "arc > arcsim_example_plugin:meamed"))
+MODULE_PATH_CONFIG = (
+    ENTRY_POINT_CONFIG.replace("task: blobs", "task: arcsim_example_plugin:blobs")
+    .replace("attack: scaled_mean", "attack: arcsim_example_plugin:scaled_mean")
+    .replace("arc > meamed", "arc > arcsim_example_plugin:meamed")
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,23 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = base / "source"
     shutil.copytree(PLUGIN_SOURCE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # builds stay here
     target = base / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return target
 
 
@@ -72,8 +89,7 @@ def _env(plugin_path: Path | None) -> dict[str, str]:
 
 
 def _arcsim(args: list[str], plugin_path: Path | None, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ARCSIM, *args], env=_env(plugin_path), cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([*ARCSIM, *args], env=_env(plugin_path), cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def _run_sha(config_text: str, engine: str, plugin_path: Path, tmp_path: Path) -> str:
@@ -87,8 +103,9 @@ def _run_sha(config_text: str, engine: str, plugin_path: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config_text", [ENTRY_POINT_CONFIG, MODULE_PATH_CONFIG], ids=["entry-points", "module-path"])
-def test_plugin_run_gives_equal_final_parameters_on_both_engines(config_text: str, plugin_path: Path,
-                                                                  tmp_path: Path) -> None:
+def test_plugin_run_gives_equal_final_parameters_on_both_engines(
+    config_text: str, plugin_path: Path, tmp_path: Path
+) -> None:
     # Execute: the same plugin config through `arcsim run`, gRPC services and in-process
     grpc_sha = _run_sha(config_text, "grpc", plugin_path, tmp_path)
     inproc_sha = _run_sha(config_text, "inproc", plugin_path, tmp_path)
@@ -100,8 +117,9 @@ def test_plugin_run_gives_equal_final_parameters_on_both_engines(config_text: st
 def test_list_shows_the_installed_plugins_and_where_they_come_from(plugin_path: Path, tmp_path: Path) -> None:
     # Execute: the listing module directly (the CLI may or may not wire `arcsim list` yet)
     code = "import sys; from arcsim.listing import listing; print('\\n'.join(listing()))"
-    result = subprocess.run([sys.executable, "-c", code], env=_env(plugin_path), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=_env(plugin_path), cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
 
     # Assert
     assert result.returncode == 0, result.stderr
@@ -119,17 +137,28 @@ def test_a_host_lacking_the_plugin_fails_at_config_load_with_one_line(tmp_path: 
 
     # Execute: `arcsim run`, and what a worker does with the coordinator's config at Join
     run = _arcsim(["run", str(config), "--engine", "inproc", "--out", str(tmp_path / "out")], None, tmp_path)
-    code = ("import sys; from arcsim.config import loads_config\n"
-            "try:\n    loads_config(sys.stdin.read(), source=\"the coordinator's config\")\n"
-            "except ValueError as error:\n    print(error)\n")
-    join = subprocess.run([sys.executable, "-c", code], input=MODULE_PATH_CONFIG, env=_env(None), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; from arcsim.config import loads_config\n"
+        'try:\n    loads_config(sys.stdin.read(), source="the coordinator\'s config")\n'
+        "except ValueError as error:\n    print(error)\n"
+    )
+    join = subprocess.run(
+        [sys.executable, "-c", code],
+        input=MODULE_PATH_CONFIG,
+        env=_env(None),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     # Assert: one line naming the key, the module and the exception; nothing ran
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0, run.stderr
-    assert ("'task': dataset 'arcsim_example_plugin:blobs': cannot import module 'arcsim_example_plugin': "
-            "ModuleNotFoundError") in run.stderr
+    assert (
+        "'task': dataset 'arcsim_example_plugin:blobs': cannot import module 'arcsim_example_plugin': "
+        "ModuleNotFoundError"
+    ) in run.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
     assert join.stdout.count("\n") == 1 and "cannot import module 'arcsim_example_plugin'" in join.stdout
 
@@ -145,14 +174,34 @@ def test_a_worker_host_lacking_the_plugin_fails_at_join_with_one_line(plugin_pat
     secret = "plugin-test-secret"
     coordinator_env = {**_env(plugin_path), "ARCSIM_SECRET": secret}
     log = (tmp_path / "coordinator.log").open("w")
-    coordinator = subprocess.Popen([*ARCSIM, "coordinator", "--config", str(config), "--out", str(tmp_path / "out"),
-                                    "--host", "127.0.0.1", "--port", str(port)], env=coordinator_env, cwd=tmp_path,
-                                   stdout=log, stderr=subprocess.STDOUT)
+    coordinator = subprocess.Popen(
+        [
+            *ARCSIM,
+            "coordinator",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "out"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=coordinator_env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         # Execute: an honest worker on a host without the plugin joins
-        worker = subprocess.run([*ARCSIM, "worker", "--coordinator", f"127.0.0.1:{port}", "--worker-id", "0",
-                                 "--max-retry-seconds", "120"], env={**_env(None), "ARCSIM_SECRET": secret},
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        worker = subprocess.run(
+            [*ARCSIM, "worker", "--coordinator", f"127.0.0.1:{port}", "--worker-id", "0", "--max-retry-seconds", "120"],
+            env={**_env(None), "ARCSIM_SECRET": secret},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         coordinator.kill()
         coordinator.wait(timeout=30)
@@ -188,9 +237,18 @@ def test_module_path_names_resolve_in_every_registry(example_source: None) -> No
     assert entry.origin == "module:callable"
     assert torch.equal(vectors, torch.full((2, 2), 4.0))
     assert dataset.input_shape == (1, 4, 4) and dataset.num_classes == 4
-    assert from_dict({"task": "arcsim_example_plugin:blobs", "model": "logreg", "num_byzantine": 1,
-                      "attack": "arcsim_example_plugin:scaled_mean",
-                      "pipeline": "arc > arcsim_example_plugin:meamed"}).task == "arcsim_example_plugin:blobs"
+    assert (
+        from_dict(
+            {
+                "task": "arcsim_example_plugin:blobs",
+                "model": "logreg",
+                "num_byzantine": 1,
+                "attack": "arcsim_example_plugin:scaled_mean",
+                "pipeline": "arc > arcsim_example_plugin:meamed",
+            }
+        ).task
+        == "arcsim_example_plugin:blobs"
+    )
 
 
 def test_a_rule_plugin_condition_on_n_and_f_is_checked_when_called(example_source: None) -> None:
@@ -202,8 +260,11 @@ def test_a_rule_plugin_condition_on_n_and_f_is_checked_when_called(example_sourc
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("nowhere_module:rule", "rule 'nowhere_module:rule': cannot import module 'nowhere_module': "
-                                "ModuleNotFoundError: No module named 'nowhere_module'"),
+        (
+            "nowhere_module:rule",
+            "rule 'nowhere_module:rule': cannot import module 'nowhere_module': "
+            "ModuleNotFoundError: No module named 'nowhere_module'",
+        ),
         ("arcsim_example_plugin:missing", "module 'arcsim_example_plugin' has no attribute 'missing'"),
         ("arcsim_example_plugin:scaled_mean", "a rule plugin must be an arcsim.robust.Rule"),
     ],
@@ -222,8 +283,11 @@ def test_an_unimportable_module_reports_its_own_exception(tmp_path: Path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
 
     # Execute / Assert
-    with pytest.raises(PluginError, match=r"^attack 'broken_plugin:x': cannot import module 'broken_plugin': "
-                                          r"RuntimeError: needs a GPU and more$"):
+    with pytest.raises(
+        PluginError,
+        match=r"^attack 'broken_plugin:x': cannot import module 'broken_plugin': "
+        r"RuntimeError: needs a GPU and more$",
+    ):
         ATTACK_REGISTRY.resolve("broken_plugin:x")
 
 
@@ -240,8 +304,9 @@ def test_per_stage_parameters_win_over_flat_ones_for_their_stage_only() -> None:
     both = build_pipeline("bucketing > multi_krum", f=1, s=2, m=1, multi_krum={"m": 2})
     alone = build_pipeline("bucketing > multi_krum", f=1, s=2, m=2)
     assert both._params == ({"s": 2}, {"m": 2})
-    assert torch.equal(both(x, generator=torch.Generator().manual_seed(0))[0],
-                       alone(x, generator=torch.Generator().manual_seed(0))[0])
+    assert torch.equal(
+        both(x, generator=torch.Generator().manual_seed(0))[0], alone(x, generator=torch.Generator().manual_seed(0))[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -332,8 +397,12 @@ def test_a_rule_declares_kind_condition_and_parameters() -> None:
     def scale(x: torch.Tensor, *, f: int, by: float, floor: float = 0.0) -> torch.Tensor:
         return x * by + floor
 
-    assert (scale.kind, scale.required, dict(scale.optional), scale.condition) == ("pre", ("by",), {"floor": 0.0},
-                                                                                 "n >= f")
+    assert (scale.kind, scale.required, dict(scale.optional), scale.condition) == (
+        "pre",
+        ("by",),
+        {"floor": 0.0},
+        "n >= f",
+    )
     assert RULE_REGISTRY.resolve("cwtm").origin == "built-in"
     with pytest.raises(ValueError, match="rule kind must be 'pre-aggregator' or 'aggregator', got 'agg-ish'"):
         rule(kind="agg-ish")

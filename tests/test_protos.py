@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from arcsim import protos_build
-
 from arcsim.coordinator.service import CODEC_STATUS
 from arcsim.transport import codec
 from arcsim.v1 import coordinator_pb2 as pb

@@ -36,10 +36,12 @@ def test_report_doctests() -> None:
 # --- the protocol on a hand-made table --------------------------------------------------------
 def _points(table: dict[tuple[str, str], dict[int, dict[int, float]]], *, f: int = 1) -> list[dict]:
     """{(pipeline, attack): {seed: {round: accuracy}}} -> long-format points of one setting."""
-    return [{"setting": "s", "f": f, "pipeline": pipeline, "attack": attack, "seed": seed, "round": r,
-             "accuracy": accuracy}
-            for (pipeline, attack), seeds in table.items() for seed, curve in seeds.items()
-            for r, accuracy in curve.items()]
+    return [
+        {"setting": "s", "f": f, "pipeline": pipeline, "attack": attack, "seed": seed, "round": r, "accuracy": accuracy}
+        for (pipeline, attack), seeds in table.items()
+        for seed, curve in seeds.items()
+        for r, accuracy in curve.items()
+    ]
 
 
 # Two pipelines x two attacks x two seeds, evaluations at rounds 5 and 10.
@@ -55,8 +57,12 @@ def test_best_accuracy_is_the_max_over_evaluations_of_the_seed_average() -> None
     # Execute
     best = best_accuracy(_points(HAND_TABLE))
     # Assert: P/alie is 0.60 (max of the mean), not 0.70 (mean of each seed's max)
-    assert best == {("s", 1, "P", "alie"): 0.60, ("s", 1, "P", "sign_flip"): 0.70,
-                    ("s", 1, "arc > P", "alie"): 0.80, ("s", 1, "arc > P", "sign_flip"): 0.80}
+    assert best == {
+        ("s", 1, "P", "alie"): 0.60,
+        ("s", 1, "P", "sign_flip"): 0.70,
+        ("s", 1, "arc > P", "alie"): 0.80,
+        ("s", 1, "arc > P", "sign_flip"): 0.80,
+    }
 
 
 def test_worst_case_is_the_minimum_over_attacks() -> None:
@@ -110,14 +116,16 @@ def test_clipping_variant_splits_the_leading_clipping_stage() -> None:
 
 
 # --- reading run folders ----------------------------------------------------------------------
-TINY = {"task": "synthetic", "model": "logreg", "num_honest": 4, "partitioner": "iid", "rounds": 10,
-        "eval_every": 5}
+TINY = {"task": "synthetic", "model": "logreg", "num_honest": 4, "partitioner": "iid", "rounds": 10, "eval_every": 5}
 SWEEP = {
     **TINY,
     "num_byzantine": [0, 1],
     "attack": ["sign_flip", "alie"],
-    "pipeline": ["nnm > cwtm", "arc > nnm > cwtm",
-                 {"pipeline": "static_clip > nnm > cwtm", "pipeline_params": {"c": 2}}],
+    "pipeline": [
+        "nnm > cwtm",
+        "arc > nnm > cwtm",
+        {"pipeline": "static_clip > nnm > cwtm", "pipeline_params": {"c": 2}},
+    ],
     "seed": [1, 2],
 }
 

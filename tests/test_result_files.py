@@ -9,15 +9,14 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
+from conftest import tiny_values
 
-from arcsim.tensorbytes import tensor_to_bytes
 from arcsim.config import RunConfig, from_dict
-from arcsim.tasks import Dataset, build_model, load_dataset
 from arcsim.engine.evaluation import Evaluator
 from arcsim.engine.inproc import run_inproc
 from arcsim.engine.rounds import MODEL_FILE, RunState, params_sha256
-
-from conftest import tiny_values
+from arcsim.tasks import Dataset, build_model, load_dataset
+from arcsim.tensorbytes import tensor_to_bytes
 
 CONFIG = tiny_values(model="mlp", num_byzantine=1, attack="sign_flip", rounds=3, eval_every=2)
 
@@ -25,8 +24,9 @@ CONFIG = tiny_values(model="mlp", num_byzantine=1, attack="sign_flip", rounds=3,
 def _load_into_model(config: RunConfig, path: Path) -> torch.nn.Module:
     """The task's model class, built afresh, with ``path`` loaded strictly (every name, no extra)."""
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
-    model = build_model(config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                        seed=config.seed + 1)  # another seed: the loaded values must replace the drawn ones
+    model = build_model(
+        config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed + 1
+    )  # another seed: the loaded values must replace the drawn ones
     model.load_state_dict(safetensors.torch.load_file(path), strict=True)
     return model
 
@@ -49,8 +49,13 @@ def test_a_run_ends_with_model_safetensors_holding_its_final_parameters(tmp_path
     assert json.loads((tmp_path / "summary.json").read_text())["final_params_sha256"] == summary["final_params_sha256"]
     with safetensors.safe_open(path, framework="pt") as opened:
         metadata = opened.metadata()
-    assert metadata == {"format": "pt", "task": "synthetic", "model": "mlp", "rounds_completed": "3",
-                        "final_params_sha256": summary["final_params_sha256"]}
+    assert metadata == {
+        "format": "pt",
+        "task": "synthetic",
+        "model": "mlp",
+        "rounds_completed": "3",
+        "final_params_sha256": summary["final_params_sha256"],
+    }
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
@@ -69,8 +74,14 @@ def test_a_stopped_run_writes_the_model_it_stopped_at(tmp_path: Path) -> None:
 
 def test_state_dict_names_the_cnn_parameters_in_their_shapes() -> None:
     # Prepare: the paper's CNN needs 28 x 28 inputs; a few random ones stand in for the images
-    images = Dataset(name="images", train_x=torch.randn(4, 1, 28, 28), train_y=torch.arange(4),
-                     test_x=torch.randn(4, 1, 28, 28), test_y=torch.arange(4), num_classes=10)
+    images = Dataset(
+        name="images",
+        train_x=torch.randn(4, 1, 28, 28),
+        train_y=torch.arange(4),
+        test_x=torch.randn(4, 1, 28, 28),
+        test_y=torch.arange(4),
+        num_classes=10,
+    )
     evaluator = Evaluator(from_dict({**CONFIG, "model": "cnn"}), images)
     params = torch.randn(evaluator.initial_parameters().numel())
     # Execute
@@ -78,8 +89,16 @@ def test_state_dict_names_the_cnn_parameters_in_their_shapes() -> None:
     # Assert
     model = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, seed=5)
     model.load_state_dict(state, strict=True)
-    assert list(state) == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias",
-                           "fc2.weight", "fc2.bias"]
+    assert list(state) == [
+        "conv1.weight",
+        "conv1.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    ]
     assert torch.equal(_flat(model), params)
     params.zero_()  # the state dict holds copies, not views of the vector
     assert state["conv1.weight"].abs().sum() > 0

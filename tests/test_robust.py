@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 import arcsim.robust as robust
-from arcsim.robust.arc import arc_with_report
 from arcsim.robust import (
     arc,
     arc_num_clipped,
@@ -37,6 +36,7 @@ from arcsim.robust import (
     nnm,
     static_clip,
 )
+from arcsim.robust.arc import arc_with_report
 from arcsim.seeding import generator
 
 # The package re-exports each rule under its module's name (arcsim.robust.arc is the function), so
@@ -278,8 +278,9 @@ def test_arc_orders_norms_beyond_float64_range():
     # Assert: the threshold is reported as inf (no float holds it); the largest row is clipped.
     assert threshold == math.inf
     assert clipped.tolist() == [True, False, False]
-    torch.testing.assert_close(out[0], torch.full((3,), math.sqrt(2 / 3) * F64_MAX, dtype=torch.float64),
-                               rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        out[0], torch.full((3,), math.sqrt(2 / 3) * F64_MAX, dtype=torch.float64), rtol=1e-15, atol=0
+    )
     assert torch.equal(out[1:], x[1:])
 
 
@@ -300,8 +301,12 @@ def test_arc_mixed_float32_and_float64_maxima():
 
 
 def test_arc_at_float32_max_in_float32():
-    x = torch.cat([torch.tensor([[F32_MAX, F32_MAX], [-F32_MAX, F32_MAX]]), t([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]],
-                                                                              torch.float32)])
+    x = torch.cat(
+        [
+            torch.tensor([[F32_MAX, F32_MAX], [-F32_MAX, F32_MAX]]),
+            t([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]], torch.float32),
+        ]
+    )
     out, threshold, clipped = arc_with_report(x, f=2)
     assert threshold == 5.0
     torch.testing.assert_close(out[:2], torch.tensor([[1.0, 1.0], [-1.0, 1.0]]) * (5 / math.sqrt(2)))
@@ -338,8 +343,9 @@ def test_static_clip_overflowing_norm():
     assert torch.equal(out[1], x[1])
 
 
-@pytest.mark.parametrize(("big", "dtype"), [(F64_MAX, torch.float64), (F32_MAX, torch.float64),
-                                            (F32_MAX, torch.float32)])
+@pytest.mark.parametrize(
+    ("big", "dtype"), [(F64_MAX, torch.float64), (F32_MAX, torch.float64), (F32_MAX, torch.float32)]
+)
 def test_static_clip_at_the_largest_values(big, dtype):
     # Prepare: several huge rows, one with a norm beyond its dtype's range, and an ordinary row.
     x = t([[big, 0.0, big], [0.0, -big, 0.0], [0.1, 0.0, 0.0]], dtype)
@@ -1117,7 +1123,13 @@ def test_cuda_matches_cpu(name, dtype):
 @needs_cuda
 @pytest.mark.parametrize(
     "spec",
-    ["arc > nnm > cwtm", "arc > nnm > geometric_median", "arc > nnm > multi_krum", "arc > nnm > cwmed", "static_clip > bulyan"],
+    [
+        "arc > nnm > cwtm",
+        "arc > nnm > geometric_median",
+        "arc > nnm > multi_krum",
+        "arc > nnm > cwmed",
+        "static_clip > bulyan",
+    ],
 )
 def test_cuda_pipeline_matches_cpu(spec):
     # Prepare: f rows of 1e6 among honest rows.

@@ -15,14 +15,13 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import Tensor
 
 from arcsim.config import RunConfig
 from arcsim.engine import checkpoint
 from arcsim.engine.inproc import run_inproc
 from arcsim.engine.rounds import RunState, params_sha256
-
-from conftest import tiny_config
 
 D = 650  # parameters of the synthetic task's logreg model
 
@@ -38,7 +37,9 @@ def _vectors(num_honest: int, num_byzantine: int, *, byzantine_scale: float = 1e
     """Honest vectors of norm about 0.3 (distinct), Byzantine ones about ``byzantine_scale`` times larger."""
     g = torch.Generator().manual_seed(7)
     honest = {i: 0.01 * torch.randn(D, generator=g) for i in range(num_honest)}
-    byzantine = {i: byzantine_scale * torch.randn(D, generator=g) for i in range(num_honest, num_honest + num_byzantine)}
+    byzantine = {
+        i: byzantine_scale * torch.randn(D, generator=g) for i in range(num_honest, num_honest + num_byzantine)
+    }
     return {**honest, **byzantine}
 
 
@@ -181,8 +182,16 @@ def test_refused_must_be_a_count(tmp_path: Path, refused: Any) -> None:
 def test_inproc_rounds_whose_vectors_were_all_refused_say_so(tmp_path: Path) -> None:
     # Prepare: lr = 1e8 makes the model diverge within a few rounds; from then on every vector, the two
     # honest ones and the label-flipping worker's, is non-finite and dropped (refused by the gRPC edge).
-    config = _config(model="mlp", num_honest=2, num_byzantine=1, attack="label_flip", lr=1e8, rounds=6,
-                     eval_every=6, pipeline="arc > nnm > cwtm")
+    config = _config(
+        model="mlp",
+        num_honest=2,
+        num_byzantine=1,
+        attack="label_flip",
+        lr=1e8,
+        rounds=6,
+        eval_every=6,
+        pipeline="arc > nnm > cwtm",
+    )
 
     # Execute
     run_inproc(config, tmp_path, checkpoint_seconds=0.0)
@@ -215,17 +224,27 @@ def test_resume_with_the_same_run_settings(tmp_path: Path) -> None:
     assert resumed.round == 1
 
 
-@pytest.mark.parametrize(("given", "message"), [
-    ({"quorum": 2, "observe_cutoff": 0.5}, "(quorum: checkpoint 3, now 2)"),
-    ({"quorum": 3, "observe_cutoff": 0.25}, "(observe_cutoff: checkpoint 0.5, now 0.25)"),
-    ({"quorum": 2, "observe_cutoff": 0.25}, "(observe_cutoff: checkpoint 0.5, now 0.25; quorum: checkpoint 3, now 2)"),
-    ({"quorum": 3}, "(observe_cutoff: checkpoint 0.5, now unset)"),
-    (None, "(observe_cutoff: checkpoint 0.5, now unset; quorum: checkpoint 3, now unset)"),
-])
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"quorum": 2, "observe_cutoff": 0.5}, "(quorum: checkpoint 3, now 2)"),
+        ({"quorum": 3, "observe_cutoff": 0.25}, "(observe_cutoff: checkpoint 0.5, now 0.25)"),
+        (
+            {"quorum": 2, "observe_cutoff": 0.25},
+            "(observe_cutoff: checkpoint 0.5, now 0.25; quorum: checkpoint 3, now 2)",
+        ),
+        ({"quorum": 3}, "(observe_cutoff: checkpoint 0.5, now unset)"),
+        (None, "(observe_cutoff: checkpoint 0.5, now unset; quorum: checkpoint 3, now unset)"),
+    ],
+)
 def test_resume_refuses_other_run_settings(tmp_path: Path, given: dict[str, Any] | None, message: str) -> None:
     _one_round(tmp_path, run_settings=SETTINGS)
-    with pytest.raises(ValueError, match=re.escape(
-            f"--resume: the checkpoint in {tmp_path / 'checkpoints'} was written with different run settings {message}")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"--resume: the checkpoint in {tmp_path / 'checkpoints'} was written with different run settings {message}"
+        ),
+    ):
         RunState(_config(), tmp_path, resume=True, run_settings=given)
 
 
@@ -245,7 +264,8 @@ def _strip_run_settings(out_dir: Path) -> None:
 
 @pytest.mark.parametrize(("given", "legacy"), [(None, None), (None, SETTINGS), (SETTINGS, SETTINGS)])
 def test_resume_accepts_an_older_checkpoint_with_the_default_settings(
-        tmp_path: Path, given: dict[str, Any] | None, legacy: dict[str, Any] | None) -> None:
+    tmp_path: Path, given: dict[str, Any] | None, legacy: dict[str, Any] | None
+) -> None:
     _one_round(tmp_path, run_settings=SETTINGS)
     _strip_run_settings(tmp_path)
     resumed = RunState(_config(), tmp_path, resume=True, run_settings=given, legacy_run_settings=legacy)
@@ -255,14 +275,27 @@ def test_resume_accepts_an_older_checkpoint_with_the_default_settings(
 def test_resume_refuses_an_older_checkpoint_with_other_than_the_default_settings(tmp_path: Path) -> None:
     _one_round(tmp_path, run_settings=SETTINGS)
     _strip_run_settings(tmp_path)
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "was written before run settings were recorded; it can be resumed only with the default settings "
-            "observe_cutoff=0.5, quorum=3, got observe_cutoff=0.5, quorum=2")):
-        RunState(_config(), tmp_path, resume=True, run_settings={"quorum": 2, "observe_cutoff": 0.5},
-                 legacy_run_settings=SETTINGS)
-    with pytest.raises(ValueError, match=re.escape(
+            "observe_cutoff=0.5, quorum=3, got observe_cutoff=0.5, quorum=2"
+        ),
+    ):
+        RunState(
+            _config(),
+            tmp_path,
+            resume=True,
+            run_settings={"quorum": 2, "observe_cutoff": 0.5},
+            legacy_run_settings=SETTINGS,
+        )
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "was written before run settings were recorded; its settings are unknown, so it cannot be resumed "
-            "with observe_cutoff=0.5, quorum=3")):
+            "with observe_cutoff=0.5, quorum=3"
+        ),
+    ):
         RunState(_config(), tmp_path, resume=True, run_settings=SETTINGS)
 
 

@@ -27,13 +27,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import tiny_values
 
 import arcsim.tasks.datasets as datasets
 from arcsim.cli import main
 from arcsim.config import load_config
 from arcsim.engine.inproc import run_inproc
-
-from conftest import tiny_values
 
 torch.set_num_threads(1)
 
@@ -123,11 +122,11 @@ class Arcsim:
         self.procs: list[subprocess.Popen] = []
         self.seen: set[int] = set()
 
-    def start(self, *args: str, prefix: list[str] | None = None, env: dict[str, str] | None = None
-              ) -> subprocess.Popen:
+    def start(self, *args: str, prefix: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
         command = [sys.executable, *(prefix or ["-m", "arcsim"]), *args]
-        proc = subprocess.Popen(command, cwd=REPO, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.procs.append(proc)
         return proc
 
@@ -245,7 +244,11 @@ def test_grpc_run_learns_and_records_arc(runs: dict[str, Any]) -> None:
         assert (record["received_honest"], record["received_byzantine"]) == (2, 1)
     assert [r["round"] for r in records if r["accuracy"] is not None] == [9, 19, 29]
     assert (out / "config.yaml").exists() and sorted(p.name for p in (out / "logs").iterdir()) == [
-        "adversary.log", "coordinator.log", "worker-0.log", "worker-1.log"]
+        "adversary.log",
+        "coordinator.log",
+        "worker-0.log",
+        "worker-1.log",
+    ]
     assert not (out / "coordinator.json").exists()
 
 
@@ -258,8 +261,19 @@ def test_grpc_and_inproc_give_the_same_parameters(runs: dict[str, Any], name: st
     assert grpc["config"] == inproc["config"]
     grpc_records = _records(runs["folder"] / f"{name}-grpc")
     inproc_records = _records(runs["folder"] / f"{name}-inproc")
-    for key in ("received_honest", "received_byzantine", "aggregated", "clip_threshold", "clipped_honest",
-                "clipped_byzantine", "clipped_rows", "aggregate_error", "accuracy", "train_loss", "skip_reason"):
+    for key in (
+        "received_honest",
+        "received_byzantine",
+        "aggregated",
+        "clip_threshold",
+        "clipped_honest",
+        "clipped_byzantine",
+        "clipped_rows",
+        "aggregate_error",
+        "accuracy",
+        "train_loss",
+        "skip_reason",
+    ):
         assert [r[key] for r in grpc_records] == [r[key] for r in inproc_records], key
 
 
@@ -282,7 +296,8 @@ def test_inproc_run_killed_and_resumed_ends_as_uninterrupted(arcsim: Arcsim, tmp
 
 
 def test_resume_drops_a_torn_record_and_records_written_after_the_checkpoint(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     # Prepare: a finished 4-round run whose summary is gone, with a record of a round the checkpoint
     # does not cover and a torn last line (a crash in the middle of a write).
     config = _write_config(tmp_path, "small", {**ALIE, "rounds": 4})
@@ -301,7 +316,8 @@ def test_resume_drops_a_torn_record_and_records_written_after_the_checkpoint(
 
 
 def test_grpc_launcher_killed_leaves_no_orphans_and_resume_ends_as_uninterrupted(
-        arcsim: Arcsim, runs: dict[str, Any], tmp_path: Path) -> None:
+    arcsim: Arcsim, runs: dict[str, Any], tmp_path: Path
+) -> None:
     # Prepare: the uninterrupted result (the engines agree, see above).
     expected = runs["get"]("label_flip", LABEL_FLIP, "inproc")
     config = _write_config(tmp_path, "label_flip", LABEL_FLIP)
@@ -360,8 +376,9 @@ def test_bad_config_is_one_clear_line(arcsim: Arcsim, tmp_path: Path) -> None:
         (["--set", "rounds"], "--set expects KEY=VALUE, got 'rounds'"),
     ],
 )
-def test_bad_overrides_are_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str],
-                                          message: str) -> None:
+def test_bad_overrides_are_one_clear_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str], message: str
+) -> None:
     config = _write_config(tmp_path, "small", ALIE)
     code = main(["run", str(config), "--out", str(tmp_path / "out"), *extra])
     assert code == 2
@@ -391,8 +408,9 @@ def test_resume_without_checkpoints_is_one_clear_line(capsys: pytest.CaptureFixt
     assert "has no checkpoints to resume from" in _one_error_line(capsys.readouterr().err)
 
 
-def test_missing_data_is_a_clear_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                       tmp_path: Path) -> None:
+def test_missing_data_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     # Prepare: Fashion-MNIST looked for in empty folders only: data_root, $ARCSIM_DATA, the user cache,
     # and the Debian system folder (replaced here).
     empty = tmp_path / "empty"
@@ -415,11 +433,23 @@ def test_metrics_port_in_use_is_a_clear_error_inproc(capsys: pytest.CaptureFixtu
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = main(["run", str(config), "--out", str(tmp_path / "out"), "--no-progress", "--engine", "inproc",
-                     "--metrics-port", str(port)])
+        code = main(
+            [
+                "run",
+                str(config),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+                "--engine",
+                "inproc",
+                "--metrics-port",
+                str(port),
+            ]
+        )
     assert code == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in _one_error_line(
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_metrics_port_in_use_is_a_clear_error_grpc(arcsim: Arcsim, tmp_path: Path) -> None:
@@ -428,8 +458,9 @@ def test_metrics_port_in_use_is_a_clear_error_grpc(arcsim: Arcsim, tmp_path: Pat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = arcsim.run("run", str(config), "--out", str(tmp_path / "out"), "--no-progress",
-                            "--metrics-port", str(port))
+        result = arcsim.run(
+            "run", str(config), "--out", str(tmp_path / "out"), "--no-progress", "--metrics-port", str(port)
+        )
     assert result.returncode == 1
     line = _one_error_line(result.stderr)
     assert f"coordinator exited: cannot serve metrics on 127.0.0.1:{port}: Address already in use" in line

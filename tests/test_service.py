@@ -25,25 +25,24 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from conftest import TEST_SECRET, auth, tiny_config, token
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from arcsim.engine.byzantine import ByzantineWorker
-from arcsim.adversaries.service import run_adversaries, run_adversary
 from arcsim import cli
+from arcsim.adversaries.service import run_adversaries, run_adversary
+from arcsim.config import RunConfig
+from arcsim.coordinator.metrics import REJECTION_REASONS
+from arcsim.coordinator.service import Coordinator, CoordinatorSettings, serve
+from arcsim.engine.byzantine import ByzantineWorker
+from arcsim.engine.inproc import run_inproc
+from arcsim.engine.rounds import RunState, params_sha256
 from arcsim.transport import codec
 from arcsim.transport.auth import ANY_ID, bearer
-from arcsim.config import RunConfig
+from arcsim.transport.channels import grpc_options
 from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from arcsim.engine.inproc import run_inproc
-from arcsim.coordinator.metrics import REJECTION_REASONS
-from arcsim.engine.rounds import RunState, params_sha256
-from arcsim.coordinator.service import Coordinator, CoordinatorSettings, serve
-from arcsim.transport.channels import grpc_options
 from arcsim.workers.service import HonestParticipant, WorkerSettings, run_worker
-
-from conftest import TEST_SECRET, auth, tiny_config, token
 
 torch.set_num_threads(1)
 
@@ -100,8 +99,13 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running
     async def _start(config: RunConfig, *, out_dir: Path | None = None, **settings: Any) -> Running:
         out = out_dir or tmp_path / f"run{len(started)}"
         out.mkdir(parents=True, exist_ok=True)
-        task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET,
-                                                             port=settings.pop("port", 0), **settings)))
+        task = asyncio.create_task(
+            serve(
+                CoordinatorSettings(
+                    config=config, out_dir=out, secret=TEST_SECRET, port=settings.pop("port", 0), **settings
+                )
+            )
+        )
         endpoint_file = out / "coordinator.json"
         for _ in range(3000):
             if endpoint_file.exists() or task.done():
@@ -111,8 +115,9 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running
             task.result()  # raise the coordinator's error
         endpoint = json.loads(endpoint_file.read_text())
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{endpoint['port']}", options=grpc_options(64 << 20))
-        running = Running(task, out, endpoint["port"], endpoint["metrics_port"], channel,
-                          pb_grpc.CoordinatorStub(channel))
+        running = Running(
+            task, out, endpoint["port"], endpoint["metrics_port"], channel, pb_grpc.CoordinatorStub(channel)
+        )
         started.append(running)
         return running
 
@@ -142,8 +147,9 @@ class Follower:
     """A raw ``Rounds`` stream of one worker, read one round at a time."""
 
     def __init__(self, running: Running, config: RunConfig, worker_id: int, num_parameters: int) -> None:
-        self.call = running.stub.Rounds(pb.RoundsRequest(worker_id=worker_id, from_round=0),
-                                        metadata=_md(config, worker_id))
+        self.call = running.stub.Rounds(
+            pb.RoundsRequest(worker_id=worker_id, from_round=0), metadata=_md(config, worker_id)
+        )
         self.reader = codec.RoundEventReader(max_bytes=num_parameters * 4)
 
     async def next(self) -> codec.RoundParams | pb.RunEnd:
@@ -166,10 +172,18 @@ async def _join_and_follow(running: Running, config: RunConfig) -> tuple[int, li
     return d, followers
 
 
-async def _submit(running: Running, config: RunConfig, vector: torch.Tensor, *, round_: int, worker_id: int,
-                  token_of: int | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                  mutate: Callable[[list[pb.GradientChunk]], list[pb.GradientChunk]] | None = None,
-                  metadata: Any = None) -> pb.SubmitReply:
+async def _submit(
+    running: Running,
+    config: RunConfig,
+    vector: torch.Tensor,
+    *,
+    round_: int,
+    worker_id: int,
+    token_of: int | None = None,
+    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+    mutate: Callable[[list[pb.GradientChunk]], list[pb.GradientChunk]] | None = None,
+    metadata: Any = None,
+) -> pb.SubmitReply:
     messages = list(codec.vector_chunks(vector, round=round_, worker_id=worker_id, chunk_bytes=chunk_bytes))
     if mutate is not None:
         messages = mutate(messages)
@@ -180,8 +194,13 @@ async def _submit(running: Running, config: RunConfig, vector: torch.Tensor, *, 
 
 def _worker_settings(running: Running, config: RunConfig, worker_id: int) -> WorkerSettings:
     """The real worker service's settings for ``worker_id`` of ``running``'s run, with its own token."""
-    return WorkerSettings(coordinator=f"127.0.0.1:{running.port}", worker_id=worker_id,
-                          token=_token(config, worker_id), device="cpu", max_retry_seconds=10)
+    return WorkerSettings(
+        coordinator=f"127.0.0.1:{running.port}",
+        worker_id=worker_id,
+        token=_token(config, worker_id),
+        device="cpu",
+        max_retry_seconds=10,
+    )
 
 
 def _vectors(round_: int, num_workers: int, d: int) -> dict[int, torch.Tensor]:
@@ -225,8 +244,9 @@ async def test_two_honest_workers_and_an_adversary_complete_the_run(start, tmp_p
     settings = functools.partial(_worker_settings, running, config)
 
     # Execute
-    clients = await asyncio.wait_for(asyncio.gather(
-        run_worker(settings(0)), run_worker(settings(1)), run_adversary(settings(2))), 120)
+    clients = await asyncio.wait_for(
+        asyncio.gather(run_worker(settings(0)), run_worker(settings(1)), run_adversary(settings(2))), 120
+    )
     summary = await running.finish()
     # Assert
     assert clients == ["completed", "completed", "completed"]
@@ -248,12 +268,17 @@ async def test_workers_with_auto_ids_take_the_free_ids_of_their_role_and_finish_
     address = f"127.0.0.1:{running.port}"
 
     def settings(role: str) -> WorkerSettings:
-        return WorkerSettings(coordinator=address, worker_id=ANY_ID, token=token(ANY_ID, role),
-                              device="cpu", max_retry_seconds=10)
+        return WorkerSettings(
+            coordinator=address, worker_id=ANY_ID, token=token(ANY_ID, role), device="cpu", max_retry_seconds=10
+        )
 
     # Execute
-    clients = await asyncio.wait_for(asyncio.gather(
-        run_adversary(settings("byzantine")), run_worker(settings("honest")), run_worker(settings("honest"))), 120)
+    clients = await asyncio.wait_for(
+        asyncio.gather(
+            run_adversary(settings("byzantine")), run_worker(settings("honest")), run_worker(settings("honest"))
+        ),
+        120,
+    )
     summary = await running.finish()
     # Assert: the same run, bit for bit, as with fixed ids
     assert clients == ["completed", "completed", "completed"]
@@ -271,8 +296,9 @@ async def test_a_role_token_gets_an_id_with_its_own_token_and_nothing_else(start
     second = await running.stub.Join(join_any, metadata=role_md)
     spare = await _rpc_error(running.stub.Join(join_any, metadata=role_md))
     fixed = await _rpc_error(running.stub.Join(pb.JoinRequest(worker_id=0, role=pb.HONEST), metadata=role_md))
-    wrong_role = await _rpc_error(running.stub.Join(pb.JoinRequest(worker_id=ANY_ID, role=pb.BYZANTINE),
-                                                    metadata=role_md))
+    wrong_role = await _rpc_error(
+        running.stub.Join(pb.JoinRequest(worker_id=ANY_ID, role=pb.BYZANTINE), metadata=role_md)
+    )
     rounds = running.stub.Rounds(pb.RoundsRequest(worker_id=0), metadata=role_md)
     rounds_error = await _rpc_error(rounds.read())
     # Assert: ids 0 and 1 with their own tokens; no third honest id; the role token can do nothing else
@@ -341,8 +367,13 @@ async def test_metrics_linger_after_the_run_for_a_last_scrape(start) -> None:
     # Prepare
     config = tiny_config(num_honest=1, rounds=2, eval_every=2)
     running = await start(config, metrics_port=0, linger=30.0)
-    settings = WorkerSettings(coordinator=f"127.0.0.1:{running.port}", worker_id=0, token=_token(config, 0),
-                              device="cpu", max_retry_seconds=10)
+    settings = WorkerSettings(
+        coordinator=f"127.0.0.1:{running.port}",
+        worker_id=0,
+        token=_token(config, 0),
+        device="cpu",
+        max_retry_seconds=10,
+    )
     # Execute: the worker sees RunEnd; the coordinator is still serving /metrics
     assert await asyncio.wait_for(run_worker(settings), 60) == "completed"
     await asyncio.sleep(0.5)
@@ -359,16 +390,27 @@ async def test_a_diverging_model_completes_the_run_like_the_inproc_engine(start,
     # Prepare: the plain mean under a huge FOE blows the model up; the honest gradients then turn
     # non-finite, the coordinator refuses them, the adversary has nothing to observe, and the rounds
     # are recorded as not aggregated, in both engines alike.
-    config = tiny_config(num_honest=2, num_byzantine=1, model="mlp", attack="foe", attack_params={"tau": 1000.0},
-                     pipeline="mean", rounds=12, eval_every=4, lr=5.0, round_deadline=10.0)
+    config = tiny_config(
+        num_honest=2,
+        num_byzantine=1,
+        model="mlp",
+        attack="foe",
+        attack_params={"tau": 1000.0},
+        pipeline="mean",
+        rounds=12,
+        eval_every=4,
+        lr=5.0,
+        round_deadline=10.0,
+    )
     running = await start(config)
 
     settings = functools.partial(_worker_settings, running, config)
 
     # Execute
     started = time.monotonic()
-    clients = await asyncio.wait_for(asyncio.gather(
-        run_worker(settings(0)), run_worker(settings(1)), run_adversary(settings(2))), 300)
+    clients = await asyncio.wait_for(
+        asyncio.gather(run_worker(settings(0)), run_worker(settings(1)), run_adversary(settings(2))), 300
+    )
     summary = await running.finish()
     inproc = run_inproc(config, tmp_path / "inproc")
     # Assert
@@ -377,14 +419,14 @@ async def test_a_diverging_model_completes_the_run_like_the_inproc_engine(start,
     assert skipped, "the model was expected to diverge"
     assert summary["final_params_sha256"] == inproc["final_params_sha256"]
     assert [r["aggregated"] for r in _records(running.out_dir)] == [
-        r["aggregated"] for r in _records(tmp_path / "inproc")]
+        r["aggregated"] for r in _records(tmp_path / "inproc")
+    ]
     # A round whose honest vectors were all refused closes once they are in: the adversary cannot craft
     # anything, so waiting for its deadline (10 s) would change nothing.
     assert time.monotonic() - started < config.round_deadline * 2, f"{len(skipped)} diverged rounds waited"
 
 
-async def test_colluding_adversaries_in_one_process_observe_once_per_round(start, tmp_path: Path,
-                                                                          monkeypatch) -> None:
+async def test_colluding_adversaries_in_one_process_observe_once_per_round(start, tmp_path: Path, monkeypatch) -> None:
     # Prepare: two Byzantine ids in one adversary process (as `arcsim run` starts them); count Observe calls
     observes: list[int] = []
     original = Coordinator.Observe
@@ -400,9 +442,15 @@ async def test_colluding_adversaries_in_one_process_observe_once_per_round(start
     settings = functools.partial(_worker_settings, running, config)
 
     # Execute
-    results = await asyncio.wait_for(asyncio.gather(
-        run_worker(settings(0)), run_worker(settings(1)), run_worker(settings(2)),
-        run_adversaries([settings(3), settings(4)])), 120)
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            run_worker(settings(0)),
+            run_worker(settings(1)),
+            run_worker(settings(2)),
+            run_adversaries([settings(3), settings(4)]),
+        ),
+        120,
+    )
     summary = await running.finish()
     # Assert: the same run as the inproc engine; both ids submitted every round
     assert results[:3] == ["completed"] * 3 and results[3] == ["completed", "completed"]
@@ -421,8 +469,9 @@ async def test_refused_vectors_answer_the_round_so_it_does_not_wait_for_the_dead
 
     # Execute
     started = time.monotonic()
-    clients = await asyncio.wait_for(asyncio.gather(*(run_worker(settings(i)) for i in range(3)),
-                                                    run_adversary(settings(3))), 50)
+    clients = await asyncio.wait_for(
+        asyncio.gather(*(run_worker(settings(i)) for i in range(3)), run_adversary(settings(3))), 50
+    )
     summary = await running.finish()
     # Assert
     assert time.monotonic() - started < 50 and clients == ["completed"] * 4
@@ -440,9 +489,16 @@ async def test_workers_survive_a_coordinator_restart_and_the_result_is_unchanged
     out = tmp_path / "restarted"
     first = await start(config, out_dir=out, metrics_port=0)
     address = f"127.0.0.1:{first.port}"
-    clients = [asyncio.create_task(run_worker(WorkerSettings(coordinator=address, worker_id=i, token=_token(config, i),
-                                                             device="cpu", max_retry_seconds=30)))
-               for i in (0, 1)]
+    clients = [
+        asyncio.create_task(
+            run_worker(
+                WorkerSettings(
+                    coordinator=address, worker_id=i, token=_token(config, i), device="cpu", max_retry_seconds=30
+                )
+            )
+        )
+        for i in (0, 1)
+    ]
     adversary = ByzantineWorker(config, 2)
 
     async def follow_adversary(running: Running, until_round: int) -> codec.RoundParams | pb.RunEnd:
@@ -506,27 +562,31 @@ async def test_credentials_are_checked(start) -> None:
     out_of_range = await _rpc_error(stub.Join(pb.JoinRequest(worker_id=3, role=pb.HONEST), metadata=_md(config, 0)))
     assert out_of_range.code() == grpc.StatusCode.INVALID_ARGUMENT
     observe_honest = await _rpc_error(
-        stub.Observe(pb.ObserveRequest(worker_id=0, round=0), metadata=_md(config, 0)).read())
+        stub.Observe(pb.ObserveRequest(worker_id=0, round=0), metadata=_md(config, 0)).read()
+    )
     assert observe_honest.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "only for adversary credentials" in observe_honest.details()
     observe_other = await _rpc_error(
-        stub.Observe(pb.ObserveRequest(worker_id=1, round=0), metadata=_md(config, 2)).read())
+        stub.Observe(pb.ObserveRequest(worker_id=1, round=0), metadata=_md(config, 2)).read()
+    )
     assert observe_other.code() == grpc.StatusCode.PERMISSION_DENIED
     observe_unknown = await _rpc_error(
-        stub.Observe(pb.ObserveRequest(worker_id=2, round=0), metadata=bearer("nope")).read())
+        stub.Observe(pb.ObserveRequest(worker_id=2, round=0), metadata=bearer("nope")).read()
+    )
     assert observe_unknown.code() == grpc.StatusCode.UNAUTHENTICATED
     fetch_other = await _rpc_error(
-        stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=1), metadata=_md(config, 0)).read())
+        stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=1), metadata=_md(config, 0)).read()
+    )
     assert fetch_other.code() == grpc.StatusCode.PERMISSION_DENIED
-    rounds_unjoined = await _rpc_error(
-        stub.Rounds(pb.RoundsRequest(worker_id=0), metadata=_md(config, 0)).read())
+    rounds_unjoined = await _rpc_error(stub.Rounds(pb.RoundsRequest(worker_id=0), metadata=_md(config, 0)).read())
     assert rounds_unjoined.code() == grpc.StatusCode.FAILED_PRECONDITION
     submit_unjoined = await _rpc_error(_submit(running, config, torch.zeros(650), round_=0, worker_id=0))
     assert submit_unjoined.code() == grpc.StatusCode.FAILED_PRECONDITION
     joined = await _join(running, config, 2)
     assert joined.run_id == config.digest() and joined.current_round == 0 and not joined.has_momentum
     observe_adversary = await _rpc_error(
-        stub.Observe(pb.ObserveRequest(worker_id=2, round=0), metadata=_md(config, 2)).read())
+        stub.Observe(pb.ObserveRequest(worker_id=2, round=0), metadata=_md(config, 2)).read()
+    )
     assert observe_adversary.code() == grpc.StatusCode.FAILED_PRECONDITION  # no round is open yet
     text = await _metrics_text(running.metrics_port)
     assert _sample(text, "arcsim_submissions_rejected_total", reason="unauthenticated") == 3
@@ -618,8 +678,15 @@ async def test_bad_submissions_are_rejected_counted_and_change_nothing(start, tm
         ("future_round", grpc.StatusCode.FAILED_PRECONDITION, round_1[1], 2, 1, None, None),
         ("duplicate", grpc.StatusCode.ALREADY_EXISTS, round_1[2], 1, 0, None, None),
         ("non_finite", grpc.StatusCode.INVALID_ARGUMENT, torch.full((d,), float("nan")), 1, 1, None, None),
-        ("non_finite", grpc.StatusCode.INVALID_ARGUMENT, round_1[1].clone().index_fill_(0, torch.tensor([3]),
-                                                                                         float("inf")), 1, 1, None, None),
+        (
+            "non_finite",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            round_1[1].clone().index_fill_(0, torch.tensor([3]), float("inf")),
+            1,
+            1,
+            None,
+            None,
+        ),
         ("bad_shape", grpc.StatusCode.INVALID_ARGUMENT, torch.zeros(d + 1), 1, 1, None, None),
         ("bad_shape", grpc.StatusCode.INVALID_ARGUMENT, torch.zeros(1, d), 1, 1, None, None),
         ("bad_dtype", grpc.StatusCode.INVALID_ARGUMENT, round_1[1].double(), 1, 1, None, None),
@@ -632,15 +699,27 @@ async def test_bad_submissions_are_rejected_counted_and_change_nothing(start, tm
     ]
     # Execute / Assert: each bad submission gets its status.
     for reason, status, vector, round_, worker_id, token_of, mutate in bad:
-        error = await _rpc_error(_submit(running, config, vector, round_=round_, worker_id=worker_id,
-                                         token_of=token_of, mutate=mutate, chunk_bytes=1024))
+        error = await _rpc_error(
+            _submit(
+                running,
+                config,
+                vector,
+                round_=round_,
+                worker_id=worker_id,
+                token_of=token_of,
+                mutate=mutate,
+                chunk_bytes=1024,
+            )
+        )
         assert error.code() == status, (reason, error.details())
-    unauthenticated = await _rpc_error(_submit(running, config, round_1[1], round_=1, worker_id=1,
-                                               metadata=bearer("forged")))
+    unauthenticated = await _rpc_error(
+        _submit(running, config, round_1[1], round_=1, worker_id=1, metadata=bearer("forged"))
+    )
     assert unauthenticated.code() == grpc.StatusCode.UNAUTHENTICATED
     # Bytes that are not a GradientChunk, first or in the middle of a stream (the raw method sends bytes as they are).
-    raw_submit = running.channel.stream_unary("/arcsim.v1.Coordinator/SubmitGradient",
-                                              response_deserializer=pb.SubmitReply.FromString)
+    raw_submit = running.channel.stream_unary(
+        "/arcsim.v1.Coordinator/SubmitGradient", response_deserializer=pb.SubmitReply.FromString
+    )
     header_message = next(codec.vector_chunks(round_1[1], round=1, worker_id=1, chunk_bytes=1024)).SerializeToString()
     garbage = [[b"\xff\xff\xff\xff"], [header_message, b"\x22\x05ab"], [b"\x08"]]
     for stream in garbage:
@@ -652,7 +731,9 @@ async def test_bad_submissions_are_rejected_counted_and_change_nothing(start, tm
         expected[reason] += 1
     expected["unauthenticated"] += 1
     expected["malformed"] += len(garbage)
-    counted = {reason: _sample(text, "arcsim_submissions_rejected_total", reason=reason) for reason in REJECTION_REASONS}
+    counted = {
+        reason: _sample(text, "arcsim_submissions_rejected_total", reason=reason) for reason in REJECTION_REASONS
+    }
     assert counted == expected
     assert _sample(text, "arcsim_submissions_total", role="honest") == 4
     assert _sample(text, "arcsim_submissions_total", role="byzantine") == 0
@@ -753,7 +834,8 @@ async def test_sigterm_stops_without_aggregating_the_open_round_and_resume_finis
     assert all(r.current_round == 1 and r.has_momentum for r in replies)
     momentum = codec.read_observe_events(
         [e async for e in resumed.stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=1), metadata=_md(config, 1))],
-        max_bytes=d * 4)
+        max_bytes=d * 4,
+    )
     assert torch.equal(momentum[1], round_0[1])
     followers = [Follower(resumed, config, i, d) for i in range(3)]
     assert [(await f.next()).round for f in followers] == [1, 1, 1]

@@ -47,8 +47,9 @@ def test_soak_50_workers_no_lost_or_double_counted_submission_and_bounded_memory
     """
     # Prepare
     d = _fashion_mnist_mlp_size()
-    settings = soak.SoakSettings(num_workers=50, rounds=20, task="fashion-mnist", model="mlp", pipeline="mean",
-                                 client_processes=2)
+    settings = soak.SoakSettings(
+        num_workers=50, rounds=20, task="fashion-mnist", model="mlp", pipeline="mean", client_processes=2
+    )
     vectors_bytes = settings.num_workers * d * 4
 
     # Execute
@@ -73,23 +74,27 @@ def _inputs(n: int = 3, rounds: int = 2, d: int = 5) -> dict:
     """What a correct run of ``n`` workers and ``rounds`` rounds of ``d``-float vectors reports."""
     records = [{"received_honest": n, "received_byzantine": 0, "aggregated": True} for _ in range(rounds)]
     reports = [{"got": {r: n for r in range(rounds)}, "answered": {r: n for r in range(rounds)}, "failed": 0}]
-    metrics = {'arcsim_submissions_total{role="honest"}': rounds * n,
-               'arcsim_submissions_total{role="byzantine"}': 0.0,
-               'arcsim_submissions_rejected_total{reason="duplicate"}': 0.0,
-               "arcsim_received_bytes_total": rounds * n * d * 4}
-    return {"num_parameters": d, "records": records, "reports": reports, "metrics": metrics,
-            "rounds_completed": rounds}
+    metrics = {
+        'arcsim_submissions_total{role="honest"}': rounds * n,
+        'arcsim_submissions_total{role="byzantine"}': 0.0,
+        'arcsim_submissions_rejected_total{reason="duplicate"}': 0.0,
+        "arcsim_received_bytes_total": rounds * n * d * 4,
+    }
+    return {"num_parameters": d, "records": records, "reports": reports, "metrics": metrics, "rounds_completed": rounds}
 
 
-@pytest.mark.parametrize("break_it, failing", [
-    (lambda i: i["records"][1].update(received_honest=2), "every_round_N_vectors"),
-    (lambda i: i["metrics"].update({'arcsim_submissions_total{role="honest"}': 7}), "submissions_total_honest"),
-    (lambda i: i["metrics"].update({'arcsim_submissions_rejected_total{reason="duplicate"}': 1}), "no_rejection"),
-    (lambda i: i["metrics"].update(arcsim_received_bytes_total=0), "received_bytes_total"),
-    (lambda i: i["reports"][0]["answered"].update({1: 2}), "every_client_every_round"),
-    (lambda i: i["reports"][0].update(failed=1), "no_client_failed"),
-    (lambda i: i.update(rounds_completed=1), "rounds_completed"),
-])
+@pytest.mark.parametrize(
+    "break_it, failing",
+    [
+        (lambda i: i["records"][1].update(received_honest=2), "every_round_N_vectors"),
+        (lambda i: i["metrics"].update({'arcsim_submissions_total{role="honest"}': 7}), "submissions_total_honest"),
+        (lambda i: i["metrics"].update({'arcsim_submissions_rejected_total{reason="duplicate"}': 1}), "no_rejection"),
+        (lambda i: i["metrics"].update(arcsim_received_bytes_total=0), "received_bytes_total"),
+        (lambda i: i["reports"][0]["answered"].update({1: 2}), "every_client_every_round"),
+        (lambda i: i["reports"][0].update(failed=1), "no_client_failed"),
+        (lambda i: i.update(rounds_completed=1), "rounds_completed"),
+    ],
+)
 def test_checks_catch_a_lost_or_double_counted_submission(break_it, failing) -> None:
     # Prepare
     settings = soak.SoakSettings(num_workers=3, rounds=2)
@@ -107,9 +112,15 @@ def test_checks_catch_a_lost_or_double_counted_submission(break_it, failing) -> 
 def test_round_peaks_and_growth() -> None:
     # Prepare: RSS of 100 before round 0, then rounds 0..4 peaking at 300, 300, 400, (no sample), 600:
     # a leak of 100 a round (the trend starts at round 5 // 4 = 1).
-    samples = [soak.Sample(0.0, 0, 100, 100), soak.Sample(0.1, 0, 300, 300), soak.Sample(0.2, 1, 300, 300),
-               soak.Sample(0.3, 2, 350, 350), soak.Sample(0.4, 2, 400, 400), soak.Sample(0.5, 4, 600, 600),
-               soak.Sample(0.6, 5, 200, 600)]
+    samples = [
+        soak.Sample(0.0, 0, 100, 100),
+        soak.Sample(0.1, 0, 300, 300),
+        soak.Sample(0.2, 1, 300, 300),
+        soak.Sample(0.3, 2, 350, 350),
+        soak.Sample(0.4, 2, 400, 400),
+        soak.Sample(0.5, 4, 600, 600),
+        soak.Sample(0.6, 5, 200, 600),
+    ]
 
     # Execute
     memory = soak._memory(samples, rounds=5, vectors_bytes=100)

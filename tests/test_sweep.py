@@ -32,8 +32,17 @@ from arcsim.sweep import (
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny run: synthetic data, logistic regression, 4 honest + 1 Byzantine, 20 rounds (well under a second).
-TINY = {"task": "synthetic", "model": "logreg", "num_honest": 4, "num_byzantine": 1, "attack": "sign_flip",
-        "pipeline": "arc > nnm > cwtm", "partitioner": "iid", "rounds": 20, "eval_every": 5}
+TINY = {
+    "task": "synthetic",
+    "model": "logreg",
+    "num_honest": 4,
+    "num_byzantine": 1,
+    "attack": "sign_flip",
+    "pipeline": "arc > nnm > cwtm",
+    "partitioner": "iid",
+    "rounds": 20,
+    "eval_every": 5,
+}
 
 
 def read_table(path: Path) -> list[dict[str, str]]:
@@ -79,8 +88,7 @@ def test_a_bundle_sets_several_keys_at_once() -> None:
     # Execute
     combos = expand_grid(grid)
     # Assert
-    assert combos == [{"pipeline": "nnm > cwtm"},
-                      {"pipeline": "static_clip > nnm > cwtm", "pipeline_params": {"c": 2}}]
+    assert combos == [{"pipeline": "nnm > cwtm"}, {"pipeline": "static_clip > nnm > cwtm", "pipeline_params": {"c": 2}}]
 
 
 def test_unknown_key_is_rejected_with_its_name() -> None:
@@ -124,7 +132,11 @@ def test_f_zero_runs_without_attack_and_duplicates_are_merged() -> None:
     baseline = plan.runs[0].config
     assert (baseline.num_byzantine, baseline.attack, baseline.attack_params) == (0, "none", {})
     assert {(r.config.num_byzantine, r.config.attack) for r in plan.runs[1:]} == {
-        (1, "sign_flip"), (1, "alie"), (2, "sign_flip"), (2, "alie")}
+        (1, "sign_flip"),
+        (1, "alie"),
+        (2, "sign_flip"),
+        (2, "alie"),
+    }
     assert plan.varied == ("num_byzantine", "attack")
 
 
@@ -157,8 +169,14 @@ def test_skip_invalid_drops_invalid_combinations_and_counts_them() -> None:
 
 def test_exclude_rules_drop_matching_combinations() -> None:
     # Prepare: drop ALIE at f = 2, and every seed-3 run of the trimmed mean (a list in a rule = any of)
-    raw = {**TINY, "num_honest": 5, "num_byzantine": [1, 2], "attack": ["sign_flip", "alie"], "seed": [1, 3],
-           "sweep": {"exclude": [{"attack": "alie", "num_byzantine": 2}, {"seed": [3], "pipeline": "arc>nnm>cwtm"}]}}
+    raw = {
+        **TINY,
+        "num_honest": 5,
+        "num_byzantine": [1, 2],
+        "attack": ["sign_flip", "alie"],
+        "seed": [1, 3],
+        "sweep": {"exclude": [{"attack": "alie", "num_byzantine": 2}, {"seed": [3], "pipeline": "arc>nnm>cwtm"}]},
+    }
     # Execute
     plan = plan_sweep(raw)
     # Assert: 8 combinations, the 4 seed-3 ones and the seed-1 ALIE f = 2 one go
@@ -331,8 +349,9 @@ def test_cli_sweep_exits_non_zero_when_a_run_failed(tmp_path: Path, monkeypatch:
     # Prepare
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump({**TINY, "seed": [1, 2]}))
-    failed = sweep.SweepOutcome(out_dir=tmp_path, table=tmp_path / "sweep.csv", rows=(), skipped=0, completed=1,
-                                failed=1)
+    failed = sweep.SweepOutcome(
+        out_dir=tmp_path, table=tmp_path / "sweep.csv", rows=(), skipped=0, completed=1, failed=1
+    )
     monkeypatch.setattr(sweep, "run_sweep", lambda *args, **kwargs: failed)
     # Execute / Assert
     assert main(["sweep", str(config), "--out", str(tmp_path / "out")]) == 1
@@ -356,9 +375,15 @@ def test_cli_reports_invalid_combinations_and_exits_2(tmp_path: Path, capsys: py
 
 def _sweep_process(config: Path, out: Path, jobs: int) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "arcsim", "sweep", str(config), "--out", str(out),
-                             "--jobs", str(jobs)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "arcsim", "sweep", str(config), "--out", str(out), "--jobs", str(jobs)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_a_killed_sweep_resumes_without_recomputing_or_losing_runs(tmp_path: Path) -> None:
@@ -380,8 +405,10 @@ def test_a_killed_sweep_resumes_without_recomputing_or_losing_runs(tmp_path: Pat
     rows = read_table(out / "sweep.csv")  # the table survived the kill, with the finished runs in it
     done = [row["run_dir"] for row in rows if row["status"] == "completed"]
     assert len(finished) == 2 and set(finished) <= set(done) and len(rows) == 4 and len(done) < 4
-    before = {name: ((out / name / "summary.json").stat().st_mtime_ns, (out / name / "summary.json").read_bytes())
-              for name in done}
+    before = {
+        name: ((out / name / "summary.json").stat().st_mtime_ns, (out / name / "summary.json").read_bytes())
+        for name in done
+    }
     # Execute: run the same sweep again
     second = _sweep_process(config, out, jobs=2)
     log, _ = second.communicate(timeout=180)

@@ -627,7 +627,8 @@ def test_partition_rejects_unknown_method() -> None:
 
 
 @pytest.mark.parametrize(
-    "labels", [torch.zeros(4), torch.zeros(4, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.int64)],
+    "labels",
+    [torch.zeros(4), torch.zeros(4, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.int64)],
     ids=["float", "bool", "2-D"],
 )
 def test_partition_rejects_non_integer_or_non_vector_labels(labels: torch.Tensor) -> None:

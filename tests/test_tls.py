@@ -22,27 +22,33 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from conftest import TEST_SECRET, auth, tiny_config, token
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from arcsim import cli
-
+from arcsim.config import RunConfig
+from arcsim.coordinator.service import CoordinatorSettings, serve
+from arcsim.engine.inproc import run_inproc
 from arcsim.transport import certs, wire
 from arcsim.transport.certs import CertFiles, channel_credentials, make_certs, server_credentials
-from arcsim.config import RunConfig
 from arcsim.v1 import coordinator_pb2 as pb
-from arcsim.engine.inproc import run_inproc
-from arcsim.coordinator.service import CoordinatorSettings, serve
 from arcsim.workers.service import WorkerSettings, run_worker
-
-from conftest import TEST_SECRET, auth, tiny_config, token
 
 torch.set_num_threads(1)
 
-TLS_ENVS = (certs.SERVER_CERT_ENV, certs.SERVER_KEY_ENV, certs.CLIENT_CA_ENV, certs.CA_ENV, certs.CLIENT_CERT_ENV,
-            certs.CLIENT_KEY_ENV, certs.SERVER_NAME_ENV, "ARCSIM_HEALTH_ADDRESS")
+TLS_ENVS = (
+    certs.SERVER_CERT_ENV,
+    certs.SERVER_KEY_ENV,
+    certs.CLIENT_CA_ENV,
+    certs.CA_ENV,
+    certs.CLIENT_CERT_ENV,
+    certs.CLIENT_KEY_ENV,
+    certs.SERVER_NAME_ENV,
+    "ARCSIM_HEALTH_ADDRESS",
+)
 
 
 def _config(**changes: Any) -> RunConfig:
@@ -83,12 +89,18 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def _serving(config: RunConfig, out_dir: Path, credentials: grpc.ServerCredentials | None, *,
-                   host: str = "127.0.0.1") -> AsyncIterator[Running]:
+async def _serving(
+    config: RunConfig, out_dir: Path, credentials: grpc.ServerCredentials | None, *, host: str = "127.0.0.1"
+) -> AsyncIterator[Running]:
     """A coordinator on a free loopback port, stopped on the way out."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    task = asyncio.create_task(serve(CoordinatorSettings(config=config, out_dir=out_dir, secret=TEST_SECRET, host=host,
-                                                         port=0, server_credentials=credentials)))
+    task = asyncio.create_task(
+        serve(
+            CoordinatorSettings(
+                config=config, out_dir=out_dir, secret=TEST_SECRET, host=host, port=0, server_credentials=credentials
+            )
+        )
+    )
     endpoint = out_dir / "coordinator.json"
     try:
         while not endpoint.exists() and not task.done():
@@ -102,23 +114,37 @@ async def _serving(config: RunConfig, out_dir: Path, credentials: grpc.ServerCre
             await task
 
 
-def _worker(running: Running, config: RunConfig, worker_id: int, credentials: grpc.ChannelCredentials | None,
-            **changes: Any) -> WorkerSettings:
-    return WorkerSettings(**{"coordinator": running.address, "worker_id": worker_id, "device": "cpu",
-                             "token": token(worker_id), "max_retry_seconds": 10,
-                             "channel_credentials": credentials, **changes})
+def _worker(
+    running: Running, config: RunConfig, worker_id: int, credentials: grpc.ChannelCredentials | None, **changes: Any
+) -> WorkerSettings:
+    return WorkerSettings(
+        **{
+            "coordinator": running.address,
+            "worker_id": worker_id,
+            "device": "cpu",
+            "token": token(worker_id),
+            "max_retry_seconds": 10,
+            "channel_credentials": credentials,
+            **changes,
+        }
+    )
 
 
-async def _join(address: str, credentials: grpc.ChannelCredentials | None, *,
-                server_name: str | None = None) -> grpc.StatusCode:
+async def _join(
+    address: str, credentials: grpc.ChannelCredentials | None, *, server_name: str | None = None
+) -> grpc.StatusCode:
     """One Join, as a worker makes it; OK or the status it failed with."""
     options = [(certs.SERVER_NAME_OPTION, server_name)] if server_name else []
-    channel = (grpc.aio.secure_channel(address, credentials, options) if credentials is not None
-               else grpc.aio.insecure_channel(address, options))
+    channel = (
+        grpc.aio.secure_channel(address, credentials, options)
+        if credentials is not None
+        else grpc.aio.insecure_channel(address, options)
+    )
     async with channel:
         try:
-            await wire.CoordinatorStub(channel).Join(pb.JoinRequest(worker_id=0, role=pb.HONEST),
-                                                     metadata=auth(0), timeout=10)
+            await wire.CoordinatorStub(channel).Join(
+                pb.JoinRequest(worker_id=0, role=pb.HONEST), metadata=auth(0), timeout=10
+            )
         except grpc.aio.AioRpcError as error:
             return error.code()
     return grpc.StatusCode.OK
@@ -131,9 +157,13 @@ async def test_a_run_over_tls_completes_and_gives_the_same_model(pki: CertFiles,
     trust = channel_credentials(pki.ca_cert)
     async with _serving(config, tmp_path / "tls", server_credentials(pki.server_cert, pki.server_key)) as running:
         # Execute
-        clients = await asyncio.wait_for(asyncio.gather(
-            run_worker(_worker(running, config, 0, trust)),
-            run_worker(_worker(running, config, 1, trust, coordinator=f"localhost:{running.port}"))), 60)
+        clients = await asyncio.wait_for(
+            asyncio.gather(
+                run_worker(_worker(running, config, 0, trust)),
+                run_worker(_worker(running, config, 1, trust, coordinator=f"localhost:{running.port}")),
+            ),
+            60,
+        )
         summary = await running.finish()
     # Assert: TLS changes the transport, not the result
     assert clients == ["completed", "completed"]
@@ -142,22 +172,26 @@ async def test_a_run_over_tls_completes_and_gives_the_same_model(pki: CertFiles,
 
 
 async def test_a_worker_reaching_the_coordinator_by_another_address_checks_tls_server_name(
-        pki: CertFiles, tmp_path: Path) -> None:
+    pki: CertFiles, tmp_path: Path
+) -> None:
     # Prepare: 127.0.0.2 (loopback on Linux) is in no certificate of the testbed
     config = _config(num_honest=1, rounds=1)
     trust = channel_credentials(pki.ca_cert)
     async with contextlib.AsyncExitStack() as stack:
         try:
             running = await stack.enter_async_context(
-                _serving(config, tmp_path / "tls", server_credentials(pki.server_cert, pki.server_key),
-                         host="127.0.0.2"))
+                _serving(
+                    config, tmp_path / "tls", server_credentials(pki.server_cert, pki.server_key), host="127.0.0.2"
+                )
+            )
         except OSError as error:  # pragma: no cover - a loopback without 127.0.0.2 (not Linux)
             pytest.skip(f"127.0.0.2 is not a loopback address here: {error}")
         # Execute
         unnamed = await _join(running.address, trust)
         named = await _join(running.address, trust, server_name="coordinator")
-        client = await asyncio.wait_for(run_worker(_worker(running, config, 0, trust, tls_server_name="coordinator",
-                                                           max_retry_seconds=0)), 60)
+        client = await asyncio.wait_for(
+            run_worker(_worker(running, config, 0, trust, tls_server_name="coordinator", max_retry_seconds=0)), 60
+        )
         summary = await running.finish()
     # Assert
     assert (unnamed, named) == (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK)
@@ -165,8 +199,9 @@ async def test_a_worker_reaching_the_coordinator_by_another_address_checks_tls_s
 
 
 # --- (b) who cannot talk to a TLS coordinator ------------------------------------------------------
-async def test_plaintext_and_untrusting_clients_are_refused(pki: CertFiles, stranger: CertFiles,
-                                                            tmp_path: Path) -> None:
+async def test_plaintext_and_untrusting_clients_are_refused(
+    pki: CertFiles, stranger: CertFiles, tmp_path: Path
+) -> None:
     async with _serving(_config(), tmp_path / "tls", server_credentials(pki.server_cert, pki.server_key)) as running:
         # Execute
         trusted = await _join(running.address, channel_credentials(pki.ca_cert))
@@ -185,8 +220,9 @@ async def test_a_tls_client_cannot_reach_a_plaintext_coordinator(pki: CertFiles,
 
 
 # --- (c) mutual TLS -------------------------------------------------------------------------------
-async def test_mutual_tls_lets_in_only_clients_with_a_testbed_certificate(pki: CertFiles, stranger: CertFiles,
-                                                                        tmp_path: Path) -> None:
+async def test_mutual_tls_lets_in_only_clients_with_a_testbed_certificate(
+    pki: CertFiles, stranger: CertFiles, tmp_path: Path
+) -> None:
     # Prepare
     config = _config(num_honest=1)
     mutual = server_credentials(pki.server_cert, pki.server_key, client_ca=pki.ca_cert)
@@ -194,11 +230,13 @@ async def test_mutual_tls_lets_in_only_clients_with_a_testbed_certificate(pki: C
     async with _serving(config, tmp_path / "mtls", mutual) as running:
         # Execute: the refusals first (raw Joins), then the real worker with the client certificate
         no_cert = await _join(running.address, channel_credentials(pki.ca_cert))
-        foreign_cert = await _join(running.address, channel_credentials(pki.ca_cert, cert=stranger.client_cert,
-                                                                         key=stranger.client_key))
+        foreign_cert = await _join(
+            running.address, channel_credentials(pki.ca_cert, cert=stranger.client_cert, key=stranger.client_key)
+        )
         # the coordinator's own certificate is for serverAuth only: it does not pass as a client's
-        server_cert = await _join(running.address, channel_credentials(pki.ca_cert, cert=pki.server_cert,
-                                                                       key=pki.server_key))
+        server_cert = await _join(
+            running.address, channel_credentials(pki.ca_cert, cert=pki.server_cert, key=pki.server_key)
+        )
         client = await asyncio.wait_for(run_worker(_worker(running, config, 0, with_cert)), 60)
         summary = await running.finish()
     # Assert
@@ -218,8 +256,14 @@ def test_certs_command_writes_a_ca_and_certificates_for_the_requested_hosts(tmp_
     assert code == 0
     files = CertFiles.in_dir(tmp_path / "pki")
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files.all()}
-    assert modes == {"ca.pem": 0o644, "ca.key": 0o600, "server.pem": 0o644, "server.key": 0o600,
-                     "client.pem": 0o644, "client.key": 0o600}
+    assert modes == {
+        "ca.pem": 0o644,
+        "ca.key": 0o600,
+        "server.pem": 0o644,
+        "server.key": 0o600,
+        "client.pem": 0o644,
+        "client.key": 0o600,
+    }
     assert "coordinator.example.org" in capsys.readouterr().out
     # the CA: self-signed, a CA, may sign only end certificates
     ca = _load(files.ca_cert)
@@ -231,19 +275,25 @@ def test_certs_command_writes_a_ca_and_certificates_for_the_requested_hosts(tmp_
     server = _load(files.server_cert)
     alt = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert alt.get_values_for_type(x509.DNSName) == ["localhost", "coordinator", "coordinator.example.org"]
-    assert alt.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"),
-                                                        ipaddress.ip_address("10.1.2.3")]
+    assert alt.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("10.1.2.3"),
+    ]
     policy = PolicyBuilder().store(Store([ca]))
-    for name in (x509.DNSName("coordinator.example.org"), x509.DNSName("localhost"),
-                 x509.IPAddress(ipaddress.ip_address("10.1.2.3"))):
+    for name in (
+        x509.DNSName("coordinator.example.org"),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
+    ):
         assert policy.build_server_verifier(name).verify(server, [])[-1] == ca
     with pytest.raises(x509.verification.VerificationError):
         policy.build_server_verifier(x509.DNSName("other.example.org")).verify(server, [])
     # the client certificate: clientAuth, signed by the CA; each key is its certificate's
     client = _load(files.client_cert)
     assert policy.build_client_verifier().verify(client, []).chain[-1] == ca
-    assert client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == \
-        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    assert client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
     for cert_path, key_path in ((files.server_cert, files.server_key), (files.client_cert, files.client_key)):
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         assert key.public_key() == _load(cert_path).public_key()
@@ -277,8 +327,9 @@ def test_certs_command_rejects_a_host_that_is_no_name_or_address(tmp_path: Path,
 
 
 # --- loading credentials: one clear error per bad file ---------------------------------------------
-def test_credentials_name_the_file_that_is_missing_or_wrong(pki: CertFiles, stranger: CertFiles,
-                                                            tmp_path: Path) -> None:
+def test_credentials_name_the_file_that_is_missing_or_wrong(
+    pki: CertFiles, stranger: CertFiles, tmp_path: Path
+) -> None:
     with pytest.raises(FileNotFoundError, match=f"TLS certificate not found: {tmp_path / 'nope.pem'}"):
         server_credentials(tmp_path / "nope.pem", pki.server_key)
     with pytest.raises(FileNotFoundError, match="CA certificate not found"):
@@ -299,9 +350,12 @@ def test_credentials_refuse_an_encrypted_key_and_an_expired_certificate(pki: Cer
     # Prepare
     key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
     encrypted = tmp_path / "encrypted.key"
-    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.BestAvailableEncryption(b"pw")))
-    old = make_certs(tmp_path / "old", now=dt.datetime(2001, 1, 1, tzinfo=dt.timezone.utc))
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+        )
+    )
+    old = make_certs(tmp_path / "old", now=dt.datetime(2001, 1, 1, tzinfo=dt.UTC))
     # Execute / Assert
     with pytest.raises(ValueError, match="is encrypted"):
         server_credentials(pki.server_cert, encrypted)
@@ -310,16 +364,24 @@ def test_credentials_refuse_an_encrypted_key_and_an_expired_certificate(pki: Cer
 
 
 # --- (e) the CLI's TLS options --------------------------------------------------------------------
-@pytest.mark.parametrize(("argv", "message"), [
-    (["coordinator", "--tls-cert", "s.pem"], "--tls-cert and --tls-key go together"),
-    (["coordinator", "--tls-key", "s.key"], "--tls-cert and --tls-key go together"),
-    (["coordinator", "--tls-client-ca", "ca.pem"], "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key"),
-    (["worker", "--worker-id", "0", "--tls-ca", "ca.pem", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go"),
-    (["worker", "--worker-id", "0", "--tls-cert", "c.pem", "--tls-key", "c.key"],
-     "--tls-cert/--tls-key needs --tls-ca"),
-    (["adversary", "--worker-id", "2", "--tls-server-name", "coordinator"], "--tls-server-name needs --tls-ca"),
-    (["health", "--address", "127.0.0.1:1", "--tls-key", "c.key", "--tls-ca", "ca.pem"], "--tls-cert and --tls-key"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["coordinator", "--tls-cert", "s.pem"], "--tls-cert and --tls-key go together"),
+        (["coordinator", "--tls-key", "s.key"], "--tls-cert and --tls-key go together"),
+        (["coordinator", "--tls-client-ca", "ca.pem"], "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key"),
+        (["worker", "--worker-id", "0", "--tls-ca", "ca.pem", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go"),
+        (
+            ["worker", "--worker-id", "0", "--tls-cert", "c.pem", "--tls-key", "c.key"],
+            "--tls-cert/--tls-key needs --tls-ca",
+        ),
+        (["adversary", "--worker-id", "2", "--tls-server-name", "coordinator"], "--tls-server-name needs --tls-ca"),
+        (
+            ["health", "--address", "127.0.0.1:1", "--tls-key", "c.key", "--tls-ca", "ca.pem"],
+            "--tls-cert and --tls-key",
+        ),
+    ],
+)
 def test_cli_rejects_mismatched_tls_options_in_one_line(argv: list[str], message: str, monkeypatch, capsys) -> None:
     # Prepare: credentials for the worker commands, so only the TLS options are wrong
     monkeypatch.setenv("ARCSIM_SECRET", TEST_SECRET)
@@ -335,8 +397,19 @@ def test_cli_rejects_mismatched_tls_options_in_one_line(argv: list[str], message
 
 
 def test_cli_names_a_missing_certificate_file(tmp_path: Path, capsys) -> None:
-    code = cli.main(["coordinator", "--config", "configs/default.yaml", "--out", str(tmp_path / "out"),
-                     "--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key")])
+    code = cli.main(
+        [
+            "coordinator",
+            "--config",
+            "configs/default.yaml",
+            "--out",
+            str(tmp_path / "out"),
+            "--tls-cert",
+            str(tmp_path / "server.pem"),
+            "--tls-key",
+            str(tmp_path / "server.key"),
+        ]
+    )
     assert code == 1
     assert capsys.readouterr().err == f"arcsim: error: TLS certificate not found: {tmp_path / 'server.pem'}\n"
     assert not (tmp_path / "out").exists()
@@ -353,8 +426,9 @@ def test_cli_takes_tls_options_from_the_environment(pki: CertFiles, monkeypatch,
 
 
 # --- (f) arcsim health against a TLS coordinator ---------------------------------------------------
-async def test_health_command_checks_a_mutual_tls_coordinator(pki: CertFiles, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_health_command_checks_a_mutual_tls_coordinator(
+    pki: CertFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Prepare
     mutual = server_credentials(pki.server_cert, pki.server_key, client_ca=pki.ca_cert)
     client = ["--tls-ca", str(pki.ca_cert), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]

@@ -23,14 +23,25 @@ from arcsim.config import RunConfig
 from arcsim.tracking import METRICS, RoundTrackers, check_trackers, flat_params
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"task": "synthetic", "model": "logreg", "num_honest": 3, "num_byzantine": 1, "attack": "alie",
-        "attack_params": {"tau": 1.5}, "pipeline": "arc > nnm > cwtm", "partitioner": "iid", "rounds": 5,
-        "eval_every": 2, "round_deadline": 30}
+TINY = {
+    "task": "synthetic",
+    "model": "logreg",
+    "num_honest": 3,
+    "num_byzantine": 1,
+    "attack": "alie",
+    "attack_params": {"tau": 1.5},
+    "pipeline": "arc > nnm > cwtm",
+    "partitioner": "iid",
+    "rounds": 5,
+    "eval_every": 2,
+    "round_deadline": 30,
+}
 
 
 def _tensorboard() -> Any:
-    pytest.importorskip("tensorboard",
-                        reason="the tensorboard extra is not installed (pip install 'arcsim[tensorboard]')")
+    pytest.importorskip(
+        "tensorboard", reason="the tensorboard extra is not installed (pip install 'arcsim[tensorboard]')"
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return EventAccumulator
@@ -47,29 +58,40 @@ def _mlflow_client(out: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 def _expected(out: Path) -> dict[str, list[tuple[int, float]]]:
     """Per metric, the (step, value) pairs that rounds.jsonl says were logged."""
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    return {name: [(r["round"] + 1, float(r[field])) for r in records if r.get(field) is not None]
-            for name, field in METRICS.items()}
+    return {
+        name: [(r["round"] + 1, float(r[field])) for r in records if r.get(field) is not None]
+        for name, field in METRICS.items()
+    }
 
 
 def _cli_run(config: Path, out: Path, *args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "arcsim", "run", str(config), "--out", str(out), "--no-progress",
-                             *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "arcsim", "run", str(config), "--out", str(out), "--no-progress", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def _tensorboard_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
     accumulator = _tensorboard()(str(out / "tensorboard"))
     accumulator.Reload()
-    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def _close(pairs: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
     """Non-empty series, values as float32 (TensorBoard stores scalars as float32)."""
     import numpy
 
-    return {name: [(step, float(numpy.float32(value))) for step, value in series]
-            for name, series in pairs.items() if series}
+    return {
+        name: [(step, float(numpy.float32(value))) for step, value in series]
+        for name, series in pairs.items()
+        if series
+    }
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +143,19 @@ def test_tensorboard_event_files_hold_every_round(engine: str, config_file: Path
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     data = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/session_start_info"])
-    hparams = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
-               for name, value in data.session_start_info.hparams.items()}
+    hparams = {
+        name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+        for name, value in data.session_start_info.hparams.items()
+    }
     assert hparams["attack"] == "alie" and hparams["attack_params.tau"] == 1.5 and hparams["rounds"] == 5
     text = accumulator.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "attack: alie" in text and "tau: 1.5" in text
 
 
 @pytest.mark.parametrize("engine", ["inproc", "grpc"])
-def test_mlflow_file_store_holds_the_params_and_every_round(engine: str, config_file: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_file_store_holds_the_params_and_every_round(
+    engine: str, config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     client = _mlflow_client(out, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -154,8 +179,9 @@ def test_mlflow_file_store_holds_the_params_and_every_round(engine: str, config_
     assert set(run.data.metrics) == set(expected)
 
 
-def test_a_resumed_run_continues_its_tracking(config_file: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_run_continues_its_tracking(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Prepare: rounds 1 to 3 logged, then the process stops (its last checkpoint covered round 2)
     out = tmp_path / "out"
     client = _mlflow_client(out, monkeypatch)

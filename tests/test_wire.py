@@ -58,7 +58,8 @@ def test_round_and_observe_streams_parse_into_the_codec_events(numel: int, chunk
     params = _tensor(numel, 1)
     raw = wire.round_stream(params, round=2, deadline_unix_ms=99, chunk_bytes=chunk_bytes)
     assert [pb.RoundEvent.FromString(b) for b in raw] == list(
-        codec.round_events(params, round=2, deadline_unix_ms=99, chunk_bytes=chunk_bytes))
+        codec.round_events(params, round=2, deadline_unix_ms=99, chunk_bytes=chunk_bytes)
+    )
     vectors = {4: _tensor(numel, 2), 1: _tensor(numel, 3)}
     raw = list(wire.observe_stream(vectors, chunk_bytes=chunk_bytes))
     assert [pb.ObserveEvent.FromString(b) for b in raw] == list(codec.observe_events(vectors, chunk_bytes=chunk_bytes))
@@ -67,8 +68,10 @@ def test_round_and_observe_streams_parse_into_the_codec_events(numel: int, chunk
 @pytest.mark.parametrize("chunk_bytes", [4, 100, 1 << 20])
 def test_readers_take_the_fast_path_views_and_give_the_same_tensors(chunk_bytes: int) -> None:
     params = _tensor(1000, 4)
-    events = [wire.parse_round_event(b) for b in wire.round_stream(params, round=5, deadline_unix_ms=1,
-                                                                    chunk_bytes=chunk_bytes)]
+    events = [
+        wire.parse_round_event(b)
+        for b in wire.round_stream(params, round=5, deadline_unix_ms=1, chunk_bytes=chunk_bytes)
+    ]
     assert isinstance(events[0], pb.RoundEvent) and all(isinstance(e, memoryview) for e in events[1:])
     (got,) = codec.read_round_events(events, max_bytes=4000)
     assert got.round == 5 and torch.equal(got.params, params)
@@ -76,8 +79,9 @@ def test_readers_take_the_fast_path_views_and_give_the_same_tensors(chunk_bytes:
     events = [wire.parse_observe_event(b) for b in wire.observe_stream(vectors, chunk_bytes=chunk_bytes)]
     got = codec.read_observe_events(events, max_bytes=4000)
     assert got.keys() == vectors.keys() and all(torch.equal(got[i], vectors[i]) for i in vectors)
-    messages = [wire.parse_vector_chunk(b) for b in wire.vector_stream(params, round=1, worker_id=0,
-                                                                           chunk_bytes=chunk_bytes)]
+    messages = [
+        wire.parse_vector_chunk(b) for b in wire.vector_stream(params, round=1, worker_id=0, chunk_bytes=chunk_bytes)
+    ]
     assert isinstance(messages[0], pb.GradientChunk) and all(isinstance(m, memoryview) for m in messages[1:])
     assert torch.equal(codec.assemble_vector(messages, max_bytes=4000).vector, params)
 
@@ -115,17 +119,22 @@ def test_bytes_that_are_not_a_gradient_chunk_are_malformed_not_an_exception() ->
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=40),
-    st.binary(max_size=30).map(lambda d: bytes((0x22, len(d))) + d),
-    st.tuples(st.sampled_from([0x12, 0x22, 0x0A]), st.integers(0, 40), st.binary(max_size=40)).map(
-        lambda t: bytes((t[0], t[1])) + t[2]),
-    st.binary(max_size=20).map(lambda d: bytes((0x12, len(d) + 2, 0x0A, len(d))) + d),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=40),
+        st.binary(max_size=30).map(lambda d: bytes((0x22, len(d))) + d),
+        st.tuples(st.sampled_from([0x12, 0x22, 0x0A]), st.integers(0, 40), st.binary(max_size=40)).map(
+            lambda t: bytes((t[0], t[1])) + t[2]
+        ),
+        st.binary(max_size=20).map(lambda d: bytes((0x12, len(d) + 2, 0x0A, len(d))) + d),
+    )
+)
 def test_readers_agree_with_protobuf_on_any_bytes(buf: bytes) -> None:
-    for parse, message_type in ((wire.parse_vector_chunk, pb.GradientChunk),
-                                (wire.parse_round_event, pb.RoundEvent),
-                                (wire.parse_observe_event, pb.ObserveEvent)):
+    for parse, message_type in (
+        (wire.parse_vector_chunk, pb.GradientChunk),
+        (wire.parse_round_event, pb.RoundEvent),
+        (wire.parse_observe_event, pb.ObserveEvent),
+    ):
         try:
             reference = message_type.FromString(buf)
         except DecodeError:
@@ -156,8 +165,9 @@ def test_the_bindings_cover_every_method_of_the_service() -> None:
 
     wire.CoordinatorStub(Recorder())
     kinds = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary"}
-    assert paths == {f"/{service.full_name}/{m.name}": kinds[m.client_streaming, m.server_streaming]
-                     for m in service.methods}
+    assert paths == {
+        f"/{service.full_name}/{m.name}": kinds[m.client_streaming, m.server_streaming] for m in service.methods
+    }
     assert wire.SERVICE_NAME == service.full_name
 
 

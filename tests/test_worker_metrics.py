@@ -18,17 +18,15 @@ import urllib.request
 import grpc
 import pytest
 import torch
+from conftest import tiny_config
 from prometheus_client.parser import text_string_to_metric_families
+from test_service import _md, _metrics_text, _records, _rpc_error, _sample, _worker_settings, start  # noqa: F401
 
 from arcsim.adversaries.service import AdversaryParticipant, run_adversaries
 from arcsim.coordinator.service import Coordinator
 from arcsim.transport import codec
-from test_service import (_md, _metrics_text, _records, _rpc_error, _sample, _worker_settings,  # noqa: F401
-                          start)
 from arcsim.workers.metrics import REFUSAL_REASONS, WorkerMetrics
 from arcsim.workers.service import HonestParticipant, Session, WorkerSettings, call_timeout, run_worker
-
-from conftest import tiny_config
 
 torch.set_num_threads(1)
 
@@ -75,8 +73,13 @@ async def _wait_for_sample(port: int, name: str, value: float, **labels: str) ->
 
 
 def _label_names(text: str) -> set[str]:
-    return {label for family in text_string_to_metric_families(text) if family.name.startswith("arcsim_worker")
-            for sample in family.samples for label in sample.labels}
+    return {
+        label
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("arcsim_worker")
+        for sample in family.samples
+        for label in sample.labels
+    }
 
 
 def _refusing(port: int) -> bool:
@@ -96,16 +99,19 @@ async def test_a_worker_and_an_adversary_serve_their_metrics_while_they_follow_t
     honest = Gated(hold=2)
     worker = Session(WorkerSettings(**{**vars(_worker_settings(running, config, 0)), "metrics_port": 0}), honest)
     adversary_port = _free_port()
-    adversary_settings = WorkerSettings(**{**vars(_worker_settings(running, config, 2)),
-                                           "metrics_port": adversary_port})
+    adversary_settings = WorkerSettings(
+        **{**vars(_worker_settings(running, config, 2)), "metrics_port": adversary_port}
+    )
     # Execute
-    clients = asyncio.gather(worker.run(), run_worker(_worker_settings(running, config, 1)),
-                             run_adversaries([adversary_settings]))
+    clients = asyncio.gather(
+        worker.run(), run_worker(_worker_settings(running, config, 1)), run_adversaries([adversary_settings])
+    )
     await asyncio.wait_for(honest.reached.wait(), 60)
     worker_text = await _metrics_text(worker.metrics.port)
     worker_port = worker.metrics.port
-    adversary_text = await _wait_for_sample(adversary_port, "arcsim_worker_vectors_refused_total", 2,
-                                            role="byzantine", reason="invalid_argument")
+    adversary_text = await _wait_for_sample(
+        adversary_port, "arcsim_worker_vectors_refused_total", 2, role="byzantine", reason="invalid_argument"
+    )
     honest.release.set()
     results = await asyncio.wait_for(clients, 60)
     await running.finish()
@@ -116,8 +122,10 @@ async def test_a_worker_and_an_adversary_serve_their_metrics_while_they_follow_t
     assert _sample(worker_text, "arcsim_worker_rounds_total", role="honest") == 3
     assert _sample(worker_text, "arcsim_worker_vectors_sent_total", role="honest") == 2
     assert _sample(worker_text, "arcsim_worker_compute_seconds_count", role="honest") == 2
-    assert all(_sample(worker_text, "arcsim_worker_vectors_refused_total", role="honest", reason=reason) == 0
-               for reason in REFUSAL_REASONS)
+    assert all(
+        _sample(worker_text, "arcsim_worker_vectors_refused_total", role="honest", reason=reason) == 0
+        for reason in REFUSAL_REASONS
+    )
     assert _sample(worker_text, "arcsim_worker_info", role="honest", device="cpu") == 1
     assert _sample(worker_text, "arcsim_worker_cuda_memory_allocated_bytes") == 0
     # ... the adversary's two vectors were refused, and its page says it is one
@@ -172,8 +180,9 @@ def _stall_first(monkeypatch, *names: str) -> dict[str, int]:
             async for reply in original(self, request, context):
                 yield reply
 
-        monkeypatch.setattr(Coordinator, name,
-                            stalled_first_stream if inspect.isasyncgenfunction(original) else stalled_first)
+        monkeypatch.setattr(
+            Coordinator, name, stalled_first_stream if inspect.isasyncgenfunction(original) else stalled_first
+        )
 
     for name in names:
         stall(name)
@@ -186,7 +195,8 @@ def _short_margin(running, config, worker_id: int) -> WorkerSettings:
 
 
 async def test_calls_the_coordinator_never_answers_end_at_the_rounds_deadline_and_the_services_go_on(
-        start, monkeypatch) -> None:
+    start, monkeypatch
+) -> None:
     # Prepare: the coordinator stalls the first submission (an honest worker's, round 0) and the
     # first observation (the adversary's, round 0) without ever answering them, as a coordinator
     # that hangs would. Both calls must end soon after round 0's deadline, not hold the services.
@@ -194,8 +204,11 @@ async def test_calls_the_coordinator_never_answers_end_at_the_rounds_deadline_an
     config = tiny_config(num_honest=2, num_byzantine=1, attack="alie", rounds=2, eval_every=2, round_deadline=3.0)
     running = await start(config)
     settings = functools.partial(_short_margin, running, config)
-    sessions = [Session(settings(0), HonestParticipant()), Session(settings(1), HonestParticipant()),
-                Session(settings(2), AdversaryParticipant())]
+    sessions = [
+        Session(settings(0), HonestParticipant()),
+        Session(settings(1), HonestParticipant()),
+        Session(settings(2), AdversaryParticipant()),
+    ]
     # Execute
     results = await asyncio.wait_for(asyncio.gather(*(s.run() for s in sessions)), 60)
     await running.finish()
@@ -242,12 +255,17 @@ async def test_a_submission_refused_while_an_earlier_one_is_in_flight_costs_the_
     assert results == ["completed", "completed"]
     assert (await _rpc_error(leftover)).code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert [r["received_honest"] for r in _records(running.out_dir)] == [1, 2]
-    assert worker.metrics.registry.get_sample_value("arcsim_worker_vectors_refused_total",
-                                                    {"role": "honest", "reason": "aborted"}) == 1
+    assert (
+        worker.metrics.registry.get_sample_value(
+            "arcsim_worker_vectors_refused_total", {"role": "honest", "reason": "aborted"}
+        )
+        == 1
+    )
 
 
 async def test_a_momentum_fetch_the_coordinator_never_answers_ends_and_the_worker_reconnects(
-        start, monkeypatch) -> None:
+    start, monkeypatch
+) -> None:
     # Prepare: the first FetchMomentum (one worker's, as round 0 opens) is never answered.
     calls = _stall_first(monkeypatch, "FetchMomentum")
     config = tiny_config(num_honest=2, rounds=2, eval_every=2, round_deadline=4.0)
@@ -272,10 +290,13 @@ def test_a_call_gets_the_time_left_in_its_round_plus_the_margin_and_never_less_t
     assert timeout(0) == 65.0  # no deadline announced: one round
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"metrics_port": 70000}, "metrics_port must be None or a port in 0..65535, got 70000"),
-    ({"deadline_margin": 0.0}, "deadline_margin must be a positive number of seconds, got 0.0"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"metrics_port": 70000}, "metrics_port must be None or a port in 0..65535, got 70000"),
+        ({"deadline_margin": 0.0}, "deadline_margin must be a positive number of seconds, got 0.0"),
+    ],
+)
 def test_bad_worker_settings_are_refused_naming_the_value(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WorkerSettings(coordinator="127.0.0.1:1", worker_id=0, token="t", **changes)

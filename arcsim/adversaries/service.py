@@ -16,14 +16,13 @@ from collections.abc import Awaitable, Callable
 import grpc
 import torch
 
-from arcsim.transport import codec
 from arcsim.config import RunConfig
-from arcsim.v1 import coordinator_pb2 as pb
+from arcsim.engine.byzantine import ByzantineWorker, Crafter
 from arcsim.roles import Role
+from arcsim.transport import codec
+from arcsim.v1 import coordinator_pb2 as pb
 from arcsim.workers.metrics import WorkerMetrics
 from arcsim.workers.service import Participant, Session, WorkerSettings
-
-from arcsim.engine.byzantine import ByzantineWorker, Crafter
 
 log = logging.getLogger("arcsim.adversary")
 
@@ -88,8 +87,7 @@ class AdversaryParticipant(Participant):
         self._momentum: torch.Tensor | None = None
 
     def setup(self, config: RunConfig, device: torch.device) -> None:
-        self.worker = ByzantineWorker(config, self.worker_id, device=device,
-                                      crafter=self.collusion.crafter_for(config))
+        self.worker = ByzantineWorker(config, self.worker_id, device=device, crafter=self.collusion.crafter_for(config))
         self.worker.set_momentum(self._momentum)
 
     def set_momentum(self, momentum: torch.Tensor | None) -> None:
@@ -108,16 +106,23 @@ class AdversaryParticipant(Participant):
             reader = codec.ObserveEventReader(max_bytes=d * 4, expected_shape=(d,), expected_dtype="float32")
             vectors = {}
             try:
-                async for event in stub.Observe(pb.ObserveRequest(worker_id=self.worker_id, round=round_),
-                                                metadata=self.metadata, timeout=self.round_timeout):
+                async for event in stub.Observe(
+                    pb.ObserveRequest(worker_id=self.worker_id, round=round_),
+                    metadata=self.metadata,
+                    timeout=self.round_timeout,
+                ):
                     item = reader.feed(event)
                     if item is not None:
                         vectors[item.worker_id] = item.vector
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _SIT_OUT:
                     raise
-                log.warning("round %d: nothing observed (%s: %s); sitting the round out", round_,
-                            error.code().name, error.details())
+                log.warning(
+                    "round %d: nothing observed (%s: %s); sitting the round out",
+                    round_,
+                    error.code().name,
+                    error.details(),
+                )
                 return None
             reader.finish()
             if not vectors:  # no honest vector arrived before the observation cut-off
@@ -131,8 +136,9 @@ class AdversaryParticipant(Participant):
         return matrix[worker.index].clone(), float("nan")
 
 
-async def run_adversary(settings: WorkerSettings, collusion: Collusion | None = None, *,
-                        metrics: WorkerMetrics | None = None) -> str:
+async def run_adversary(
+    settings: WorkerSettings, collusion: Collusion | None = None, *, metrics: WorkerMetrics | None = None
+) -> str:
     """One Byzantine id; ``metrics``: shared with the other ids of this process (default: its own)."""
     return await Session(settings, AdversaryParticipant(collusion), metrics=metrics).run()
 
@@ -148,8 +154,9 @@ async def run_adversaries(settings: list[WorkerSettings]) -> list[str]:
         raise ValueError("run_adversaries needs the settings of at least one Byzantine id")
     endpoints = {(s.metrics_port, s.metrics_host) for s in settings}
     if len(endpoints) != 1:
-        raise ValueError("the ids of one adversary process share one /metrics endpoint, got "
-                         f"{sorted(endpoints, key=str)}")
+        raise ValueError(
+            f"the ids of one adversary process share one /metrics endpoint, got {sorted(endpoints, key=str)}"
+        )
     port, host = endpoints.pop()
     metrics = WorkerMetrics(role=Role.BYZANTINE, device=resolve_device(settings[0].device))
     if port is not None:

@@ -14,11 +14,18 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
-                               ProcessCollector, start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from arcsim import __version__
-
 from arcsim.engine.rounds import RoundRecord
 from arcsim.roles import ROLES, Role
 
@@ -99,42 +106,63 @@ class CoordinatorMetrics:
         self.build_info = Info("arcsim_build", "The arcsim version serving these metrics.", registry=r)
         self.build_info.info({"version": __version__})
         # A gauge rather than an Info, so that it exports nothing until a run is set (no unlabelled 1).
-        self.run_info = Gauge("arcsim_run_info",
-                              "The run's experiment: task, pipeline, attack, n workers, f Byzantine ones.",
-                              list(_RUN_LABELS), registry=r)
+        self.run_info = Gauge(
+            "arcsim_run_info",
+            "The run's experiment: task, pipeline, attack, n workers, f Byzantine ones.",
+            list(_RUN_LABELS),
+            registry=r,
+        )
         if config is not None:
             self.set_run(config)
-        self.round = Gauge("arcsim_round", "The next round to run: rounds completed in this run, resumes included.",
-                           registry=r)
+        self.round = Gauge(
+            "arcsim_round", "The next round to run: rounds completed in this run, resumes included.", registry=r
+        )
         # A counter beside the gauge, so that rates and increases are well defined across restarts.
-        self.rounds_completed = Counter("arcsim_rounds_completed_total",
-                                        "Rounds completed by this coordinator process.", registry=r)
-        self.round_duration = Histogram("arcsim_round_duration_seconds",
-                                        "Time from a round's opening to its aggregate being applied.",
-                                        buckets=_ROUND_BUCKETS, registry=r)
-        self.stage_duration = Histogram("arcsim_pipeline_stage_duration_seconds",
-                                        "Time spent in each stage of the robust pipeline, per round.", ["stage"],
-                                        buckets=_STAGE_BUCKETS, registry=r)
+        self.rounds_completed = Counter(
+            "arcsim_rounds_completed_total", "Rounds completed by this coordinator process.", registry=r
+        )
+        self.round_duration = Histogram(
+            "arcsim_round_duration_seconds",
+            "Time from a round's opening to its aggregate being applied.",
+            buckets=_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "arcsim_pipeline_stage_duration_seconds",
+            "Time spent in each stage of the robust pipeline, per round.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
         self.submissions = Counter("arcsim_submissions_total", "Vectors accepted, by role.", ["role"], registry=r)
-        self.rejected = Counter("arcsim_submissions_rejected_total", "Submissions rejected, by reason.", ["reason"],
-                                registry=r)
-        self.connected = Gauge("arcsim_workers_connected", "Workers with an open round stream, by role.", ["role"],
-                               registry=r)
-        self.clip_threshold = Gauge("arcsim_clip_threshold",
-                                    "Clip threshold of the last round (ARC's C), a vector norm.", registry=r)
-        self.clipped = Counter("arcsim_clipped_vectors_total", "Vectors changed by clipping, by role.", ["role"],
-                               registry=r)
-        self.vector_norm = Histogram("arcsim_vector_norm", "Norms of the vectors received, by role.", ["role"],
-                                     buckets=_NORM_BUCKETS, registry=r)
-        self.aggregate_error = Gauge("arcsim_aggregate_error",
-                                     "||aggregate - mean of the honest vectors|| of the last round.", registry=r)
-        self.test_accuracy = Gauge("arcsim_test_accuracy_ratio", "Test accuracy (0 to 1) at the last evaluation.",
-                                   registry=r)
+        self.rejected = Counter(
+            "arcsim_submissions_rejected_total", "Submissions rejected, by reason.", ["reason"], registry=r
+        )
+        self.connected = Gauge(
+            "arcsim_workers_connected", "Workers with an open round stream, by role.", ["role"], registry=r
+        )
+        self.clip_threshold = Gauge(
+            "arcsim_clip_threshold", "Clip threshold of the last round (ARC's C), a vector norm.", registry=r
+        )
+        self.clipped = Counter(
+            "arcsim_clipped_vectors_total", "Vectors changed by clipping, by role.", ["role"], registry=r
+        )
+        self.vector_norm = Histogram(
+            "arcsim_vector_norm", "Norms of the vectors received, by role.", ["role"], buckets=_NORM_BUCKETS, registry=r
+        )
+        self.aggregate_error = Gauge(
+            "arcsim_aggregate_error", "||aggregate - mean of the honest vectors|| of the last round.", registry=r
+        )
+        self.test_accuracy = Gauge(
+            "arcsim_test_accuracy_ratio", "Test accuracy (0 to 1) at the last evaluation.", registry=r
+        )
         self.test_loss = Gauge("arcsim_test_loss", "Test loss at the last evaluation.", registry=r)
-        self.train_loss = Gauge("arcsim_train_loss", "Mean training loss of the honest workers, last round.",
-                                registry=r)
-        self.received_bytes = Counter("arcsim_received_bytes_total", "Payload bytes of the vectors accepted.",
-                                      registry=r)
+        self.train_loss = Gauge(
+            "arcsim_train_loss", "Mean training loss of the honest workers, last round.", registry=r
+        )
+        self.received_bytes = Counter(
+            "arcsim_received_bytes_total", "Payload bytes of the vectors accepted.", registry=r
+        )
         for role in ROLES:  # export every series from the start, so dashboards show zeros, not gaps
             self.submissions.labels(role)
             self.connected.labels(role)
@@ -146,8 +174,13 @@ class CoordinatorMetrics:
     def set_run(self, config: RunConfig) -> None:
         """Label ``arcsim_run_info`` with the run's experiment (n counts every worker, f the Byzantine ones)."""
         self.run_info.clear()  # one run per coordinator: a second call replaces the first, never adds to it
-        self.run_info.labels(task=config.task, pipeline=config.pipeline, attack=config.attack,
-                             n=str(config.num_workers), f=str(config.num_byzantine)).set(1)
+        self.run_info.labels(
+            task=config.task,
+            pipeline=config.pipeline,
+            attack=config.attack,
+            n=str(config.num_workers),
+            f=str(config.num_byzantine),
+        ).set(1)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics over HTTP on its own port; returns the port bound (useful with port 0).

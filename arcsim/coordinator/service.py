@@ -39,17 +39,16 @@ except ImportError:  # pragma: no cover
     reflection = None
 
 from arcsim.attacks import is_data_attack
-from arcsim.transport import codec, wire
-from arcsim.transport.auth import ANY_ID, TokenBook, token_from_metadata
-from arcsim.transport.channels import REASON_METADATA_KEY, server_options
 from arcsim.config import RunConfig
-from arcsim.v1 import coordinator_pb2 as pb
-from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
-from arcsim.transport.wire import SERVICE_NAME
-
 from arcsim.coordinator.metrics import CoordinatorMetrics
 from arcsim.engine.rounds import RoundRecord, RunState
 from arcsim.roles import Role
+from arcsim.transport import codec, wire
+from arcsim.transport.auth import ANY_ID, TokenBook, token_from_metadata
+from arcsim.transport.channels import REASON_METADATA_KEY, server_options
+from arcsim.transport.wire import SERVICE_NAME
+from arcsim.v1 import coordinator_pb2 as pb
+from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("arcsim.coordinator")
 
@@ -152,14 +151,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.quorum = settings.quorum or self.config.num_workers
         # The quorum and the observe cutoff change results (which vectors a round aggregates, which honest
         # vectors the adversaries see): --resume must continue with the ones the run started with.
-        self.state = RunState(settings.config, settings.out_dir, resume=settings.resume, device=settings.device,
-                              background_checkpoints=True,
-                              run_settings={"quorum": self.quorum, "observe_cutoff": settings.observe_cutoff},
-                              legacy_run_settings={"quorum": self.config.num_workers, "observe_cutoff": 0.5})
+        self.state = RunState(
+            settings.config,
+            settings.out_dir,
+            resume=settings.resume,
+            device=settings.device,
+            background_checkpoints=True,
+            run_settings={"quorum": self.quorum, "observe_cutoff": settings.observe_cutoff},
+            legacy_run_settings={"quorum": self.config.num_workers, "observe_cutoff": 0.5},
+        )
         self.metrics = CoordinatorMetrics(config=self.config)
         self.metrics.round.set(self.state.round)
-        self.tokens = TokenBook(settings.secret, num_honest=self.config.num_honest,
-                                num_byzantine=self.config.num_byzantine)
+        self.tokens = TokenBook(
+            settings.secret, num_honest=self.config.num_honest, num_byzantine=self.config.num_byzantine
+        )
         # Whether the Byzantine workers craft their vectors from the honest ones (Observe), as every attack
         # but the data attacks (label flipping) does.
         self._observers = self.config.num_byzantine > 0 and not is_data_attack(self.config.attack)
@@ -187,14 +192,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, int]:
         owner = self.tokens.owner(token_from_metadata(context.invocation_metadata()))
         if owner is None:
-            raise self._reject("unauthenticated", grpc.StatusCode.UNAUTHENTICATED,
-                               "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+            raise self._reject(
+                "unauthenticated",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown bearer token (metadata 'authorization: Bearer <token>')",
+            )
         return owner
 
     def _check_worker(self, owner: tuple[str, int], worker_id: int) -> None:
         if owner[1] != worker_id:
-            raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
-                               f"these credentials belong to worker {owner[1]}, not worker {worker_id}")
+            raise self._reject(
+                "permission_denied",
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"these credentials belong to worker {owner[1]}, not worker {worker_id}",
+            )
 
     @contextlib.asynccontextmanager
     async def _subscription(self, kind: str, worker_id: int, context: grpc.aio.ServicerContext):
@@ -206,8 +217,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         except asyncio.CancelledError:
             if not self._streams.was_replaced():
                 raise  # the client went away, or the server is stopping
-            error = self._reject("subscription_replaced", grpc.StatusCode.ABORTED,
-                                 f"replaced by a newer {kind} stream of worker {worker_id}")
+            error = self._reject(
+                "subscription_replaced",
+                grpc.StatusCode.ABORTED,
+                f"replaced by a newer {kind} stream of worker {worker_id}",
+            )
             await error.abort(context)
         finally:
             self._streams.close(kind, worker_id)
@@ -220,23 +234,34 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if self._ended is not None:  # before an id is assigned or reserved
                 raise Rejection(grpc.StatusCode.FAILED_PRECONDITION, "ended", f"the run has ended ({self._ended})")
             if request.role not in _ROLE_NAMES:
-                raise self._reject("malformed", grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"role must be HONEST or BYZANTINE, got {request.role}")
+                raise self._reject(
+                    "malformed",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"role must be HONEST or BYZANTINE, got {request.role}",
+                )
             if _ROLE_NAMES[request.role] != owner[0]:
-                raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
-                                   f"these credentials are for role {owner[0]}, not role {request.role}")
+                raise self._reject(
+                    "permission_denied",
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"these credentials are for role {owner[0]}, not role {request.role}",
+                )
             if owner[1] == ANY_ID:
                 if request.worker_id != ANY_ID:
-                    raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
-                                       f"a role token only asks for an id (worker_id {ANY_ID}), "
-                                       f"not for worker {request.worker_id}")
+                    raise self._reject(
+                        "permission_denied",
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"a role token only asks for an id (worker_id {ANY_ID}), not for worker {request.worker_id}",
+                    )
                 worker_id = self._assign_id(owner[0])
                 token = self.tokens.token_for(owner[0], worker_id)
             else:
                 worker_id = request.worker_id
                 if not 0 <= worker_id < self.config.num_workers:
-                    raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}")
+                    raise self._reject(
+                        "unknown_worker",
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}",
+                    )
                 self._check_worker(owner, worker_id)
                 # Reserved as if assigned: a worker joining with a role token meanwhile must not get this id
                 # before this worker subscribes to its rounds.
@@ -246,23 +271,33 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.joined.add(worker_id)
         momentum = self.state.last_vectors.get(worker_id)
         log.info(json.dumps({"event": "join", "worker_id": worker_id, "role": owner[0], "assigned": bool(token)}))
-        return pb.JoinReply(run_id=self.run_id, config_yaml=self.config.to_yaml(),
-                            num_parameters=self.state.num_parameters, current_round=self.state.round,
-                            chunk_bytes=self.settings.chunk_bytes, has_momentum=momentum is not None,
-                            worker_id=worker_id, token=token)
+        return pb.JoinReply(
+            run_id=self.run_id,
+            config_yaml=self.config.to_yaml(),
+            num_parameters=self.state.num_parameters,
+            current_round=self.state.round,
+            chunk_bytes=self.settings.chunk_bytes,
+            has_momentum=momentum is not None,
+            worker_id=worker_id,
+            token=token,
+        )
 
     def _assign_id(self, role: str) -> int:
         """The first id of ``role`` that nobody follows and that was not handed out recently."""
-        ids = range(self.config.num_honest) if role == Role.HONEST else range(self.config.num_honest,
-                                                                          self.config.num_workers)
+        ids = (
+            range(self.config.num_honest)
+            if role == Role.HONEST
+            else range(self.config.num_honest, self.config.num_workers)
+        )
         now = time.monotonic()
         for worker_id in ids:
             if worker_id in self.subscribed or now - self._handed_out.get(worker_id, -1e9) < ASSIGNMENT_GRACE:
                 continue
             self._handed_out[worker_id] = now
             return worker_id
-        raise self._reject("no_free_id", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"every {role} worker id is taken; waiting as a spare")
+        raise self._reject(
+            "no_free_id", grpc.StatusCode.RESOURCE_EXHAUSTED, f"every {role} worker id is taken; waiting as a spare"
+        )
 
     async def FetchMomentum(self, request: pb.FetchMomentumRequest, context: grpc.aio.ServicerContext):
         try:
@@ -305,14 +340,16 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         while True:
             async with self._changed:
                 await self._changed.wait_for(
-                    lambda: self._ended is not None or (self._round is not None and self._round.number > sent))
+                    lambda: self._ended is not None or (self._round is not None and self._round.number > sent)
+                )
                 current, events, ended = self._round, self._events, self._ended
             if current is not None and current.number > sent and not current.closed:
                 skip_params = request.have_params and current.number == request.from_round
                 for event in events[:1] if skip_params else events:
                     if skip_params:
-                        event = pb.RoundEvent(round_start=pb.RoundStart(
-                            round=current.number, deadline_unix_ms=current.deadline_unix_ms))
+                        event = pb.RoundEvent(
+                            round_start=pb.RoundStart(round=current.number, deadline_unix_ms=current.deadline_unix_ms)
+                        )
                     await context.write(event)
                 sent = current.number
                 continue
@@ -327,8 +364,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         try:
             owner = self._caller(context)
             submitter = self._claim(owner[1])
-            reader = codec.VectorReader(max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,),
-                                          expected_dtype="float32")
+            reader = codec.VectorReader(
+                max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,), expected_dtype="float32"
+            )
             claimed: OpenRound | None = None  # the open round, once the sender may submit to it
             received = 0
             try:
@@ -340,8 +378,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                             raise codec.CodecError("malformed", message.error)
                         size = message.nbytes if isinstance(message, memoryview) else len(message.data)
                         if size > self.max_bytes:
-                            raise codec.CodecError("oversized", f"one message carries {size} bytes, more than a "
-                                                                f"whole vector ({self.max_bytes})")
+                            raise codec.CodecError(
+                                "oversized",
+                                f"one message carries {size} bytes, more than a whole vector ({self.max_bytes})",
+                            )
                         received += size
                         if claimed is None and not isinstance(message, memoryview):  # memoryview: data only
                             # The first message names the sender and the round: check them before decoding.
@@ -352,11 +392,17 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             except codec.CodecError as error:
                 if claimed is not None and not claimed.closed:
                     self._answered(claimed, owner[1])  # a refused vector still answers the round
-                raise self._reject(error.reason if error.reason in _CODEC_REASONS else "malformed",
-                                   CODEC_STATUS[error.reason], str(error)) from None
+                raise self._reject(
+                    error.reason if error.reason in _CODEC_REASONS else "malformed",
+                    CODEC_STATUS[error.reason],
+                    str(error),
+                ) from None
             except TimeoutError:
-                raise self._reject("stalled", grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   "the submission was not complete when its round's deadline passed") from None
+                raise self._reject(
+                    "stalled",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the submission was not complete when its round's deadline passed",
+                ) from None
             worker_id, round_ = reader.worker_id, reader.round
             self._check_submission(owner, worker_id, round_)  # again: the round may have closed meanwhile
         except Rejection as error:
@@ -378,8 +424,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _claim(self, worker_id: int) -> int:
         """Take ``worker_id``'s one submission slot, before a message of the stream is read."""
         if worker_id in self._submitting:
-            raise self._reject("concurrent_submission", grpc.StatusCode.ABORTED,
-                               f"worker {worker_id} already has a submission in progress")
+            raise self._reject(
+                "concurrent_submission",
+                grpc.StatusCode.ABORTED,
+                f"worker {worker_id} already has a submission in progress",
+            )
         self._submitting.add(worker_id)
         return worker_id
 
@@ -404,37 +453,50 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _check_submission(self, owner: tuple[str, int], worker_id: int, round_: int) -> None:
         if not 0 <= worker_id < self.config.num_workers:
-            raise self._reject("unknown_worker", grpc.StatusCode.INVALID_ARGUMENT,
-                               f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}")
+            raise self._reject(
+                "unknown_worker",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}",
+            )
         self._check_worker(owner, worker_id)
         if worker_id not in self.joined:
-            raise self._reject("not_joined", grpc.StatusCode.FAILED_PRECONDITION,
-                               f"worker {worker_id} has not joined the run")
+            raise self._reject(
+                "not_joined", grpc.StatusCode.FAILED_PRECONDITION, f"worker {worker_id} has not joined the run"
+            )
         current = self._round
         if current is None or current.closed or round_ < current.number:
             open_round = "none" if current is None or current.closed else str(current.number)
-            raise self._reject("stale_round", grpc.StatusCode.FAILED_PRECONDITION,
-                               f"round {round_} is not open (open round: {open_round})")
+            raise self._reject(
+                "stale_round",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {round_} is not open (open round: {open_round})",
+            )
         if round_ > current.number:
-            raise self._reject("future_round", grpc.StatusCode.FAILED_PRECONDITION,
-                               f"round {round_} has not started (open round: {current.number})")
+            raise self._reject(
+                "future_round",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {round_} has not started (open round: {current.number})",
+            )
         if worker_id in current.vectors:
-            raise self._reject("duplicate", grpc.StatusCode.ALREADY_EXISTS,
-                               f"worker {worker_id} already submitted a vector for round {round_}")
+            raise self._reject(
+                "duplicate",
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"worker {worker_id} already submitted a vector for round {round_}",
+            )
 
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext):
         try:
             owner = self._caller(context)
             self._check_worker(owner, request.worker_id)
             if owner[0] != Role.BYZANTINE:
-                raise self._reject("permission_denied", grpc.StatusCode.PERMISSION_DENIED,
-                                   "Observe is only for adversary credentials")
+                raise self._reject(
+                    "permission_denied", grpc.StatusCode.PERMISSION_DENIED, "Observe is only for adversary credentials"
+                )
         except Rejection as error:
             await error.abort(context)
         current = self._round
         if current is None or current.closed or current.number != request.round:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"round {request.round} is not the open round")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not the open round")
         cutoff = self.config.round_deadline * self.settings.observe_cutoff
         wait = current.deadline - time.monotonic() - (self.config.round_deadline - cutoff)
         async with self._subscription("Observe", request.worker_id, context):
@@ -454,12 +516,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             try:
                 await asyncio.wait_for(self._wait_any(self._all_subscribed.wait()), self.settings.join_timeout)
             except TimeoutError:
-                log.warning("round %d starts with %d of %d workers subscribed", self.state.round,
-                            len(self.subscribed), self.config.num_workers)
+                log.warning(
+                    "round %d starts with %d of %d workers subscribed",
+                    self.state.round,
+                    len(self.subscribed),
+                    self.config.num_workers,
+                )
         while not self.state.done and not self._stop.is_set():
             current = OpenRound(self.state.round, self.config.round_deadline)
-            events = wire.round_stream(self.state.params, round=current.number,
-                                       deadline_unix_ms=current.deadline_unix_ms, chunk_bytes=self.settings.chunk_bytes)
+            events = wire.round_stream(
+                self.state.params,
+                round=current.number,
+                deadline_unix_ms=current.deadline_unix_ms,
+                chunk_bytes=self.settings.chunk_bytes,
+            )
             async with self._changed:
                 self._round, self._events = current, events
                 self._changed.notify_all()
@@ -467,20 +537,33 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             try:
                 await asyncio.wait_for(self._wait_any(current.quorum_reached.wait()), timeout)
             except TimeoutError:
-                log.warning("round %d: deadline passed with %d of %d vectors", current.number,
-                            len(current.vectors), self.config.num_workers)
+                log.warning(
+                    "round %d: deadline passed with %d of %d vectors",
+                    current.number,
+                    len(current.vectors),
+                    self.config.num_workers,
+                )
             current.closed = True
             current.honest_complete.set()  # release any Observe still waiting
             if self._stop.is_set() and not current.quorum_reached.is_set():
                 # Stopped mid-round: aggregating the part that arrived would make the result depend on
                 # when the signal came. The round stays unapplied; a resumed run opens it again.
-                log.warning("round %d abandoned by the stop (%d of %d vectors in)", current.number,
-                            len(current.vectors), self.config.num_workers)
+                log.warning(
+                    "round %d abandoned by the stop (%d of %d vectors in)",
+                    current.number,
+                    len(current.vectors),
+                    self.config.num_workers,
+                )
                 break
             closing = loop.run_in_executor(
-                None, lambda: self.state.close_round(dict(current.vectors), train_losses=dict(current.losses),
-                                                     opened_at=current.opened_at,
-                                                     refused=len(current.answered - current.vectors.keys())))
+                None,
+                lambda: self.state.close_round(
+                    dict(current.vectors),
+                    train_losses=dict(current.losses),
+                    opened_at=current.opened_at,
+                    refused=len(current.answered - current.vectors.keys()),
+                ),
+            )
             try:
                 record: RoundRecord = await asyncio.shield(closing)
             except asyncio.CancelledError:
@@ -489,9 +572,17 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 await asyncio.wait({closing})
                 raise
             self.metrics.observe_round(record)
-            log.info(json.dumps({"event": "round", "round": record.round, "accuracy": record.accuracy,
-                                 "clip_threshold": record.clip_threshold,
-                                 "received": record.received_honest + record.received_byzantine}))
+            log.info(
+                json.dumps(
+                    {
+                        "event": "round",
+                        "round": record.round,
+                        "accuracy": record.accuracy,
+                        "clip_threshold": record.clip_threshold,
+                        "received": record.received_honest + record.received_byzantine,
+                    }
+                )
+            )
         return "completed" if self.state.done else "stopped"
 
     async def _wait_any(self, awaitable) -> None:
@@ -540,8 +631,17 @@ CODEC_STATUS: dict[str, grpc.StatusCode] = {
     "checksum": grpc.StatusCode.DATA_LOSS,
 }
 # Codec reasons counted under their own name; any other is counted as "malformed".
-_CODEC_REASONS = {"missing_header", "unexpected_header", "bad_dtype", "bad_shape", "size_mismatch", "oversized",
-                  "truncated", "checksum", "non_finite"}
+_CODEC_REASONS = {
+    "missing_header",
+    "unexpected_header",
+    "bad_dtype",
+    "bad_shape",
+    "size_mismatch",
+    "oversized",
+    "truncated",
+    "checksum",
+    "non_finite",
+}
 
 
 async def serve(settings: CoordinatorSettings) -> dict:
@@ -550,8 +650,11 @@ async def serve(settings: CoordinatorSettings) -> dict:
     # gRPC refuses a message above its receive limit before the service sees it, and the service then
     # sees the stream end as if the client had stopped sending: the limit is twice the vector, so that a
     # message too large to be right but below it is refused here as "oversized", with its reason.
-    server = grpc.aio.server(options=server_options(2 * coordinator.max_bytes + (1 << 16),
-                                                  max_concurrent_streams=settings.max_concurrent_streams))
+    server = grpc.aio.server(
+        options=server_options(
+            2 * coordinator.max_bytes + (1 << 16), max_concurrent_streams=settings.max_concurrent_streams
+        )
+    )
     wire.add_coordinator_to_server(coordinator, server)
     health_servicer = None
     if health is not None:
@@ -575,8 +678,13 @@ async def serve(settings: CoordinatorSettings) -> dict:
             raise
     await server.start()
     await _set_health(health_servicer, serving=True)
-    endpoint = {"host": settings.host, "port": port, "metrics_port": metrics_port, "pid": os.getpid(),
-                "run_id": coordinator.run_id}
+    endpoint = {
+        "host": settings.host,
+        "port": port,
+        "metrics_port": metrics_port,
+        "pid": os.getpid(),
+        "run_id": coordinator.run_id,
+    }
     tmp = settings.out_dir / "coordinator.json.tmp"
     tmp.write_text(json.dumps(endpoint))
     tmp.replace(settings.out_dir / "coordinator.json")

@@ -34,8 +34,12 @@ class Crafter:
             return self._cache[1]
         config = self.config
         vectors = craft(
-            config.attack, honest, num_byzantine=config.num_byzantine, num_workers=config.num_workers,
-            aggregate=lambda x: self._pipeline(x)[0], generator=generator(config.seed, "attack", round_),
+            config.attack,
+            honest,
+            num_byzantine=config.num_byzantine,
+            num_workers=config.num_workers,
+            aggregate=lambda x: self._pipeline(x)[0],
+            generator=generator(config.seed, "attack", round_),
             **config.attack_params,
         )
         self._cache = (round_, vectors)
@@ -64,12 +68,17 @@ class ByzantineWorker:
         self.trainer: HonestWorker | None = None
         self.last_loss = float("nan")
         if not self.needs_observation:
-            dataset = dataset if dataset is not None else load_dataset(config.task, root=config.data_root,
-                                                                      seed=config.seed)
+            dataset = (
+                dataset if dataset is not None else load_dataset(config.task, root=config.data_root, seed=config.seed)
+            )
             self.trainer = HonestWorker(
-                config, worker_id, shard_index=self.index % config.num_honest,
+                config,
+                worker_id,
+                shard_index=self.index % config.num_honest,
                 label_map=label_map(config.attack, num_classes=dataset.num_classes, **config.attack_params),
-                device=device, dataset=dataset, shard_list=shard_list,
+                device=device,
+                dataset=dataset,
+                shard_list=shard_list,
             )
         self.crafter = crafter if crafter is not None else Crafter(config)
 

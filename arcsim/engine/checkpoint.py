@@ -55,8 +55,7 @@ class Checkpoint:
     tensors: dict[str, Tensor]
 
 
-def save(folder: Path, name: str, values: Mapping[str, Any], tensors: Mapping[str, Tensor], *,
-         keep: int = 2) -> Path:
+def save(folder: Path, name: str, values: Mapping[str, Any], tensors: Mapping[str, Tensor], *, keep: int = 2) -> Path:
     """Atomically write the checkpoint ``folder/name`` (``round-XXXXXXXX.safetensors``) and prune all
     but the newest ``keep``. ``values`` must be JSON data; ``tensors`` CPU tensors of the dtypes the
     wire carries (float32, float64, float16, bfloat16), never modified while this runs."""
@@ -123,8 +122,9 @@ def _crc(values_json: str, tensors: Mapping[str, Tensor]) -> int:
     """CRC-32 of everything a checkpoint holds: a flip in any name, dtype, shape, value or tensor byte
     changes it (the safetensors header itself has no checksum)."""
     names = sorted(tensors)
-    layout = json.dumps([[key, DTYPE_NAMES.get(tensors[key].dtype, str(tensors[key].dtype)),
-                          list(tensors[key].shape)] for key in names])
+    layout = json.dumps(
+        [[key, DTYPE_NAMES.get(tensors[key].dtype, str(tensors[key].dtype)), list(tensors[key].shape)] for key in names]
+    )
     crc = checksum(f"{FORMAT}\n{values_json}\n{layout}\n".encode())
     for key in names:
         crc = checksum(tensor_to_bytes(tensors[key]), crc)
@@ -176,7 +176,8 @@ def load_latest(folder: Path) -> tuple[Checkpoint | None, list[str]]:
             f"{folder} holds checkpoints of arcsim's earlier format ({', '.join(old)})"
             + (f" and no usable {SUFFIX} one ({len(skipped)} skipped)" if skipped else f" and no {SUFFIX} one")
             + f": this version reads round-XXXXXXXX{SUFFIX} only; finish that run with the arcsim version "
-            "that wrote it, or start it again in a new folder")
+            "that wrote it, or start it again in a new folder"
+        )
     return None, skipped
 
 

@@ -14,8 +14,9 @@ class Evaluator:
 
     def __init__(self, config: RunConfig, dataset: Dataset, *, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.model = build_model(config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                                 seed=config.seed).to(self.device)
+        self.model = build_model(
+            config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed
+        ).to(self.device)
         self.model.eval()
         self.loss = model_loss(config.model)  # the model declares it: F.nll_loss for the built-ins
         self._params = list(self.model.parameters())

@@ -39,8 +39,9 @@ def build_task_model(config: RunConfig, dataset: Dataset) -> torch.nn.Module:
 
 def shards(config: RunConfig, dataset: Dataset) -> list[Tensor]:
     """The honest workers' shards: every process derives the same ones from (dataset, partitioner, seed)."""
-    return partition(dataset.train_y, num_workers=config.num_honest, method=config.partitioner,
-                     alpha=config.alpha, seed=config.seed)
+    return partition(
+        dataset.train_y, num_workers=config.num_honest, method=config.partitioner, alpha=config.alpha, seed=config.seed
+    )
 
 
 class HonestWorker:

@@ -18,12 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from arcsim.engine.byzantine import ByzantineWorker, Crafter
 from arcsim.config import RunConfig
-from arcsim.tasks import load_dataset
+from arcsim.engine.byzantine import ByzantineWorker, Crafter
 from arcsim.engine.honest import BatchedWorkers, HonestWorker, shards
-
 from arcsim.engine.rounds import RoundRecord, RunState
+from arcsim.tasks import load_dataset
 
 log = logging.getLogger("arcsim.inproc")
 
@@ -53,11 +52,14 @@ def run_inproc(
     state = RunState(config, out_dir, resume=resume, device=device, checkpoint_seconds=checkpoint_seconds)
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
     shard_list = shards(config, dataset)
-    honest = [HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)
-              for i in range(config.num_honest)]
+    honest = [
+        HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list) for i in range(config.num_honest)
+    ]
     crafter = Crafter(config)  # the Byzantine workers collude: one crafted matrix per round
-    byzantine = [ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
-                 for i in range(config.num_honest, config.num_workers)]
+    byzantine = [
+        ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
+        for i in range(config.num_honest, config.num_workers)
+    ]
     for worker in (*honest, *byzantine):
         worker.set_momentum(state.last_vectors.get(worker.worker_id))
     batched = BatchedWorkers(honest) if batch_workers else None
@@ -66,7 +68,7 @@ def run_inproc(
     except BaseException:
         try:
             state.flush_checkpoint()
-        except Exception as error:  # keep the original exception; the previous checkpoint stays the newest
+        except Exception as error:  # noqa: BLE001 - keep the original exception; the previous checkpoint stays
             log.warning("could not write a checkpoint while stopping: %s", error)
         raise
     return state.summary(engine="inproc")
@@ -83,8 +85,9 @@ def reuse_freed_memory(*, mmap_threshold: int = 32 << 20, trim_threshold: int = 
     serves blocks that large with ``mmap`` and unmaps them when freed, so each round pays page faults
     and the zeroing of fresh pages again. With ``M_MMAP_THRESHOLD`` = 32 MiB (glibc's largest default
     threshold) and ``M_TRIM_THRESHOLD`` = 256 MiB they come from the heap and are reused, and a round
-    of configs/default.yaml costs less CPU time (docs/benchmarks.md, "In-process engine"). Only where the memory comes from changes, never a computed bit (torch aligns
-    its buffers itself). Returns False, changing nothing, where the C library is not glibc.
+    of configs/default.yaml costs less CPU time (docs/benchmarks.md, "In-process engine"). Only where
+    the memory comes from changes, never a computed bit (torch aligns its buffers itself). Returns
+    False, changing nothing, where the C library is not glibc.
 
     >>> reuse_freed_memory() in (True, False)
     True
@@ -94,7 +97,8 @@ def reuse_freed_memory(*, mmap_threshold: int = 32 << 20, trim_threshold: int = 
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -105,8 +109,13 @@ def _all_finite(v: Tensor) -> bool:
     return bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())
 
 
-def _loop(state: RunState, honest: list[HonestWorker], byzantine: list[ByzantineWorker],
-          batched: BatchedWorkers | None, on_round: Callable[[RunState, RoundRecord], None] | None) -> None:
+def _loop(
+    state: RunState,
+    honest: list[HonestWorker],
+    byzantine: list[ByzantineWorker],
+    batched: BatchedWorkers | None,
+    on_round: Callable[[RunState, RoundRecord], None] | None,
+) -> None:
     while not state.done:
         t = state.round
         opened_at = time.perf_counter()

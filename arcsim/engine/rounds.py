@@ -31,12 +31,12 @@ the record then holds only ``clipped_rows`` and ``clipped_honest``/``clipped_byz
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,16 +44,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from arcsim.tensorbytes import tensor_to_bytes
+from arcsim import roles
 from arcsim.config import RunConfig
+from arcsim.engine import checkpoint
+from arcsim.engine.evaluation import Evaluator
 from arcsim.robust import build_pipeline
+from arcsim.roles import Role
 from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
-
-from arcsim.engine import checkpoint
-from arcsim import roles
-from arcsim.engine.evaluation import Evaluator
-from arcsim.roles import Role
+from arcsim.tensorbytes import tensor_to_bytes
 
 log = logging.getLogger("arcsim.coordinator")
 
@@ -105,10 +104,18 @@ def role_of(config: RunConfig, worker_id: int) -> Role:
 class RunState:
     """Parameters, round counter and the last vector of every worker, with checkpoints in ``out_dir``."""
 
-    def __init__(self, config: RunConfig, out_dir: Path, *, resume: bool = False, device: str = "cpu",
-                 checkpoint_seconds: float = 0.0, background_checkpoints: bool = False,
-                 run_settings: Mapping[str, Any] | None = None,
-                 legacy_run_settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: Path,
+        *,
+        resume: bool = False,
+        device: str = "cpu",
+        checkpoint_seconds: float = 0.0,
+        background_checkpoints: bool = False,
+        run_settings: Mapping[str, Any] | None = None,
+        legacy_run_settings: Mapping[str, Any] | None = None,
+    ) -> None:
         """``run_settings``: values beyond the config that change results (the gRPC coordinator's quorum
         and observe cutoff), stored in every checkpoint and in summary.json; ``--resume`` refuses a
         checkpoint written with other ones. ``legacy_run_settings``: the settings a checkpoint written
@@ -158,8 +165,14 @@ class RunState:
         return role_of(self.config, worker_id)
 
     # --- one round ------------------------------------------------------------------------------
-    def close_round(self, vectors: dict[int, Tensor], *, train_losses: dict[int, float] | None = None,
-                    opened_at: float | None = None, refused: int = 0) -> RoundRecord:
+    def close_round(
+        self,
+        vectors: dict[int, Tensor],
+        *,
+        train_losses: dict[int, float] | None = None,
+        opened_at: float | None = None,
+        refused: int = 0,
+    ) -> RoundRecord:
         """Aggregate the round's vectors (keyed by worker id), step, evaluate, record, checkpoint.
 
         ``train_losses``: the workers' training losses; the record averages the finite ones of the honest
@@ -225,18 +238,32 @@ class RunState:
             self.best_accuracy = accuracy if self.best_accuracy is None else max(self.best_accuracy, accuracy)
         # In id order, like the vectors: the gRPC coordinator's dict is in arrival order, and a float sum
         # of three or more losses depends on the order.
-        losses = [loss for i, loss in sorted((train_losses or {}).items())
-                  if i < config.num_honest and i in vectors and math.isfinite(loss)]
+        losses = [
+            loss
+            for i, loss in sorted((train_losses or {}).items())
+            if i < config.num_honest and i in vectors and math.isfinite(loss)
+        ]
         record = RoundRecord(
-            round=t, lr=lr, received_honest=len(honest_ids), received_byzantine=len(byz_ids),
-            aggregated=aggregated, skip_reason=skip_reason, clip_threshold=clip_threshold,
+            round=t,
+            lr=lr,
+            received_honest=len(honest_ids),
+            received_byzantine=len(byz_ids),
+            aggregated=aggregated,
+            skip_reason=skip_reason,
+            clip_threshold=clip_threshold,
             clipped_honest=None if clipped is None else clipped[HONEST],
-            clipped_byzantine=None if clipped is None else clipped[BYZANTINE], clipped_rows=clipped_rows,
-            aggregate_error=aggregate_error, aggregate_norm=aggregate_norm,
+            clipped_byzantine=None if clipped is None else clipped[BYZANTINE],
+            clipped_rows=clipped_rows,
+            aggregate_error=aggregate_error,
+            aggregate_norm=aggregate_norm,
             train_loss=sum(losses) / len(losses) if losses else None,
-            accuracy=accuracy, test_loss=test_loss,
-            round_seconds=time.perf_counter() - opened_at, aggregation_seconds=aggregation_seconds,
-            stage_seconds=stage_seconds, eval_seconds=eval_seconds, norms=norms,
+            accuracy=accuracy,
+            test_loss=test_loss,
+            round_seconds=time.perf_counter() - opened_at,
+            aggregation_seconds=aggregation_seconds,
+            stage_seconds=stage_seconds,
+            eval_seconds=eval_seconds,
+            norms=norms,
         )
         if skip_reason:
             log.warning("round %d not aggregated: %s", t, skip_reason)
@@ -244,8 +271,12 @@ class RunState:
         with open(self._rounds_path, "a") as out:
             out.write(record.to_json() + "\n")
         self._in_round = False
-        if (self.checkpoint_seconds == 0.0 or self.checkpointed_round is None or self.done
-                or time.perf_counter() - self._checkpointed_at >= self.checkpoint_seconds):
+        if (
+            self.checkpoint_seconds == 0.0
+            or self.checkpointed_round is None
+            or self.done
+            or time.perf_counter() - self._checkpointed_at >= self.checkpoint_seconds
+        ):
             self.save_checkpoint()
         return record
 
@@ -348,18 +379,23 @@ class RunState:
         else:
             raise ValueError(
                 f"--resume: the checkpoint in {self.ckpt_dir} was written before run settings were recorded; "
-                + ("it can be resumed only with the default settings "
-                   f"{_describe(self._legacy_run_settings)}, got {_describe(self.run_settings)}"
-                   if self._legacy_run_settings is not None else
-                   f"its settings are unknown, so it cannot be resumed with {_describe(self.run_settings)}"))
+                + (
+                    "it can be resumed only with the default settings "
+                    f"{_describe(self._legacy_run_settings)}, got {_describe(self.run_settings)}"
+                    if self._legacy_run_settings is not None
+                    else f"its settings are unknown, so it cannot be resumed with {_describe(self.run_settings)}"
+                )
+            )
         if stored == self.run_settings:
             return
         old, new = stored or {}, self.run_settings or {}
         keys = sorted(key for key in {*old, *new} if key not in old or key not in new or old[key] != new[key])
-        differences = "; ".join(f"{key}: checkpoint {_describe_value(old, key)}, now {_describe_value(new, key)}"
-                                for key in keys)
-        raise ValueError(f"--resume: the checkpoint in {self.ckpt_dir} was written with different run settings "
-                         f"({differences})")
+        differences = "; ".join(
+            f"{key}: checkpoint {_describe_value(old, key)}, now {_describe_value(new, key)}" for key in keys
+        )
+        raise ValueError(
+            f"--resume: the checkpoint in {self.ckpt_dir} was written with different run settings ({differences})"
+        )
 
     def wall_seconds(self) -> float:
         return self.wall_seconds_before + (time.time() - self.started)
@@ -371,10 +407,17 @@ class RunState:
         the summary's ``final_params_sha256``."""
         self.wait_checkpoint()  # the summary is written only once the final state is durable
         params_digest = params_sha256(self.params)
-        checkpoint.save_tensors(self.out_dir / MODEL_FILE, self.evaluator.state_dict(self.params), metadata={
-            "format": "pt",  # the safetensors convention for torch tensors
-            "task": self.config.task, "model": self.config.model, "rounds_completed": str(self.round),
-            "final_params_sha256": params_digest})
+        checkpoint.save_tensors(
+            self.out_dir / MODEL_FILE,
+            self.evaluator.state_dict(self.params),
+            metadata={
+                "format": "pt",  # the safetensors convention for torch tensors
+                "task": self.config.task,
+                "model": self.config.model,
+                "rounds_completed": str(self.round),
+                "final_params_sha256": params_digest,
+            },
+        )
         summary = {
             "config": self.config.to_dict(),
             "engine": engine,

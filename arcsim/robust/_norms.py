@@ -79,8 +79,7 @@ def exceeds(norms: WideNorms, mantissa: Tensor | float, exponent: Tensor | int) 
     return (norms.exponent > exponent) | ((norms.exponent == exponent) & (norms.mantissa > mantissa))
 
 
-def clip_rows(x: Tensor, norms: WideNorms, clipped: Tensor, mantissa: Tensor | float,
-              exponent: Tensor | int) -> Tensor:
+def clip_rows(x: Tensor, norms: WideNorms, clipped: Tensor, mantissa: Tensor | float, exponent: Tensor | int) -> Tensor:
     """``x`` with each ``clipped`` row scaled to the norm ``mantissa * 2**exponent``; others bitwise x.
 
     The scaled row is ``scaled[i] * (mantissa / mantissa[i]) * 2**(exponent - exponent[i] + shift[i])``,

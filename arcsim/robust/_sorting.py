@@ -87,6 +87,7 @@ def _network_sorted_columns(x: Tensor) -> Tensor:
         torch.stack(rows, out=out[:, start:stop])
     return out
 
+
 # Below this many rows numpy sorts the strided columns of x directly (it gathers each column into a
 # buffer); from it on, transposing first and sorting contiguous rows is faster (measured on 2 cores).
 _TRANSPOSE_FROM_ROWS = 32
@@ -106,8 +107,7 @@ def sorted_columns(x: Tensor) -> Tensor:
             [3., 2.]])
     """
     n, d = x.shape
-    if (_numpy_sortable(x) and 1 < n <= _NETWORK_MAX_ROWS and d >= _NETWORK_MIN_COLUMNS
-            and not torch.isnan(x.sum())):
+    if _numpy_sortable(x) and 1 < n <= _NETWORK_MAX_ROWS and d >= _NETWORK_MIN_COLUMNS and not torch.isnan(x.sum()):
         return _network_sorted_columns(x)
     if _numpy_sortable(x):
         if x.shape[0] < _TRANSPOSE_FROM_ROWS:

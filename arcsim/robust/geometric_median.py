@@ -54,8 +54,7 @@ def geometric_median_impl(
     z = clip_rows(x, wide, exceeds(wide, mantissa, exponent), mantissa, exponent).mean(dim=0)
     dist = row_norms_exact(x - z)
     nu = max(nu / unit, 2.0 * n / finfo.max)  # keeps the summed weights finite
-    z, iterations = _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0 / unit,
-                               norms=row_norms_exact)
+    z, iterations = _weiszfeld(x, z, dist, tol=tol, max_iter=max_iter, nu=nu, unit=1.0 / unit, norms=row_norms_exact)
     return z * unit, iterations
 
 
@@ -64,7 +63,14 @@ def _plain_norms(x: Tensor) -> Tensor:
 
 
 def _weiszfeld(
-    x: Tensor, z: Tensor, dist: Tensor, *, tol: float, max_iter: int, nu: float, unit: float,
+    x: Tensor,
+    z: Tensor,
+    dist: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    nu: float,
+    unit: float,
     norms: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, int]:
     """Weiszfeld steps from z (dist: the rows' distances to z); ``unit`` is 1 in x's own units;

@@ -174,8 +174,16 @@ def rule(
             if condition is not None and not condition(n, f):
                 raise ValueError(f"{name}: needs {requires or 'its condition on n and f'}, got n = {n}, f = {f}")
 
-        return Rule(name, _KINDS[kind], run, check_n, required=required, optional=optional,
-                    mixes_rows=mixes_rows, condition=requires)
+        return Rule(
+            name,
+            _KINDS[kind],
+            run,
+            check_n,
+            required=required,
+            optional=optional,
+            mixes_rows=mixes_rows,
+            condition=requires,
+        )
 
     return make
 
@@ -236,7 +244,9 @@ def _run_arc(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None)
     return out, {"clip_threshold": threshold, "clipped": clipped}
 
 
-def _run_static_clip(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+def _run_static_clip(
+    x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None
+) -> tuple[Tensor, dict[str, Any]]:
     out, threshold, clipped = static_clip_with_report(x, c=p["c"])
     return out, {"clip_threshold": threshold, "clipped": clipped}
 
@@ -246,7 +256,9 @@ def _run_bucketing(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator |
     return out, {"groups": groups}
 
 
-def _run_multi_krum(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+def _run_multi_krum(
+    x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None
+) -> tuple[Tensor, dict[str, Any]]:
     m = check_m(p.get("m"), x.shape[0], f, rule="multi_krum")
     selected = multi_krum_selection(x, f=f, m=m)
     return x[selected].mean(dim=0), {"selected": selected}
@@ -257,7 +269,9 @@ def _run_krum(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None
     return x[selected[0]].clone(), {"selected": selected}
 
 
-def _run_centered_clip(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+def _run_centered_clip(
+    x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None
+) -> tuple[Tensor, dict[str, Any]]:
     check_center(p["center"], x.shape[1])
     return centered_clip_impl(x, tau=p["tau"], iters=p["iters"], center=p["center"]), {}
 
@@ -271,25 +285,61 @@ RULES: dict[str, Rule] = {
     rule.name: rule
     for rule in (
         Rule("arc", "pre", _run_arc, _minority("arc"), condition="2f < n"),
-        Rule("static_clip", "pre", _run_static_clip, _no_condition, required=("c",),
-             check_params=_positive("static_clip", "c")),
-        Rule("nnm", "pre", lambda x, f, p, g: (nnm_impl(x, f=f), {}), _minority("nnm"), mixes_rows=True,
-             condition="2f < n"),
-        Rule("bucketing", "pre", _run_bucketing, _no_condition, required=("s",),
-             check_params=_positive_int("bucketing", "s")),
+        Rule(
+            "static_clip",
+            "pre",
+            _run_static_clip,
+            _no_condition,
+            required=("c",),
+            check_params=_positive("static_clip", "c"),
+        ),
+        Rule(
+            "nnm",
+            "pre",
+            lambda x, f, p, g: (nnm_impl(x, f=f), {}),
+            _minority("nnm"),
+            mixes_rows=True,
+            condition="2f < n",
+        ),
+        Rule(
+            "bucketing",
+            "pre",
+            _run_bucketing,
+            _no_condition,
+            required=("s",),
+            check_params=_positive_int("bucketing", "s"),
+        ),
         Rule("mean", "agg", lambda x, f, p, g: (x.mean(dim=0), {}), _no_condition),
         Rule("cwtm", "agg", lambda x, f, p, g: (cwtm_impl(x, f=f), {}), _minority("cwtm"), condition="2f < n"),
         Rule("cwmed", "agg", lambda x, f, p, g: (cwmed_impl(x), {}), _no_condition),
-        Rule("geometric_median", "agg", _run_gm, _no_condition,
-             optional={"tol": DEFAULT_TOL, "max_iter": DEFAULT_MAX_ITER, "nu": DEFAULT_NU},
-             check_params=_gm_params),
+        Rule(
+            "geometric_median",
+            "agg",
+            _run_gm,
+            _no_condition,
+            optional={"tol": DEFAULT_TOL, "max_iter": DEFAULT_MAX_ITER, "nu": DEFAULT_NU},
+            check_params=_gm_params,
+        ),
         Rule("krum", "agg", _run_krum, _krum_condition("krum"), condition="n > 2f + 2"),
-        Rule("multi_krum", "agg", _run_multi_krum, _krum_condition("multi_krum"), optional={"m": None},
-             check_params=_positive_int("multi_krum", "m"), condition="n > 2f + 2, m <= n"),
-        Rule("centered_clip", "agg", _run_centered_clip,
-             _no_condition, required=("tau",), optional={"iters": 1, "center": None}, check_params=_cc_params),
-        Rule("bulyan", "agg", lambda x, f, p, g: (bulyan_impl(x, f=f), {}), _bulyan_condition,
-             condition="n >= 4f + 3"),
+        Rule(
+            "multi_krum",
+            "agg",
+            _run_multi_krum,
+            _krum_condition("multi_krum"),
+            optional={"m": None},
+            check_params=_positive_int("multi_krum", "m"),
+            condition="n > 2f + 2, m <= n",
+        ),
+        Rule(
+            "centered_clip",
+            "agg",
+            _run_centered_clip,
+            _no_condition,
+            required=("tau",),
+            optional={"iters": 1, "center": None},
+            check_params=_cc_params,
+        ),
+        Rule("bulyan", "agg", lambda x, f, p, g: (bulyan_impl(x, f=f), {}), _bulyan_condition, condition="n >= 4f + 3"),
     )
 }
 PRE_AGGREGATORS = tuple(name for name, rule in RULES.items() if rule.kind == "pre")
@@ -298,8 +348,10 @@ AGGREGATORS = tuple(name for name, rule in RULES.items() if rule.kind == "agg")
 
 def _adapt_rule(name: str, obj: object) -> Rule:
     if not isinstance(obj, Rule):
-        raise TypeError(f"a rule plugin must be an arcsim.robust.Rule (a function decorated with "
-                        f"@arcsim.robust.rule(kind=..., condition=...)), got {type(obj).__name__}")
+        raise TypeError(
+            f"a rule plugin must be an arcsim.robust.Rule (a function decorated with "
+            f"@arcsim.robust.rule(kind=..., condition=...)), got {type(obj).__name__}"
+        )
     return dataclasses.replace(obj, name=name)  # stages and metrics carry the name the config wrote
 
 
@@ -333,8 +385,9 @@ class Pipeline:
             x, fields = rule.run(x, self.f, params, generator)
             if sync:
                 torch.cuda.synchronize(x.device)
-            reports.append(StageReport(name=rule.name, seconds=time.perf_counter() - start,
-                                       mixes_rows=rule.mixes_rows, **fields))
+            reports.append(
+                StageReport(name=rule.name, seconds=time.perf_counter() - start, mixes_rows=rule.mixes_rows, **fields)
+            )
         return x, AggregationReport(stages=tuple(reports))
 
 
@@ -351,7 +404,7 @@ def _resolve_spec(spec: str) -> tuple[Rule, ...]:
         except UnknownName:
             raise ValueError(
                 f"pipeline {spec!r}: unknown rule {name!r}; valid names are {valid}; plugins: "
-                f"{', '.join(RULE_REGISTRY.names()[len(RULES):]) or 'none installed'} "
+                f"{', '.join(RULE_REGISTRY.names()[len(RULES) :]) or 'none installed'} "
                 f"(entry points of group 'arcsim.rules'), or package.module:callable"
             ) from None
         except ValueError as error:
@@ -390,8 +443,10 @@ def _split_params(
     for key, value in params.items():
         if key in names:
             if not isinstance(value, Mapping):
-                raise ValueError(f"pipeline {spec!r}: parameters of stage {key!r} must be a mapping such as "
-                                 f"{{{key}: {{name: value}}}}, got {value!r}")
+                raise ValueError(
+                    f"pipeline {spec!r}: parameters of stage {key!r} must be a mapping such as "
+                    f"{{{key}: {{name: value}}}}, got {value!r}"
+                )
             per_stage[key] = dict(value)
         else:
             flat[key] = value
@@ -432,8 +487,10 @@ def build_pipeline(spec: str, *, f: int, **params: Any) -> Pipeline:
         own = per_stage.get(rule_.name, {})
         unexpected = sorted(set(own) - set(takes))
         if unexpected:
-            raise ValueError(f"pipeline {spec!r}: stage {rule_.name!r} got unexpected parameters {unexpected}; "
-                             f"it takes {sorted(takes) or 'none'}")
+            raise ValueError(
+                f"pipeline {spec!r}: stage {rule_.name!r} got unexpected parameters {unexpected}; "
+                f"it takes {sorted(takes) or 'none'}"
+            )
         given = {**{k: v for k, v in flat.items() if k in takes}, **own}
         missing = [key for key in rule_.required if key not in given]
         if missing:

@@ -216,8 +216,12 @@ def _adapt_dataset(name: str, obj: object) -> DatasetLoader:
 #: Dataset loaders by name: the built-ins, then entry points (group ``arcsim.datasets``), then ``module:callable``.
 DATASET_REGISTRY: Registry[DatasetLoader] = Registry(
     "dataset",
-    builtins={"fashion-mnist": _load_fashion_mnist, "mnist-5k": _load_mnist_5k, "digits": _load_digits,
-              "synthetic": _load_synthetic},
+    builtins={
+        "fashion-mnist": _load_fashion_mnist,
+        "mnist-5k": _load_mnist_5k,
+        "digits": _load_digits,
+        "synthetic": _load_synthetic,
+    },
     adapt=_adapt_dataset,
 )
 
@@ -479,9 +483,7 @@ def _synthetic(seed: int) -> Dataset:
     )
 
 
-def _split_and_build(
-    name: str, pixels: np.ndarray, labels: np.ndarray, *, max_value: int, seed: int
-) -> Dataset:
+def _split_and_build(name: str, pixels: np.ndarray, labels: np.ndarray, *, max_value: int, seed: int) -> Dataset:
     train_idx, test_idx = _stratified_split(labels, test_fraction=_TEST_FRACTION, seed=seed, name=name)
     train_x, test_x = _standardise_pixels(pixels[train_idx], pixels[test_idx], max_value=max_value)
     return Dataset(

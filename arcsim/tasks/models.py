@@ -48,8 +48,17 @@ from torch import Tensor, nn
 from arcsim.registry import Registry, UnknownName
 from arcsim.seeding import derive_seed, generator
 
-__all__ = ["CNN", "MLP", "MODELS", "MODEL_REGISTRY", "LogisticRegression", "ModelSpec", "build_model", "model_loss",
-           "num_parameters"]
+__all__ = [
+    "CNN",
+    "MLP",
+    "MODELS",
+    "MODEL_REGISTRY",
+    "LogisticRegression",
+    "ModelSpec",
+    "build_model",
+    "model_loss",
+    "num_parameters",
+]
 
 MODELS: tuple[str, ...] = ("cnn", "mlp", "logreg")
 
@@ -114,8 +123,10 @@ class ModelSpec:
 
 def _adapt_model(name: str, obj: object) -> ModelSpec:
     if not isinstance(obj, ModelSpec):
-        raise TypeError(f"a model plugin must be an arcsim.tasks.ModelSpec(build, loss) declaring its loss, "
-                        f"got {type(obj).__name__}")
+        raise TypeError(
+            f"a model plugin must be an arcsim.tasks.ModelSpec(build, loss) declaring its loss, "
+            f"got {type(obj).__name__}"
+        )
     return obj
 
 
@@ -131,8 +142,10 @@ def _spec(name: str) -> ModelSpec:
     try:
         return MODEL_REGISTRY.get(name)
     except UnknownName:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)} "
-                         f"(or an entry point of group 'arcsim.models', or package.module:callable)") from None
+        raise ValueError(
+            f"unknown model {name!r}; valid models: {', '.join(MODELS)} "
+            f"(or an entry point of group 'arcsim.models', or package.module:callable)"
+        ) from None
 
 
 def model_loss(name: str) -> Callable[..., Tensor]:

@@ -73,8 +73,10 @@ def partition(
     try:
         split = PARTITIONER_REGISTRY.get(method)
     except UnknownName:
-        raise ValueError(f"unknown partition method {method!r}; valid methods: {', '.join(PARTITIONERS)} "
-                         f"(or an entry point of group 'arcsim.partitioners', or package.module:callable)") from None
+        raise ValueError(
+            f"unknown partition method {method!r}; valid methods: {', '.join(PARTITIONERS)} "
+            f"(or an entry point of group 'arcsim.partitioners', or package.module:callable)"
+        ) from None
     integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
     if labels.dim() != 1 or not integer:
         raise ValueError(
@@ -90,9 +92,7 @@ def partition(
         if alpha is None or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"the dirichlet partition needs a finite alpha > 0, got alpha={alpha}")
     elif builtin and alpha is not None:
-        raise ValueError(
-            f"alpha applies only to the dirichlet partition; got alpha={alpha} with method {method!r}"
-        )
+        raise ValueError(f"alpha applies only to the dirichlet partition; got alpha={alpha} with method {method!r}")
 
     labels = labels.detach().to(device="cpu", dtype=torch.int64)
     shards = split(labels, num_workers=num_workers, alpha=alpha, seed=seed)
@@ -150,8 +150,9 @@ def _dirichlet(labels: Tensor, *, num_workers: int, alpha: float, seed: int) -> 
 def _checked_plugin(method: str, shards: object, num_samples: int, num_workers: int) -> list[Tensor]:
     """A plugin's shards, as the built-ins give them: num_workers disjoint sorted int64 index tensors."""
     if not isinstance(shards, (list, tuple)) or len(shards) != num_workers:
-        raise ValueError(f"partitioner {method!r} must return a list of {num_workers} index tensors, "
-                         f"got {type(shards).__name__}")
+        raise ValueError(
+            f"partitioner {method!r} must return a list of {num_workers} index tensors, got {type(shards).__name__}"
+        )
     out = []
     seen = torch.zeros(num_samples, dtype=torch.bool)
     for k, shard in enumerate(shards):

@@ -113,13 +113,15 @@ def general_name(host: str) -> x509.GeneralName:
     except ValueError:
         pass
     if not host.isascii() or not _DNS_NAME.fullmatch(host) or len(host) > 253:
-        raise ValueError(f"a certificate host is an IP address or a DNS name (e.g. coordinator.example.org), "
-                         f"got {host!r}")
+        raise ValueError(
+            f"a certificate host is an IP address or a DNS name (e.g. coordinator.example.org), got {host!r}"
+        )
     return x509.DNSName(host.lower().rstrip("."))
 
 
-def make_certs(directory: str | Path, *, hosts: Sequence[str] = (), force: bool = False,
-               now: dt.datetime | None = None) -> CertFiles:
+def make_certs(
+    directory: str | Path, *, hosts: Sequence[str] = (), force: bool = False, now: dt.datetime | None = None
+) -> CertFiles:
     """Make a testbed CA, the coordinator's certificate and a client certificate; write them as PEM.
 
     ``hosts`` are names and addresses added to ``DEFAULT_HOSTS`` in the server certificate's
@@ -131,67 +133,113 @@ def make_certs(directory: str | Path, *, hosts: Sequence[str] = (), force: bool 
     existing = [p.name for p in files.all() if p.exists() or p.is_symlink()]
     if existing and not force:
         raise FileExistsError(f"{directory} already holds {', '.join(existing)}; pass --force to replace them")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name(f"arcsim testbed CA {secrets.token_hex(4)}")
     ca_cert = _ca_certificate(ca_key, ca_name, now)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _leaf_certificate(server_key.public_key(), _name("coordinator"), ca_key, ca_cert, now,
-                                    usage=ExtendedKeyUsageOID.SERVER_AUTH, alt_names=names)
+    server_cert = _leaf_certificate(
+        server_key.public_key(),
+        _name("coordinator"),
+        ca_key,
+        ca_cert,
+        now,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        alt_names=names,
+    )
     client_key = ec.generate_private_key(ec.SECP256R1())
-    client_cert = _leaf_certificate(client_key.public_key(), _name(CLIENT_NAME), ca_key, ca_cert, now,
-                                    usage=ExtendedKeyUsageOID.CLIENT_AUTH, alt_names=[x509.DNSName(CLIENT_NAME)])
+    client_cert = _leaf_certificate(
+        client_key.public_key(),
+        _name(CLIENT_NAME),
+        ca_key,
+        ca_cert,
+        now,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        alt_names=[x509.DNSName(CLIENT_NAME)],
+    )
 
     Path(directory).mkdir(parents=True, exist_ok=True)
-    for path, pem, mode in ((files.ca_cert, _cert_pem(ca_cert), 0o644), (files.ca_key, _key_pem(ca_key), 0o600),
-                            (files.server_cert, _cert_pem(server_cert), 0o644),
-                            (files.server_key, _key_pem(server_key), 0o600),
-                            (files.client_cert, _cert_pem(client_cert), 0o644),
-                            (files.client_key, _key_pem(client_key), 0o600)):
+    for path, pem, mode in (
+        (files.ca_cert, _cert_pem(ca_cert), 0o644),
+        (files.ca_key, _key_pem(ca_key), 0o600),
+        (files.server_cert, _cert_pem(server_cert), 0o644),
+        (files.server_key, _key_pem(server_key), 0o600),
+        (files.client_cert, _cert_pem(client_cert), 0o644),
+        (files.client_key, _key_pem(client_key), 0o600),
+    ):
         _write_new(path, pem, mode, replace=force)
     return files
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "arcsim testbed"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "arcsim testbed"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey, name: x509.Name, now: dt.datetime) -> x509.Certificate:
     public = key.public_key()
-    return (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(key, hashes.SHA256()))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
 
 
-def _leaf_certificate(public: ec.EllipticCurvePublicKey, name: x509.Name, ca_key: ec.EllipticCurvePrivateKey,
-                      ca_cert: x509.Certificate, now: dt.datetime, *, usage: x509.ObjectIdentifier,
-                      alt_names: list[x509.GeneralName]) -> x509.Certificate:
-    builder = (x509.CertificateBuilder()
-               .subject_name(name).issuer_name(ca_cert.subject).public_key(public)
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=CERT_DAYS))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(_key_usage(digital_signature=True), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False)
-               .add_extension(x509.SubjectAlternativeName(alt_names), critical=False))
+def _leaf_certificate(
+    public: ec.EllipticCurvePublicKey,
+    name: x509.Name,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    now: dt.datetime,
+    *,
+    usage: x509.ObjectIdentifier,
+    alt_names: list[x509.GeneralName],
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    )
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False,
-               crl_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
-                         crl_sign=crl_sign, encipher_only=False, decipher_only=False)
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -199,8 +247,9 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _write_new(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
@@ -217,18 +266,21 @@ def _write_new(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
 
 
 # --- reading them back into gRPC credentials ------------------------------------------------------
-def server_credentials(cert: str | Path, key: str | Path, *,
-                       client_ca: str | Path | None = None) -> grpc.ServerCredentials:
+def server_credentials(
+    cert: str | Path, key: str | Path, *, client_ca: str | Path | None = None
+) -> grpc.ServerCredentials:
     """The coordinator's TLS credentials; with ``client_ca``, mutual TLS: every client must present
     a certificate signed by that CA, or its connection is closed in the handshake."""
     cert_pem, key_pem = _certificate_and_key(cert, key)
     ca_pem = read_certificates(client_ca, "client CA certificate")[0] if client_ca is not None else None
-    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=client_ca is not None
+    )
 
 
-def channel_credentials(ca: str | Path, *, cert: str | Path | None = None,
-                        key: str | Path | None = None) -> grpc.ChannelCredentials:
+def channel_credentials(
+    ca: str | Path, *, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials:
     """A client's TLS credentials: trust ``ca`` (only it: not the system's roots), and present
     ``cert`` / ``key`` for mutual TLS when given (both or neither)."""
     if (cert is None) != (key is None):
@@ -265,10 +317,12 @@ def _certificate_and_key(cert: str | Path, key: str | Path) -> tuple[bytes, byte
     cert_pem, chain = read_certificates(cert, "TLS certificate")
     key_pem, private = read_private_key(key, "TLS private key")
     leaf = chain[0]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-        raise ValueError(f"TLS certificate {cert} is valid from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-                         f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now; make new ones (arcsim certs)")
+        raise ValueError(
+            f"TLS certificate {cert} is valid from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now; make new ones (arcsim certs)"
+        )
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
         raise ValueError(f"TLS private key {key} is not the key of the certificate {cert}")

@@ -94,16 +94,18 @@ def vector_stream(
     """
     codec._check_chunk_bytes(chunk_bytes)
     header, data = codec.encode(t)
-    yield pb.GradientChunk(round=round, worker_id=worker_id, header=header.to_proto(),
-                           train_loss=train_loss).SerializeToString()
+    yield pb.GradientChunk(
+        round=round, worker_id=worker_id, header=header.to_proto(), train_loss=train_loss
+    ).SerializeToString()
     for chunk in codec.iter_chunks(data, chunk_bytes):
         yield b"".join((bytes((_GRADIENT_DATA,)), _varint(chunk.nbytes), chunk))
 
 
 def _event_chunk(chunk: memoryview) -> bytes:
     inner = _varint(chunk.nbytes)
-    return b"".join((bytes((_EVENT_CHUNK,)), _varint(1 + len(inner) + chunk.nbytes), bytes((_CHUNK_DATA,)), inner,
-                     chunk))
+    return b"".join(
+        (bytes((_EVENT_CHUNK,)), _varint(1 + len(inner) + chunk.nbytes), bytes((_CHUNK_DATA,)), inner, chunk)
+    )
 
 
 def round_stream(
@@ -119,16 +121,22 @@ def round_stream(
     codec._check_chunk_bytes(chunk_bytes)
     header, data = codec.encode(params)
     start = pb.RoundStart(round=round, deadline_unix_ms=deadline_unix_ms, params=header.to_proto())
-    return [pb.RoundEvent(round_start=start).SerializeToString(),
-            *(_event_chunk(chunk) for chunk in codec.iter_chunks(data, chunk_bytes))]
+    return [
+        pb.RoundEvent(round_start=start).SerializeToString(),
+        *(_event_chunk(chunk) for chunk in codec.iter_chunks(data, chunk_bytes)),
+    ]
 
 
-def observe_stream(vectors: dict[int, torch.Tensor], *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+def observe_stream(
+    vectors: dict[int, torch.Tensor], *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
+) -> Iterator[bytes]:
     """:func:`arcsim.transport.codec.observe_events`, serialised (one copy of each vector's bytes)."""
     codec._check_chunk_bytes(chunk_bytes)
     for worker_id in sorted(vectors):
         header, data = codec.encode(vectors[worker_id])
-        yield pb.ObserveEvent(vector=pb.ObservedVector(worker_id=worker_id, header=header.to_proto())).SerializeToString()
+        yield pb.ObserveEvent(
+            vector=pb.ObservedVector(worker_id=worker_id, header=header.to_proto())
+        ).SerializeToString()
         for chunk in codec.iter_chunks(data, chunk_bytes):
             yield _event_chunk(chunk)
 
@@ -173,8 +181,10 @@ def _event_parser(message_type: Any) -> Any:
                 return memoryview(buf)[inner:]
         return message_type.FromString(buf)
 
-    parse.__doc__ = (f"A ``{message_type.__name__}``: a Chunk's payload as a ``memoryview`` if that is all it "
-                     "holds, else the parsed message.")
+    parse.__doc__ = (
+        f"A ``{message_type.__name__}``: a Chunk's payload as a ``memoryview`` if that is all it "
+        "holds, else the parsed message."
+    )
     return parse
 
 
@@ -196,33 +206,43 @@ class CoordinatorStub:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         def method(kind: str, name: str, request: Any, response: Any) -> Any:
-            return getattr(channel, kind)(f"/{SERVICE_NAME}/{name}", request_serializer=request,
-                                          response_deserializer=response)
+            return getattr(channel, kind)(
+                f"/{SERVICE_NAME}/{name}", request_serializer=request, response_deserializer=response
+            )
 
         self.Join = method("unary_unary", "Join", pb.JoinRequest.SerializeToString, pb.JoinReply.FromString)
         self.Rounds = method("unary_stream", "Rounds", pb.RoundsRequest.SerializeToString, parse_round_event)
         self.SubmitGradient = method("stream_unary", "SubmitGradient", serialize, pb.SubmitReply.FromString)
         self.Observe = method("unary_stream", "Observe", pb.ObserveRequest.SerializeToString, parse_observe_event)
-        self.FetchMomentum = method("unary_stream", "FetchMomentum", pb.FetchMomentumRequest.SerializeToString,
-                                    parse_observe_event)
+        self.FetchMomentum = method(
+            "unary_stream", "FetchMomentum", pb.FetchMomentumRequest.SerializeToString, parse_observe_event
+        )
 
 
 def add_coordinator_to_server(servicer: Any, server: grpc.aio.Server) -> None:
     """Serve ``servicer``'s arcsim.v1 methods on ``server`` with the fast path."""
     handlers = {
         "Join": grpc.unary_unary_rpc_method_handler(
-            servicer.Join, request_deserializer=pb.JoinRequest.FromString,
-            response_serializer=pb.JoinReply.SerializeToString),
+            servicer.Join,
+            request_deserializer=pb.JoinRequest.FromString,
+            response_serializer=pb.JoinReply.SerializeToString,
+        ),
         "Rounds": grpc.unary_stream_rpc_method_handler(
-            servicer.Rounds, request_deserializer=pb.RoundsRequest.FromString, response_serializer=serialize),
+            servicer.Rounds, request_deserializer=pb.RoundsRequest.FromString, response_serializer=serialize
+        ),
         "SubmitGradient": grpc.stream_unary_rpc_method_handler(
-            servicer.SubmitGradient, request_deserializer=parse_vector_chunk,
-            response_serializer=pb.SubmitReply.SerializeToString),
+            servicer.SubmitGradient,
+            request_deserializer=parse_vector_chunk,
+            response_serializer=pb.SubmitReply.SerializeToString,
+        ),
         "Observe": grpc.unary_stream_rpc_method_handler(
-            servicer.Observe, request_deserializer=pb.ObserveRequest.FromString, response_serializer=serialize),
+            servicer.Observe, request_deserializer=pb.ObserveRequest.FromString, response_serializer=serialize
+        ),
         "FetchMomentum": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchMomentum, request_deserializer=pb.FetchMomentumRequest.FromString,
-            response_serializer=serialize),
+            servicer.FetchMomentum,
+            request_deserializer=pb.FetchMomentumRequest.FromString,
+            response_serializer=serialize,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.62

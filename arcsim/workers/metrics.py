@@ -24,8 +24,24 @@ HONEST, BYZANTINE = Role.HONEST, Role.BYZANTINE
 REFUSAL_REASONS = tuple(code.name.lower() for code in grpc.StatusCode if code != grpc.StatusCode.OK)
 
 # A round's vector takes from milliseconds (a linear model on a GPU) to minutes (a large model on a CPU).
-_COMPUTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-                    float("inf"))
+_COMPUTE_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    float("inf"),
+)
 
 
 def refusal_reason(code: grpc.StatusCode) -> str:
@@ -50,18 +66,30 @@ class WorkerMetrics:
         self.compute_seconds = Histogram(
             "arcsim_worker_compute_seconds",
             "Time to compute one round's vector (an observing adversary: including its wait for the honest ones).",
-            ["role"], buckets=_COMPUTE_BUCKETS, registry=r)
-        self.vectors_sent = Counter("arcsim_worker_vectors_sent_total",
-                                    "Vectors submitted, whatever the answer (accepted = sent - refused).", ["role"],
-                                    registry=r)
-        self.vectors_refused = Counter("arcsim_worker_vectors_refused_total",
-                                       "Submissions that failed, by the gRPC status code of the answer.",
-                                       ["role", "reason"], registry=r)
-        self.rounds = Counter("arcsim_worker_rounds_total", "Rounds followed (whose parameters arrived).", ["role"],
-                              registry=r)
-        self.cuda_memory = Gauge("arcsim_worker_cuda_memory_allocated_bytes",
-                                 "CUDA memory held by tensors after the last round's computation (0 off CUDA).",
-                                 registry=r)
+            ["role"],
+            buckets=_COMPUTE_BUCKETS,
+            registry=r,
+        )
+        self.vectors_sent = Counter(
+            "arcsim_worker_vectors_sent_total",
+            "Vectors submitted, whatever the answer (accepted = sent - refused).",
+            ["role"],
+            registry=r,
+        )
+        self.vectors_refused = Counter(
+            "arcsim_worker_vectors_refused_total",
+            "Submissions that failed, by the gRPC status code of the answer.",
+            ["role", "reason"],
+            registry=r,
+        )
+        self.rounds = Counter(
+            "arcsim_worker_rounds_total", "Rounds followed (whose parameters arrived).", ["role"], registry=r
+        )
+        self.cuda_memory = Gauge(
+            "arcsim_worker_cuda_memory_allocated_bytes",
+            "CUDA memory held by tensors after the last round's computation (0 off CUDA).",
+            registry=r,
+        )
         self.info = Info("arcsim_worker", "What this worker process is: its role and its device.", registry=r)
         # Export every series from the start, so dashboards show zeros, not gaps.
         self.compute_seconds.labels(role)

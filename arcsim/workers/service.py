@@ -20,18 +20,23 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from arcsim.config import RunConfig, loads_config
+from arcsim.roles import Role
 from arcsim.transport import codec, wire
 from arcsim.transport.auth import ANY_ID, bearer
-from arcsim.config import RunConfig, loads_config
 from arcsim.v1 import coordinator_pb2 as pb
-from arcsim.roles import Role
 from arcsim.workers.metrics import WorkerMetrics
 
 log = logging.getLogger("arcsim.worker")
 
 # Errors after which the worker reconnects rather than giving up.
-_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-          grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+_RETRY = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
 
 
 @dataclass(frozen=True)
@@ -108,16 +113,18 @@ class Session:
     adversaries), which then serves it; by default the session makes its own, served on
     ``settings.metrics_port`` while it runs."""
 
-    def __init__(self, settings: WorkerSettings, participant: Participant, *,
-                 metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self, settings: WorkerSettings, participant: Participant, *, metrics: WorkerMetrics | None = None
+    ) -> None:
         from arcsim.engine.honest import resolve_device
 
         self.settings = settings
         self.participant = participant
         self.device = resolve_device(settings.device)
         self._own_metrics = metrics is None
-        self.metrics = metrics if metrics is not None else WorkerMetrics(role=role_name(participant.role),
-                                                                         device=self.device)
+        self.metrics = (
+            metrics if metrics is not None else WorkerMetrics(role=role_name(participant.role), device=self.device)
+        )
         self.worker_id = settings.worker_id
         self.metadata = bearer(settings.token)
         self.config: RunConfig | None = None
@@ -172,15 +179,18 @@ class Session:
                 if error.code() == grpc.StatusCode.ABORTED and _reason(error) == "subscription_replaced":
                     # Another process holds this worker's credentials and opened its own round stream:
                     # taking it back would only make the two displace each other every round.
-                    raise RuntimeError(f"worker {self.worker_id}: another process with the same worker id and "
-                                       f"credentials took over its round stream ({error.details()})") from None
+                    raise RuntimeError(
+                        f"worker {self.worker_id}: another process with the same worker id and "
+                        f"credentials took over its round stream ({error.details()})"
+                    ) from None
                 if error.code() not in _RETRY:
                     raise
                 if waited >= self.settings.max_retry_seconds:
                     raise
                 # The details carry the cause (connection refused, a TLS handshake failure, ...).
-                log.warning("coordinator unreachable (%s: %s); retrying in %.1fs", error.code().name,
-                            error.details(), delay)
+                log.warning(
+                    "coordinator unreachable (%s: %s); retrying in %.1fs", error.code().name, error.details(), delay
+                )
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0) * (0.75 + 0.5 * random.random())
@@ -189,8 +199,9 @@ class Session:
         max_bytes = max(self.num_parameters * 8, 64 << 20)
         async with self._channel(max_bytes + (1 << 16)) as channel:
             stub = wire.CoordinatorStub(channel)
-            reply = await stub.Join(pb.JoinRequest(worker_id=self.worker_id, role=self.participant.role),
-                                    metadata=self.metadata, timeout=30)  # fails fast: run() retries
+            reply = await stub.Join(
+                pb.JoinRequest(worker_id=self.worker_id, role=self.participant.role), metadata=self.metadata, timeout=30
+            )  # fails fast: run() retries
             self.reached = True
             if reply.token:  # an id was assigned: keep it, with its own token, for every later call
                 self.worker_id = reply.worker_id
@@ -210,13 +221,15 @@ class Session:
         self.participant.setup(self.config, self.device)
 
     async def _fetch_momentum(self, stub: wire.CoordinatorStub) -> torch.Tensor | None:
-        reader = codec.ObserveEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
-                                          expected_dtype="float32")
+        reader = codec.ObserveEventReader(
+            max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,), expected_dtype="float32"
+        )
         found = None
         # Outside any round's deadline: a whole round's, so a stalled coordinator cannot hold the worker.
         timeout = self.config.round_deadline + self.settings.deadline_margin
-        async for event in stub.FetchMomentum(pb.FetchMomentumRequest(worker_id=self.worker_id),
-                                              metadata=self.metadata, timeout=timeout):
+        async for event in stub.FetchMomentum(
+            pb.FetchMomentumRequest(worker_id=self.worker_id), metadata=self.metadata, timeout=timeout
+        ):
             item = reader.feed(event)
             if item is not None:
                 found = item.vector
@@ -224,10 +237,10 @@ class Session:
         return found
 
     async def _follow(self, stub: wire.CoordinatorStub, from_round: int) -> str:
-        reader = codec.RoundEventReader(max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,),
-                                        expected_dtype="float32")
-        stream = stub.Rounds(pb.RoundsRequest(worker_id=self.worker_id, from_round=from_round),
-                             metadata=self.metadata)
+        reader = codec.RoundEventReader(
+            max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,), expected_dtype="float32"
+        )
+        stream = stub.Rounds(pb.RoundsRequest(worker_id=self.worker_id, from_round=from_round), metadata=self.metadata)
         synced = False
         async for event in stream:
             item = reader.feed(event)
@@ -247,15 +260,20 @@ class Session:
                 log.info("run ended after %d rounds: %s", item.rounds_completed, item.reason)
                 return item.reason
         reader.finish()
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                   details="the round stream ended without RunEnd")
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="the round stream ended without RunEnd",
+        )
 
     async def _do_round(self, stub: wire.CoordinatorStub, item: codec.RoundParams) -> bool:
         """Compute and submit a round; False if the momentum may now differ from the coordinator's."""
         round_ = item.round
         self.metrics.round_followed()
-        self.participant.round_timeout = call_timeout(item.deadline_unix_ms, round_deadline=self.config.round_deadline,
-                                                     margin=self.settings.deadline_margin)
+        self.participant.round_timeout = call_timeout(
+            item.deadline_unix_ms, round_deadline=self.config.round_deadline, margin=self.settings.deadline_margin
+        )
         started = time.perf_counter()
         result = await self.participant.compute(stub, round_, item.params)
         if result is None:
@@ -263,14 +281,18 @@ class Session:
         self.metrics.computed(time.perf_counter() - started)
         vector, loss = result
         # Taken after computing: what is left of the round bounds the upload, whatever the computation took.
-        timeout = call_timeout(item.deadline_unix_ms, round_deadline=self.config.round_deadline,
-                               margin=self.settings.deadline_margin)
+        timeout = call_timeout(
+            item.deadline_unix_ms, round_deadline=self.config.round_deadline, margin=self.settings.deadline_margin
+        )
         self.metrics.sent()
         try:
             await stub.SubmitGradient(
-                wire.vector_stream(vector, round=round_, worker_id=self.worker_id,
-                                      chunk_bytes=self.chunk_bytes, train_loss=loss),
-                metadata=self.metadata, timeout=timeout)
+                wire.vector_stream(
+                    vector, round=round_, worker_id=self.worker_id, chunk_bytes=self.chunk_bytes, train_loss=loss
+                ),
+                metadata=self.metadata,
+                timeout=timeout,
+            )
             self.rounds_done += 1
         except grpc.aio.AioRpcError as error:
             self.metrics.refused(error.code())
@@ -302,8 +324,8 @@ class HonestParticipant(Participant):
         self._momentum: torch.Tensor | None = None
 
     def setup(self, config: RunConfig, device: torch.device) -> None:
-        from arcsim.tasks.datasets import clear_cache
         from arcsim.engine.honest import HonestWorker
+        from arcsim.tasks.datasets import clear_cache
 
         if not 0 <= self.worker_id < config.num_honest:
             raise ValueError(f"honest worker ids run from 0 to {config.num_honest - 1}, got {self.worker_id}")

@@ -81,18 +81,27 @@ def prometheus_query(base: str, query: str, *, timeout: float = 2.0) -> list[dic
     return list(answer["data"]["result"])
 
 
-def watch(metrics_url: str, prometheus_url: str, *, timeout: float, gone_after: float = 1.5,
-          until_round: int | None = None) -> dict[str, Any]:
+def watch(
+    metrics_url: str, prometheus_url: str, *, timeout: float, gone_after: float = 1.5, until_round: int | None = None
+) -> dict[str, Any]:
     """Follow a run from outside until its /metrics endpoint, once seen, stays away ``gone_after`` seconds.
 
     With ``until_round``, stop as soon as ``arcsim_round`` reaches it instead (``stopped_at_round``
     then holds the round seen); ``stopped_at_round`` stays None when the run ended before that.
     """
     seen: dict[str, Any] = {
-        "scrapes": 0, "first_round": None, "max_round": 0.0, "last": {},
-        "max_connected": {"honest": 0.0, "byzantine": 0.0}, "accuracy_metric": None,
-        "max_accuracy": None, "prometheus_accuracy": None, "prometheus_queries": 0, "timed_out": False,
-        "until_round": until_round, "stopped_at_round": None,
+        "scrapes": 0,
+        "first_round": None,
+        "max_round": 0.0,
+        "last": {},
+        "max_connected": {"honest": 0.0, "byzantine": 0.0},
+        "accuracy_metric": None,
+        "max_accuracy": None,
+        "prometheus_accuracy": None,
+        "prometheus_queries": 0,
+        "timed_out": False,
+        "until_round": until_round,
+        "stopped_at_round": None,
     }
     deadline = time.monotonic() + timeout
     last_ok: float | None = None
@@ -141,6 +150,7 @@ def watch(metrics_url: str, prometheus_url: str, *, timeout: float, gone_after: 
 
 def merge_seen(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What two ``watch`` calls saw of one run (before and after a crash) as if one had watched it all."""
+
     def most(a: float | None, b: float | None) -> float | None:
         return max(a, b) if a is not None and b is not None else (b if a is None else a)
 
@@ -149,16 +159,22 @@ def merge_seen(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "scrapes": before["scrapes"] + after["scrapes"],
         "max_round": max(before["max_round"], after["max_round"]),
         "max_accuracy": most(before["max_accuracy"], after["max_accuracy"]),
-        "max_connected": {role: max(before["max_connected"][role], after["max_connected"][role])
-                          for role in before["max_connected"]},
+        "max_connected": {
+            role: max(before["max_connected"][role], after["max_connected"][role]) for role in before["max_connected"]
+        },
         "prometheus_accuracy": most(before["prometheus_accuracy"], after["prometheus_accuracy"]),
         "accuracy_metric": after.get("accuracy_metric") or before.get("accuracy_metric"),
     }
 
 
-def crash_checks(config: dict[str, Any], before: dict[str, Any], after: dict[str, Any],
-                 containers: list[dict[str, Any]], coordinator_log: str,
-                 coordinator_exits: list[int]) -> list[tuple[bool, str]]:
+def crash_checks(
+    config: dict[str, Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    containers: list[dict[str, Any]],
+    coordinator_log: str,
+    coordinator_exits: list[int],
+) -> list[tuple[bool, str]]:
     """The coordinator was SIGKILLed when ``before`` stopped: what must hold of its restart and the workers.
 
     ``coordinator_exits``: the exit codes of the coordinator's container in order (Docker's die events).
@@ -166,8 +182,12 @@ def crash_checks(config: dict[str, Any], before: dict[str, Any], after: dict[str
     rounds = int(config["rounds"])
     checks: list[tuple[bool, str]] = []
     crashed_at = None if before.get("stopped_at_round") is None else int(before["stopped_at_round"])
-    checks.append((crashed_at is not None and 0 < crashed_at < rounds,
-                   f"the coordinator was killed after round {crashed_at} of {rounds} (between the first and the last)"))
+    checks.append(
+        (
+            crashed_at is not None and 0 < crashed_at < rounds,
+            f"the coordinator was killed after round {crashed_at} of {rounds} (between the first and the last)",
+        )
+    )
 
     by_service: dict[str, list[dict[str, Any]]] = {}
     for container in containers:
@@ -177,51 +197,86 @@ def crash_checks(config: dict[str, Any], before: dict[str, Any], after: dict[str
     restarts = [c.get("RestartCount") for c in coordinators]
     checks.append((restarts == [1], f"compose restarted the coordinator's container once (restart counts {restarts})"))
     # 137 = 128 + SIGKILL: Docker saw a process killed, not a stop it made itself; then the clean end.
-    checks.append((coordinator_exits == [137, 0], f"the coordinator's container exited with 137 (killed) and then "
-                                                  f"0 (its restart completed the run): Docker saw {coordinator_exits}"))
+    checks.append(
+        (
+            coordinator_exits == [137, 0],
+            f"the coordinator's container exited with 137 (killed) and then "
+            f"0 (its restart completed the run): Docker saw {coordinator_exits}",
+        )
+    )
     for service, key in (("worker", "num_honest"), ("adversary", "num_byzantine")):
         found = by_service.get(service, [])
-        states = {c.get("Name", "?").lstrip("/"): (c.get("RestartCount"), c.get("State", {}).get("ExitCode"))
-                  for c in found}
+        states = {
+            c.get("Name", "?").lstrip("/"): (c.get("RestartCount"), c.get("State", {}).get("ExitCode")) for c in found
+        }
         ok = len(found) == int(config[key]) and all(state == (0, 0) for state in states.values())
-        checks.append((ok, f"{len(found)} {service} containers (of {config[key]}) never restarted and exited "
-                           f"with 0 ((restarts, exit) {states})"))
+        checks.append(
+            (
+                ok,
+                f"{len(found)} {service} containers (of {config[key]}) never restarted and exited "
+                f"with 0 ((restarts, exit) {states})",
+            )
+        )
 
     # The checkpoint of the round /metrics showed may still have been writing; the one before it was on disk.
     floor = (crashed_at or 0) - 1
     resumed = [int(m.group(1)) for m in re.finditer(r"resumed from \S+ at round (\d+)", coordinator_log)]
-    checks.append((len(resumed) == 1 and floor <= resumed[0] < rounds,
-                   f"the coordinator's log says it resumed once, at a round in [{floor}, {rounds}) ({resumed})"))
+    checks.append(
+        (
+            len(resumed) == 1 and floor <= resumed[0] < rounds,
+            f"the coordinator's log says it resumed once, at a round in [{floor}, {rounds}) ({resumed})",
+        )
+    )
     first = None if after.get("first_round") is None else int(after["first_round"])
-    checks.append((first is not None and floor <= first < rounds,
-                   f"after the restart /metrics arcsim_round started at {first} (the checkpoint, not 0; >= {floor})"))
+    checks.append(
+        (
+            first is not None and floor <= first < rounds,
+            f"after the restart /metrics arcsim_round started at {first} (the checkpoint, not 0; >= {floor})",
+        )
+    )
     for role, key in (("honest", "num_honest"), ("byzantine", "num_byzantine")):
         want = int(config[key])
         got = after["max_connected"][role]
-        checks.append((got == want, f"the workers reconnected by themselves: after the restart /metrics "
-                                    f"arcsim_workers_connected{{role=\"{role}\"}} reached {got:.0f} == {want}"))
+        checks.append(
+            (
+                got == want,
+                f"the workers reconnected by themselves: after the restart /metrics "
+                f'arcsim_workers_connected{{role="{role}"}} reached {got:.0f} == {want}',
+            )
+        )
     return checks
 
 
 def _worker_scrape_checks(config: dict[str, Any], prometheus_url: str) -> list[tuple[bool, str]]:
     """Prometheus scraped every worker and adversary instance (arcsim_worker_rounds_total > 0)."""
     try:
-        instances = prometheus_query(prometheus_url, "count by (job) (count by (job, instance) "
-                                                     "(max_over_time(arcsim_worker_rounds_total[1h]) > 0))")
+        instances = prometheus_query(
+            prometheus_url,
+            "count by (job) (count by (job, instance) (max_over_time(arcsim_worker_rounds_total[1h]) > 0))",
+        )
     except (OSError, ValueError) as error:
         return [(False, f"Prometheus query of the workers' metrics: {error}")]
     scraped = {result["metric"].get("job"): int(float(result["value"][1])) for result in instances}
     checks = []
     for job, key in (("arcsim-worker", "num_honest"), ("arcsim-adversary", "num_byzantine")):
         want, got = int(config[key]), scraped.get(job, 0)
-        checks.append((got == want, f"Prometheus scraped arcsim_worker_rounds_total > 0 from {got} {job} "
-                                    f"instances == {want}"))
+        checks.append(
+            (got == want, f"Prometheus scraped arcsim_worker_rounds_total > 0 from {got} {job} instances == {want}")
+        )
     return checks
 
 
-def verify(config: dict[str, Any], seen: dict[str, Any], summary: dict[str, Any], prometheus_url: str, *,
-           reference: dict[str, Any] | None, num_classes: int,
-           crash: dict[str, Any] | None = None, workers_scraped: bool = False) -> list[str]:
+def verify(
+    config: dict[str, Any],
+    seen: dict[str, Any],
+    summary: dict[str, Any],
+    prometheus_url: str,
+    *,
+    reference: dict[str, Any] | None,
+    num_classes: int,
+    crash: dict[str, Any] | None = None,
+    workers_scraped: bool = False,
+) -> list[str]:
     """Every check as 'ok ...' or 'FAIL ...'; the run passes when none fails.
 
     ``crash``: the coordinator was killed when ``seen``'s watch stopped; {"after": what the watch
@@ -243,27 +298,33 @@ def verify(config: dict[str, Any], seen: dict[str, Any], summary: dict[str, Any]
     accuracy_name = seen.get("accuracy_metric") or "arcsim_test_accuracy"
     check(not seen["timed_out"], "the run ended before the time limit")
     check(summary.get("status") == "completed", f"summary.json status {summary.get('status')!r} == 'completed'")
-    check(summary.get("rounds_completed") == rounds, f"summary.json rounds_completed {summary.get('rounds_completed')}"
-          f" == rounds {rounds}")
+    check(
+        summary.get("rounds_completed") == rounds,
+        f"summary.json rounds_completed {summary.get('rounds_completed')} == rounds {rounds}",
+    )
     final = summary.get("final_accuracy") or 0.0
     check(final > floor, f"summary.json final_accuracy {final:.4f} > {floor:.2f} (chance {chance:.2f})")
     # From outside, through the coordinator's published metrics port.
     check(seen["scrapes"] > 0, f"/metrics scraped {seen['scrapes']} times from outside")
     # The endpoint closes right after the last round, so the last scrape may trail by a round or so.
-    check(seen["max_round"] >= 0.9 * rounds, f"/metrics arcsim_round reached {seen['max_round']:.0f} "
-          f"(of {rounds}; exact at the end: {seen['max_round'] == rounds})")
+    check(
+        seen["max_round"] >= 0.9 * rounds,
+        f"/metrics arcsim_round reached {seen['max_round']:.0f} "
+        f"(of {rounds}; exact at the end: {seen['max_round'] == rounds})",
+    )
     accuracy = seen["max_accuracy"] or 0.0
     check(accuracy > floor, f"/metrics {accuracy_name} {accuracy:.4f} > {floor:.2f}")
     for role, key in (("honest", "num_honest"), ("byzantine", "num_byzantine")):
         want = int(config[key])
         got = seen["max_connected"][role]
-        check(got == want, f"/metrics arcsim_workers_connected{{role=\"{role}\"}} reached {got:.0f} == {want}")
+        check(got == want, f'/metrics arcsim_workers_connected{{role="{role}"}} reached {got:.0f} == {want}')
     # Through Prometheus: it scraped the coordinator by its service name on the compose network.
     live = seen["prometheus_accuracy"]
     check(live is not None, f"Prometheus answered {accuracy_name} during the run ({live})")
     try:
         stored = prometheus_query(
-            prometheus_url, f'max(max_over_time({{{ACCURACY_SELECTOR},job="{COORDINATOR_JOB}"}}[1h]))')
+            prometheus_url, f'max(max_over_time({{{ACCURACY_SELECTOR},job="{COORDINATOR_JOB}"}}[1h]))'
+        )
         stored_rounds = prometheus_query(prometheus_url, f'max_over_time(arcsim_round{{job="{COORDINATOR_JOB}"}}[1h])')
     except (OSError, ValueError) as error:
         check(False, f"Prometheus query after the run: {error}")
@@ -277,8 +338,10 @@ def verify(config: dict[str, Any], seen: dict[str, Any], summary: dict[str, Any]
         checks.extend(_worker_scrape_checks(config, prometheus_url))
     if reference is not None:
         ours, theirs = summary.get("final_params_sha256", ""), reference.get("final_params_sha256", "")
-        check(ours == theirs, f"final parameters equal a run of the same config on the host "
-                              f"({ours[:16]} vs {theirs[:16]})")
+        check(
+            ours == theirs,
+            f"final parameters equal a run of the same config on the host ({ours[:16]} vs {theirs[:16]})",
+        )
     if crash is not None:
         checks.extend(crash_checks(config, before, crash["after"], crash["containers"], crash["log"], crash["exits"]))
     return [("ok   " if ok else "FAIL ") + text for ok, text in checks]
@@ -299,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--metrics", required=True, help="the coordinator's published /metrics URL")
     w.add_argument("--prometheus", required=True, help="the published Prometheus base URL")
     w.add_argument("--timeout", type=float, default=600.0)
-    w.add_argument("--until-round", type=int,
-                   help="stop once arcsim_round reaches this (exit 3 if the run ends first)")
+    w.add_argument("--until-round", type=int, help="stop once arcsim_round reaches this (exit 3 if the run ends first)")
     w.add_argument("--out", required=True, help="where to write what was seen (JSON)")
     v = sub.add_parser("verify", help="check the results against the config")
     v.add_argument("--config", required=True)
@@ -309,13 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--prometheus", required=True)
     v.add_argument("--reference", help="summary.json of the same config run on the host")
     v.add_argument("--num-classes", type=int, default=10)
-    v.add_argument("--workers-scraped", action="store_true",
-                   help="the workers and adversaries serve /metrics: Prometheus must have scraped each one")
+    v.add_argument(
+        "--workers-scraped",
+        action="store_true",
+        help="the workers and adversaries serve /metrics: Prometheus must have scraped each one",
+    )
     v.add_argument("--seen-after-crash", help="the output of watch after the coordinator's restart")
     v.add_argument("--containers", help="with --seen-after-crash: `docker inspect` of the project's containers")
     v.add_argument("--coordinator-log", help="with --seen-after-crash: the coordinator container's log")
-    v.add_argument("--coordinator-exits", type=_exit_codes, metavar="CODE,...",
-                   help="with --seen-after-crash: the coordinator container's exit codes in order (docker events)")
+    v.add_argument(
+        "--coordinator-exits",
+        type=_exit_codes,
+        metavar="CODE,...",
+        help="with --seen-after-crash: the coordinator container's exit codes in order (docker events)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "watch":
@@ -323,11 +392,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--until-round must be >= 1, got {args.until_round}")
         seen = watch(args.metrics, args.prometheus, timeout=args.timeout, until_round=args.until_round)
         Path(args.out).write_text(json.dumps(seen, indent=2))
-        print(f"watched: {seen['scrapes']} scrapes, arcsim_round from {seen['first_round']} up to "
-              f"{seen['max_round']:.0f}, Prometheus accuracy {seen['prometheus_accuracy']}", file=sys.stderr)
+        print(
+            f"watched: {seen['scrapes']} scrapes, arcsim_round from {seen['first_round']} up to "
+            f"{seen['max_round']:.0f}, Prometheus accuracy {seen['prometheus_accuracy']}",
+            file=sys.stderr,
+        )
         if args.until_round is not None and seen["stopped_at_round"] is None:
-            print(f"watch: arcsim_round never reached {args.until_round} (the run ended or timed out first)",
-                  file=sys.stderr)
+            print(
+                f"watch: arcsim_round never reached {args.until_round} (the run ended or timed out first)",
+                file=sys.stderr,
+            )
             return 3
         return 0
     crash_files = (args.seen_after_crash, args.containers, args.coordinator_log, args.coordinator_exits)
@@ -335,14 +409,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seen-after-crash, --containers, --coordinator-log and --coordinator-exits go together")
     crash = None
     if args.seen_after_crash:
-        crash = {"after": json.loads(Path(args.seen_after_crash).read_text()),
-                 "containers": json.loads(Path(args.containers).read_text()),
-                 "log": Path(args.coordinator_log).read_text(errors="replace"), "exits": args.coordinator_exits}
+        crash = {
+            "after": json.loads(Path(args.seen_after_crash).read_text()),
+            "containers": json.loads(Path(args.containers).read_text()),
+            "log": Path(args.coordinator_log).read_text(errors="replace"),
+            "exits": args.coordinator_exits,
+        }
     config = yaml.safe_load(Path(args.config).read_text())
     reference = json.loads(Path(args.reference).read_text()) if args.reference else None
-    lines = verify(config, json.loads(Path(args.seen).read_text()), json.loads(Path(args.summary).read_text()),
-                   args.prometheus, reference=reference, num_classes=args.num_classes, crash=crash,
-                   workers_scraped=args.workers_scraped)
+    lines = verify(
+        config,
+        json.loads(Path(args.seen).read_text()),
+        json.loads(Path(args.summary).read_text()),
+        args.prometheus,
+        reference=reference,
+        num_classes=args.num_classes,
+        crash=crash,
+        workers_scraped=args.workers_scraped,
+    )
     print("\n".join(lines))
     return 1 if any(line.startswith("FAIL") for line in lines) else 0
 
