@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -433,7 +433,22 @@ class _Limits:
         )
 
 
-class VectorReader:
+class _Reader:
+    """A receiver of one tensor at a time, within the limits it was given (see :class:`_Limits`)."""
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int,
+        expected_shape: Sequence[int] | None = None,
+        expected_dtype: str | torch.dtype | None = None,
+        require_finite: bool = True,
+    ) -> None:
+        self._limits = _Limits(max_bytes, expected_shape, expected_dtype, require_finite)
+        self._assembler: TensorAssembler | None = None
+
+
+class VectorReader(_Reader):
     """Server side of ``SubmitGradient``: feed the request messages, then :meth:`finish`.
 
     After the first :meth:`add` (which returns True), ``round``, ``worker_id`` and ``header`` are
@@ -449,20 +464,10 @@ class VectorReader:
     ``unexpected_header`` (header on a later message), and the :class:`TensorAssembler` reasons.
     """
 
-    def __init__(
-        self,
-        *,
-        max_bytes: int,
-        expected_shape: Sequence[int] | None = None,
-        expected_dtype: str | torch.dtype | None = None,
-        require_finite: bool = True,
-    ) -> None:
-        self._limits = _Limits(max_bytes, expected_shape, expected_dtype, require_finite)
-        self._assembler: TensorAssembler | None = None
-        self.round: int | None = None
-        self.worker_id: int | None = None
-        self.header: TensorHeader | None = None
-        self.train_loss: float | None = None
+    round: int | None = None  # known after the first add()
+    worker_id: int | None = None
+    header: TensorHeader | None = None
+    train_loss: float | None = None
 
     def add(self, message: pb.GradientChunk | memoryview) -> bool:
         """Take the next request message; True if it was the first one.
@@ -521,7 +526,57 @@ def assemble_vector(
     return ReceivedVector(reader.round, reader.worker_id, vector)
 
 
-class RoundEventReader:
+_Item = TypeVar("_Item")
+
+
+class _EventReader(_Reader, Generic[_Item]):
+    """What the two server-stream readers share: a tensor in progress, fed by Chunk events.
+
+    A subclass starts a tensor with :meth:`_begin` and turns a finished one into its item in
+    :meth:`_complete`; :meth:`items` reads a whole stream.
+    """
+
+    _in_progress = "a tensor"  # for the unexpected_chunk message
+
+    def feed(self, event: Any) -> Any:
+        raise NotImplementedError
+
+    def _complete(self) -> _Item:
+        raise NotImplementedError
+
+    def _progress(self) -> str:
+        """What was in progress, for a ``truncated`` message."""
+        assert self._assembler is not None
+        return f"{self._assembler.received} of {self._assembler.num_bytes} bytes"
+
+    def _begin(self, header: pb.TensorHeader) -> _Item | None:
+        self._assembler = self._limits.assembler(header)
+        return self._complete() if self._assembler.complete else None
+
+    def _check_idle(self, what: str) -> None:
+        if self._assembler is not None:
+            raise CodecError("truncated", f"{what} after {self._progress()}")
+
+    def _chunk(self, data: bytes | memoryview) -> _Item | None:
+        if self._assembler is None:
+            raise CodecError("unexpected_chunk", f"a Chunk event with no {self._in_progress} in progress")
+        self._assembler.add(data)
+        return self._complete() if self._assembler.complete else None
+
+    def items(self, events: Iterable[Any]) -> Iterator[Any]:
+        """Every completed item of a whole stream; ``truncated`` if it ends in the middle of one."""
+        for event in events:
+            item = self.feed(event)
+            if item is not None:
+                yield item
+        self.finish()
+
+    def finish(self) -> None:
+        """Call when the stream ends: ``truncated`` if a tensor was in progress."""
+        self._check_idle("the end of the stream")
+
+
+class RoundEventReader(_EventReader[RoundParams]):
     """Worker side of ``Rounds``: :meth:`feed` each event; it returns a :class:`RoundParams` once a
     round's parameters are complete, the ``RunEnd`` message at the end, and None otherwise.
 
@@ -534,17 +589,8 @@ class RoundEventReader:
     [None, None, RoundParams(round=5, deadline_unix_ms=9, params=tensor([1., 1.]))]
     """
 
-    def __init__(
-        self,
-        *,
-        max_bytes: int,
-        expected_shape: Sequence[int] | None = None,
-        expected_dtype: str | torch.dtype | None = None,
-        require_finite: bool = True,
-    ) -> None:
-        self._limits = _Limits(max_bytes, expected_shape, expected_dtype, require_finite)
-        self._assembler: TensorAssembler | None = None
-        self._start: pb.RoundStart | None = None
+    _in_progress = "parameters"
+    _start: pb.RoundStart | None = None  # the RoundStart whose parameters are in progress
 
     def _complete(self) -> RoundParams:
         assert self._assembler is not None and self._start is not None
@@ -552,18 +598,9 @@ class RoundEventReader:
         start, self._assembler, self._start = self._start, None, None
         return RoundParams(start.round, start.deadline_unix_ms, params)
 
-    def _check_idle(self, what: str) -> None:
-        if self._assembler is not None:
-            raise CodecError(
-                "truncated",
-                f"{what} after {self._assembler.received} of {self._assembler.num_bytes} parameter bytes",
-            )
-
-    def _chunk(self, data: bytes | memoryview) -> RoundParams | None:
-        if self._assembler is None:
-            raise CodecError("unexpected_chunk", "a Chunk event with no parameters in progress")
-        self._assembler.add(data)
-        return self._complete() if self._assembler.complete else None
+    def _progress(self) -> str:
+        assert self._assembler is not None
+        return f"{self._assembler.received} of {self._assembler.num_bytes} parameter bytes"
 
     def feed(self, event: pb.RoundEvent | memoryview) -> RoundParams | pb.RunEnd | None:
         """Take the next event; the completed item, if this event completed one.
@@ -578,18 +615,14 @@ class RoundEventReader:
             start = event.round_start
             if not start.HasField("params"):
                 return RoundParams(start.round, start.deadline_unix_ms, None)
-            self._assembler, self._start = self._limits.assembler(start.params), start
-            return self._complete() if self._assembler.complete else None
+            self._start = start
+            return self._begin(start.params)
         if kind == "chunk":
             return self._chunk(event.chunk.data)
         if kind == "run_end":
             self._check_idle("RunEnd")
             return event.run_end
         return None
-
-    def finish(self) -> None:
-        """Call when the stream ends: ``truncated`` if parameters were in progress."""
-        self._check_idle("the end of the stream")
 
 
 def read_round_events(
@@ -601,17 +634,12 @@ def read_round_events(
     require_finite: bool = True,
 ) -> Iterator[RoundParams | pb.RunEnd]:
     """The rounds (and the final ``RunEnd``) of a ``Rounds`` stream (see :class:`RoundEventReader`)."""
-    reader = RoundEventReader(
+    yield from RoundEventReader(
         max_bytes=max_bytes, expected_shape=expected_shape, expected_dtype=expected_dtype, require_finite=require_finite
-    )
-    for event in events:
-        item = reader.feed(event)
-        if item is not None:
-            yield item
-    reader.finish()
+    ).items(events)
 
 
-class ObserveEventReader:
+class ObserveEventReader(_EventReader[ObservedTensor]):
     """Adversary side of ``Observe``: :meth:`feed` each event; it returns an :class:`ObservedTensor`
     once a vector is complete, None otherwise. Call :meth:`finish` when the stream ends.
 
@@ -624,18 +652,9 @@ class ObserveEventReader:
     [None, ObservedTensor(worker_id=1, vector=tensor([1.]))]
     """
 
-    def __init__(
-        self,
-        *,
-        max_bytes: int,
-        expected_shape: Sequence[int] | None = None,
-        expected_dtype: str | torch.dtype | None = None,
-        require_finite: bool = True,
-    ) -> None:
-        self._limits = _Limits(max_bytes, expected_shape, expected_dtype, require_finite)
-        self._assembler: TensorAssembler | None = None
-        self._worker_id: int | None = None
-        self._last_worker_id: int | None = None
+    _in_progress = "observed vector"
+    _worker_id: int | None = None  # whose vector is in progress
+    _last_worker_id: int | None = None  # ids must increase
 
     def _complete(self) -> ObservedTensor:
         assert self._assembler is not None and self._worker_id is not None
@@ -643,19 +662,9 @@ class ObserveEventReader:
         worker_id, self._assembler, self._worker_id = self._worker_id, None, None
         return ObservedTensor(worker_id, vector)
 
-    def _check_idle(self, what: str) -> None:
-        if self._assembler is not None:
-            raise CodecError(
-                "truncated",
-                f"{what} after {self._assembler.received} of {self._assembler.num_bytes} bytes "
-                f"of worker {self._worker_id}'s vector",
-            )
-
-    def _chunk(self, data: bytes | memoryview) -> ObservedTensor | None:
-        if self._assembler is None:
-            raise CodecError("unexpected_chunk", "a Chunk event with no observed vector in progress")
-        self._assembler.add(data)
-        return self._complete() if self._assembler.complete else None
+    def _progress(self) -> str:
+        assert self._assembler is not None
+        return f"{self._assembler.received} of {self._assembler.num_bytes} bytes of worker {self._worker_id}'s vector"
 
     def feed(self, event: pb.ObserveEvent | memoryview) -> ObservedTensor | None:
         """Take the next event; the completed vector, if this event completed one.
@@ -670,16 +679,11 @@ class ObserveEventReader:
             worker_id = event.vector.worker_id
             if self._last_worker_id is not None and worker_id <= self._last_worker_id:
                 raise CodecError("bad_order", f"worker {worker_id} came after worker {self._last_worker_id}")
-            self._assembler = self._limits.assembler(event.vector.header)
             self._worker_id = self._last_worker_id = worker_id
-            return self._complete() if self._assembler.complete else None
+            return self._begin(event.vector.header)
         if kind == "chunk":
             return self._chunk(event.chunk.data)
         return None
-
-    def finish(self) -> None:
-        """Call when the stream ends: ``truncated`` if a vector was in progress."""
-        self._check_idle("the end of the stream")
 
 
 def read_observe_events(
@@ -698,10 +702,4 @@ def read_observe_events(
     reader = ObserveEventReader(
         max_bytes=max_bytes, expected_shape=expected_shape, expected_dtype=expected_dtype, require_finite=require_finite
     )
-    vectors: dict[int, torch.Tensor] = {}
-    for event in events:
-        item = reader.feed(event)
-        if item is not None:
-            vectors[item.worker_id] = item.vector
-    reader.finish()
-    return vectors
+    return {item.worker_id: item.vector for item in reader.items(events)}
