@@ -25,6 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -40,7 +41,7 @@ except ImportError:  # pragma: no cover
 
 from arcsim.attacks import is_data_attack
 from arcsim.config import RunConfig
-from arcsim.coordinator.metrics import CoordinatorMetrics
+from arcsim.coordinator.metrics import REJECTION_REASONS, CoordinatorMetrics
 from arcsim.engine.rounds import RoundRecord, RunState
 from arcsim.roles import Role
 from arcsim.transport import codec, wire
@@ -256,13 +257,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 token = self.tokens.token_for(owner[0], worker_id)
             else:
                 worker_id = request.worker_id
-                if not 0 <= worker_id < self.config.num_workers:
-                    raise self._reject(
-                        "unknown_worker",
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}",
-                    )
-                self._check_worker(owner, worker_id)
+                self._check_worker_id(owner, worker_id)
                 # Reserved as if assigned: a worker joining with a role token meanwhile must not get this id
                 # before this worker subscribes to its rounds.
                 self._handed_out[worker_id] = time.monotonic()
@@ -451,7 +446,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if len(current.vectors) >= self.quorum or len(current.answered) >= self.config.num_workers:
             current.quorum_reached.set()
 
-    def _check_submission(self, owner: tuple[str, int], worker_id: int, round_: int) -> None:
+    def _check_worker_id(self, owner: tuple[str, int], worker_id: int) -> None:
+        """``worker_id`` is one of the run's, and these credentials are its."""
         if not 0 <= worker_id < self.config.num_workers:
             raise self._reject(
                 "unknown_worker",
@@ -459,6 +455,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"worker_id {worker_id} is not in 0..{self.config.num_workers - 1}",
             )
         self._check_worker(owner, worker_id)
+
+    def _check_submission(self, owner: tuple[str, int], worker_id: int, round_: int) -> None:
+        self._check_worker_id(owner, worker_id)
         if worker_id not in self.joined:
             raise self._reject(
                 "not_joined", grpc.StatusCode.FAILED_PRECONDITION, f"worker {worker_id} has not joined the run"
@@ -631,104 +630,130 @@ CODEC_STATUS: dict[str, grpc.StatusCode] = {
     "checksum": grpc.StatusCode.DATA_LOSS,
 }
 # Codec reasons counted under their own name; any other is counted as "malformed".
-_CODEC_REASONS = {
-    "missing_header",
-    "unexpected_header",
-    "bad_dtype",
-    "bad_shape",
-    "size_mismatch",
-    "oversized",
-    "truncated",
-    "checksum",
-    "non_finite",
-}
+_CODEC_REASONS = frozenset(CODEC_STATUS) & frozenset(REJECTION_REASONS)
 
 
-async def serve(settings: CoordinatorSettings) -> dict:
-    """Run one coordinator to the end of its run; returns the summary."""
-    coordinator = Coordinator(settings)
-    # gRPC refuses a message above its receive limit before the service sees it, and the service then
-    # sees the stream end as if the client had stopped sending: the limit is twice the vector, so that a
-    # message too large to be right but below it is refused here as "oversized", with its reason.
-    server = grpc.aio.server(
-        options=server_options(
-            2 * coordinator.max_bytes + (1 << 16), max_concurrent_streams=settings.max_concurrent_streams
-        )
-    )
-    wire.add_coordinator_to_server(coordinator, server)
-    health_servicer = None
-    if health is not None:
-        health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if reflection is not None:
-        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
-    address = f"{settings.host}:{settings.port}"
-    if settings.server_credentials is not None:
-        port = server.add_secure_port(address, settings.server_credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address} (address in use or not available)")
-    metrics_port = None
-    if settings.metrics_port is not None:
+class CoordinatorServer:
+    """One coordinator process, read top-down: :meth:`startup` (the gRPC server with health and
+    reflection, /metrics, the endpoint file), the signal handlers, :meth:`main_loop` (the rounds, then
+    RunEnd and the final metrics) and :meth:`shutdown` (the server stopped, the last checkpoint
+    written, the endpoint file removed).
+
+    The first SIGTERM/SIGINT asks the run to stop at its last checkpoint (:meth:`should_exit`); a
+    second one exits at once (exit status 130).
+    """
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.coordinator = Coordinator(settings)
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self._signals = 0
+        self._handled: list[signal.Signals] = []
+
+    async def serve(self) -> dict:
+        """Run the coordinator to the end of its run; returns the summary."""
+        await self.startup()
+        self._install_signal_handlers()
         try:
-            metrics_port = coordinator.metrics.serve(settings.metrics_port, settings.metrics_host)
-        except OSError:
-            await server.stop(None)  # release the gRPC port bound above
-            raise
-    await server.start()
-    await _set_health(health_servicer, serving=True)
-    endpoint = {
-        "host": settings.host,
-        "port": port,
-        "metrics_port": metrics_port,
-        "pid": os.getpid(),
-        "run_id": coordinator.run_id,
-    }
-    tmp = settings.out_dir / "coordinator.json.tmp"
-    tmp.write_text(json.dumps(endpoint))
-    tmp.replace(settings.out_dir / "coordinator.json")
-    log.info(json.dumps({"event": "serving", **endpoint}))
+            return await self.main_loop()
+        finally:
+            await self.shutdown()
 
-    loop = asyncio.get_running_loop()
-    signals = 0
+    async def startup(self) -> None:
+        settings, coordinator = self.settings, self.coordinator
+        # gRPC refuses a message above its receive limit before the service sees it, and the service then
+        # sees the stream end as if the client had stopped sending: the limit is twice the vector, so that a
+        # message too large to be right but below it is refused here as "oversized", with its reason.
+        server = grpc.aio.server(
+            options=server_options(
+                2 * coordinator.max_bytes + (1 << 16), max_concurrent_streams=settings.max_concurrent_streams
+            )
+        )
+        wire.add_coordinator_to_server(coordinator, server)
+        if health is not None:
+            self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if reflection is not None:
+            names = (SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health")
+            reflection.enable_server_reflection(names, server)
+        address = f"{settings.host}:{settings.port}"
+        if settings.server_credentials is not None:
+            port = server.add_secure_port(address, settings.server_credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address} (address in use or not available)")
+        metrics_port = None
+        if settings.metrics_port is not None:
+            try:
+                metrics_port = coordinator.metrics.serve(settings.metrics_port, settings.metrics_host)
+            except OSError:
+                await server.stop(None)  # release the gRPC port bound above
+                raise
+        await server.start()
+        self._server = server
+        await _set_health(self._health, serving=True)
+        endpoint = {
+            "host": settings.host,
+            "port": port,
+            "metrics_port": metrics_port,
+            "pid": os.getpid(),
+            "run_id": coordinator.run_id,
+        }
+        tmp = settings.out_dir / "coordinator.json.tmp"
+        tmp.write_text(json.dumps(endpoint))
+        tmp.replace(settings.out_dir / "coordinator.json")
+        log.info(json.dumps({"event": "serving", **endpoint}))
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
+    def should_exit(self) -> None:
+        """A signal: stop at the last checkpoint; a second one forces the exit."""
+        self._signals += 1
+        if self._signals > 1:
             os._exit(130)
         log.warning("stopping at the last checkpoint; an open round is abandoned (signal again to exit at once)")
-        coordinator.request_stop()
+        self.coordinator.request_stop()
 
-    handled = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, on_signal)
-            handled.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-            pass
-    try:
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.should_exit)
+                self._handled.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+                pass
+
+    async def main_loop(self) -> dict:
+        coordinator, settings = self.coordinator, self.settings
         reason = await coordinator.run_rounds()
         summary = coordinator.state.summary(engine="grpc", reason=reason)
         await coordinator.end(reason)
-        await _set_health(health_servicer, serving=False)
+        await _set_health(self._health, serving=False)
         # Give the streams a moment to deliver RunEnd before the server goes away, and a scraper time to
         # record the final metrics (a signal cuts the wait short).
         await asyncio.sleep(0.2)
         if settings.linger > 0 and settings.metrics_port is not None and not coordinator.stopping:
             await coordinator.wait_stopped(settings.linger)
         return summary
-    finally:
-        for sig in handled:  # give the process its default handling back (serve() may run inside a larger program)
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._handled:  # the process's default handling back (serve() may run inside a larger program)
             loop.remove_signal_handler(sig)
-        coordinator.metrics.close()
-        await server.stop(settings.grace)
+        self._handled.clear()
+        self.coordinator.metrics.close()
+        if self._server is not None:
+            await self._server.stop(self.settings.grace)
         try:  # nothing may still be writing into out_dir once serve() returns
-            await asyncio.to_thread(coordinator.state.wait_checkpoint)
+            await asyncio.to_thread(self.coordinator.state.wait_checkpoint)
         except Exception as error:  # noqa: BLE001 - the previous checkpoint stays the newest
             log.warning("the last checkpoint could not be written: %s", error)
-        (settings.out_dir / "coordinator.json").unlink(missing_ok=True)
+        (self.settings.out_dir / "coordinator.json").unlink(missing_ok=True)
+
+
+async def serve(settings: CoordinatorSettings) -> dict:
+    """Run one coordinator to the end of its run; returns the summary (see :class:`CoordinatorServer`)."""
+    return await CoordinatorServer(settings).serve()
 
 
 async def _set_health(servicer, *, serving: bool) -> None:
