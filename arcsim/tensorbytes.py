@@ -13,7 +13,7 @@ from typing import Final
 import numpy as np
 import torch
 
-try:  # zlib-ng's CRC-32: the same function as zlib's (same polynomial, same values), SIMD, ~10x faster
+try:  # zlib-ng's CRC-32: the same function as zlib's (same polynomial, same values), SIMD (docs/benchmarks.md)
     from zlib_ng.zlib_ng import crc32 as _crc32
 except ImportError:  # pragma: no cover - without the zlib-ng package: zlib's, the reference
     from zlib import crc32 as _crc32
