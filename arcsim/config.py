@@ -51,6 +51,8 @@ class RunConfig:
     pipeline_params: dict[str, Any] = field(default_factory=dict)
     partitioner: str = "extreme"
     alpha: float | None = None  # Dirichlet concentration (partitioner: dirichlet)
+    gamma: float | None = None  # share of the data dealt uniformly (partitioner: gamma_similarity)
+    validation_fraction: float = 0.0  # share of the training set held out for validation, before partitioning
     rounds: int = 200
     lr: float = 0.1
     lr_schedule: str = "constant"
@@ -81,8 +83,13 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """A short stable id of the config (used as the run id)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """A short stable id of the config (used as the run id).
+
+        Keys added after run folders existed are left out while they hold their defaults, so a config
+        that does not use them keeps the digest (run id, resume check) it had before they were added.
+        """
+        data = {key: value for key, value in self.to_dict().items() if _LATE_DEFAULTS.get(key, _UNSET) != value}
+        text = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def lr_at(self, round_: int) -> float:
@@ -98,6 +105,9 @@ class RunConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# Keys added to RunConfig after run folders were recorded, with the defaults that digest() leaves out.
+_LATE_DEFAULTS: dict[str, Any] = {"gamma": None, "validation_fraction": 0.0}
+_UNSET = object()
 
 
 def _fail(key: str, message: str) -> ConfigError:
@@ -224,6 +234,16 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             _number(data, "alpha", low=0.0, low_open=True)
     elif data["alpha"] is not None:
         raise _fail("alpha", f"is only used by the dirichlet partitioner, not {data['partitioner']!r}")
+    if data["partitioner"] == "gamma_similarity":
+        if data["gamma"] is None:
+            raise _fail("gamma", "the gamma_similarity partitioner needs gamma in [0, 1]")
+        _number(data, "gamma", low=0.0, high=1.0)
+    elif not PARTITIONER_REGISTRY.is_builtin(data["partitioner"]):
+        if data["gamma"] is not None:  # a plugin partitioner receives gamma as it is given
+            _number(data, "gamma", low=0.0, high=1.0)
+    elif data["gamma"] is not None:
+        raise _fail("gamma", f"is only used by the gamma_similarity partitioner, not {data['partitioner']!r}")
+    _number(data, "validation_fraction", low=0.0, high=1.0, high_open=True)
     _int(data, "rounds", minimum=1)
     _number(data, "lr", low=0.0, low_open=True)
     _choice(data, "lr_schedule", LR_SCHEDULES)

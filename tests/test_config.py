@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from arcsim.config import ConfigError, RunConfig, from_dict, load_config, loads_config
+from arcsim.tasks import PARTITIONER_REGISTRY
 
 REPO = Path(__file__).resolve().parent.parent
 # The run configs shipped in configs/ (sweep configs, with a top-level `sweep:` key, are arcsim.sweep's).
@@ -273,6 +274,51 @@ def test_dirichlet_alpha_must_be_positive(alpha: float) -> None:
 def test_alpha_is_rejected_without_dirichlet(partitioner: str) -> None:
     with pytest.raises(ConfigError, match=f"'alpha': is only used by the dirichlet partitioner, not '{partitioner}'"):
         from_dict({"partitioner": partitioner, "alpha": 1.0})
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "extreme", "dirichlet"])
+def test_gamma_is_rejected_without_gamma_similarity(partitioner: str) -> None:
+    raw: dict[str, Any] = {"partitioner": partitioner, "gamma": 0.5}
+    if partitioner == "dirichlet":
+        raw["alpha"] = 1.0
+    with pytest.raises(
+        ConfigError, match=f"'gamma': is only used by the gamma_similarity partitioner, not '{partitioner}'"
+    ):
+        from_dict(raw)
+
+
+_HAS_GAMMA_SIMILARITY = "gamma_similarity" in PARTITIONER_REGISTRY.builtins
+
+
+@pytest.mark.skipif(not _HAS_GAMMA_SIMILARITY, reason="the gamma_similarity partitioner is not registered yet")
+def test_gamma_similarity_needs_gamma_in_the_unit_interval() -> None:
+    with pytest.raises(ConfigError, match="'gamma': the gamma_similarity partitioner needs gamma"):
+        from_dict({"partitioner": "gamma_similarity"})
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=f"'gamma': must be (>= 0.0|<= 1.0), got {bad}"):
+            from_dict({"partitioner": "gamma_similarity", "gamma": bad})
+    assert from_dict({"partitioner": "gamma_similarity", "gamma": 0}).gamma == 0.0
+    assert from_dict({"partitioner": "gamma_similarity", "gamma": 1}).gamma == 1.0
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1, 1.5, "x"])
+def test_validation_fraction_must_be_in_zero_one(fraction: Any) -> None:
+    with pytest.raises(ConfigError, match="'validation_fraction': must be"):
+        from_dict({"validation_fraction": fraction})
+
+
+def test_validation_fraction_is_a_float_in_zero_one() -> None:
+    assert from_dict({"validation_fraction": 0}).validation_fraction == 0.0
+    assert from_dict({"validation_fraction": 0.2}).validation_fraction == 0.2
+
+
+def test_new_keys_at_their_defaults_keep_the_digest_of_existing_configs() -> None:
+    # The digests below were computed before gamma and validation_fraction existed: run ids and resume checks of
+    # recorded run folders must not change when the new keys keep their defaults.
+    assert RunConfig().digest() == "9ad06fca7a96a448"
+    assert from_dict({"partitioner": "dirichlet", "alpha": 0.5, "seed": 3}).digest() == "41f61c80dbcdf2b1"
+    assert from_dict({"validation_fraction": 0.2}).digest() != RunConfig().digest()
+    assert loads_config(from_dict({"validation_fraction": 0.2}).to_yaml()).validation_fraction == 0.2
 
 
 def test_attack_none_with_byzantine_workers_is_rejected() -> None:
