@@ -1,7 +1,7 @@
-"""Split a train set among honest workers: iid, Dirichlet label skew, extreme heterogeneity.
+"""Split a train set among honest workers: iid, Dirichlet label skew, gamma-similarity, extreme heterogeneity.
 
-Every worker rebuilds the same partition from ``(labels, num_workers, method, alpha, seed)`` and
-takes its own shard, so only the config crosses the network.
+Every worker rebuilds the same partition from ``(labels, num_workers, method, alpha, gamma, seed)``
+and takes its own shard, so only the config crosses the network.
 
 Methods (``PARTITIONERS``):
 
@@ -23,10 +23,21 @@ Methods (``PARTITIONERS``):
   their order) and cut into ``K`` contiguous shards of ``floor(N / K)`` samples each; the last
   ``N mod K`` indices of the sorted order (from the largest label) are dropped so that all shards
   are equal. With ``K >= num_classes`` and balanced classes each worker holds one or two labels.
+* ``"gamma_similarity"``: the heterogeneity scale of the authors' pipeline (see docs/paper.md),
+  between iid and extreme. The ``floor(gamma * N)`` first indices of the iid split's seeded
+  permutation are dealt uniformly: cut in order into ``K`` parts as ``"iid"`` cuts. The other
+  indices, in ascending order, are sorted by label (stable) and cut into ``K`` contiguous parts.
+  Worker ``k`` gets the ``k``-th part of each. Every index is used once, and the parts' sizes are
+  chosen so that each part's sizes, and the shards' totals, differ by at most one: the sorted
+  part's ``S mod K`` larger pieces go to the workers after the uniform part's ``U mod K`` larger
+  ones (cyclically). ``gamma = 1`` is ``"iid"`` itself (same seed, same shards); ``gamma = 0`` is
+  ``"extreme"`` when ``K`` divides ``N`` (and otherwise keeps the remainder that it drops).
 
 A plugin partitioner (an entry point of group ``arcsim.partitioners`` or ``package.module:callable``)
 is a function ``fn(labels, *, num_workers, alpha, seed) -> list[Tensor]`` (``alpha`` is the config's,
-possibly None) whose result is checked like the built-ins'.
+possibly None) whose result is checked like the built-ins'. When the config sets ``gamma``, the plugin
+is also called with ``gamma=`` (so plugins written before that key need no change; one that takes
+no ``gamma`` is refused when the config sets it).
 
 Each shard is an int64 tensor of indices into the train set, sorted ascending; shards are
 pairwise disjoint and (except for ``extreme``'s dropped remainder) cover every index.
@@ -38,10 +49,13 @@ Example:
 [[0, 1], [2, 3], [4, 5]]
 >>> [len(s) for s in partition(labels, num_workers=3, method="iid", seed=0)]
 [3, 2, 2]
+>>> [len(s) for s in partition(labels, num_workers=3, method="gamma_similarity", gamma=0.5, seed=0)]
+[3, 2, 2]
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -54,7 +68,7 @@ from arcsim.seeding import derive_seed, generator
 
 __all__ = ["PARTITIONERS", "PARTITIONER_REGISTRY", "partition"]
 
-PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "extreme")
+PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "gamma_similarity", "extreme")
 
 
 def partition(
@@ -63,12 +77,15 @@ def partition(
     num_workers: int,
     method: str,
     alpha: float | None = None,
+    gamma: float | None = None,
     seed: int = 0,
 ) -> list[Tensor]:
     """Return ``num_workers`` disjoint int64 index tensors into ``labels`` (see the module docstring).
 
     ``alpha`` is the Dirichlet concentration: required (> 0) for ``"dirichlet"`` and must be
-    ``None`` for the other methods. ``labels`` is a 1-D integer tensor and is not modified.
+    ``None`` for the other built-ins. ``gamma`` is the share dealt uniformly: required (in [0, 1])
+    for ``"gamma_similarity"`` and must be ``None`` for the other built-ins. ``labels`` is a 1-D
+    integer tensor and is not modified.
     """
     try:
         split = PARTITIONER_REGISTRY.get(method)
@@ -93,26 +110,63 @@ def partition(
             raise ValueError(f"the dirichlet partition needs a finite alpha > 0, got alpha={alpha}")
     elif builtin and alpha is not None:
         raise ValueError(f"alpha applies only to the dirichlet partition; got alpha={alpha} with method {method!r}")
+    if builtin and method == "gamma_similarity":
+        if gamma is None or not 0.0 <= gamma <= 1.0:  # NaN fails the comparison too
+            raise ValueError(f"the gamma_similarity partition needs gamma in [0, 1], got gamma={gamma}")
+    elif builtin and gamma is not None:
+        raise ValueError(
+            f"gamma applies only to the gamma_similarity partition; got gamma={gamma} with method {method!r}"
+        )
 
     labels = labels.detach().to(device="cpu", dtype=torch.int64)
-    shards = split(labels, num_workers=num_workers, alpha=alpha, seed=seed)
     if not builtin:
+        # gamma only when set, so that a plugin written for fn(labels, *, num_workers, alpha, seed) keeps working
+        extra = {} if gamma is None else {"gamma": gamma}
+        if extra and not _takes_keyword(split, "gamma"):
+            raise ValueError(f"partitioner {method!r} takes no gamma parameter; got gamma={gamma}")
+        shards = split(labels, num_workers=num_workers, alpha=alpha, seed=seed, **extra)
         return _checked_plugin(method, shards, num_samples, num_workers)
+    shards = split(labels, num_workers=num_workers, alpha=alpha, gamma=gamma, seed=seed)
     return [torch.sort(shard).values for shard in shards]
 
 
-def _iid(labels: Tensor, *, num_workers: int, alpha: float | None, seed: int) -> list[Tensor]:
-    perm = torch.randperm(labels.shape[0], generator=generator(seed, "partition", "iid"))
-    return list(torch.tensor_split(perm, num_workers))
+def _iid_permutation(num_samples: int, seed: int) -> Tensor:
+    return torch.randperm(num_samples, generator=generator(seed, "partition", "iid"))
 
 
-def _extreme(labels: Tensor, *, num_workers: int, alpha: float | None, seed: int) -> list[Tensor]:
+def _iid(labels: Tensor, *, num_workers: int, alpha: float | None, gamma: float | None, seed: int) -> list[Tensor]:
+    return list(torch.tensor_split(_iid_permutation(labels.shape[0], seed), num_workers))
+
+
+def _extreme(labels: Tensor, *, num_workers: int, alpha: float | None, gamma: float | None, seed: int) -> list[Tensor]:
     order = torch.sort(labels, stable=True).indices
     size = labels.shape[0] // num_workers
     return list(order[: size * num_workers].reshape(num_workers, size))
 
 
-def _dirichlet_split(labels: Tensor, *, num_workers: int, alpha: float | None, seed: int) -> list[Tensor]:
+def _gamma_similarity(
+    labels: Tensor, *, num_workers: int, alpha: float | None, gamma: float | None, seed: int
+) -> list[Tensor]:
+    assert gamma is not None  # checked by partition()
+    num_samples = labels.shape[0]
+    # The iid permutation, so that gamma = 1 reproduces the iid shards exactly.
+    perm = _iid_permutation(num_samples, seed)
+    uniform = perm[: math.floor(gamma * num_samples)]
+    rest = torch.sort(perm[uniform.numel() :]).values  # index order, so that gamma = 0 is extreme's sort
+    rest = rest[torch.sort(labels[rest], stable=True).indices]
+    uniform_parts = torch.tensor_split(uniform, num_workers)  # the first U mod K parts are one larger
+    # The sorted part's S mod K larger pieces start where the uniform part's larger ones stop, so the
+    # totals differ by at most one as well.
+    first_larger = uniform.numel() % num_workers
+    base, larger = divmod(rest.numel(), num_workers)
+    sizes = [base + int((k - first_larger) % num_workers < larger) for k in range(num_workers)]
+    sorted_parts = torch.split(rest, sizes)
+    return [torch.cat(pair) for pair in zip(uniform_parts, sorted_parts, strict=True)]
+
+
+def _dirichlet_split(
+    labels: Tensor, *, num_workers: int, alpha: float | None, gamma: float | None, seed: int
+) -> list[Tensor]:
     assert alpha is not None  # checked by partition()
     return _dirichlet(labels, num_workers=num_workers, alpha=float(alpha), seed=seed)
 
@@ -147,6 +201,14 @@ def _dirichlet(labels: Tensor, *, num_workers: int, alpha: float, seed: int) -> 
     return [torch.cat([per_class[worker] for per_class in pieces]) for worker in range(num_workers)]
 
 
+def _takes_keyword(fn: Callable[..., object], name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call decide
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _checked_plugin(method: str, shards: object, num_samples: int, num_workers: int) -> list[Tensor]:
     """A plugin's shards, as the built-ins give them: num_workers disjoint sorted int64 index tensors."""
     if not isinstance(shards, (list, tuple)) or len(shards) != num_workers:
@@ -177,5 +239,7 @@ def _adapt_partitioner(name: str, obj: object) -> Callable[..., list[Tensor]]:
 
 #: Partitioners by name: the built-ins, then entry points (group ``arcsim.partitioners``), then ``module:callable``.
 PARTITIONER_REGISTRY: Registry[Callable[..., list[Tensor]]] = Registry(
-    "partitioner", builtins={"iid": _iid, "dirichlet": _dirichlet_split, "extreme": _extreme}, adapt=_adapt_partitioner
+    "partitioner",
+    builtins={"iid": _iid, "dirichlet": _dirichlet_split, "gamma_similarity": _gamma_similarity, "extreme": _extreme},
+    adapt=_adapt_partitioner,
 )
