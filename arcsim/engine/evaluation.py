@@ -1,4 +1,4 @@
-"""Test-set evaluation of a flat parameter vector."""
+"""Test-set and validation-set evaluation of a flat parameter vector."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import torch
 from torch import Tensor
 
 from arcsim.config import RunConfig
+from arcsim.engine.honest import training_split
 from arcsim.tasks import Dataset, build_model, model_loss
 
 
 class Evaluator:
-    """Accuracy and mean loss of the model at given parameters on the whole test set."""
+    """Accuracy and mean loss of the model at given parameters on the whole test set, and on the validation
+    set when the config holds one out (``validation_fraction`` > 0: the training samples no worker sees)."""
 
     def __init__(self, config: RunConfig, dataset: Dataset, *, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -22,7 +24,15 @@ class Evaluator:
         self._params = list(self.model.parameters())
         self._x = dataset.test_x.to(self.device)
         self._y = dataset.test_y.to(self.device)
+        self._validation: tuple[Tensor, Tensor] | None = None
+        if config.validation_fraction > 0.0:
+            held_out = training_split(config, dataset).validation
+            self._validation = (dataset.train_x[held_out].to(self.device), dataset.train_y[held_out].to(self.device))
         self.batch_size = config.eval_batch_size
+
+    @property
+    def has_validation(self) -> bool:
+        return self._validation is not None
 
     def initial_parameters(self) -> Tensor:
         return torch.nn.utils.parameters_to_vector(self._params).detach().to("cpu", copy=True)
@@ -38,13 +48,25 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, params: Tensor) -> tuple[float, float]:
+        """Test accuracy and mean test loss at ``params``."""
         torch.nn.utils.vector_to_parameters(params.to(self.device), self._params)
+        return self._score(self._x, self._y)
+
+    @torch.no_grad()
+    def evaluate_validation(self, params: Tensor) -> tuple[float, float] | None:
+        """Validation accuracy and mean validation loss at ``params``; None without a validation split."""
+        if self._validation is None:
+            return None
+        torch.nn.utils.vector_to_parameters(params.to(self.device), self._params)
+        return self._score(*self._validation)
+
+    def _score(self, inputs: Tensor, labels: Tensor) -> tuple[float, float]:
         correct = 0
         loss_sum = 0.0
-        for start in range(0, self._y.shape[0], self.batch_size):
-            x, y = self._x[start : start + self.batch_size], self._y[start : start + self.batch_size]
+        for start in range(0, labels.shape[0], self.batch_size):
+            x, y = inputs[start : start + self.batch_size], labels[start : start + self.batch_size]
             output = self.model(x)
             loss_sum += float(self.loss(output, y, reduction="sum"))
             correct += int((output.argmax(dim=1) == y).sum())
-        total = self._y.shape[0]
+        total = labels.shape[0]
         return correct / total, loss_sum / total

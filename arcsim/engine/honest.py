@@ -20,6 +20,7 @@ from torch import Tensor
 from arcsim.config import RunConfig
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, build_model, load_dataset, model_loss, partition
+from arcsim.tasks.validation import ValidationSplit, validation_split
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,11 +38,25 @@ def build_task_model(config: RunConfig, dataset: Dataset) -> torch.nn.Module:
     return build_model(config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed)
 
 
+def training_split(config: RunConfig, dataset: Dataset) -> ValidationSplit:
+    """The training set's indices left to the workers and those held out for validation (``validation_fraction``)."""
+    return validation_split(dataset.train_y.shape[0], fraction=config.validation_fraction, seed=config.seed)
+
+
 def shards(config: RunConfig, dataset: Dataset) -> list[Tensor]:
-    """The honest workers' shards: every process derives the same ones from (dataset, partitioner, seed)."""
-    return partition(
-        dataset.train_y, num_workers=config.num_honest, method=config.partitioner, alpha=config.alpha, seed=config.seed
+    """The honest workers' shards, as indices into ``dataset.train_y``: every process derives the same ones
+    from (dataset, validation split, partitioner, seed). The partitioner deals only the samples the
+    validation split leaves to training, so no validation sample reaches a worker."""
+    train = training_split(config, dataset).train  # all indices, in order, without a split
+    local = partition(
+        dataset.train_y[train],
+        num_workers=config.num_honest,
+        method=config.partitioner,
+        alpha=config.alpha,
+        gamma=config.gamma,
+        seed=config.seed,
     )
+    return [train[indices] for indices in local]
 
 
 class HonestWorker:

@@ -7,7 +7,8 @@ vectors of a round, keyed by worker id, and it
 1. orders them by worker id (arrival order never changes the result),
 2. runs the pipeline built by ``arcsim.robust.build_pipeline`` from the config,
 3. steps the model, :math:`\\theta_{t+1} = \\theta_t - \\eta_t (R_t + \\lambda \\theta_t)`,
-4. evaluates every ``eval_every`` rounds and after the last one,
+4. evaluates every ``eval_every`` rounds and after the last one, on the test set and, when the config
+   holds a validation split out (``validation_fraction``), on the validation set,
 5. appends a line to ``rounds.jsonl`` and writes a checkpoint (atomically): after every round by
    default (the gRPC coordinator); with ``checkpoint_seconds > 0`` (the in-process engine) only after
    the first round, when that many seconds have passed since the last checkpoint, and after the last
@@ -84,6 +85,9 @@ class RoundRecord:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     eval_seconds: float | None = None
     clipped_rows: int = 0  # rows the first clipping stage changed (bucket means, after bucketing)
+    # Set with accuracy/test_loss when the config holds a validation split out, None otherwise.
+    validation_accuracy: float | None = None
+    validation_loss: float | None = None
     # Norms of the received vectors by role (for the gradient-norm histogram; not written to disk).
     norms: dict[str, list[float]] = field(default_factory=dict, compare=False)
 
@@ -144,6 +148,8 @@ class RunState:
         self.last_vectors: dict[int, Tensor] = {}
         self.best_accuracy: float | None = None
         self.last_accuracy: float | None = None
+        self.best_validation_accuracy: float | None = None
+        self.last_validation_accuracy: float | None = None
         self.started = time.time()
         self.wall_seconds_before = 0.0
         self.checkpointed_round: int | None = None  # the round the newest checkpoint written by this object covers
@@ -228,14 +234,19 @@ class RunState:
         aggregation_seconds = time.perf_counter() - start
         for i in ids:
             self.last_vectors[i] = vectors[i]
-        accuracy = test_loss = eval_seconds = None
+        accuracy = test_loss = eval_seconds = validation_accuracy = validation_loss = None
         last = t + 1 >= config.rounds
         if (t + 1) % config.eval_every == 0 or last:
             eval_start = time.perf_counter()
             accuracy, test_loss = self.evaluator.evaluate(self.params)
+            validation = self.evaluator.evaluate_validation(self.params)
             eval_seconds = time.perf_counter() - eval_start
             self.last_accuracy = accuracy
-            self.best_accuracy = accuracy if self.best_accuracy is None else max(self.best_accuracy, accuracy)
+            self.best_accuracy = _max(self.best_accuracy, accuracy)
+            if validation is not None:
+                validation_accuracy, validation_loss = validation
+                self.last_validation_accuracy = validation_accuracy
+                self.best_validation_accuracy = _max(self.best_validation_accuracy, validation_accuracy)
         # In id order, like the vectors: the gRPC coordinator's dict is in arrival order, and a float sum
         # of three or more losses depends on the order.
         losses = [
@@ -263,6 +274,8 @@ class RunState:
             aggregation_seconds=aggregation_seconds,
             stage_seconds=stage_seconds,
             eval_seconds=eval_seconds,
+            validation_accuracy=validation_accuracy,
+            validation_loss=validation_loss,
             norms=norms,
         )
         if skip_reason:
@@ -298,6 +311,8 @@ class RunState:
             "run_settings": self.run_settings,
             "best_accuracy": self.best_accuracy,
             "last_accuracy": self.last_accuracy,
+            "best_validation_accuracy": self.best_validation_accuracy,
+            "last_validation_accuracy": self.last_validation_accuracy,
             "wall_seconds": self.wall_seconds(),
             "momentum_ids": sorted(self.last_vectors),
         }
@@ -352,6 +367,9 @@ class RunState:
         self.last_vectors = {int(i): found.tensors[f"momentum/{i}"] for i in values["momentum_ids"]}
         self.best_accuracy = values["best_accuracy"]
         self.last_accuracy = values["last_accuracy"]
+        # Absent from checkpoints written before the validation split existed: those runs had none.
+        self.best_validation_accuracy = values.get("best_validation_accuracy")
+        self.last_validation_accuracy = values.get("last_validation_accuracy")
         self.wall_seconds_before = float(values["wall_seconds"])
         self.started = time.time()
         # Keep the records of the rounds the checkpoint covers; drop any written after it, and a
@@ -425,6 +443,8 @@ class RunState:
             "rounds_completed": self.round,
             "final_accuracy": self.last_accuracy,
             "max_accuracy": self.best_accuracy,
+            "final_validation_accuracy": self.last_validation_accuracy,
+            "max_validation_accuracy": self.best_validation_accuracy,
             "final_params_sha256": params_digest,
             "num_parameters": self.num_parameters,
             "run_settings": self.run_settings,
@@ -434,6 +454,10 @@ class RunState:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(self.out_dir / "summary.json")
         return summary
+
+
+def _max(best: float | None, value: float) -> float:
+    return value if best is None else max(best, value)
 
 
 def _json_settings(settings: Mapping[str, Any] | None, *, name: str) -> dict[str, Any] | None:
