@@ -157,6 +157,11 @@ class CoordinatorMetrics:
             "arcsim_test_accuracy_ratio", "Test accuracy (0 to 1) at the last evaluation.", registry=r
         )
         self.test_loss = Gauge("arcsim_test_loss", "Test loss at the last evaluation.", registry=r)
+        # Set only by runs that hold a validation split out (validation_fraction > 0).
+        self.validation_accuracy = Gauge(
+            "arcsim_validation_accuracy_ratio", "Validation accuracy (0 to 1) at the last evaluation.", registry=r
+        )
+        self.validation_loss = Gauge("arcsim_validation_loss", "Validation loss at the last evaluation.", registry=r)
         self.train_loss = Gauge(
             "arcsim_train_loss", "Mean training loss of the honest workers, last round.", registry=r
         )
@@ -223,5 +228,9 @@ class CoordinatorMetrics:
             self.test_accuracy.set(record.accuracy)
         if record.test_loss is not None:
             self.test_loss.set(record.test_loss)
+        if record.validation_accuracy is not None:
+            self.validation_accuracy.set(record.validation_accuracy)
+        if record.validation_loss is not None:
+            self.validation_loss.set(record.validation_loss)
         if record.train_loss is not None:
             self.train_loss.set(record.train_loss)

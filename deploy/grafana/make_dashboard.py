@@ -173,11 +173,16 @@ def coordinator_panels() -> list[Panel]:
             [
                 (f"arcsim_test_accuracy_ratio{{{SELECT}}}", "test accuracy"),
                 (f"arcsim_test_loss{{{SELECT}}}", "test loss"),
+                (f"arcsim_validation_accuracy_ratio{{{SELECT}}}", "validation accuracy"),
+                (f"arcsim_validation_loss{{{SELECT}}}", "validation loss"),
                 (f"arcsim_train_loss{{{SELECT}}}", "train loss (honest)"),
             ],
             x=0,
             y=5,
-            description="Test accuracy (0 to 1) and loss at each evaluation; the honest workers' training loss.",
+            description=(
+                "Test accuracy (0 to 1) and loss at each evaluation (validation too, when the run holds a "
+                "validation split out); the honest workers' training loss."
+            ),
         ),
         panel(
             7,
