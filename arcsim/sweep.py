@@ -114,6 +114,7 @@ TABLE_COLUMNS = (
     "declared_f",
     "partitioner",
     "alpha",
+    "gamma",
     "seed",
     "status",
     "rounds_completed",
@@ -292,7 +293,7 @@ def run_name(config: RunConfig) -> str:
     'alie-arc_nnm_cwtm-f3-extreme-s1'
     """
     pipeline = "_".join(part.strip() for part in config.pipeline.split(">"))
-    partitioner = config.partitioner if config.alpha is None else f"{config.partitioner}{config.alpha:g}"
+    partitioner = config.partitioner + "".join(f"{v:g}" for v in (config.alpha, config.gamma) if v is not None)
     return f"{config.attack}-{pipeline}-f{config.num_byzantine}-{partitioner}-s{config.seed}-{config.digest()[:8]}"
 
 

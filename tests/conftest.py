@@ -88,6 +88,7 @@ UNIT_MODULES: Final[frozenset[str]] = frozenset(
         "test_config",
         "test_docs",
         "test_e2e_crash_checks",
+        "test_partition",
         "test_pipeline",
         "test_result_files",
         "test_robust",
