@@ -475,11 +475,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from arcsim.report import write_report
 
-    result = write_report(args.dir)
+    result = write_report(args.dir, select=args.select)
     print(
         f"report of {result.runs} runs: {result.markdown} (tables.csv, points.csv beside it) and "
         f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}"
         + (f" ({len(result.left_out)} runs not complete, left out)" if result.left_out else "")
+        + (f"; selected on validation: {result.selection} (selected.csv, candidates.csv)" if result.selection else "")
     )
     return EXIT_OK
 
@@ -735,9 +736,18 @@ def _add_sweep_and_report(sub: Any) -> None:
         description="Write DIR/report.md (per pipeline and attack, the maximum over evaluations of the "
         "seed-averaged accuracy, and the worst case over attacks), the same tables as DIR/tables.csv, "
         "the long-format table of every run's rounds as DIR/points.csv, and PNG plots in DIR/plots.",
-        epilog=_examples("arcsim report runs/paper-fashion-extreme"),
+        epilog=_examples(
+            "arcsim report runs/paper-fashion-extreme", "arcsim report runs/paper-protocol --select validation"
+        ),
     )
     report.add_argument("dir", help="a run folder or a sweep folder")
+    report.add_argument(
+        "--select",
+        choices=("validation",),
+        help="validation: per dataset, heterogeneity, f and pipeline, keep the hyperparameter point whose worst "
+        "attack is best on the validation split and report its test accuracy (selection.md, selected.csv, "
+        "candidates.csv, heatmaps); the runs need validation_fraction > 0",
+    )
     report.set_defaults(func=cmd_report)
 
 

@@ -24,8 +24,17 @@ round, :data:`POINT_COLUMNS`; ``arcsim.load(DIR)`` returns it) and PNG plots und
 * ``arc_clipping-*.png``: ARC's clip threshold and the number of clipped vectors by role (honest,
   Byzantine) over rounds, per attack.
 
+``arcsim report DIR --select validation`` applies the authors' selection rule (docs/paper.md) per
+(dataset, heterogeneity, f, pipeline) over the sweep's hyperparameter points (the config keys that vary
+other than the attack and the seed): a point's score is the minimum over attacks of the maximum over
+evaluations of the seed-averaged *validation* accuracy, the point with the largest score is kept, and
+its *test* accuracy is reported the same way. It writes ``DIR/selection.md``, ``DIR/selected.csv``,
+``DIR/candidates.csv``, ``heatmap-*.png`` (test worst case over heterogeneity x f, a panel per clipping
+variant) and ``selected_worst_case_vs_f-*.png``. The runs need a validation split (validation_fraction > 0).
+
 The computations (:func:`seed_average`, :func:`best_accuracy`, :func:`worst_case`,
-:func:`attack_tables`) are plain functions on plain data; the rest reads run folders and draws.
+:func:`attack_tables`, :func:`select_on_validation`) are plain functions on plain data; the rest reads
+run folders and draws.
 
 Example on a hand-made table (two seeds, two evaluations):
 
@@ -41,12 +50,13 @@ Example on a hand-made table (two seeds, two evaluations):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,19 +64,29 @@ from typing import Any
 __all__ = [
     "KEY_FIELDS",
     "POINT_COLUMNS",
+    "SELECTION_COLUMNS",
+    "SELECTION_GROUP",
+    "SELECT_MODES",
     "ReportResult",
     "RunData",
+    "SelectionData",
     "Table",
     "attack_tables",
     "best_accuracy",
+    "candidate_rows",
     "cell_fields",
     "clipping_variant",
     "group_curves",
+    "hyperparameter_keys",
     "load_points",
     "load_runs",
     "markdown_tables",
     "points_from_runs",
     "seed_average",
+    "select_on_validation",
+    "selected_rows",
+    "selection_markdown",
+    "selection_points",
     "table_rows",
     "worst_case",
     "write_report",
@@ -82,13 +102,17 @@ _VARIANT_STYLE = {NO_CLIPPING: ("tab:blue", "-"), ARC: ("tab:red", "-"), STATIC_
 # Config keys that never change the numbers, and those the keys of a cell already name.
 _IGNORED_KEYS = frozenset({"data_root", "round_deadline", "eval_batch_size"})
 _CELL_KEYS = frozenset({"seed", "attack", "attack_params", "pipeline", "pipeline_params", "num_byzantine"})
-_SETTING_CORE = ("task", "model", "num_honest", "partitioner", "alpha", "declared_f")
+_DATASET_KEYS = ("task", "model", "num_honest", "declared_f")
+_HETEROGENEITY_KEYS = ("partitioner", "alpha", "gamma")
+_SETTING_CORE = (*_DATASET_KEYS, *_HETEROGENEITY_KEYS)
 
 # The round record's fields that a point carries (rounds.jsonl; ``round`` becomes rounds done).
 _RECORD_FIELDS = (
     "lr",
     "accuracy",
     "test_loss",
+    "validation_accuracy",
+    "validation_loss",
     "train_loss",
     "clip_threshold",
     "clipped_honest",
@@ -112,7 +136,8 @@ POINT_COLUMNS = (
     *_RECORD_FIELDS,
 )
 """The columns of the long-format table (points.csv, :func:`load_points`), one row per run and round.
-``round`` counts the rounds done (1-based); ``accuracy`` and ``test_loss`` are empty between evaluations."""
+``round`` counts the rounds done (1-based); ``accuracy`` and ``test_loss`` (the test set's) are empty between
+evaluations, ``validation_accuracy`` and ``validation_loss`` also in runs without a validation split."""
 
 
 class Table(list[dict[str, Any]]):
@@ -177,14 +202,15 @@ def group_curves(
 
 
 def best_accuracy(
-    points: Iterable[Mapping[str, Any]], *, keys: Sequence[str] = KEY_FIELDS
+    points: Iterable[Mapping[str, Any]], *, keys: Sequence[str] = KEY_FIELDS, value: str = "accuracy"
 ) -> dict[tuple[Any, ...], float]:
-    """For each key: the maximum over evaluations of the seed-averaged accuracy.
+    """For each key: the maximum over evaluations of the seed-averaged accuracy (the field ``value``:
+    ``accuracy`` is the test set's, ``validation_accuracy`` the validation split's).
 
     Keys whose seeds share no evaluated round are left out.
     """
     best = {}
-    for key, curves in group_curves(points, keys=keys).items():
+    for key, curves in group_curves(points, keys=keys, value=value).items():
         averaged = seed_average(curves)
         if averaged:
             best[key] = max(averaged.values())
@@ -336,15 +362,39 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _dataset_label(config: Mapping[str, Any]) -> str:
+    parts = [f"{config['task']} / {config['model']}", f"{config['num_honest']} honest"]
+    if config.get("declared_f") is not None:
+        parts.append(f"declared f={config['declared_f']}")
+    return ", ".join(parts)
+
+
+def _heterogeneity_label(config: Mapping[str, Any]) -> str:
+    partitioner = str(config["partitioner"])
+    for key in ("alpha", "gamma"):
+        if config.get(key) is not None:
+            partitioner += f" ({key}={config[key]:g})"
+    return partitioner
+
+
 def _setting_label(config: Mapping[str, Any], extra_keys: Sequence[str]) -> str:
-    partitioner = config["partitioner"]
-    if config.get("alpha") is not None:
-        partitioner += f" (alpha={config['alpha']:g})"
-    parts = [f"{config['task']} / {config['model']}", f"{config['num_honest']} honest", partitioner]
+    parts = [f"{config['task']} / {config['model']}", f"{config['num_honest']} honest", _heterogeneity_label(config)]
     if config.get("declared_f") is not None:
         parts.append(f"declared f={config['declared_f']}")
     parts += [f"{key}={config[key]}" for key in extra_keys]
     return ", ".join(parts)
+
+
+def _varying_keys(runs: Sequence[RunData]) -> list[str]:
+    """The config keys, in config order, that differ between the runs and that no cell or setting names."""
+    return [
+        key
+        for key in (runs[0].config if runs else {})
+        if key not in _IGNORED_KEYS
+        and key not in _CELL_KEYS
+        and key not in _SETTING_CORE
+        and len({_canonical(run.config.get(key)) for run in runs}) > 1
+    ]
 
 
 def cell_fields(runs: Sequence[RunData]) -> list[dict[str, Any]]:
@@ -353,14 +403,7 @@ def cell_fields(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     The setting names the task, model, honest workers and partitioner, plus any other config key
     that differs between the runs (e.g. lr), so runs that differ in it are never averaged together.
     """
-    other = [
-        key
-        for key in (runs[0].config if runs else {})
-        if key not in _IGNORED_KEYS
-        and key not in _CELL_KEYS
-        and key not in _SETTING_CORE
-        and len({_canonical(run.config.get(key)) for run in runs}) > 1
-    ]
+    other = _varying_keys(runs)
     cells = []
     for run in runs:
         config = run.config
@@ -429,6 +472,249 @@ def table_rows(tables: Mapping[tuple[Any, Any], Mapping[str, Mapping[str, float]
     return out
 
 
+# --- selection on validation (the authors' protocol) -------------------------------------------
+SELECT_MODES = ("validation",)
+"""What ``arcsim report --select`` accepts (validation: each group's hyperparameters chosen on the validation split)."""
+
+SELECTION_GROUP = ("dataset", "heterogeneity", "f", "pipeline")
+"""What the selection is made per: a hyperparameter point is kept for each of these combinations."""
+
+SELECTION_COLUMNS = (
+    *SELECTION_GROUP,
+    "attack",
+    "seed",
+    "base",
+    "variant",
+    "variant_label",
+    "hyperparameters",
+    "run",
+    "round",
+    "accuracy",
+    "validation_accuracy",
+)
+"""The columns of :func:`selection_points`: one row per run and round, the hyperparameter point apart."""
+
+_ONE_POINT = "(one point)"  # the label of the hyperparameter point when no hyperparameter varies
+
+
+def hyperparameter_keys(runs: Sequence[RunData]) -> list[str]:
+    """The config keys that make a sweep's hyperparameter points: those that vary between the runs, other
+    than the attack, the seed, f, the pipeline, the dataset (task, model, workers), the heterogeneity
+    (partitioner, alpha, gamma) and the keys that never change the numbers; in config order."""
+    return _varying_keys(runs)
+
+
+def _point_label(config: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{key}={config.get(key)}" for key in keys) or _ONE_POINT
+
+
+def _heterogeneity_order(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """From the most homogeneous to the most heterogeneous: iid, γ-similarity by decreasing γ, Dirichlet by
+    decreasing α, extreme, then any other partitioner by name."""
+    partitioner = str(config["partitioner"])
+    ranks = {"iid": (0, None), "gamma_similarity": (1, "gamma"), "dirichlet": (2, "alpha"), "extreme": (3, None)}
+    rank, key = ranks.get(partitioner, (4, None))
+    value = config.get(key) if key else None
+    return (rank, -float(value) if value is not None else 0.0, partitioner)
+
+
+@dataclass(frozen=True)
+class SelectionData:
+    """What :func:`selection_points` reads from the runs: the long-format rows and the orders that the
+    selection's ties and the heatmaps' rows follow."""
+
+    points: Table  # SELECTION_COLUMNS
+    keys: tuple[str, ...]  # the hyperparameter keys (hyperparameter_keys)
+    point_order: dict[str, tuple[Any, ...]]  # point label -> its values, numbers ascending
+    heterogeneity_order: dict[str, tuple[Any, ...]]  # heterogeneity label -> _heterogeneity_order
+
+
+def selection_points(runs: Sequence[RunData]) -> SelectionData:
+    """The runs as rows for :func:`select_on_validation` (:data:`SELECTION_COLUMNS`).
+
+    ValueError when a run records no validation accuracy (a run without a validation split, or recorded
+    before arcsim had one): selecting on the test set would report an optimistic accuracy.
+    """
+    missing = [run.run_dir.name for run in runs if all(r.get("validation_accuracy") is None for r in run.records)]
+    if missing:
+        raise ValueError(
+            f"report --select validation: {len(missing)} of {len(runs)} runs record no validation accuracy "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); run them with "
+            "validation_fraction > 0 (a validation split held out of the training set)"
+        )
+    keys = hyperparameter_keys(runs)
+    points = Table(columns=SELECTION_COLUMNS)
+    point_order: dict[str, tuple[Any, ...]] = {}
+    heterogeneity_order: dict[str, tuple[Any, ...]] = {}
+    for run, cell in zip(runs, cell_fields(runs)):
+        label = _point_label(run.config, keys)
+        point_order[label] = tuple(_sortable(run.config.get(key)) for key in keys)
+        heterogeneity = _heterogeneity_label(run.config)
+        heterogeneity_order[heterogeneity] = _heterogeneity_order(run.config)
+        fields = {
+            "dataset": _dataset_label(run.config),
+            "heterogeneity": heterogeneity,
+            **{name: cell[name] for name in ("f", "pipeline", "attack", "seed", "base", "variant", "variant_label")},
+            "hyperparameters": label,
+            "run": run.run_dir.name,
+        }
+        for record in run.records:
+            points.append(
+                {
+                    **fields,
+                    "round": int(record["round"]) + 1,
+                    "accuracy": record.get("accuracy"),
+                    "validation_accuracy": record.get("validation_accuracy"),
+                }
+            )
+    return SelectionData(points, tuple(keys), point_order, heterogeneity_order)
+
+
+def select_on_validation(
+    points: Iterable[Mapping[str, Any]],
+    *,
+    group_keys: Sequence[str] = SELECTION_GROUP,
+    point_key: str = "hyperparameters",
+    point_order: Callable[[Any], Any] = _sortable,
+) -> list[dict[str, Any]]:
+    """The authors' rule: per group, every hyperparameter point scored on validation, and the one kept.
+
+    For each point and attack, the validation accuracy is averaged over seeds at every evaluation and
+    the maximum over evaluations taken; the point's score is the minimum of that over the attacks; the
+    point with the largest score is kept. Ties go to the point first in ``point_order`` (for a sweep,
+    :class:`SelectionData`'s: the hyperparameter values in config order, smaller first, i.e. a grid's
+    first point). A point lacking one of its group's attacks is not eligible (its minimum would miss
+    that attack). The kept point's test score is computed in the same way on ``accuracy``.
+
+    Returns one row per group and point, groups in order and points in ``point_order``: the group's
+    fields, ``point_key``, ``validation`` and ``test`` ({attack: score}), their worst cases
+    (``validation_worst_case``, ``validation_worst_attack``, ``test_worst_case``, ``test_worst_attack``),
+    ``eligible`` and ``selected``. ValueError when a group has no eligible point.
+    """
+    points = list(points)
+    keys = (*group_keys, point_key, "attack")
+    validation = best_accuracy(points, keys=keys, value="validation_accuracy")
+    test = best_accuracy(points, keys=keys, value="accuracy")
+    groups: dict[tuple[Any, ...], dict[Any, dict[str, dict[str, float]]]] = defaultdict(
+        lambda: defaultdict(lambda: {"validation": {}, "test": {}})
+    )
+    for name, scores in (("validation", validation), ("test", test)):
+        for (*group, point, attack), score in scores.items():
+            groups[tuple(group)][point][name][attack] = score
+    rows = []
+    for group in sorted(groups, key=_figure_order):
+        attacks = {attack for scores in groups[group].values() for attack in scores["test"]}
+        candidates = []
+        for point in sorted(groups[group], key=point_order):
+            scores = groups[group][point]
+            eligible = set(scores["validation"]) >= attacks
+            row: dict[str, Any] = {
+                **dict(zip(group_keys, group)),
+                point_key: point,
+                "validation": scores["validation"],
+                "test": scores["test"],
+                "eligible": eligible,
+                "selected": False,
+            }
+            for name in ("validation", "test"):
+                worst = worst_case(scores[name]) if scores[name] else (None, None)
+                row[f"{name}_worst_attack"], row[f"{name}_worst_case"] = worst
+            candidates.append(row)
+        kept = None
+        for row in candidates:  # strictly larger: a tie keeps the earlier point
+            if row["eligible"] and (kept is None or row["validation_worst_case"] > kept["validation_worst_case"]):
+                kept = row
+        if kept is None:
+            raise ValueError(
+                f"report --select validation: no hyperparameter point of {dict(zip(group_keys, group))} has a "
+                f"validation accuracy for every attack ({', '.join(sorted(attacks))})"
+            )
+        kept["selected"] = True
+        rows.extend(candidates)
+    return rows
+
+
+def candidate_rows(candidates: Sequence[Mapping[str, Any]]) -> Table:
+    """Every hyperparameter point's scores as one CSV-ready table (candidates.csv), accuracies as fractions."""
+    columns = (
+        *SELECTION_GROUP,
+        "hyperparameters",
+        "selected",
+        "eligible",
+        "validation_worst_case",
+        "validation_worst_attack",
+        "test_worst_case",
+        "test_worst_attack",
+    )
+    return Table(({name: row[name] for name in columns} for row in candidates), columns=columns)
+
+
+def selected_rows(candidates: Sequence[Mapping[str, Any]]) -> Table:
+    """The kept points (selected.csv): the group, the point, its validation worst case, its test accuracy
+    per attack (empty where a group lacks it) and its test worst case, accuracies as fractions."""
+    kept = [row for row in candidates if row["selected"]]
+    attacks = sorted({attack for row in kept for attack in row["test"]})
+    counts: dict[tuple[Any, ...], int] = defaultdict(int)
+    for row in candidates:
+        counts[tuple(row[k] for k in SELECTION_GROUP)] += 1
+    columns = (
+        *SELECTION_GROUP,
+        "hyperparameters",
+        "points",
+        "validation_worst_case",
+        "validation_worst_attack",
+        *attacks,
+        "test_worst_case",
+        "test_worst_attack",
+    )
+    return Table(
+        (
+            {
+                **{k: row[k] for k in (*SELECTION_GROUP, "hyperparameters")},
+                "points": counts[tuple(row[k] for k in SELECTION_GROUP)],
+                "validation_worst_case": row["validation_worst_case"],
+                "validation_worst_attack": row["validation_worst_attack"],
+                **row["test"],
+                "test_worst_case": row["test_worst_case"],
+                "test_worst_attack": row["test_worst_attack"],
+            }
+            for row in kept
+        ),
+        columns=columns,
+    )
+
+
+def selection_markdown(candidates: Sequence[Mapping[str, Any]]) -> str:
+    """One markdown table per (dataset, heterogeneity, f) of the kept points of :func:`select_on_validation`:
+    rows = pipelines with their kept point, its validation worst case, its test accuracy per attack and its
+    test worst case (percent; the best test worst case of each table in bold)."""
+    tables: dict[tuple[Any, ...], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in candidates:
+        if row["selected"]:
+            tables[(row["dataset"], row["heterogeneity"], row["f"])].append(row)
+    blocks = []
+    for dataset, heterogeneity, f in sorted(tables, key=_figure_order):
+        rows = tables[(dataset, heterogeneity, f)]
+        attacks = sorted({attack for row in rows for attack in row["test"]})
+        top = max(row["test_worst_case"] for row in rows)
+        lines = [
+            f"### {dataset}, {heterogeneity}, f = {f}",
+            "",
+            "| pipeline | selected | validation worst case | " + " | ".join(attacks) + " | test worst case |",
+            "|---|---|---:|" + "---:|" * (len(attacks) + 1),
+        ]
+        for row in sorted(rows, key=lambda r: tuple(reversed(clipping_variant(r["pipeline"])))):
+            text = f"{_pct(row['test_worst_case'])} ({row['test_worst_attack']})"
+            lines.append(
+                f"| {row['pipeline']} | {row['hyperparameters']} | {_pct(row['validation_worst_case'])} "
+                f"({row['validation_worst_attack']}) | "
+                + " | ".join(_pct(row["test"].get(attack)) for attack in attacks)
+                + f" | {f'**{text}**' if row['test_worst_case'] == top else text} |"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 # --- plots -----------------------------------------------------------------------------------
 def _slug(text: str, limit: int = 60) -> str:
     slug = re.sub(r"[^a-z0-9.]+", "_", str(text).lower()).strip("_")
@@ -449,10 +735,10 @@ def _figure(panels: int, *, columns: int, width: float = 4.2, height: float = 3.
     return figure, axes[:panels]
 
 
-def _save(figure: Any, path: Path) -> Path:
+def _save(figure: Any, path: Path, *, integer_x: bool = True) -> Path:
     from matplotlib.ticker import MaxNLocator
 
-    for ax in figure.axes:  # rounds and f are integers
+    for ax in figure.axes if integer_x else ():  # rounds and f are integers (a heatmap places its own ticks)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -508,11 +794,17 @@ def _plot_worst_case(points: Sequence[Mapping[str, Any]], plots: Path) -> list[P
     by_attack: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
     for (setting, f, base, variant, label, attack), score in best.items():
         by_attack[(setting, base, variant, label, f)][attack] = score
-    series: dict[str, dict[str, dict[tuple[str, str], dict[Any, float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(dict))
-    )
+    series: _Series = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for (setting, base, variant, label, f), scores in by_attack.items():
         series[setting][base][(variant, label)][f] = worst_case(scores)[1]
+    return _draw_worst_case(series, plots, prefix="worst_case_vs_f", title="worst case over attacks")
+
+
+# setting -> base pipeline -> (variant, variant label) -> {f: worst-case accuracy}
+_Series = dict[str, dict[str, dict[tuple[str, str], dict[Any, float]]]]
+
+
+def _draw_worst_case(series: _Series, plots: Path, *, prefix: str, title: str) -> list[Path]:
     paths = []
     for setting in sorted(series):
         bases = sorted(series[setting])
@@ -529,8 +821,74 @@ def _plot_worst_case(points: Sequence[Mapping[str, Any]], plots: Path) -> list[P
             ax.set_ylabel("worst-case accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-        figure.suptitle(f"{setting}\nworst case over attacks", fontsize="medium")
-        paths.append(_save(figure, plots / f"worst_case_vs_f-{_slug(setting)}.png"))
+        figure.suptitle(f"{setting}\n{title}", fontsize="medium")
+        paths.append(_save(figure, plots / f"{prefix}-{_slug(setting)}.png"))
+    return paths
+
+
+def _plot_selected_worst_case(
+    candidates: Sequence[Mapping[str, Any]], labels: Mapping[str, tuple[str, str, str]], plots: Path
+) -> list[Path]:
+    """Worst case against f of the kept points, per (dataset, heterogeneity): a panel per base pipeline."""
+    series: _Series = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for row in candidates:
+        if row["selected"]:
+            base, variant, label = labels[row["pipeline"]]
+            series[f"{row['dataset']}, {row['heterogeneity']}"][base][(variant, label)][row["f"]] = row[
+                "test_worst_case"
+            ]
+    title = "test worst case over attacks, hyperparameters selected on validation"
+    return _draw_worst_case(series, plots, prefix="selected_worst_case_vs_f", title=title)
+
+
+_HEATMAP_ORDER = (NO_CLIPPING, STATIC_CLIP, ARC)  # the paper's panels: without clipping, static, ARC
+
+
+def _plot_heatmaps(
+    candidates: Sequence[Mapping[str, Any]],
+    labels: Mapping[str, tuple[str, str, str]],
+    heterogeneity_order: Mapping[str, tuple[Any, ...]],
+    plots: Path,
+) -> list[Path]:
+    """Per dataset and base pipeline (aggregator): the kept points' test worst case over heterogeneity (rows,
+    most homogeneous on top) x f (columns), one panel per clipping variant side by side."""
+    cells: dict[tuple[str, str], dict[tuple[str, str], dict[tuple[str, Any], float]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for row in candidates:
+        if row["selected"]:
+            base, variant, label = labels[row["pipeline"]]
+            cells[(row["dataset"], base)][(variant, label)][(row["heterogeneity"], row["f"])] = row["test_worst_case"]
+    paths = []
+    for (dataset, base), panels in sorted(cells.items(), key=lambda kv: _figure_order(kv[0])):
+        rows = sorted({h for grid in panels.values() for h, _ in grid}, key=lambda h: heterogeneity_order[h])
+        fs = sorted({f for grid in panels.values() for _, f in grid}, key=_sortable)
+        variants = sorted(panels, key=lambda v: (_HEATMAP_ORDER.index(v[0]), v[1]))
+        figure, axes = _figure(
+            len(variants), columns=len(variants), width=0.9 * len(fs) + 2.6, height=0.5 * len(rows) + 1.8
+        )
+        for ax, variant in zip(axes, variants):
+            grid = [[100 * panels[variant].get((h, f), math.nan) for f in fs] for h in rows]
+            image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            for i, line in enumerate(grid):
+                for j, value in enumerate(line):
+                    if not math.isnan(value):  # dark text on the bright end of viridis, light on the dark end
+                        ax.text(
+                            j,
+                            i,
+                            f"{value:.1f}",
+                            ha="center",
+                            va="center",
+                            fontsize="small",
+                            color="black" if value > 60 else "white",
+                        )
+            ax.set_xticks(range(len(fs)), [str(f) for f in fs])
+            ax.set_yticks(range(len(rows)), rows)
+            ax.set_xlabel("f (Byzantine workers)")
+            ax.set_title(variant[1])
+        figure.colorbar(image, ax=list(axes), label="test worst-case accuracy (%)")
+        figure.suptitle(f"{base}: {dataset}\nhyperparameters selected on validation", fontsize="medium")
+        paths.append(_save(figure, plots / f"heatmap-{_slug(dataset)}-{_slug(base)}.png", integer_x=False))
     return paths
 
 
@@ -585,17 +943,33 @@ class ReportResult:
     left_out: tuple[Path, ...]
     points: Path | None = None  # points.csv: the long-format table
     tables: Path | None = None  # tables.csv: report.md's tables
+    selection: Path | None = None  # selection.md (--select): the kept points' tables and plots
+    selected: Path | None = None  # selected.csv (--select): the kept points
+    candidates: Path | None = None  # candidates.csv (--select): every point's scores
 
 
-def write_report(path: str | Path) -> ReportResult:
+def write_report(path: str | Path, *, select: str | None = None) -> ReportResult:
     """Read the runs under ``path``, write ``path/report.md``, ``path/tables.csv``, ``path/points.csv``
-    and ``path/plots/*.png``."""
+    and ``path/plots/*.png``.
+
+    ``select="validation"`` also keeps, per (dataset, heterogeneity, f, pipeline), the hyperparameter
+    point chosen on the validation split (:func:`select_on_validation`) and writes ``path/selection.md``
+    (the kept points' test accuracies), ``path/selected.csv``, ``path/candidates.csv`` (every point's
+    scores) and the heatmaps and worst-case-versus-f plots of the kept points; ValueError when a run
+    records no validation accuracy (nothing is written then).
+    """
+    if select is not None and select not in SELECT_MODES:
+        raise ValueError(f"report: select must be one of {', '.join(SELECT_MODES)} or None, got {select!r}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise RuntimeError("arcsim report needs matplotlib: pip install 'arcsim[report]'") from None
     path = Path(path)
     runs, left_out = load_runs(path)
+    selection = selection_points(runs) if select else None  # before writing: it refuses runs without validation
+    candidates = (
+        select_on_validation(selection.points, point_order=selection.point_order.__getitem__) if selection else []
+    )
     points = points_from_runs(runs)
     best = best_accuracy(points)
     tables = attack_tables(best)
@@ -615,6 +989,8 @@ def write_report(path: str | Path) -> ReportResult:
         "accuracy (%) for one pipeline and attack; the worst case is the minimum over attacks (ByzFL's "
         "protocol, as in Allouah et al., arXiv:2405.14432). f is the number of Byzantine workers.",
     ]
+    if selection:
+        lines += ["", "Hyperparameters selected on the validation split: [selection.md](selection.md)."]
     if left_out:
         lines += [
             "",
@@ -633,15 +1009,10 @@ def write_report(path: str | Path) -> ReportResult:
         "",
         "## Plots",
         "",
+        *_image_lines(plots),
     ]
-    for plot in plots:
-        lines.append(f"![{plot.stem}](plots/{plot.name})")
-        lines.append("")
-    markdown = path / "report.md"
-    tmp = path / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(markdown)
-    return ReportResult(
+    markdown = _write_text(path / "report.md", "\n".join(lines))
+    result = ReportResult(
         markdown=markdown,
         plots=tuple(plots),
         runs=len(runs),
@@ -649,3 +1020,50 @@ def write_report(path: str | Path) -> ReportResult:
         points=points_csv,
         tables=tables_csv,
     )
+    if selection is None:
+        return result
+    labels = {row["pipeline"]: (row["base"], row["variant"], row["variant_label"]) for row in selection.points}
+    selection_plots = [
+        *_plot_heatmaps(candidates, labels, selection.heterogeneity_order, plots_dir),
+        *_plot_selected_worst_case(candidates, labels, plots_dir),
+    ]
+    groups = {tuple(row[k] for k in SELECTION_GROUP) for row in candidates}
+    lines = [
+        f"# arcsim report: {path.name or path}, hyperparameters selected on validation",
+        "",
+        f"{len(runs)} completed runs, {len(groups)} groups (dataset, heterogeneity, f, pipeline), hyperparameter "
+        f"points told apart by {', '.join(selection.keys) or 'nothing (one point)'}. Per group, each point is "
+        "scored on the validation split: the maximum over evaluations of the seed-averaged validation accuracy, "
+        "per attack, then the minimum over attacks; the point with the largest score is kept (ties: the first "
+        "in ascending order of its values). The tables give the kept point's test accuracy (%) computed the "
+        "same way, and its worst case over attacks.",
+        "",
+        "## Kept points",
+        "",
+        selection_markdown(candidates),
+        "",
+        "The same numbers (as fractions) are in [selected.csv](selected.csv), and every point's validation "
+        "and test worst cases in [candidates.csv](candidates.csv).",
+        "",
+        "## Plots",
+        "",
+        *_image_lines(selection_plots),
+    ]
+    return dataclasses.replace(
+        result,
+        plots=(*plots, *selection_plots),
+        selection=_write_text(path / "selection.md", "\n".join(lines)),
+        selected=selected_rows(candidates).to_csv(path / "selected.csv"),
+        candidates=candidate_rows(candidates).to_csv(path / "candidates.csv"),
+    )
+
+
+def _image_lines(plots: Sequence[Path]) -> list[str]:
+    return [line for plot in plots for line in (f"![{plot.stem}](plots/{plot.name})", "")]
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomically: a reader never sees half a report
+    return path

@@ -288,3 +288,245 @@ def test_cli_report(sweep_copy: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_cli_report_of_a_missing_folder_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+# --- selection on validation, on a hand-made sweep folder ---------------------------------------
+# One group's known answer: lr = 0.1 is kept on validation (its worst attack 0.60 beats lr = 0.2's 0.55),
+# although lr = 0.2 is better on test (0.85 against 0.50): the report must give 0.50, not 0.85.
+# {(lr, attack): {seed: {round: (validation accuracy, test accuracy)}}}, evaluations after rounds 2 and 4.
+KEY_GROUP = {
+    (0.1, "alie"): {1: {2: (0.6, 0.4), 4: (0.8, 0.6)}, 2: {2: (0.8, 0.6), 4: (0.6, 0.4)}},  # 0.70 (not 0.80), 0.50
+    (0.1, "sign_flip"): {seed: {2: (0.5, 0.55), 4: (0.6, 0.5)} for seed in (1, 2)},  # 0.60, 0.55
+    (0.2, "alie"): {seed: {2: (0.7, 0.8), 4: (0.8, 0.9)} for seed in (1, 2)},  # 0.80, 0.90
+    (0.2, "sign_flip"): {seed: {2: (0.55, 0.85), 4: (0.5, 0.8)} for seed in (1, 2)},  # 0.55, 0.85
+}
+# A tie on validation (0.70 both): the first point in ascending order (lr = 0.1) is kept, test 0.60 not 0.65.
+TIE_GROUP = {
+    (lr, attack): {seed: {2: (0.7, test), 4: (0.6, test)} for seed in (1, 2)}
+    for lr, test in ((0.1, 0.6), (0.2, 0.65))
+    for attack in ("alie", "sign_flip")
+}
+SELECTION_BASE = {
+    "task": "synthetic",
+    "model": "mlp",
+    "num_honest": 4,
+    "rounds": 4,
+    "eval_every": 2,
+    "validation_fraction": 0.2,
+}
+HETEROGENEITY = ({"partitioner": "extreme"}, {"partitioner": "dirichlet", "alpha": 0.5})
+PIPELINES = (
+    {"pipeline": "nnm > cwtm"},
+    {"pipeline": "static_clip > nnm > cwtm", "pipeline_params": {"c": 2}},
+    {"pipeline": "arc > nnm > cwtm"},
+)
+
+
+def _write_run(folder: Path, curve: dict[int, tuple[float, float | None]], **values: object) -> None:
+    """A completed run folder as arcsim writes it (config.yaml, summary.json, rounds.jsonl)."""
+    from arcsim.config import from_dict
+
+    config = from_dict({**SELECTION_BASE, **values})
+    records = []
+    for r in range(config.rounds):
+        validation, test = curve.get(r + 1, (None, None))
+        records.append(
+            {
+                "round": r,
+                "lr": config.lr,
+                "received_honest": config.num_honest,
+                "received_byzantine": config.num_byzantine,
+                "aggregated": True,
+                "skip_reason": None,
+                "clip_threshold": 1.5 if config.pipeline.startswith("arc") else None,
+                "clipped_honest": 0,
+                "clipped_byzantine": config.num_byzantine,
+                "aggregate_error": 0.01,
+                "aggregate_norm": 0.1,
+                "train_loss": 2.0,
+                "accuracy": test,
+                "test_loss": None if test is None else 1.0,
+                "validation_accuracy": validation,
+                "validation_loss": None if validation is None else 1.0,
+                "round_seconds": 0.01,
+                "aggregation_seconds": 0.001,
+                "stage_seconds": {},
+                "eval_seconds": None if test is None else 0.001,
+                "clipped_rows": 0,
+            }
+        )
+    tests = [t for _, t in curve.values() if t is not None]
+    summary = {
+        "config": config.to_dict(),
+        "engine": "inproc",
+        "status": "completed",
+        "rounds_completed": config.rounds,
+        "final_accuracy": tests[-1] if tests else None,
+        "max_accuracy": max(tests, default=None),
+        "final_params_sha256": "0" * 64,
+        "num_parameters": 1,
+        "run_settings": None,
+        "wall_seconds": 0.0,
+    }
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config.to_yaml())
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def _group_curves(heterogeneity: int, f: int, pipeline: int) -> dict:
+    """The hand-made answers for two groups; elsewhere flat curves where lr = 0.2 wins on both sets."""
+    if (heterogeneity, f, pipeline) == (0, 1, 0):
+        return KEY_GROUP
+    if (heterogeneity, f, pipeline) == (0, 1, 2):
+        return TIE_GROUP
+    level = 0.3 + 0.1 * pipeline + 0.2 * heterogeneity - 0.05 * f
+    return {
+        (lr, attack): {seed: {2: (level + bonus, level + bonus / 2), 4: (level, level)} for seed in (1, 2)}
+        for lr, bonus in ((0.1, 0.0), (0.2, 0.02))
+        for attack in ("alie", "sign_flip")
+    }
+
+
+def write_selection_sweep(out: Path) -> Path:
+    """2 heterogeneities x f in {1, 3} x 3 pipelines x lr in {0.1, 0.2} x 2 attacks x 2 seeds: 96 run folders."""
+    for h, heterogeneity in enumerate(HETEROGENEITY):
+        for f in (1, 3):
+            for p, pipeline in enumerate(PIPELINES):
+                for (lr, attack), seeds in _group_curves(h, f, p).items():
+                    for seed, curve in seeds.items():
+                        name = f"h{h}-f{f}-p{p}-lr{lr}-{attack}-s{seed}"
+                        values = {**heterogeneity, **pipeline, "num_byzantine": f, "attack": attack}
+                        _write_run(out / name, curve, **values, lr=lr, seed=seed)
+    return out
+
+
+@pytest.fixture(scope="module")
+def selection_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_selection_sweep(tmp_path_factory.mktemp("selection"))
+
+
+def _selected(candidates: list[dict], **group: object) -> dict:
+    rows = [row for row in candidates if row["selected"] and all(row[k] == v for k, v in group.items())]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_selection_keeps_the_point_best_on_validation_and_reports_its_test_accuracy(selection_sweep: Path) -> None:
+    # Prepare
+    data = report.selection_points(load_runs(selection_sweep)[0])
+    # Execute
+    candidates = report.select_on_validation(data.points, point_order=data.point_order.__getitem__)
+    # Assert: lr is the only hyperparameter; 2 x 2 x 3 groups of 2 points
+    assert data.keys == ("lr",) and len(candidates) == 24
+    key = _selected(candidates, heterogeneity="extreme", f=1, pipeline="nnm > cwtm")
+    assert key["hyperparameters"] == "lr=0.1"
+    assert key["validation"] == {"alie": 0.7, "sign_flip": 0.6}  # seed-averaged first: 0.70, not 0.80
+    assert (key["validation_worst_attack"], key["validation_worst_case"]) == ("sign_flip", 0.6)
+    assert key["test"] == {"alie": 0.5, "sign_flip": 0.55}
+    assert (key["test_worst_attack"], key["test_worst_case"]) == ("alie", 0.5)
+    loser = next(
+        r
+        for r in candidates
+        if r["pipeline"] == "nnm > cwtm"
+        and r["f"] == 1
+        and r["hyperparameters"] == "lr=0.2"
+        and r["heterogeneity"] == "extreme"
+    )
+    assert loser["test_worst_case"] == 0.85 and not loser["selected"]  # better on test, not kept
+    tie = _selected(candidates, heterogeneity="extreme", f=1, pipeline="arc > nnm > cwtm")
+    assert (tie["hyperparameters"], tie["test_worst_case"]) == ("lr=0.1", 0.6)
+    other = _selected(candidates, heterogeneity="dirichlet (alpha=0.5)", f=3, pipeline="static_clip > nnm > cwtm (c=2)")
+    assert other["hyperparameters"] == "lr=0.2"
+
+
+def _hand_points(scores: dict[tuple[str, str], float]) -> list[dict]:
+    """{(point, attack): accuracy} -> one seed, one evaluation, validation = test, in one group."""
+    return [
+        {"g": "g", "hp": point, "attack": attack, "seed": 1, "round": 1, "accuracy": v, "validation_accuracy": v}
+        for (point, attack), v in scores.items()
+    ]
+
+
+def test_a_point_lacking_an_attack_is_not_eligible() -> None:
+    # Prepare: point b is best on the one attack it has, but lacks sign_flip
+    points = _hand_points({("a", "alie"): 0.5, ("a", "sign_flip"): 0.6, ("b", "alie"): 0.9})
+    # Execute
+    rows = report.select_on_validation(points, group_keys=("g",), point_key="hp")
+    # Assert
+    assert [(r["hp"], r["eligible"], r["selected"]) for r in rows] == [("a", True, True), ("b", False, False)]
+
+
+def test_ties_follow_the_point_order() -> None:
+    points = _hand_points({("a", "alie"): 0.5, ("b", "alie"): 0.5})
+    by_name = report.select_on_validation(points, group_keys=("g",), point_key="hp")
+    reverse = report.select_on_validation(points, group_keys=("g",), point_key="hp", point_order=lambda p: p != "b")
+    assert [r["hp"] for r in by_name if r["selected"]] == ["a"] and [r["hp"] for r in reverse if r["selected"]] == ["b"]
+
+
+def test_select_refuses_runs_without_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: one run with a validation split, one without (validation accuracy null, as arcsim records it)
+    _write_run(tmp_path / "with", {2: (0.5, 0.5), 4: (0.6, 0.6)}, num_byzantine=1, attack="alie", pipeline="cwtm")
+    _write_run(
+        tmp_path / "without",
+        {2: (None, 0.5), 4: (None, 0.6)},
+        num_byzantine=1,
+        attack="alie",
+        pipeline="cwtm",
+        validation_fraction=0.0,
+        seed=2,
+    )
+    # Execute / Assert: the library and the command line name the run, and nothing is written
+    with pytest.raises(ValueError, match=r"1 of 2 runs record no validation accuracy \(without\)"):
+        write_report(tmp_path, select="validation")
+    assert main(["report", str(tmp_path), "--select", "validation"]) == 2
+    assert "validation_fraction > 0" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_report_select_writes_the_kept_points_heatmaps_and_plots(
+    selection_sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    # Prepare
+    sweep = Path(shutil.copytree(selection_sweep, tmp_path / "sweep"))
+    # Execute
+    assert main(["report", str(sweep), "--select", "validation"]) == 0
+    # Assert: selected.csv, a row per group with the kept point and its test scores
+    assert "selection.md" in capsys.readouterr().out
+    with open(sweep / "selected.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 and list(rows[0])[-4:] == ["alie", "sign_flip", "test_worst_case", "test_worst_attack"]
+    key = next(r for r in rows if (r["heterogeneity"], r["f"], r["pipeline"]) == ("extreme", "1", "nnm > cwtm"))
+    assert (key["hyperparameters"], key["points"], key["test_worst_case"], key["test_worst_attack"]) == (
+        "lr=0.1",
+        "2",
+        "0.5",
+        "alie",
+    )
+    with open(sweep / "candidates.csv", newline="") as handle:
+        assert sum(row["selected"] == "True" for row in csv.DictReader(handle)) == 12
+    # selection.md: one table per (dataset, heterogeneity, f), and report.md links it
+    text = (sweep / "selection.md").read_text()
+    assert "### synthetic / mlp, 4 honest, extreme, f = 1" in text
+    assert "| nnm > cwtm | lr=0.1 | 60.0 (sign_flip) | 50.0 | 55.0 | 50.0 (alie) |" in text
+    assert "[selection.md](selection.md)" in (sweep / "report.md").read_text()
+    # A heatmap per aggregator (the three variants side by side), and the worst case against f per heterogeneity
+    plots = sorted(p.name for p in (sweep / "plots").iterdir() if p.name.startswith(("heatmap", "selected")))
+    assert plots == [
+        "heatmap-synthetic_mlp_4_honest-nnm_cwtm.png",
+        "selected_worst_case_vs_f-synthetic_mlp_4_honest_dirichlet_alpha_0.5.png",
+        "selected_worst_case_vs_f-synthetic_mlp_4_honest_extreme.png",
+    ]
+    for name in plots:
+        _assert_png(sweep / "plots" / name)
+        assert f"](plots/{name})" in text
+
+
+def test_report_without_select_writes_no_selection(selection_sweep: Path, tmp_path: Path) -> None:
+    sweep = Path(shutil.copytree(selection_sweep, tmp_path / "sweep"))
+    result = write_report(sweep)
+    assert result.selection is None and not (sweep / "selection.md").exists()
+    assert "selection.md" not in result.markdown.read_text()
+    assert not any(p.name.startswith("heatmap") for p in result.plots)
