@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from selection_sweep import write_run, write_selection_sweep
 
 from arcsim import report
 from arcsim.cli import main
@@ -290,117 +291,7 @@ def test_cli_report_of_a_missing_folder_fails_clearly(tmp_path: Path, capsys: py
     assert "is not a folder" in capsys.readouterr().err
 
 
-# --- selection on validation, on a hand-made sweep folder ---------------------------------------
-# One group's known answer: lr = 0.1 is kept on validation (its worst attack 0.60 beats lr = 0.2's 0.55),
-# although lr = 0.2 is better on test (0.85 against 0.50): the report must give 0.50, not 0.85.
-# {(lr, attack): {seed: {round: (validation accuracy, test accuracy)}}}, evaluations after rounds 2 and 4.
-KEY_GROUP = {
-    (0.1, "alie"): {1: {2: (0.6, 0.4), 4: (0.8, 0.6)}, 2: {2: (0.8, 0.6), 4: (0.6, 0.4)}},  # 0.70 (not 0.80), 0.50
-    (0.1, "sign_flip"): {seed: {2: (0.5, 0.55), 4: (0.6, 0.5)} for seed in (1, 2)},  # 0.60, 0.55
-    (0.2, "alie"): {seed: {2: (0.7, 0.8), 4: (0.8, 0.9)} for seed in (1, 2)},  # 0.80, 0.90
-    (0.2, "sign_flip"): {seed: {2: (0.55, 0.85), 4: (0.5, 0.8)} for seed in (1, 2)},  # 0.55, 0.85
-}
-# A tie on validation (0.70 both): the first point in ascending order (lr = 0.1) is kept, test 0.60 not 0.65.
-TIE_GROUP = {
-    (lr, attack): {seed: {2: (0.7, test), 4: (0.6, test)} for seed in (1, 2)}
-    for lr, test in ((0.1, 0.6), (0.2, 0.65))
-    for attack in ("alie", "sign_flip")
-}
-SELECTION_BASE = {
-    "task": "synthetic",
-    "model": "mlp",
-    "num_honest": 4,
-    "rounds": 4,
-    "eval_every": 2,
-    "validation_fraction": 0.2,
-}
-HETEROGENEITY = ({"partitioner": "extreme"}, {"partitioner": "dirichlet", "alpha": 0.5})
-PIPELINES = (
-    {"pipeline": "nnm > cwtm"},
-    {"pipeline": "static_clip > nnm > cwtm", "pipeline_params": {"c": 2}},
-    {"pipeline": "arc > nnm > cwtm"},
-)
-
-
-def _write_run(folder: Path, curve: dict[int, tuple[float, float | None]], **values: object) -> None:
-    """A completed run folder as arcsim writes it (config.yaml, summary.json, rounds.jsonl)."""
-    from arcsim.config import from_dict
-
-    config = from_dict({**SELECTION_BASE, **values})
-    records = []
-    for r in range(config.rounds):
-        validation, test = curve.get(r + 1, (None, None))
-        records.append(
-            {
-                "round": r,
-                "lr": config.lr,
-                "received_honest": config.num_honest,
-                "received_byzantine": config.num_byzantine,
-                "aggregated": True,
-                "skip_reason": None,
-                "clip_threshold": 1.5 if config.pipeline.startswith("arc") else None,
-                "clipped_honest": 0,
-                "clipped_byzantine": config.num_byzantine,
-                "aggregate_error": 0.01,
-                "aggregate_norm": 0.1,
-                "train_loss": 2.0,
-                "accuracy": test,
-                "test_loss": None if test is None else 1.0,
-                "validation_accuracy": validation,
-                "validation_loss": None if validation is None else 1.0,
-                "round_seconds": 0.01,
-                "aggregation_seconds": 0.001,
-                "stage_seconds": {},
-                "eval_seconds": None if test is None else 0.001,
-                "clipped_rows": 0,
-            }
-        )
-    tests = [t for _, t in curve.values() if t is not None]
-    summary = {
-        "config": config.to_dict(),
-        "engine": "inproc",
-        "status": "completed",
-        "rounds_completed": config.rounds,
-        "final_accuracy": tests[-1] if tests else None,
-        "max_accuracy": max(tests, default=None),
-        "final_params_sha256": "0" * 64,
-        "num_parameters": 1,
-        "run_settings": None,
-        "wall_seconds": 0.0,
-    }
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(config.to_yaml())
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    (folder / "rounds.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-
-
-def _group_curves(heterogeneity: int, f: int, pipeline: int) -> dict:
-    """The hand-made answers for two groups; elsewhere flat curves where lr = 0.2 wins on both sets."""
-    if (heterogeneity, f, pipeline) == (0, 1, 0):
-        return KEY_GROUP
-    if (heterogeneity, f, pipeline) == (0, 1, 2):
-        return TIE_GROUP
-    level = 0.3 + 0.1 * pipeline + 0.2 * heterogeneity - 0.05 * f
-    return {
-        (lr, attack): {seed: {2: (level + bonus, level + bonus / 2), 4: (level, level)} for seed in (1, 2)}
-        for lr, bonus in ((0.1, 0.0), (0.2, 0.02))
-        for attack in ("alie", "sign_flip")
-    }
-
-
-def write_selection_sweep(out: Path) -> Path:
-    """2 heterogeneities x f in {1, 3} x 3 pipelines x lr in {0.1, 0.2} x 2 attacks x 2 seeds: 96 run folders."""
-    for h, heterogeneity in enumerate(HETEROGENEITY):
-        for f in (1, 3):
-            for p, pipeline in enumerate(PIPELINES):
-                for (lr, attack), seeds in _group_curves(h, f, p).items():
-                    for seed, curve in seeds.items():
-                        name = f"h{h}-f{f}-p{p}-lr{lr}-{attack}-s{seed}"
-                        values = {**heterogeneity, **pipeline, "num_byzantine": f, "attack": attack}
-                        _write_run(out / name, curve, **values, lr=lr, seed=seed)
-    return out
-
-
+# --- selection on validation, on the hand-made sweep folder of tests/selection_sweep.py (answers there) ---
 @pytest.fixture(scope="module")
 def selection_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_selection_sweep(tmp_path_factory.mktemp("selection"))
@@ -466,8 +357,8 @@ def test_ties_follow_the_point_order() -> None:
 
 def test_select_refuses_runs_without_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: one run with a validation split, one without (validation accuracy null, as arcsim records it)
-    _write_run(tmp_path / "with", {2: (0.5, 0.5), 4: (0.6, 0.6)}, num_byzantine=1, attack="alie", pipeline="cwtm")
-    _write_run(
+    write_run(tmp_path / "with", {2: (0.5, 0.5), 4: (0.6, 0.6)}, num_byzantine=1, attack="alie", pipeline="cwtm")
+    write_run(
         tmp_path / "without",
         {2: (None, 0.5), 4: (None, 0.6)},
         num_byzantine=1,
