@@ -447,11 +447,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from arcsim.tasks.datasets import download_fashion_mnist, user_cache_dir
+    from arcsim.tasks.datasets import download_dataset
 
-    dest = Path(args.dest) if args.dest else user_cache_dir() / "fashion-mnist"
-    path = download_fashion_mnist(dest)
-    print(f"fashion-mnist downloaded and verified in {path}")
+    path = download_dataset(args.name, args.dest)
+    print(f"{args.name} downloaded and verified in {path}")
     return EXIT_OK
 
 
@@ -480,7 +479,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"report of {result.runs} runs: {result.markdown} (tables.csv, points.csv beside it) and "
         f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}"
         + (f" ({len(result.left_out)} runs not complete, left out)" if result.left_out else "")
-        + (f"; selected on validation: {result.selection} (selected.csv, candidates.csv)" if result.selection else "")
+        + (f"; selected on validation: {result.selected} (candidates.csv beside it)" if result.selected else "")
     )
     return EXIT_OK
 
@@ -745,7 +744,7 @@ def _add_sweep_and_report(sub: Any) -> None:
         "--select",
         choices=("validation",),
         help="validation: per dataset, heterogeneity, f and pipeline, keep the hyperparameter point whose worst "
-        "attack is best on the validation split and report its test accuracy (selection.md, selected.csv, "
+        "attack is best on the validation split and report its test accuracy (in report.md, selected.csv, "
         "candidates.csv, heatmaps); the runs need validation_fraction > 0",
     )
     report.set_defaults(func=cmd_report)
@@ -800,11 +799,20 @@ def _add_health_certs_data(sub: Any) -> None:
         help="download a dataset with checksum verification",
         description="Download a dataset into --dest and verify its checksums.",
         epilog=_examples(
-            "arcsim data download fashion-mnist", "arcsim data download fashion-mnist --dest /data/fashion-mnist"
+            "arcsim data download fashion-mnist",
+            "arcsim data download mnist --dest /data/mnist",
+            "arcsim data download cifar-10",
         ),
     )
-    download.add_argument("name", choices=("fashion-mnist",), help="the dataset")
-    download.add_argument("--dest", help="folder (default: the user cache, e.g. ~/.cache/arcsim/fashion-mnist)")
+    download.add_argument(
+        "name",
+        choices=("fashion-mnist", "mnist", "cifar-10"),
+        help="the dataset: fashion-mnist and mnist as their four IDX .gz files, cifar-10 as the six batches of its "
+        "binary archive (cifar-10-binary.tar.gz, never the pickled version), each checked against its SHA-256",
+    )
+    download.add_argument(
+        "--dest", help="folder (default: the user cache, e.g. ~/.cache/arcsim/NAME, searched by the loaders)"
+    )
     download.set_defaults(func=cmd_data)
 
 
