@@ -28,9 +28,10 @@ round, :data:`POINT_COLUMNS`; ``arcsim.load(DIR)`` returns it) and PNG plots und
 (dataset, heterogeneity, f, pipeline) over the sweep's hyperparameter points (the config keys that vary
 other than the attack and the seed): a point's score is the minimum over attacks of the maximum over
 evaluations of the seed-averaged *validation* accuracy, the point with the largest score is kept, and
-its *test* accuracy is reported the same way. It writes ``DIR/selection.md``, ``DIR/selected.csv``,
-``DIR/candidates.csv``, ``heatmap-*.png`` (test worst case over heterogeneity x f, a panel per clipping
-variant) and ``selected_worst_case_vs_f-*.png``. The runs need a validation split (validation_fraction > 0).
+its *test* accuracy is reported the same way. report.md opens with the kept points' tables, and it writes
+``DIR/selected.csv``, ``DIR/candidates.csv``, ``heatmap-*.png`` (test worst case over heterogeneity x f,
+a panel per clipping variant) and ``selected_worst_case_vs_f-*.png``. The runs need a validation split
+(validation_fraction > 0).
 
 The computations (:func:`seed_average`, :func:`best_accuracy`, :func:`worst_case`,
 :func:`attack_tables`, :func:`select_on_validation`) are plain functions on plain data; the rest reads
@@ -50,7 +51,6 @@ Example on a hand-made table (two seeds, two evaluations):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -943,7 +943,6 @@ class ReportResult:
     left_out: tuple[Path, ...]
     points: Path | None = None  # points.csv: the long-format table
     tables: Path | None = None  # tables.csv: report.md's tables
-    selection: Path | None = None  # selection.md (--select): the kept points' tables and plots
     selected: Path | None = None  # selected.csv (--select): the kept points
     candidates: Path | None = None  # candidates.csv (--select): every point's scores
 
@@ -953,10 +952,10 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
     and ``path/plots/*.png``.
 
     ``select="validation"`` also keeps, per (dataset, heterogeneity, f, pipeline), the hyperparameter
-    point chosen on the validation split (:func:`select_on_validation`) and writes ``path/selection.md``
-    (the kept points' test accuracies), ``path/selected.csv``, ``path/candidates.csv`` (every point's
-    scores) and the heatmaps and worst-case-versus-f plots of the kept points; ValueError when a run
-    records no validation accuracy (nothing is written then).
+    point chosen on the validation split (:func:`select_on_validation`): report.md opens with the kept
+    points' test accuracies, ``path/selected.csv`` holds them, ``path/candidates.csv`` every point's
+    scores, and the plots gain the kept points' heatmaps and worst case against f. ValueError when a
+    run records no validation accuracy (nothing is written then).
     """
     if select is not None and select not in SELECT_MODES:
         raise ValueError(f"report: select must be one of {', '.join(SELECT_MODES)} or None, got {select!r}")
@@ -966,7 +965,8 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
         raise RuntimeError("arcsim report needs matplotlib: pip install 'arcsim[report]'") from None
     path = Path(path)
     runs, left_out = load_runs(path)
-    selection = selection_points(runs) if select else None  # before writing: it refuses runs without validation
+    # The selection comes before any file is written: it refuses runs without validation, groups without a point.
+    selection = selection_points(runs) if select else None
     candidates = (
         select_on_validation(selection.points, point_order=selection.point_order.__getitem__) if selection else []
     )
@@ -989,8 +989,6 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
         "accuracy (%) for one pipeline and attack; the worst case is the minimum over attacks (ByzFL's "
         "protocol, as in Allouah et al., arXiv:2405.14432). f is the number of Byzantine workers.",
     ]
-    if selection:
-        lines += ["", "Hyperparameters selected on the validation split: [selection.md](selection.md)."]
     if left_out:
         lines += [
             "",
@@ -998,9 +996,20 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
             + ", ".join(f"`{p.name}`" for p in left_out[:20])
             + (" ..." if len(left_out) > 20 else ""),
         ]
+    selected = candidates_csv = None
+    selection_plots: list[Path] = []
+    if selection is not None:
+        selected = selected_rows(candidates).to_csv(path / "selected.csv")
+        candidates_csv = candidate_rows(candidates).to_csv(path / "candidates.csv")
+        labels = {row["pipeline"]: (row["base"], row["variant"], row["variant_label"]) for row in selection.points}
+        selection_plots = [
+            *_plot_heatmaps(candidates, labels, selection.heterogeneity_order, plots_dir),
+            *_plot_selected_worst_case(candidates, labels, plots_dir),
+        ]
+        lines += ["", *_selection_section(candidates, selection.keys, selection_plots)]
     lines += [
         "",
-        "## Tables",
+        "## Tables" + (" (every hyperparameter point)" if selection is not None else ""),
         "",
         markdown_tables(tables, seeds),
         "",
@@ -1011,51 +1020,39 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
         "",
         *_image_lines(plots),
     ]
-    markdown = _write_text(path / "report.md", "\n".join(lines))
-    result = ReportResult(
-        markdown=markdown,
-        plots=tuple(plots),
+    return ReportResult(
+        markdown=_write_text(path / "report.md", "\n".join(lines)),
+        plots=(*plots, *selection_plots),
         runs=len(runs),
         left_out=tuple(left_out),
         points=points_csv,
         tables=tables_csv,
+        selected=selected,
+        candidates=candidates_csv,
     )
-    if selection is None:
-        return result
-    labels = {row["pipeline"]: (row["base"], row["variant"], row["variant_label"]) for row in selection.points}
-    selection_plots = [
-        *_plot_heatmaps(candidates, labels, selection.heterogeneity_order, plots_dir),
-        *_plot_selected_worst_case(candidates, labels, plots_dir),
-    ]
+
+
+def _selection_section(
+    candidates: Sequence[Mapping[str, Any]], keys: Sequence[str], plots: Sequence[Path]
+) -> list[str]:
     groups = {tuple(row[k] for k in SELECTION_GROUP) for row in candidates}
-    lines = [
-        f"# arcsim report: {path.name or path}, hyperparameters selected on validation",
+    return [
+        "## Hyperparameters selected on validation",
         "",
-        f"{len(runs)} completed runs, {len(groups)} groups (dataset, heterogeneity, f, pipeline), hyperparameter "
-        f"points told apart by {', '.join(selection.keys) or 'nothing (one point)'}. Per group, each point is "
-        "scored on the validation split: the maximum over evaluations of the seed-averaged validation accuracy, "
-        "per attack, then the minimum over attacks; the point with the largest score is kept (ties: the first "
-        "in ascending order of its values). The tables give the kept point's test accuracy (%) computed the "
-        "same way, and its worst case over attacks.",
-        "",
-        "## Kept points",
+        f"{len(groups)} groups (dataset, heterogeneity, f, pipeline), hyperparameter points told apart by "
+        f"{', '.join(keys) or 'nothing (one point)'}. Per group, each point is scored on the validation split: "
+        "the maximum over evaluations of the seed-averaged validation accuracy, per attack, then the minimum "
+        "over attacks; the point with the largest score is kept (ties: the first in ascending order of its "
+        "values). The tables give the kept point's test accuracy (%) computed the same way, and its worst case "
+        "over attacks.",
         "",
         selection_markdown(candidates),
         "",
         "The same numbers (as fractions) are in [selected.csv](selected.csv), and every point's validation "
         "and test worst cases in [candidates.csv](candidates.csv).",
         "",
-        "## Plots",
-        "",
-        *_image_lines(selection_plots),
+        *_image_lines(plots),
     ]
-    return dataclasses.replace(
-        result,
-        plots=(*plots, *selection_plots),
-        selection=_write_text(path / "selection.md", "\n".join(lines)),
-        selected=selected_rows(candidates).to_csv(path / "selected.csv"),
-        candidates=candidate_rows(candidates).to_csv(path / "candidates.csv"),
-    )
 
 
 def _image_lines(plots: Sequence[Path]) -> list[str]:

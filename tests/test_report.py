@@ -385,7 +385,7 @@ def test_report_select_writes_the_kept_points_heatmaps_and_plots(
     # Execute
     assert main(["report", str(sweep), "--select", "validation"]) == 0
     # Assert: selected.csv, a row per group with the kept point and its test scores
-    assert "selection.md" in capsys.readouterr().out
+    assert "selected on validation" in capsys.readouterr().out
     with open(sweep / "selected.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12 and list(rows[0])[-4:] == ["alie", "sign_flip", "test_worst_case", "test_worst_attack"]
@@ -398,11 +398,12 @@ def test_report_select_writes_the_kept_points_heatmaps_and_plots(
     )
     with open(sweep / "candidates.csv", newline="") as handle:
         assert sum(row["selected"] == "True" for row in csv.DictReader(handle)) == 12
-    # selection.md: one table per (dataset, heterogeneity, f), and report.md links it
-    text = (sweep / "selection.md").read_text()
-    assert "### synthetic / mlp, 4 honest, extreme, f = 1" in text
+    # report.md opens with the kept points, one table per (dataset, heterogeneity, f), before every point's tables
+    text = (sweep / "report.md").read_text()
+    kept = text.index("## Hyperparameters selected on validation")
+    assert kept < text.index("## Tables (every hyperparameter point)")
+    assert text.index("### synthetic / mlp, 4 honest, extreme, f = 1", kept) < text.index("## Tables")
     assert "| nnm > cwtm | lr=0.1 | 60.0 (sign_flip) | 50.0 | 55.0 | 50.0 (alie) |" in text
-    assert "[selection.md](selection.md)" in (sweep / "report.md").read_text()
     # A heatmap per aggregator (the three variants side by side), and the worst case against f per heterogeneity
     plots = sorted(p.name for p in (sweep / "plots").iterdir() if p.name.startswith(("heatmap", "selected")))
     assert plots == [
@@ -418,6 +419,6 @@ def test_report_select_writes_the_kept_points_heatmaps_and_plots(
 def test_report_without_select_writes_no_selection(selection_sweep: Path, tmp_path: Path) -> None:
     sweep = Path(shutil.copytree(selection_sweep, tmp_path / "sweep"))
     result = write_report(sweep)
-    assert result.selection is None and not (sweep / "selection.md").exists()
-    assert "selection.md" not in result.markdown.read_text()
+    assert result.selected is None and not (sweep / "selected.csv").exists()
+    assert "selected on validation" not in result.markdown.read_text()
     assert not any(p.name.startswith("heatmap") for p in result.plots)
