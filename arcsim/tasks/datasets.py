@@ -493,7 +493,7 @@ def _find_cifar10(root: str | Path | None) -> Path:
     def has_all(folder: Path) -> bool:
         return all((folder / name).is_file() for name in CIFAR10_FILES)
 
-    return _find_folder("cifar-10", cifar10_search_path(root), has_all, f"{', '.join(CIFAR10_FILES)}")
+    return _find_folder("cifar-10", cifar10_search_path(root), has_all, ", ".join(CIFAR10_FILES))
 
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
