@@ -47,6 +47,8 @@ RECORD_COLUMNS = (
     "train_loss",
     "accuracy",
     "test_loss",
+    "validation_accuracy",
+    "validation_loss",
     "round_seconds",
     "aggregation_seconds",
     "eval_seconds",

@@ -412,7 +412,9 @@ def _same_config(summary: Mapping[str, Any], config: RunConfig) -> bool:
     def canon(data: Any) -> str:
         return json.dumps(data, sort_keys=True, default=str)
 
-    return canon(summary.get("config")) == canon(json.loads(canon(config.to_dict())))
+    # A summary written before a key was added lacks it: compare it with that key at its default.
+    recorded = {**type(config)().to_dict(), **(summary.get("config") or {})}
+    return canon(recorded) == canon(json.loads(canon(config.to_dict())))
 
 
 def is_complete(run_dir: Path, config: RunConfig) -> bool:

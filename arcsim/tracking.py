@@ -51,6 +51,8 @@ TRACKERS = ("tensorboard", "mlflow")
 METRICS = {
     "test/accuracy": "accuracy",
     "test/loss": "test_loss",
+    "validation/accuracy": "validation_accuracy",
+    "validation/loss": "validation_loss",
     "train/loss": "train_loss",
     "train/lr": "lr",
     "clipping/threshold": "clip_threshold",
