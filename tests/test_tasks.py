@@ -491,8 +491,8 @@ def test_synthetic_is_deterministic_and_learnable_by_a_linear_model() -> None:
 
 def test_unknown_dataset_lists_valid_names() -> None:
     # Execute / Assert
-    with pytest.raises(ValueError, match="unknown dataset 'cifar-10'; valid names: " + ", ".join(DATASETS)):
-        load_dataset("cifar-10")
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid names: " + ", ".join(DATASETS)):
+        load_dataset("imagenet")
 
 
 def test_dataset_rejects_mismatched_sample_counts() -> None:
