@@ -46,7 +46,7 @@ REJECTION_REASONS = (
     "stale_round",
     "future_round",
     "duplicate",
-    "concurrent_submission",  # a second stream of the same worker for the same round, while one is open
+    "concurrent_submission",  # a second SubmitGradient stream of a worker while its first one is open
     "missing_header",
     "unexpected_header",
     "bad_dtype",
