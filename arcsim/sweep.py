@@ -566,6 +566,19 @@ def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: 
             pool.shutdown(wait=not in_flight, cancel_futures=True)
 
 
+def _start_local_ray(ray: Any, jobs: int | None) -> None:
+    """A local Ray instance. Ray waits a fixed 30 s for its node to register and raises a bare
+    Exception when a loaded machine takes longer: that one case gets a second try."""
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as error:  # noqa: BLE001 - Ray's slow-start error has no type of its own
+            if attempt == 2 or "timed out during startup" not in str(error):
+                raise
+            ray.shutdown()
+
+
 def _run_ray(
     todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int | None, device: str, address: str | None
 ) -> Results:
@@ -579,7 +592,7 @@ def _run_ray(
     started_here = False
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+            _start_local_ray(ray, jobs)
         else:
             ray.init(address=address, log_to_driver=False)
         started_here = True

@@ -105,7 +105,7 @@ def test_version_is_the_installed_package_version(arcsim: Arcsim) -> None:
         (["health"], ["default: 3.0"]),
         (["certs"], []),
         (["data"], []),
-        (["data", "download"], ["{fashion-mnist}"]),
+        (["data", "download"], ["{fashion-mnist,mnist,cifar-10}"]),
         (["list"], ["{rules,attacks,datasets,models,partitioners}", "default: all of them"]),
     ],
 )
