@@ -11,8 +11,7 @@ ever carries a worker id. Each coordinator owns a registry, so several can live 
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,12 +21,12 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 
 from arcsim import __version__
 from arcsim.engine.rounds import RoundRecord
 from arcsim.roles import ROLES, Role
+from arcsim.transport.metrics_http import MetricsServer
 
 if TYPE_CHECKING:
     from arcsim.config import RunConfig
@@ -97,7 +96,7 @@ def exported_sample_names(registry: CollectorRegistry) -> set[str]:
 class CoordinatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, config: RunConfig | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._http: tuple[Any, threading.Thread] | None = None  # the /metrics server, once started
+        self._http = MetricsServer(self.registry)  # the /metrics page, once served
         r = self.registry
         # CPU seconds, resident memory and open file descriptors of this process (Linux only), and the
         # Python version: what an operator compares first between runs and machines.
@@ -192,21 +191,11 @@ class CoordinatorMetrics:
 
         Raises ``OSError`` naming the address when it cannot listen there (e.g. the port is taken).
         """
-        try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as error:
-            raise OSError(f"cannot serve metrics on {host}:{port}: {error.strerror or error}") from None
-        self._http = (server, thread)
-        return int(server.server_address[1])
+        return self._http.serve(port, host)
 
     def close(self) -> None:
         """Stop the /metrics server, if one was started, and release its port."""
-        http, self._http = self._http, None
-        if http is not None:
-            server, thread = http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+        self._http.close()
 
     def observe_round(self, record: RoundRecord) -> None:
         self.round.set(record.round + 1)

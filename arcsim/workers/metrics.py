@@ -9,14 +9,12 @@ ids in one adversary process share one (arcsim/adversaries/service.py).
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from arcsim.roles import ROLES, Role
+from arcsim.transport.metrics_http import MetricsServer
 
 HONEST, BYZANTINE = Role.HONEST, Role.BYZANTINE
 
@@ -60,8 +58,7 @@ class WorkerMetrics:
         self.role = role
         self.device = device
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.port: int | None = None  # the /metrics port, once served
-        self._http: tuple[Any, threading.Thread] | None = None
+        self._http = MetricsServer(self.registry, what="worker metrics")
         r = self.registry
         self.compute_seconds = Histogram(
             "arcsim_worker_compute_seconds",
@@ -114,26 +111,18 @@ class WorkerMetrics:
     def round_followed(self) -> None:
         self.rounds.labels(self.role).inc()
 
+    @property
+    def port(self) -> int | None:
+        """The /metrics port, once served."""
+        return self._http.port
+
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics over HTTP; returns the port bound (useful with port 0).
 
         Raises ``OSError`` naming the address when it cannot listen there (e.g. the port is taken).
         """
-        if self._http is not None:
-            raise RuntimeError(f"the worker's metrics are already served on port {self.port}")
-        try:
-            self._http = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as error:
-            raise OSError(f"cannot serve worker metrics on {host}:{port}: {error.strerror or error}") from None
-        self.port = int(self._http[0].server_address[1])
-        return self.port
+        return self._http.serve(port, host)
 
     def close(self) -> None:
         """Stop the /metrics server, if one was started, and release its port."""
-        http, self._http = self._http, None
-        self.port = None
-        if http is not None:
-            server, thread = http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+        self._http.close()
