@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arcsim.engine.rounds import RECORD_FIELDS
 from arcsim.report import Table, load_points
 
 if TYPE_CHECKING:
@@ -31,29 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["ENGINES", "RECORD_COLUMNS", "RunResult", "SweepResult", "load", "run", "sweep"]
 
 ENGINES = ("inproc", "grpc")
-RECORD_COLUMNS = (
-    "round",
-    "lr",
-    "received_honest",
-    "received_byzantine",
-    "aggregated",
-    "skip_reason",
-    "clip_threshold",
-    "clipped_honest",
-    "clipped_byzantine",
-    "clipped_rows",
-    "aggregate_error",
-    "aggregate_norm",
-    "train_loss",
-    "accuracy",
-    "test_loss",
-    "validation_accuracy",
-    "validation_loss",
-    "round_seconds",
-    "aggregation_seconds",
-    "eval_seconds",
-    "stage_seconds",
-)
+RECORD_COLUMNS = RECORD_FIELDS
 """The columns of :attr:`RunResult.records` (the fields of a line of rounds.jsonl; ``round`` is 0-based there)."""
 
 

@@ -38,7 +38,7 @@ import math
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +88,19 @@ class RoundRecord:
     # Set with accuracy/test_loss when the config holds a validation split out, None otherwise.
     validation_accuracy: float | None = None
     validation_loss: float | None = None
-    # Norms of the received vectors by role (for the gradient-norm histogram; not written to disk).
+    # Norms of the received vectors by role (for the vector-norm histogram; not written to disk).
     norms: dict[str, list[float]] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
-        data.pop("norms")
+        for name in _NOT_RECORDED:
+            data.pop(name)
         return json.dumps(data)
+
+
+_NOT_RECORDED = ("norms",)
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord) if f.name not in _NOT_RECORDED)
+"""The keys of a line of rounds.jsonl, in order."""
 
 
 def params_sha256(params: Tensor) -> str:
