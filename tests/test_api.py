@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_values
 
 import arcsim
 from arcsim.api import RECORD_COLUMNS, RunResult
@@ -20,18 +21,7 @@ from arcsim.config import RunConfig
 from arcsim.report import POINT_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {
-    "task": "synthetic",
-    "model": "logreg",
-    "num_honest": 3,
-    "num_byzantine": 1,
-    "attack": "alie",
-    "pipeline": "arc > nnm > cwtm",
-    "partitioner": "iid",
-    "rounds": 6,
-    "eval_every": 3,
-    "round_deadline": 30,
-}
+TINY = tiny_values(num_byzantine=1, attack="alie", rounds=6, eval_every=3, round_deadline=30)
 
 
 def _cli_run(config: Path, out: Path, engine: str) -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import tiny_values
 
 import arcsim
 from arcsim import tracking
@@ -23,19 +24,9 @@ from arcsim.config import RunConfig
 from arcsim.tracking import METRICS, RoundTrackers, check_trackers, flat_params
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {
-    "task": "synthetic",
-    "model": "logreg",
-    "num_honest": 3,
-    "num_byzantine": 1,
-    "attack": "alie",
-    "attack_params": {"tau": 1.5},
-    "pipeline": "arc > nnm > cwtm",
-    "partitioner": "iid",
-    "rounds": 5,
-    "eval_every": 2,
-    "round_deadline": 30,
-}
+TINY = tiny_values(
+    num_byzantine=1, attack="alie", attack_params={"tau": 1.5}, rounds=5, eval_every=2, round_deadline=30
+)
 
 
 def _tensorboard() -> Any:
