@@ -103,6 +103,41 @@ RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord) if f.
 """The keys of a line of rounds.jsonl, in order."""
 
 
+@dataclass(frozen=True)
+class RoundAggregation:
+    """What the pipeline made of one round's vectors: :meth:`RunState.aggregate_round` computes it, or
+    the batched engine hands it in (computed for many runs at once). ``aggregate`` is None when the
+    round was not aggregated (``skip_reason`` says why); ``clipped`` counts clipped vectors by role,
+    None when the clipping stage's rows name no worker; ``seconds``: the aggregation's own time (None:
+    timed by ``close_round``)."""
+
+    aggregate: Tensor | None
+    skip_reason: str | None
+    clip_threshold: float | None = None
+    clipped_rows: int = 0
+    clipped: dict[str, int] | None = None
+    aggregate_error: float | None = None
+    aggregate_norm: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    norms: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float | None = None
+
+    @classmethod
+    def skipped(cls, reason: str, *, norms: dict[str, list[float]]) -> RoundAggregation:
+        return cls(aggregate=None, skip_reason=reason, clipped={HONEST: 0, BYZANTINE: 0}, norms=norms)
+
+
+@dataclass(frozen=True)
+class RoundEvaluation:
+    """An evaluation computed outside :class:`RunState` (the batched engine evaluates many runs at once):
+    test accuracy and mean loss, the validation pair when the config holds a split out, and its time."""
+
+    accuracy: float
+    test_loss: float
+    validation: tuple[float, float] | None = None
+    seconds: float | None = None
+
+
 def params_sha256(params: Tensor) -> str:
     return hashlib.sha256(tensor_to_bytes(params.contiguous())).hexdigest()
 
@@ -177,6 +212,57 @@ class RunState:
         return role_of(self.config, worker_id)
 
     # --- one round ------------------------------------------------------------------------------
+    def aggregate_round(self, vectors: dict[int, Tensor], *, refused: int = 0) -> RoundAggregation:
+        """Run the pipeline on the round's vectors (keyed by worker id, aggregated in id order)."""
+        config = self.config
+        ids = sorted(vectors)
+        honest_ids = [i for i in ids if i < config.num_honest]
+        norms: dict[str, list[float]] = {HONEST: [], BYZANTINE: []}
+        if not ids:
+            reason = f"no vectors accepted ({refused} refused)" if refused else "no vectors received"
+            return RoundAggregation.skipped(reason, norms=norms)
+        x = torch.stack([vectors[i] for i in ids]).to(self.device)
+        row_norms = torch.linalg.vector_norm(x, dim=1).tolist()
+        for i, norm in zip(ids, row_norms):
+            norms[self.role(i)].append(norm)
+        start = time.perf_counter()
+        try:
+            # Bucketing's permutation from the run's seed and the round, like every other draw: torch's
+            # global generator starts over in each process, so a resumed run would repeat round 0's.
+            aggregate, report = self.pipeline(x, generator=generator(config.seed, "pipeline", self.round))
+        except ValueError as error:  # e.g. too few vectors arrived for 2f < n
+            return RoundAggregation.skipped(str(error), norms=norms)
+        clipped_rows, clipped = 0, {HONEST: 0, BYZANTINE: 0}
+        if report.clipped is not None:
+            clipped_rows = int(report.clipped.sum())
+            clipped = self.clipped_by_role(ids, report.clipped_inputs)
+        aggregate = aggregate.to("cpu", torch.float32)
+        aggregate_error = None
+        if honest_ids:  # ids are sorted, so the honest rows come first in x
+            honest_mean = x[: len(honest_ids)].mean(dim=0).to("cpu")
+            aggregate_error = float(torch.linalg.vector_norm(aggregate - honest_mean))
+        return RoundAggregation(
+            aggregate=aggregate,
+            skip_reason=None,
+            clip_threshold=report.clip_threshold,
+            clipped_rows=clipped_rows,
+            clipped=clipped,
+            aggregate_error=aggregate_error,
+            aggregate_norm=float(torch.linalg.vector_norm(aggregate)),
+            stage_seconds={stage.name: stage.seconds for stage in report.stages},
+            norms=norms,
+            seconds=time.perf_counter() - start,
+        )
+
+    def next_params(self, aggregate: Tensor | None) -> Tensor:
+        """The parameters after this round's step with ``aggregate`` (unchanged for None):
+        theta - lr * (aggregate + weight_decay * theta), with the round's learning rate."""
+        if aggregate is None:
+            return self.params
+        config = self.config
+        update = aggregate.add(self.params, alpha=config.weight_decay) if config.weight_decay else aggregate
+        return self.params.sub(update, alpha=config.lr_at(self.round))
+
     def close_round(
         self,
         vectors: dict[int, Tensor],
@@ -184,6 +270,8 @@ class RunState:
         train_losses: dict[int, float] | None = None,
         opened_at: float | None = None,
         refused: int = 0,
+        aggregation: RoundAggregation | None = None,
+        evaluation: RoundEvaluation | None = None,
     ) -> RoundRecord:
         """Aggregate the round's vectors (keyed by worker id), step, evaluate, record, checkpoint.
 
@@ -191,6 +279,10 @@ class RunState:
         workers whose vectors are in ``vectors`` (the gRPC coordinator receives a loss only with an
         accepted vector, and drops a non-finite one). ``refused``: submissions refused for this round
         (non-finite, malformed, late), named in the reason when no vector was accepted.
+
+        ``aggregation`` and ``evaluation``: what the batched engine computed for this run in its batched
+        calls (the pipeline on the vectors, and the evaluation when one is due this round), used instead
+        of computing them here; ``evaluation`` is ignored in a round without an evaluation.
         """
         if isinstance(refused, bool) or not isinstance(refused, int) or refused < 0:
             raise ValueError(f"refused must be a non-negative integer, got {refused!r}")
@@ -201,52 +293,26 @@ class RunState:
         t = self.round
         lr = config.lr_at(t)
         ids = sorted(vectors)
-        honest_ids = [i for i in ids if i < config.num_honest]
-        byz_ids = [i for i in ids if i >= config.num_honest]
-        norms: dict[str, list[float]] = {HONEST: [], BYZANTINE: []}
-        aggregated, skip_reason = False, None
-        clip_threshold, aggregate_error, aggregate_norm = None, None, None
-        clipped: dict[str, int] | None = {HONEST: 0, BYZANTINE: 0}
-        clipped_rows = 0
-        stage_seconds: dict[str, float] = {}
-        if not ids:
-            skip_reason = f"no vectors accepted ({refused} refused)" if refused else "no vectors received"
-        else:
-            x = torch.stack([vectors[i] for i in ids]).to(self.device)
-            row_norms = torch.linalg.vector_norm(x, dim=1).tolist()
-            for i, norm in zip(ids, row_norms):
-                norms[self.role(i)].append(norm)
-            try:
-                # Bucketing's permutation from the run's seed and the round, like every other draw: torch's
-                # global generator starts over in each process, so a resumed run would repeat round 0's.
-                aggregate, report = self.pipeline(x, generator=generator(config.seed, "pipeline", t))
-            except ValueError as error:  # e.g. too few vectors arrived for 2f < n
-                skip_reason = str(error)
-            else:
-                aggregated = True
-                clip_threshold = report.clip_threshold
-                if report.clipped is not None:
-                    clipped_rows = int(report.clipped.sum())
-                    clipped = self._clipped_by_role(ids, report.clipped_inputs)
-                stage_seconds = {stage.name: stage.seconds for stage in report.stages}
-                aggregate = aggregate.to("cpu", torch.float32)
-                aggregate_norm = float(torch.linalg.vector_norm(aggregate))
-                if honest_ids:  # ids are sorted, so the honest rows come first in x
-                    honest_mean = x[: len(honest_ids)].mean(dim=0).to("cpu")
-                    aggregate_error = float(torch.linalg.vector_norm(aggregate - honest_mean))
-                # theta <- theta - lr * (R + weight_decay * theta)
-                update = aggregate.add(self.params, alpha=config.weight_decay) if config.weight_decay else aggregate
-                self.params = self.params.sub(update, alpha=lr)
+        handed_in = aggregation is not None
+        if aggregation is None:
+            aggregation = self.aggregate_round(vectors, refused=refused)
+        self.params = self.next_params(aggregation.aggregate)
         aggregation_seconds = time.perf_counter() - start
+        if handed_in and aggregation.seconds is not None:
+            aggregation_seconds = aggregation.seconds
         for i in ids:
             self.last_vectors[i] = vectors[i]
         accuracy = test_loss = eval_seconds = validation_accuracy = validation_loss = None
         last = t + 1 >= config.rounds
         if (t + 1) % config.eval_every == 0 or last:
-            eval_start = time.perf_counter()
-            accuracy, test_loss = self.evaluator.evaluate(self.params)
-            validation = self.evaluator.evaluate_validation(self.params)
-            eval_seconds = time.perf_counter() - eval_start
+            if evaluation is None:
+                eval_start = time.perf_counter()
+                accuracy, test_loss = self.evaluator.evaluate(self.params)
+                validation = self.evaluator.evaluate_validation(self.params)
+                eval_seconds = time.perf_counter() - eval_start
+            else:
+                accuracy, test_loss, eval_seconds = evaluation.accuracy, evaluation.test_loss, evaluation.seconds
+                validation = evaluation.validation
             self.last_accuracy = accuracy
             self.best_accuracy = _max(self.best_accuracy, accuracy)
             if validation is not None:
@@ -260,32 +326,33 @@ class RunState:
             for i, loss in sorted((train_losses or {}).items())
             if i < config.num_honest and i in vectors and math.isfinite(loss)
         ]
+        clipped = aggregation.clipped
         record = RoundRecord(
             round=t,
             lr=lr,
-            received_honest=len(honest_ids),
-            received_byzantine=len(byz_ids),
-            aggregated=aggregated,
-            skip_reason=skip_reason,
-            clip_threshold=clip_threshold,
+            received_honest=sum(1 for i in ids if i < config.num_honest),
+            received_byzantine=sum(1 for i in ids if i >= config.num_honest),
+            aggregated=aggregation.aggregate is not None,
+            skip_reason=aggregation.skip_reason,
+            clip_threshold=aggregation.clip_threshold,
             clipped_honest=None if clipped is None else clipped[HONEST],
             clipped_byzantine=None if clipped is None else clipped[BYZANTINE],
-            clipped_rows=clipped_rows,
-            aggregate_error=aggregate_error,
-            aggregate_norm=aggregate_norm,
+            clipped_rows=aggregation.clipped_rows,
+            aggregate_error=aggregation.aggregate_error,
+            aggregate_norm=aggregation.aggregate_norm,
             train_loss=sum(losses) / len(losses) if losses else None,
             accuracy=accuracy,
             test_loss=test_loss,
             round_seconds=time.perf_counter() - opened_at,
             aggregation_seconds=aggregation_seconds,
-            stage_seconds=stage_seconds,
+            stage_seconds=aggregation.stage_seconds,
             eval_seconds=eval_seconds,
             validation_accuracy=validation_accuracy,
             validation_loss=validation_loss,
-            norms=norms,
+            norms=aggregation.norms,
         )
-        if skip_reason:
-            log.warning("round %d not aggregated: %s", t, skip_reason)
+        if aggregation.skip_reason:
+            log.warning("round %d not aggregated: %s", t, aggregation.skip_reason)
         self.round = t + 1
         with open(self._rounds_path, "a") as out:
             out.write(record.to_json() + "\n")
@@ -299,7 +366,7 @@ class RunState:
             self.save_checkpoint()
         return record
 
-    def _clipped_by_role(self, ids: list[int], clipped_inputs: Tensor | None) -> dict[str, int] | None:
+    def clipped_by_role(self, ids: list[int], clipped_inputs: Tensor | None) -> dict[str, int] | None:
         """Clipped vectors by role, from the mask over the sorted ids' rows; None when not attributable."""
         if clipped_inputs is None:
             return None
