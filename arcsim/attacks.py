@@ -20,6 +20,22 @@ Conventions: inputs are never modified; outputs are freshly allocated (never vie
 with the dtype and device of ``honest``; ``honest`` must be a finite 2-D floating tensor with at
 least one row and one column; bad arguments raise ``ValueError`` naming the offending values.
 
+Batches of runs: every vector-crafting attack (and ``craft``) also takes ``honest`` of shape
+``(..., h, d)``, one ``(h, d)`` matrix per run along any number of leading batch dimensions, and
+returns ``(..., f, d)``; batch element :math:`r` of the output is what the 2-D call returns on
+element :math:`r` of the input. The work is vectorised over the batch, except the Gaussian noise
+(one draw per element from its own generator: ``generator`` is then a sequence of
+``torch.Generator``, one per element in row-major order of the flattened batch dimensions) and
+``mimic_index`` (one small eigendecomposition per element). A batched ``honest`` must be finite
+too; the error names the offending batch elements by flat (row-major) index. Agreement with the
+2-D call is bitwise on CPU: each element goes through the same element-wise operations, the
+factors are cast to the dtype exactly as a Python scalar is, and torch reduces each row of a
+batch (means over the honest rows, norms of the search errors) in the same order as a lone
+matrix; no tolerance is needed there. On other devices reductions of differently shaped tensors
+may associate differently, so outputs agree to rounding and a searched factor can differ only
+between candidates whose errors agree to rounding. The batched line searches are described in
+``optimal_alie_tau``; ``MimicState`` is 2-D only.
+
 ``ATTACKS`` maps names to the vector-crafting attacks and ``craft`` dispatches to them by name;
 ``label_flip`` is a data attack (``DATA_ATTACKS``): it maps labels, and the Byzantine worker
 trains on its own data with the flipped labels. ``ATTACK_REGISTRY`` resolves every attack name,
@@ -49,7 +65,10 @@ __all__ = [
     "DEFAULT_FOE_TAU",
     "DEFAULT_FOE_TAUS",
     "DEFAULT_GAUSSIAN_STD",
+    "DEFAULT_MAX_ELEMENTS",
+    "EXPAND_CONTRACT_DEFAULTS",
     "REFINE_POINTS",
+    "SEARCHES",
     "DataAttack",
     "MimicState",
     "alie",
@@ -91,33 +110,58 @@ DEFAULT_FOE_TAUS: tuple[float, ...] = DEFAULT_ALIE_TAUS
 #: Points of each refinement grid of the line search (``refinements`` > 0), end points included.
 REFINE_POINTS = 11
 
+#: The line searches of ``optimal_alie`` and ``optimal_foe``: a grid (the default) or ByzFL's schedule.
+SEARCHES: tuple[str, ...] = ("grid", "expand_contract")
+
+#: ByzFL 0.0.11's defaults for its expand/contract ("line maximize") schedule.
+EXPAND_CONTRACT_DEFAULTS: Mapping[str, float] = MappingProxyType(
+    {"evals": 20, "start": 0.0, "delta": 10.0, "ratio": 0.8}
+)
+
+#: Default bound on the elements (batch x candidates x n x d) of one batched aggregate call.
+DEFAULT_MAX_ELEMENTS = 1 << 27
+
 
 # --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
 
 
-def _check_honest(honest: object) -> None:
+def _check_honest(honest: object, *, batched: bool = True) -> None:
+    """Check ``honest``: a finite floating ``(h, d)`` tensor, or ``(..., h, d)`` when ``batched``."""
     if not (
         isinstance(honest, Tensor)
-        and honest.ndim == 2
+        and (honest.ndim == 2 or (batched and honest.ndim > 2))
         and honest.is_floating_point()
-        and honest.shape[0] >= 1
-        and honest.shape[1] >= 1
+        and honest.shape[-2] >= 1
+        and honest.shape[-1] >= 1
     ):
         described = (
             f"a tensor of shape {tuple(honest.shape)} and dtype {honest.dtype}"
             if isinstance(honest, Tensor)
             else f"a {type(honest).__name__}"
         )
-        raise ValueError(f"honest must be a 2-D floating tensor (h, d) with h >= 1 and d >= 1, got {described}")
+        shapes = "(h, d), or (..., h, d) for a batch of runs," if batched else "(h, d)"
+        raise ValueError(f"honest must be a 2-D floating tensor {shapes} with h >= 1 and d >= 1, got {described}")
     # A finite sum proves every entry finite (NaN and infinities propagate through a sum) in one read;
     # only a non-finite sum, which overflow can also cause, pays for the element-wise count.
     if bool(torch.isfinite(honest.sum())):
         return
     bad = int((~torch.isfinite(honest)).sum().item())
-    if bad:
+    if not bad:
+        return
+    if honest.ndim == 2:
         raise ValueError(f"honest must be finite, got {bad} non-finite entries")
+    elements = (~torch.isfinite(honest)).flatten(-2).any(dim=-1).flatten().nonzero().flatten().tolist()
+    raise ValueError(
+        f"honest must be finite, got {bad} non-finite entries in batch elements {elements} "
+        f"(flat row-major indices over the batch shape {tuple(honest.shape[:-2])})"
+    )
+
+
+def _num_elements(honest: Tensor) -> int:
+    """How many runs a batched ``honest`` holds (the product of its leading dimensions)."""
+    return math.prod(honest.shape[:-2])
 
 
 def _check_count(name: str, value: int, *, minimum: int) -> int:
@@ -153,19 +197,42 @@ def _check_taus(taus: Sequence[float] | Tensor) -> list[float]:
 
 
 def _repeat_row(row: Tensor, num_byzantine: int) -> Tensor:
-    """``num_byzantine`` fresh, contiguous copies of the (d,) vector ``row``."""
-    return row.unsqueeze(0).repeat(num_byzantine, 1)
+    """``num_byzantine`` fresh, contiguous copies of the (..., d) vector ``row``: (..., f, d)."""
+    return row.unsqueeze(-2).repeat(*([1] * (row.ndim - 1)), num_byzantine, 1)
 
 
 def _std(honest: Tensor) -> Tensor:
-    """Coordinate-wise sample standard deviation (Bessel); zeros when there is one row.
+    """Coordinate-wise sample standard deviation (Bessel) over dim -2; zeros when there is one row.
 
     Written as element-wise ops plus a sum over rows: ``Tensor.std(dim=0)`` reduces along the
     strided dimension of a row-major (h, d) matrix, which is much slower on CPU.
     """
-    h = honest.shape[0]
-    centred = honest - honest.mean(dim=0)
-    return centred.square_().sum(dim=0).div_(max(h - 1, 1)).sqrt_()
+    h = honest.shape[-2]
+    centred = honest - honest.mean(dim=-2, keepdim=True)
+    return centred.square_().sum(dim=-2).div_(max(h - 1, 1)).sqrt_()
+
+
+def _scaled(vector: Tensor, factors: Tensor) -> Tensor:
+    """``factors[..., t] * vector[...]`` as (..., T, d), rounded as ``vector * float(factor)`` is.
+
+    torch multiplies a tensor by a Python scalar after casting the scalar to the tensor's dtype,
+    or, for float16 and bfloat16, in float32 before rounding the product back; doing the same here
+    keeps a batched factor bitwise equal to the 2-D call's Python float.
+    """
+    dtype = vector.dtype
+    opmath = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    product = factors.to(device=vector.device, dtype=opmath).unsqueeze(-1) * vector.to(opmath).unsqueeze(-2)
+    return product.to(dtype)
+
+
+def _alie_rows(mean: Tensor, std: Tensor, taus: Tensor) -> Tensor:
+    """ALIE's vector for each factor of ``taus`` (..., T): (..., T, d)."""
+    return mean.unsqueeze(-2) + _scaled(std, taus)
+
+
+def _foe_rows(mean: Tensor, taus: Tensor) -> Tensor:
+    """FOE's vector for each factor of ``taus`` (..., T): (..., T, d)."""
+    return _scaled(mean, -taus)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +256,7 @@ def sign_flip(honest: Tensor, *, num_byzantine: int) -> Tensor:
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    return _repeat_row(-honest.mean(dim=0), num_byzantine)
+    return _repeat_row(-honest.mean(dim=-2), num_byzantine)
 
 
 def foe(honest: Tensor, *, num_byzantine: int, tau: float = DEFAULT_FOE_TAU) -> Tensor:
@@ -214,7 +281,7 @@ def foe(honest: Tensor, *, num_byzantine: int, tau: float = DEFAULT_FOE_TAU) -> 
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
     tau = _check_real("tau", tau)
-    return _repeat_row(honest.mean(dim=0) * -tau, num_byzantine)
+    return _repeat_row(honest.mean(dim=-2) * -tau, num_byzantine)
 
 
 def alie_z_max(*, num_workers: int, num_byzantine: int) -> float:
@@ -278,17 +345,17 @@ def alie(honest: Tensor, *, num_byzantine: int, num_workers: int, tau: float | N
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    _check_num_workers(num_workers, num_honest=honest.shape[0], num_byzantine=num_byzantine)
+    _check_num_workers(num_workers, num_honest=honest.shape[-2], num_byzantine=num_byzantine)
     if tau is None:
         if num_byzantine == 0:  # nothing to craft; z_max may be undefined for f = 0
-            return honest.new_empty((0, honest.shape[1]))
+            return honest.new_empty((*honest.shape[:-2], 0, honest.shape[-1]))
         tau = alie_z_max(num_workers=num_workers, num_byzantine=num_byzantine)
     else:
         tau = _check_real("tau", tau)
-    return _repeat_row(honest.mean(dim=0) + tau * _std(honest), num_byzantine)
+    return _repeat_row(honest.mean(dim=-2) + tau * _std(honest), num_byzantine)
 
 
-def mimic_index(honest: Tensor) -> int:
+def mimic_index(honest: Tensor) -> int | Tensor:
     r"""The honest worker Mimic copies: the one farthest along the top principal direction.
 
     .. math::
@@ -309,10 +376,24 @@ def mimic_index(honest: Tensor) -> int:
     via bucketing", ICLR 2022 (the Mimic attack; they learn :math:`v` online, see
     ``MimicState``).
 
+    For a batch ``(..., h, d)`` it returns a ``torch.long`` tensor of shape ``(...,)`` on
+    ``honest``'s device, element :math:`r` being the 2-D call's index on element :math:`r`
+    (computed element by element: the eigendecomposition is of an :math:`h \times h` matrix).
+
     >>> mimic_index(torch.tensor([[0., 0.], [1., 0.], [5., 0.]]))  # |x_i - mu| = 2, 1, 3 along e_1
     2
+    >>> mimic_index(torch.tensor([[[0.], [1.], [5.]], [[0.], [4.], [5.]]]))
+    tensor([2, 0])
     """
     _check_honest(honest)
+    if honest.ndim > 2:
+        flat = honest.reshape(-1, *honest.shape[-2:])
+        indices = [_mimic_index(flat[r]) for r in range(flat.shape[0])]
+        return torch.tensor(indices, dtype=torch.long, device=honest.device).reshape(honest.shape[:-2])
+    return _mimic_index(honest)
+
+
+def _mimic_index(honest: Tensor) -> int:
     centred = honest - honest.mean(dim=0)
     gram = (centred @ centred.T).to(torch.float64)
     # gram @ u_1 = s_1^2 u_1: the projections up to a positive factor, and exactly 0 when C = 0.
@@ -331,7 +412,9 @@ def mimic(honest: Tensor, *, num_byzantine: int, index: int | None = None) -> Te
     ``mimic_index(honest)``, the worker farthest along the top principal direction of this
     round's honest vectors (maximising the apparent heterogeneity). This stateless rule picks
     :math:`i^\star` afresh every round; ``MimicState`` is the online variant of Karimireddy et al.
-    that learns the direction over warm-up rounds and then sticks to one worker.
+    that learns the direction over warm-up rounds and then sticks to one worker. For a batch,
+    ``index`` (an int) names the same row in every element, and ``index=None`` takes each
+    element's own ``mimic_index``.
 
     Reference: Karimireddy, He and Jaggi, "Byzantine-robust learning on heterogeneous datasets
     via bucketing", ICLR 2022.
@@ -344,11 +427,17 @@ def mimic(honest: Tensor, *, num_byzantine: int, index: int | None = None) -> Te
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
+    h = honest.shape[-2]
+    if index is None and honest.ndim > 2:
+        chosen = mimic_index(honest)
+        assert isinstance(chosen, Tensor)
+        gather = chosen[..., None, None].expand(*chosen.shape, 1, honest.shape[-1])
+        return _repeat_row(torch.take_along_dim(honest, gather, dim=-2).squeeze(-2), num_byzantine)
     if index is None:
         index = mimic_index(honest)
-    elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < honest.shape[0]:
-        raise ValueError(f"index must be an int in [0, {honest.shape[0] - 1}] (a row of honest), got {index!r}")
-    return _repeat_row(honest[index], num_byzantine)
+    elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < h:
+        raise ValueError(f"index must be an int in [0, {h - 1}] (a row of honest), got {index!r}")
+    return _repeat_row(honest[..., index, :], num_byzantine)
 
 
 class MimicState:
@@ -373,7 +462,8 @@ class MimicState:
 
     This is deliberately small: the state lives in memory (``rounds_seen``, ``running_mean``,
     ``direction``, ``index``), so an adversary that restarts must restore these fields itself to
-    reproduce a run. The stateless per-round rule is ``mimic``.
+    reproduce a run. The stateless per-round rule is ``mimic``. It takes 2-D ``(h, d)`` input
+    only (one run's state): a batch of runs needs one ``MimicState`` per run.
 
     >>> state = MimicState(warmup_rounds=1)
     >>> state(torch.tensor([[0., 0.], [1., 0.], [5., 0.]]), num_byzantine=1)
@@ -392,7 +482,7 @@ class MimicState:
         self.index: int | None = None
 
     def __call__(self, honest: Tensor, *, num_byzantine: int) -> Tensor:
-        _check_honest(honest)
+        _check_honest(honest, batched=False)
         _check_count("num_byzantine", num_byzantine, minimum=0)
         if self.index is not None:
             return mimic(honest, num_byzantine=num_byzantine, index=self.index)
@@ -430,7 +520,7 @@ def gaussian(
     honest: Tensor,
     *,
     num_byzantine: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     std: float = DEFAULT_GAUSSIAN_STD,
 ) -> Tensor:
     r"""Gaussian: the honest mean plus independent Gaussian noise in every Byzantine vector.
@@ -445,6 +535,10 @@ def gaussian(
     ``honest``'s device: the same generator state gives the same vectors whatever the device of
     ``honest``. Seed the generator with ``arcsim.seeding.generator(seed, "attack", round)``.
 
+    For a batch ``(..., h, d)``, ``generator`` is a sequence of ``torch.Generator``, one per batch
+    element in row-major order of the flattened batch dimensions; element :math:`r` draws its
+    ``(f, d)`` block from ``generator[r]`` exactly as the 2-D call with that generator does.
+
     Reference: Gaussian Byzantine values as in Xie, Koyejo and Gupta, "Generalized
     Byzantine-tolerant SGD", arXiv:1802.10116 (2018), here centred at the honest mean.
 
@@ -458,15 +552,37 @@ def gaussian(
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
     std = _check_real("std", std, minimum=0.0)
+    if honest.ndim > 2:
+        generators = _check_generators(generator, _num_elements(honest))
+        shape = (num_byzantine, honest.shape[-1])
+        noise = torch.stack(
+            [_draw_noise(g, shape, honest) for g in generators] if generators else [honest.new_empty((0, *shape))]
+        ).reshape(*honest.shape[:-2], *shape)
+        return honest.mean(dim=-2, keepdim=True) + std * noise
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {generator!r}")
-    noise = torch.randn(
-        (num_byzantine, honest.shape[1]),
-        generator=generator,
-        dtype=honest.dtype,
-        device=generator.device,
-    ).to(honest.device)
+    noise = _draw_noise(generator, (num_byzantine, honest.shape[1]), honest)
     return honest.mean(dim=0) + std * noise
+
+
+def _draw_noise(generator: torch.Generator, shape: tuple[int, int], honest: Tensor) -> Tensor:
+    """Standard normal noise of ``shape`` drawn on the generator's device, moved to ``honest``'s."""
+    return torch.randn(shape, generator=generator, dtype=honest.dtype, device=generator.device).to(honest.device)
+
+
+def _check_generators(generator: object, count: int) -> list[torch.Generator]:
+    """A batched call's generators: a sequence of ``count`` torch.Generator, one per batch element."""
+    if (
+        isinstance(generator, torch.Generator)
+        or not isinstance(generator, Sequence)
+        or len(generator) != count
+        or not all(isinstance(g, torch.Generator) for g in generator)
+    ):
+        raise ValueError(
+            f"generator must be a sequence of {count} torch.Generator for a batch of {count} runs "
+            f"(one per batch element, row-major), got {generator!r}"
+        )
+    return list(generator)
 
 
 def inf(honest: Tensor, *, num_byzantine: int) -> Tensor:
@@ -484,7 +600,8 @@ def inf(honest: Tensor, *, num_byzantine: int) -> Tensor:
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    return torch.full((num_byzantine, honest.shape[1]), math.inf, dtype=honest.dtype, device=honest.device)
+    shape = (*honest.shape[:-2], num_byzantine, honest.shape[-1])
+    return torch.full(shape, math.inf, dtype=honest.dtype, device=honest.device)
 
 
 def nan(honest: Tensor, *, num_byzantine: int) -> Tensor:
@@ -501,12 +618,91 @@ def nan(honest: Tensor, *, num_byzantine: int) -> Tensor:
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    return torch.full((num_byzantine, honest.shape[1]), math.nan, dtype=honest.dtype, device=honest.device)
+    shape = (*honest.shape[:-2], num_byzantine, honest.shape[-1])
+    return torch.full(shape, math.nan, dtype=honest.dtype, device=honest.device)
 
 
 # --------------------------------------------------------------------------------------------
 # Optimal (line-searched) attacks
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Search:
+    """Validated settings of a line search (``kind`` is one of ``SEARCHES``)."""
+
+    kind: str
+    taus: tuple[float, ...] = ()
+    refinements: int = 0
+    evals: int = 0
+    start: float = 0.0
+    delta: float = 0.0
+    ratio: float = 0.0
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+
+
+def _check_search(
+    *,
+    search: str,
+    taus: Sequence[float] | Tensor | None,
+    refinements: int,
+    evals: int | None,
+    start: float | None,
+    delta: float | None,
+    ratio: float | None,
+    max_elements: int,
+    default_taus: Sequence[float],
+) -> _Search:
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {', '.join(map(repr, SEARCHES))}, got {search!r}")
+    _check_count("max_elements", max_elements, minimum=1)
+    if search == "grid":
+        schedule = {"evals": evals, "start": start, "delta": delta, "ratio": ratio}
+        given = [name for name, value in schedule.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{given} are parameters of search='expand_contract'; search='grid' takes taus and refinements"
+            )
+        grid = _check_taus(default_taus if taus is None else taus)
+        _check_count("refinements", refinements, minimum=0)
+        return _Search("grid", taus=tuple(grid), refinements=refinements, max_elements=max_elements)
+    given = [name for name, unset in (("taus", taus is None), ("refinements", refinements == 0)) if not unset]
+    if given:
+        raise ValueError(
+            f"{given} are parameters of search='grid'; search='expand_contract' takes evals, start, delta and ratio"
+        )
+    defaults = EXPAND_CONTRACT_DEFAULTS
+    delta = _check_real("delta", defaults["delta"] if delta is None else delta)
+    if delta == 0:
+        raise ValueError("delta must be a non-zero finite real number (the first step), got 0.0")
+    ratio = defaults["ratio"] if ratio is None else ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.5 < ratio < 1:
+        raise ValueError(f"ratio must be a real number in (0.5, 1), as in ByzFL, got {ratio!r}")
+    return _Search(
+        "expand_contract",
+        evals=_check_count("evals", defaults["evals"] if evals is None else evals, minimum=1),
+        start=_check_real("start", defaults["start"] if start is None else start),
+        delta=delta,
+        ratio=float(ratio),
+        max_elements=max_elements,
+    )
+
+
+def _expand_contract(error_at: Callable[[float], float], settings: _Search) -> float:
+    """ByzFL's line-maximize schedule, one evaluation at a time (see ``optimal_alie_tau``)."""
+    best = settings.start
+    best_error = error_at(best)
+    step = settings.delta
+    expanding = True
+    for _ in range(settings.evals - 1):
+        point = best + step
+        error = error_at(point)
+        improved = error > best_error
+        if improved:
+            best, best_error = point, error
+        step = step * 2.0 if expanding and improved else step * settings.ratio
+        expanding = expanding and improved
+    return best
 
 
 def _line_search(
@@ -515,21 +711,13 @@ def _line_search(
     num_byzantine: int,
     aggregate: Aggregate,
     vector_for: Callable[[float], Tensor],
-    taus: Sequence[float] | Tensor,
-    refinements: int,
+    settings: _Search,
 ) -> float:
-    """A grid search, then ``refinements`` finer grids around the best tau."""
-    if not callable(aggregate):
-        raise ValueError(f"aggregate must be a callable (n, d) -> (d,), got {aggregate!r}")
-    grid = _check_taus(taus)
-    _check_count("refinements", refinements, minimum=0)
+    """The 2-D search: one aggregate call per candidate factor."""
     honest_mean = honest.mean(dim=0)
     d = honest.shape[1]
-    errors: dict[float, float] = {}
 
-    def evaluate(tau: float) -> None:
-        if tau in errors:
-            return
+    def error_at(tau: float) -> float:
         byzantine = _repeat_row(vector_for(tau), num_byzantine)
         output = aggregate(torch.cat([honest, byzantine], dim=0))
         if not isinstance(output, Tensor) or tuple(output.shape) != (d,):
@@ -538,14 +726,23 @@ def _line_search(
         error = float(torch.linalg.vector_norm(output - honest_mean).item())
         if not math.isfinite(error):
             raise ValueError(f"aggregate returned a non-finite vector at tau={tau}")
-        errors[tau] = error
+        return error
+
+    if settings.kind == "expand_contract":
+        return _expand_contract(error_at, settings)
+
+    errors: dict[float, float] = {}
+
+    def evaluate(tau: float) -> None:
+        if tau not in errors:
+            errors[tau] = error_at(tau)
 
     def best() -> float:  # largest error; the smallest tau among equals
         return min(errors, key=lambda tau: (-errors[tau], tau))
 
-    for tau in grid:
+    for tau in settings.taus:
         evaluate(tau)
-    for _ in range(refinements):
+    for _ in range(settings.refinements):
         centre = best()
         below = [tau for tau in errors if tau < centre]
         above = [tau for tau in errors if tau > centre]
@@ -558,6 +755,141 @@ def _line_search(
     return best()
 
 
+def _best(taus: Tensor, errors: Tensor) -> Tensor:
+    """Per element, the factor of largest error, the smallest among equals: (..., K) -> (...,)."""
+    top = errors.amax(dim=-1, keepdim=True)
+    return torch.where(errors == top, taus, math.inf).amin(dim=-1)
+
+
+def _batched_line_search(
+    honest: Tensor,
+    *,
+    num_byzantine: int,
+    aggregate: Aggregate,
+    rows_for: Callable[[Tensor], Tensor],
+    settings: _Search,
+) -> Tensor:
+    """The batched search: ``rows_for`` maps factors (..., T) to Byzantine vectors (..., T, d)."""
+    batch = honest.shape[:-2]
+    h, d = honest.shape[-2:]
+    device = honest.device
+    if _num_elements(honest) == 0:
+        return torch.empty(batch, dtype=torch.float64, device=device)
+    honest_mean = honest.mean(dim=-2).unsqueeze(-2)
+    chunk = max(1, settings.max_elements // (_num_elements(honest) * (h + num_byzantine) * d))
+
+    def errors_at(taus: Tensor) -> Tensor:  # (..., T) float64 -> (..., T) float64, -inf where non-finite
+        parts = []
+        for first in range(0, taus.shape[-1], chunk):
+            part = taus[..., first : first + chunk]
+            count = part.shape[-1]
+            stacked = torch.cat(
+                [
+                    honest.unsqueeze(-3).expand(*batch, count, h, d),
+                    rows_for(part).unsqueeze(-2).expand(*batch, count, num_byzantine, d),
+                ],
+                dim=-2,
+            )
+            output = aggregate(stacked)
+            expected = (*batch, count, d)
+            if not isinstance(output, Tensor) or tuple(output.shape) != expected:
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise ValueError(
+                    f"aggregate must return a {expected} tensor for its {tuple(stacked.shape)} input, got {shape}"
+                )
+            error = torch.linalg.vector_norm(output - honest_mean, dim=-1).to(torch.float64)
+            parts.append(torch.where(error.isfinite(), error, -math.inf))
+        return torch.cat(parts, dim=-1)
+
+    if settings.kind == "expand_contract":
+        best = torch.full(batch, settings.start, dtype=torch.float64, device=device)
+        best_error = errors_at(best.unsqueeze(-1)).squeeze(-1)
+        step = torch.full(batch, settings.delta, dtype=torch.float64, device=device)
+        expanding = torch.ones(batch, dtype=torch.bool, device=device)
+        for _ in range(settings.evals - 1):
+            point = best + step
+            error = errors_at(point.unsqueeze(-1)).squeeze(-1)
+            improved = error > best_error
+            best = torch.where(improved, point, best)
+            best_error = torch.where(improved, error, best_error)
+            step = torch.where(expanding & improved, step * 2.0, step * settings.ratio)
+            expanding = expanding & improved
+        return best
+
+    # The 2-D search evaluates each distinct factor once, the first spelling winning (as a dict key).
+    grid = torch.tensor(list(dict.fromkeys(settings.taus)), dtype=torch.float64, device=device)
+    taus = grid.expand(*batch, grid.numel())
+    errors = errors_at(taus)
+    earlier = torch.ones(REFINE_POINTS, REFINE_POINTS, dtype=torch.bool, device=device).tril(-1)
+    for _ in range(settings.refinements):
+        centre = _best(taus, errors).unsqueeze(-1)
+        below = torch.where(taus < centre, taus, -math.inf).amax(dim=-1, keepdim=True)
+        above = torch.where(taus > centre, taus, math.inf).amin(dim=-1, keepdim=True)
+        low = torch.where(below.isfinite(), below, centre)
+        high = torch.where(above.isfinite(), above, centre)
+        if bool((low == high).all()):
+            break
+        # torch.linspace's rounding (which depends on the CPU's vector width) is reproduced by calling it
+        # per element: REFINE_POINTS scalars each; the aggregate call below stays one batched call.
+        ends = zip(low.flatten().tolist(), high.flatten().tolist(), strict=True)
+        points = torch.stack([torch.linspace(a, b, REFINE_POINTS, dtype=torch.float64) for a, b in ends])
+        points = points.reshape(*batch, REFINE_POINTS).to(device)
+        new_errors = errors_at(points)
+        # A factor evaluated before keeps its first error (the 2-D search skips it), and an element whose
+        # neighbours coincide (the 2-D search stops refining) only meets its centre again.
+        seen = (points.unsqueeze(-1) == taus.unsqueeze(-2)).any(dim=-1)
+        seen |= ((points.unsqueeze(-1) == points.unsqueeze(-2)) & earlier).any(dim=-1)
+        taus = torch.cat([taus, points], dim=-1)
+        errors = torch.cat([errors, torch.where(seen, -math.inf, new_errors)], dim=-1)
+    return _best(taus, errors)
+
+
+def _optimal_search(
+    honest: Tensor,
+    *,
+    num_byzantine: int,
+    aggregate: Aggregate,
+    attack: str,
+    settings: _Search,
+) -> float | Tensor:
+    """Run the search for ALIE (``mu + tau sigma``) or FOE (``-tau mu``) on 2-D or batched ``honest``."""
+    if honest.ndim == 2:
+        mean = honest.mean(dim=0)
+        if attack == "alie":
+            std = _std(honest)
+            return _line_search(
+                honest,
+                num_byzantine=num_byzantine,
+                aggregate=aggregate,
+                vector_for=lambda tau: mean + tau * std,
+                settings=settings,
+            )
+        return _line_search(
+            honest,
+            num_byzantine=num_byzantine,
+            aggregate=aggregate,
+            vector_for=lambda tau: mean * -tau,
+            settings=settings,
+        )
+    mean = honest.mean(dim=-2)
+    if attack == "alie":
+        std = _std(honest)
+        rows_for: Callable[[Tensor], Tensor] = lambda taus: _alie_rows(mean, std, taus)  # noqa: E731
+    else:
+        rows_for = lambda taus: _foe_rows(mean, taus)  # noqa: E731
+    return _batched_line_search(
+        honest, num_byzantine=num_byzantine, aggregate=aggregate, rows_for=rows_for, settings=settings
+    )
+
+
+def _check_aggregate(aggregate: object) -> None:
+    if not callable(aggregate):
+        raise ValueError(
+            "aggregate must be a callable (n, d) -> (d,), or (..., T, n, d) -> (..., T, d) for a batch, "
+            f"got {aggregate!r}"
+        )
+
+
 def optimal_alie_tau(
     honest: Tensor,
     *,
@@ -566,7 +898,13 @@ def optimal_alie_tau(
     aggregate: Aggregate,
     taus: Sequence[float] | Tensor | None = None,
     refinements: int = 0,
-) -> float:
+    search: str = "grid",
+    evals: int | None = None,
+    start: float | None = None,
+    delta: float | None = None,
+    ratio: float | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> float | Tensor:
     r"""The ALIE factor that pushes ``aggregate`` farthest from the honest mean (a line search).
 
     .. math::
@@ -577,34 +915,80 @@ def optimal_alie_tau(
 
     where :math:`F` is ``aggregate`` (it receives the ``(h + f, d)`` stack, honest rows first,
     and returns a ``(d,)`` vector; it should be the coordinator's whole pipeline, e.g. ARC then
-    NNM then CWTM) and :math:`T` is ``taus`` (default ``DEFAULT_ALIE_TAUS``: 0, 0.25, ..., 10).
-    Each of the ``refinements`` extra rounds evaluates ``REFINE_POINTS`` evenly spaced factors
-    between the evaluated neighbours of the current best (an end point of the grid is its own
-    neighbour on the open side). Ties go to the smallest :math:`\tau`. ``num_workers`` is only
-    checked (:math:`n \ge h + f`), for a signature that matches ``alie``.
+    NNM then CWTM) and :math:`T` is the set of candidates the search evaluates. ``num_workers``
+    is only checked (:math:`n \ge h + f`), for a signature that matches ``alie``.
 
-    Reference: the "optimal" ALIE/FOE of the paper (docs/paper.md; Allouah et al., arXiv:2405.14432, whose
-    experiments use ByzFL). ByzFL's ``LineMaximize`` explores upwards from 0 with growing then
-    shrinking steps; this is a plain grid plus optional refinement, so the chosen factor is
-    easy to reproduce and to reason about.
+    ``search="grid"`` (the default): :math:`T` is ``taus`` (default ``DEFAULT_ALIE_TAUS``: 0,
+    0.25, ..., 10). Each of the ``refinements`` extra rounds evaluates ``REFINE_POINTS`` evenly
+    spaced factors between the evaluated neighbours of the current best (an end point of the grid
+    is its own neighbour on the open side); a factor already evaluated keeps its first error.
+    Ties go to the smallest :math:`\tau`.
+
+    ``search="expand_contract"``: ByzFL 0.0.11's line-maximize schedule (the ``Optimal_ALittleIsEnough``
+    and ``Optimal_InnerProductManipulation`` attacks the paper's experiments use), with its defaults
+    ``evals=20``, ``start=0.0``, ``delta=10.0``, ``ratio=0.8`` (``EXPAND_CONTRACT_DEFAULTS``; None
+    takes the default). Exactly ``evals`` candidates are evaluated, in this order:
+
+    1. :math:`p_0` = ``start``; it becomes the best point :math:`b` with error :math:`e_b`; the
+       step is :math:`s` = ``delta`` and the phase is *expanding*.
+    2. For :math:`k = 1, \dots,` ``evals`` :math:`- 1`: evaluate :math:`p_k = b + s` (with
+       :math:`b` and :math:`s` as they are before step :math:`k`). It *improves* when its error is
+       strictly larger than :math:`e_b` (an equal error keeps the earlier point, as ByzFL's
+       ``>``); then :math:`b = p_k`. While expanding, an improvement doubles :math:`s`, and the
+       first non-improvement multiplies :math:`s` by ``ratio`` and switches to *contracting* for
+       good; while contracting, :math:`s` is multiplied by ``ratio`` after every evaluation.
+    3. The result is :math:`b`.
+
+    So candidates always lie on ``delta``'s side of the current best (the schedule never looks
+    back), a factor may be evaluated twice (as in ByzFL), and the defaults give
+    :math:`0, 10, 30, 70, \dots` while the error keeps growing. ``evals`` is an int >= 1,
+    ``start`` a finite real, ``delta`` a non-zero finite real and ``ratio`` a real in
+    :math:`(0.5, 1)` (ByzFL's range); ``taus`` and ``refinements`` belong to the grid and are
+    refused here, as ``evals``/``start``/``delta``/``ratio`` are with the grid.
+
+    Batches: for ``honest`` of shape ``(..., h, d)``, ``aggregate`` takes ``(..., T, n, d)`` (the
+    candidates as a dimension just before the :math:`n = h + f` rows, honest rows first) and
+    returns ``(..., T, d)``, and the result is a float64 tensor of shape ``(...,)``, element
+    :math:`r` being the 2-D search's choice on element :math:`r`. The grid is evaluated for every
+    element in one aggregate call (split along the candidates only where ``batch × T × n × d``
+    would exceed ``max_elements`` elements; at least one candidate per call), each refinement is
+    one call over its ``REFINE_POINTS`` candidates per element (the intervals differ per
+    element), and the expand/contract schedule advances all elements in lockstep, one call per
+    step with each element's own candidate. A non-finite error raises ``ValueError`` in the 2-D
+    search; in a batched one it counts as :math:`-\infty` for that candidate of that element only
+    (never chosen unless all of the element's errors are; never an improvement). ``max_elements``
+    (an int >= 1) does not affect 2-D input, which evaluates one candidate per call.
+
+    Reference: the "optimal" ALIE/FOE of the paper (docs/paper.md; Allouah et al., arXiv:2405.14432,
+    whose experiments use ByzFL). The grid is easy to reproduce and to reason about; the
+    expand/contract schedule reproduces the authors' choice.
 
     >>> x = torch.tensor([[0.], [1.], [2.]])  # mu = 1, sigma = 1, byzantine = 1 + tau
     >>> median = lambda v: v.quantile(0.5, dim=0)  # 1 + tau/2 up to tau = 1, then 1.5
     >>> optimal_alie_tau(x, num_byzantine=1, num_workers=4, aggregate=median)
     1.0
+    >>> optimal_alie_tau(x, num_byzantine=1, num_workers=4, aggregate=median, search="expand_contract", evals=3)
+    10.0
+    >>> batch = torch.stack([x, 2 * x])  # (2, 3, 1); the batched median: dim -2
+    >>> optimal_alie_tau(batch, num_byzantine=1, num_workers=4, aggregate=lambda v: v.quantile(0.5, dim=-2))
+    tensor([1., 1.], dtype=torch.float64)
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    _check_num_workers(num_workers, num_honest=honest.shape[0], num_byzantine=num_byzantine)
-    mean, std = honest.mean(dim=0), _std(honest)
-    return _line_search(
-        honest,
-        num_byzantine=num_byzantine,
-        aggregate=aggregate,
-        vector_for=lambda tau: mean + tau * std,
-        taus=DEFAULT_ALIE_TAUS if taus is None else taus,
+    _check_num_workers(num_workers, num_honest=honest.shape[-2], num_byzantine=num_byzantine)
+    _check_aggregate(aggregate)
+    settings = _check_search(
+        search=search,
+        taus=taus,
         refinements=refinements,
+        evals=evals,
+        start=start,
+        delta=delta,
+        ratio=ratio,
+        max_elements=max_elements,
+        default_taus=DEFAULT_ALIE_TAUS,
     )
+    return _optimal_search(honest, num_byzantine=num_byzantine, aggregate=aggregate, attack="alie", settings=settings)
 
 
 def optimal_alie(
@@ -615,11 +999,18 @@ def optimal_alie(
     aggregate: Aggregate,
     taus: Sequence[float] | Tensor | None = None,
     refinements: int = 0,
+    search: str = "grid",
+    evals: int | None = None,
+    start: float | None = None,
+    delta: float | None = None,
+    ratio: float | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Tensor:
     r"""ALIE with the factor chosen by ``optimal_alie_tau``: :math:`b_j = \mu + \tau^\star\sigma`.
 
-    With ``num_byzantine = 0`` it returns an empty ``(0, d)`` tensor without calling
-    ``aggregate``. Call ``optimal_alie_tau`` to know the factor.
+    The keywords are ``optimal_alie_tau``'s (the search and its settings); for a batch each
+    element gets its own factor. With ``num_byzantine = 0`` it returns an empty ``(..., 0, d)``
+    tensor without calling ``aggregate``. Call ``optimal_alie_tau`` to know the factor.
 
     Reference: see ``optimal_alie_tau`` and ``alie``.
 
@@ -630,9 +1021,9 @@ def optimal_alie(
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    _check_num_workers(num_workers, num_honest=honest.shape[0], num_byzantine=num_byzantine)
+    _check_num_workers(num_workers, num_honest=honest.shape[-2], num_byzantine=num_byzantine)
     if num_byzantine == 0:
-        return honest.new_empty((0, honest.shape[1]))
+        return honest.new_empty((*honest.shape[:-2], 0, honest.shape[-1]))
     tau = optimal_alie_tau(
         honest,
         num_byzantine=num_byzantine,
@@ -640,7 +1031,16 @@ def optimal_alie(
         aggregate=aggregate,
         taus=taus,
         refinements=refinements,
+        search=search,
+        evals=evals,
+        start=start,
+        delta=delta,
+        ratio=ratio,
+        max_elements=max_elements,
     )
+    if isinstance(tau, Tensor):
+        rows = _alie_rows(honest.mean(dim=-2), _std(honest), tau.unsqueeze(-1)).squeeze(-2)
+        return _repeat_row(rows, num_byzantine)
     return alie(honest, num_byzantine=num_byzantine, num_workers=num_workers, tau=tau)
 
 
@@ -651,7 +1051,13 @@ def optimal_foe_tau(
     aggregate: Aggregate,
     taus: Sequence[float] | Tensor | None = None,
     refinements: int = 0,
-) -> float:
+    search: str = "grid",
+    evals: int | None = None,
+    start: float | None = None,
+    delta: float | None = None,
+    ratio: float | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> float | Tensor:
     r"""The FOE factor that pushes ``aggregate`` farthest from the honest mean (a line search).
 
     .. math::
@@ -660,8 +1066,9 @@ def optimal_foe_tau(
             \big\| F(x_1, \dots, x_h, b(\tau), \dots, b(\tau)) - \mu \big\|_2,
         \qquad b(\tau) = -\tau\mu
 
-    with :math:`F` = ``aggregate``, :math:`T` = ``taus`` (default ``DEFAULT_FOE_TAUS``: 0, 0.25,
-    ..., 10), refinements and ties as in ``optimal_alie_tau``.
+    with :math:`F` = ``aggregate``; the searches (``search="grid"`` over ``taus``, default
+    ``DEFAULT_FOE_TAUS``: 0, 0.25, ..., 10, with ``refinements``; or ByzFL's
+    ``search="expand_contract"``), ties, batches and ``max_elements`` as in ``optimal_alie_tau``.
 
     Reference: Xie, Koyejo and Gupta, UAI 2019 (FOE); the line search as in
     ``optimal_alie_tau``.
@@ -670,18 +1077,24 @@ def optimal_foe_tau(
     >>> mean = lambda v: v.mean(dim=0)  # error (2 + 2 tau) / 4 grows with tau
     >>> optimal_foe_tau(x, num_byzantine=1, aggregate=mean, taus=[0.0, 1.0, 3.0])
     3.0
+    >>> optimal_foe_tau(x, num_byzantine=1, aggregate=mean, search="expand_contract", evals=4, delta=1.0)
+    7.0
     """
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
-    mean = honest.mean(dim=0)
-    return _line_search(
-        honest,
-        num_byzantine=num_byzantine,
-        aggregate=aggregate,
-        vector_for=lambda tau: mean * -tau,
-        taus=DEFAULT_FOE_TAUS if taus is None else taus,
+    _check_aggregate(aggregate)
+    settings = _check_search(
+        search=search,
+        taus=taus,
         refinements=refinements,
+        evals=evals,
+        start=start,
+        delta=delta,
+        ratio=ratio,
+        max_elements=max_elements,
+        default_taus=DEFAULT_FOE_TAUS,
     )
+    return _optimal_search(honest, num_byzantine=num_byzantine, aggregate=aggregate, attack="foe", settings=settings)
 
 
 def optimal_foe(
@@ -691,10 +1104,17 @@ def optimal_foe(
     aggregate: Aggregate,
     taus: Sequence[float] | Tensor | None = None,
     refinements: int = 0,
+    search: str = "grid",
+    evals: int | None = None,
+    start: float | None = None,
+    delta: float | None = None,
+    ratio: float | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Tensor:
     r"""FOE with the factor chosen by ``optimal_foe_tau``: :math:`b_j = -\tau^\star\mu`.
 
-    With ``num_byzantine = 0`` it returns an empty ``(0, d)`` tensor without calling
+    The keywords are ``optimal_foe_tau``'s; for a batch each element gets its own factor. With
+    ``num_byzantine = 0`` it returns an empty ``(..., 0, d)`` tensor without calling
     ``aggregate``. Call ``optimal_foe_tau`` to know the factor.
 
     Reference: see ``optimal_foe_tau`` and ``foe``.
@@ -706,14 +1126,22 @@ def optimal_foe(
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
     if num_byzantine == 0:
-        return honest.new_empty((0, honest.shape[1]))
+        return honest.new_empty((*honest.shape[:-2], 0, honest.shape[-1]))
     tau = optimal_foe_tau(
         honest,
         num_byzantine=num_byzantine,
         aggregate=aggregate,
         taus=taus,
         refinements=refinements,
+        search=search,
+        evals=evals,
+        start=start,
+        delta=delta,
+        ratio=ratio,
+        max_elements=max_elements,
     )
+    if isinstance(tau, Tensor):
+        return _repeat_row(_foe_rows(honest.mean(dim=-2), tau.unsqueeze(-1)).squeeze(-2), num_byzantine)
     return foe(honest, num_byzantine=num_byzantine, tau=tau)
 
 
@@ -773,6 +1201,9 @@ ATTACKS: Mapping[str, Callable[..., Tensor]] = MappingProxyType(
         "optimal_foe": optimal_foe,
     }
 )
+
+# The built-in vector attacks, which all take a batch of runs whole.
+_BATCHED = frozenset(ATTACKS.values())
 
 #: Attacks on the data rather than on the vectors: the Byzantine worker trains on altered data.
 DATA_ATTACKS: tuple[str, ...] = ("label_flip",)
@@ -855,7 +1286,7 @@ def craft(
     num_byzantine: int,
     num_workers: int,
     aggregate: Aggregate | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     **params: object,
 ) -> Tensor:
     r"""Craft the ``(num_byzantine, d)`` Byzantine vectors of attack ``name``.
@@ -867,9 +1298,23 @@ def craft(
     not crafted here), a missing ``aggregate``/``generator`` that the attack needs, and
     hyperparameters the attack does not take (named).
 
+    Batches: ``honest`` of shape ``(..., h, d)`` gives ``(..., num_byzantine, d)``; then
+    ``aggregate`` takes ``(..., T, n, d)`` and returns ``(..., T, d)`` (see ``optimal_alie_tau``)
+    and ``generator`` is a sequence of ``torch.Generator``, one per batch element in row-major
+    order (see ``gaussian``). The built-in attacks take the batch whole. A plugin attack does
+    when it declares it with the attribute ``batched = True`` on the function (``fn.batched =
+    True``; it then receives the batched ``honest``, ``aggregate`` and generator sequence as
+    they are); otherwise ``craft`` calls it once per batch element, in row-major order, with
+    that element's ``(h, d)`` matrix, its own generator and the same ``aggregate`` (called by
+    the plugin on 2-D input), and stacks the ``(num_byzantine, d)`` results.
+
     >>> x = torch.tensor([[1., 2.], [3., 4.], [5., 6.]])
     >>> craft("foe", x, num_byzantine=1, num_workers=4, tau=1.0)
     tensor([[-3., -4.]])
+    >>> craft("foe", torch.stack([x, -x]), num_byzantine=1, num_workers=4, tau=1.0)
+    tensor([[[-3., -4.]],
+    <BLANKLINE>
+            [[ 3.,  4.]]])
     """
     try:
         attack = ATTACK_REGISTRY.get(name)
@@ -905,4 +1350,23 @@ def craft(
                 raise ValueError(f"attack {name!r} needs {key}, got None")
             continue
         kwargs[key] = value
-    return attack(honest, num_byzantine=num_byzantine, **kwargs)
+    if not (isinstance(honest, Tensor) and honest.ndim > 2) or attack in _BATCHED or getattr(attack, "batched", False):
+        return attack(honest, num_byzantine=num_byzantine, **kwargs)
+    return _craft_each(attack, honest, num_byzantine=num_byzantine, **kwargs)
+
+
+def _craft_each(attack: Callable[..., Tensor], honest: Tensor, *, num_byzantine: int, **kwargs: object) -> Tensor:
+    """A plugin that does not declare ``batched``: one 2-D call per batch element, stacked."""
+    _check_honest(honest)
+    _check_count("num_byzantine", num_byzantine, minimum=0)
+    count = _num_elements(honest)
+    generators = _check_generators(kwargs.pop("generator"), count) if "generator" in kwargs else None
+    flat = honest.reshape(count, *honest.shape[-2:])
+    outputs = []
+    for r in range(count):
+        if generators is not None:
+            kwargs["generator"] = generators[r]
+        outputs.append(attack(flat[r], num_byzantine=num_byzantine, **kwargs))
+    if not outputs:
+        return honest.new_empty((*honest.shape[:-2], num_byzantine, honest.shape[-1]))
+    return torch.stack(outputs).reshape(*honest.shape[:-2], *outputs[0].shape)
