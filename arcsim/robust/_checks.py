@@ -16,15 +16,18 @@ def check_matrix(x: Tensor, *, rule: str) -> None:
     check_finite(x, rule=rule)
 
 
-def check_shape(x: Tensor, *, rule: str) -> None:
-    """:func:`check_matrix` without the finiteness test (for callers that test it from the row norms)."""
+def check_shape(x: Tensor, *, rule: str, batched: bool = False) -> None:
+    """:func:`check_matrix` without the finiteness test (for callers that test it from the row norms).
+
+    ``batched``: also accept (..., n, d) tensors with leading batch dimensions.
+    """
     if not isinstance(x, Tensor):
         raise ValueError(f"{rule}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
+    if x.dim() < 2 or (x.dim() != 2 and not batched):
         raise ValueError(f"{rule}: expected an (n, d) tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{rule}: expected a floating tensor (float32 or float64), got {x.dtype}")
-    if x.shape[0] < 1:
+    if x.shape[-2] < 1:
         raise ValueError(f"{rule}: expected at least one row (n >= 1), got n = 0")
 
 

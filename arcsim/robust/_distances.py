@@ -27,3 +27,21 @@ def pairwise_sq_distances(x: Tensor) -> Tensor:
     d.clamp_(min=0.0)
     d.fill_diagonal_(0.0)
     return d
+
+
+def pairwise_sq_distances_batched(x: Tensor) -> Tensor:
+    """:func:`pairwise_sq_distances` of every element of a (B, n, d) ``x``: (B, n, n).
+
+    Each element is centred on its own row of median norm (the same row, by the same stable order)
+    and the Gram matrices come from one batched product, whose rounding may differ from the 2-D
+    product's (a different BLAS call): distances agree within the Gram form's rounding error.
+    """
+    batch, n, _ = x.shape
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    centre_row = torch.argsort(norms, dim=-1, stable=True)[:, (n - 1) // 2]
+    y = x - x[torch.arange(batch, device=x.device), centre_row][:, None, :]
+    sq = torch.linalg.vector_norm(y, dim=-1).square()
+    d = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.matmul(y, y.transpose(-2, -1))
+    d.clamp_(min=0.0)
+    d.diagonal(dim1=-2, dim2=-1).zero_()
+    return d

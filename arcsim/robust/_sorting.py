@@ -122,13 +122,93 @@ def sorted_columns(x: Tensor) -> Tensor:
     return torch.sort(x.T.contiguous(), dim=1).values.T
 
 
+@functools.cache
+def pruned_network(n: int, rows: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """:func:`sorting_network` without the compare-exchanges that cannot reach the wires ``rows``.
+
+    Going backwards, a compare-exchange is kept when one of its wires is still needed, and then both
+    are (its outputs depend on both inputs). The needed wires end with exactly the sorted values.
+
+    >>> pruned_network(3, (0,))
+    ((0, 1), (0, 2))
+    """
+    needed = set(rows)
+    kept = []
+    for i, j in reversed(sorting_network(n)):
+        if i in needed or j in needed:
+            kept.append((i, j))
+            needed.update((i, j))
+    return tuple(reversed(kept))
+
+
+def _network_sorted_columns_batched(x: Tensor, start: int, stop: int) -> Tensor:
+    """The network of :func:`_network_sorted_columns` on every element of a (B, n, d) ``x``, in tiles
+    of about _NETWORK_BLOCK_BYTES (several elements per tile when they are small, a block of columns
+    of one element when they are large); returns the sorted rows start..stop-1, (B, stop - start, d)."""
+    batch, n, d = x.shape
+    network = pruned_network(n, tuple(range(start, stop)))
+    out = torch.empty((batch, stop - start, d), dtype=x.dtype)
+    tile = _NETWORK_BLOCK_BYTES // (n * x.element_size())  # columns of all n rows per tile
+    elements = max(1, min(batch, tile // d))
+    width = min(d, max(1, tile // elements))
+    block = torch.empty((n + 1, elements, width), dtype=x.dtype)
+    for first in range(0, batch, elements):
+        last = min(first + elements, batch)
+        for column in range(0, d, width):
+            end = min(column + width, d)
+            wires = list(block[:, : last - first, : end - column].unbind(0))
+            spare = wires.pop()
+            for wire, source in zip(wires, x[first:last, :, column:end].unbind(1)):
+                wire.copy_(source)
+            for i, j in network:
+                low = torch.minimum(wires[i], wires[j], out=spare)
+                spare = wires[i]  # its values are no longer needed once the minimum is out
+                torch.maximum(spare, wires[j], out=wires[j])
+                wires[i] = low
+            for row in range(start, stop):
+                out[first:last, row - start, column:end].copy_(wires[row])
+    return out
+
+
+def sorted_columns_batched(x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    """The rows start..stop-1 of :func:`sorted_columns` of every element of a (B, n, d) ``x``.
+
+    The same values, bitwise, and for the numpy paths the same layout (so that means over them round
+    as the 2-D ones do). The sorting network runs along dimension -2, pruned to the wanted rows,
+    under the same conditions as in :func:`sorted_columns`; elements holding a NaN go to numpy, which
+    sorts it last.
+
+    >>> sorted_columns_batched(torch.tensor([[[3., 0.], [1., 2.], [2., 1.]]]), 1, 2)
+    tensor([[[2., 1.]]])
+    """
+    batch, n, d = x.shape
+    stop = n if stop is None else stop
+    if _numpy_sortable(x) and 1 < n <= _NETWORK_MAX_ROWS and d >= _NETWORK_MIN_COLUMNS:
+        nan = torch.isnan(x.sum(dim=(-2, -1)))
+        if not bool(nan.any()):
+            return _network_sorted_columns_batched(x, start, stop)
+        out = torch.empty((batch, stop - start, d), dtype=x.dtype)
+        clean = ~nan
+        if bool(clean.any()):
+            out[clean] = _network_sorted_columns_batched(x[clean], start, stop)
+        out[nan] = torch.from_numpy(np.sort(x[nan].numpy(), axis=-2))[:, start:stop]
+        return out
+    if _numpy_sortable(x):
+        if n < _TRANSPOSE_FROM_ROWS:
+            return torch.from_numpy(np.sort(x.numpy(), axis=-2))[:, start:stop]
+        transposed = x.transpose(-2, -1).clone(memory_format=torch.contiguous_format)
+        transposed.numpy().sort(axis=-1)
+        return transposed.transpose(-2, -1)[:, start:stop]
+    return torch.sort(x.transpose(-2, -1).contiguous(), dim=-1).values.transpose(-2, -1)[:, start:stop]
+
+
 def sorted_rows(x: Tensor) -> Tensor:
-    """Every row of an (n, m) tensor sorted in increasing order.
+    """Every row of an (n, m) tensor (or of a (..., n, m) one) sorted in increasing order.
 
     >>> sorted_rows(torch.tensor([[3., 1., 2.], [0., 5., 4.]]))
     tensor([[1., 2., 3.],
             [0., 4., 5.]])
     """
     if _numpy_sortable(x):
-        return torch.from_numpy(np.sort(x.numpy(), axis=1))
-    return torch.sort(x, dim=1).values
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1))
+    return torch.sort(x, dim=-1).values

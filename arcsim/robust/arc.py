@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import apply_batched, is_batched
 from ._checks import check_finite, check_minority, check_shape
 from ._norms import clip_rows, exceeds, kth_largest, to_float, wide_norms
 
@@ -46,6 +47,33 @@ def arc_with_report(x: Tensor, *, f: int, norms: Tensor | None = None) -> tuple[
     return x * scale[:, None], float(threshold), clipped
 
 
+def arc_batched_with_report(x: Tensor, *, f: int, norms: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`arc_with_report` on every element of a (B, n, d) ``x``: (B, n, d), (B,) float64, (B, n).
+
+    ``norms``: the (B, n) row norms when the caller has them. Each element's output, threshold and
+    mask are bitwise those of the 2-D call (the same norms, the same top-k, the same division). An
+    element whose norms are not finite in x's dtype (finite entries that overflow) takes the 2-D
+    mantissa-and-exponent path, element by element (its threshold may then be inf).
+    """
+    batch, n, _ = x.shape
+    k = arc_num_clipped(n, f)
+    norms = torch.linalg.vector_norm(x, dim=-1) if norms is None else norms
+    if k == 0:
+        out = x.clone()
+        threshold = norms.amax(dim=-1)
+        clipped = torch.zeros((batch, n), dtype=torch.bool, device=x.device)
+    else:
+        threshold = torch.topk(norms, k + 1, dim=-1, largest=True, sorted=True).values[:, k]
+        clipped = norms > threshold[:, None]
+        scale = torch.where(clipped, threshold[:, None] / norms, torch.ones_like(norms))
+        out = x * scale[:, :, None]
+    threshold = threshold.to(torch.float64)
+    for b in torch.nonzero(~torch.isfinite(norms).all(dim=-1)).flatten().tolist():
+        out[b], wide_threshold, clipped[b] = arc_with_report(x[b], f=f)
+        threshold[b] = wide_threshold
+    return out, threshold, clipped
+
+
 def arc(x: Tensor, *, f: int) -> Tensor:
     """Adaptive Robust Clipping: clip the k largest vectors to the (k+1)-th largest norm.
 
@@ -64,6 +92,9 @@ def arc(x: Tensor, *, f: int) -> Tensor:
     Reference: Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Boosting Robustness by Clipping
     Gradients in Distributed Learning", arXiv:2405.14432.
 
+    ``x`` may have leading batch dimensions, (..., n, d): each element is clipped on its own (an
+    element holding a NaN or an infinity gives NaN instead of raising).
+
     Example (docs/paper.md): f = 1, n = 3 gives k = 1 and C = ||[4, 5, 6]||; only the last row changes.
 
     >>> import torch
@@ -72,6 +103,14 @@ def arc(x: Tensor, *, f: int) -> Tensor:
             [4.0000, 5.0000, 6.0000],
             [4.4100, 5.0400, 5.6701]])
     """
+    if is_batched(x):
+        return apply_batched(
+            x,
+            rule="arc",
+            check_n=lambda n: check_minority(n, f, rule="arc"),
+            norms=True,
+            fn=lambda flat, norms: arc_batched_with_report(flat, f=f, norms=norms)[0],
+        )
     check_shape(x, rule="arc")
     # The row norms double as the finiteness test: x is read once before the scaling.
     norms = torch.linalg.vector_norm(x, dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import apply_batched, is_batched
 from ._checks import check_matrix, check_positive
 
 
@@ -32,6 +33,24 @@ def centered_clip_impl(x: Tensor, *, tau: float, iters: int, center: Tensor | No
     return v
 
 
+def centered_clip_batched(x: Tensor, *, tau: float, iters: int, center: Tensor | None) -> Tensor:
+    """:func:`centered_clip_impl` on every element of a (B, n, d) ``x`` (one ``center`` for all): (B, d).
+
+    The clipped sums are batched products, whose rounding may differ from the 2-D call's.
+    """
+    batch, n, d = x.shape
+    v = torch.zeros((batch, d), dtype=x.dtype, device=x.device)
+    if center is not None:
+        v = v + center.to(x)
+    diff = torch.empty_like(x)
+    for _ in range(iters):
+        torch.sub(x, v[:, None, :], out=diff)
+        norms = torch.linalg.vector_norm(diff, dim=-1)
+        scale = torch.where(norms > tau, tau / norms, torch.ones_like(norms))
+        v = v + torch.matmul((scale / n)[:, None, :], diff)[:, 0]
+    return v
+
+
 def centered_clip(x: Tensor, *, tau: float, iters: int = 1, center: Tensor | None = None) -> Tensor:
     """Centered clipping: move a centre towards the vectors, each clipped around it to radius tau.
 
@@ -46,6 +65,9 @@ def centered_clip(x: Tensor, *, tau: float, iters: int = 1, center: Tensor | Non
     Reference: Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
     ICML 2021.
 
+    ``x`` may have leading batch dimensions, (..., n, d) -> (..., d), with one ``center`` for all
+    elements (an element holding a NaN or an infinity gives NaN).
+
     >>> import torch
     >>> centered_clip(torch.tensor([[1., 0.], [0., 1.], [30., 40.]]), tau=5.0)
     tensor([1.3333, 1.6667])
@@ -53,6 +75,11 @@ def centered_clip(x: Tensor, *, tau: float, iters: int = 1, center: Tensor | Non
     check_positive(tau, name="tau", rule="centered_clip")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"centered_clip: iters must be a positive integer, got iters = {iters!r}")
+    if is_batched(x):
+        check_center(center, x.shape[-1])
+        return apply_batched(
+            x, rule="centered_clip", fn=lambda flat: centered_clip_batched(flat, tau=tau, iters=iters, center=center)
+        )
     check_matrix(x, rule="centered_clip")
     check_center(center, x.shape[1])
     return centered_clip_impl(x, tau=tau, iters=iters, center=center)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._batch import apply_batched, is_batched
 from ._checks import check_matrix, check_positive
 from ._norms import clip_rows, exceeds, kth_largest, row_norms_exact, wide_norms
 
@@ -89,6 +90,53 @@ def _weiszfeld(
     return z, max_iter
 
 
+def geometric_median_batched(
+    x: Tensor, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER, nu: float = DEFAULT_NU
+) -> tuple[Tensor, Tensor]:
+    """:func:`geometric_median_impl` on every element of a (B, n, d) ``x``: (B, d) and (B,) iterations.
+
+    The Weiszfeld steps of all elements run together, each element stopping at its own test (its
+    result and count are kept; the remaining ones go on, gathered into a smaller batch). The weighted
+    averages are batched products whose rounding may differ from the 2-D call's, so a result agrees
+    with the 2-D one within the stopping tolerance and its count may differ by one. Elements whose
+    distances could overflow (huge finite entries) take the 2-D path, element by element.
+    """
+    batch = x.shape[0]
+    z = x.mean(dim=-2)
+    dist = torch.linalg.vector_norm(x - z[:, None, :], dim=-1)
+    # The 2-D tests compare Python floats (float64): so do these.
+    huge = ~(dist.amax(dim=-1).double() <= math.sqrt(torch.finfo(x.dtype).max) / 4)
+    out = torch.empty_like(z)
+    iterations = torch.full((batch,), max_iter, dtype=torch.int64)
+    active = torch.nonzero(~huge).flatten()
+    for b in torch.nonzero(huge).flatten().tolist():
+        out[b], iterations[b] = geometric_median_impl(x[b], tol=tol, max_iter=max_iter, nu=nu)
+    if active.numel() == batch:
+        xa, za, dista = x, z, dist
+    else:
+        xa, za, dista = x[active], z[active], dist[active]
+    diff = torch.empty_like(xa)
+    for it in range(1, max_iter + 1):
+        if active.numel() == 0:
+            break
+        weights = 1.0 / dista.clamp(min=nu)
+        z_next = torch.matmul((weights / weights.sum(dim=-1, keepdim=True))[:, None, :], xa)[:, 0]
+        step = torch.linalg.vector_norm(z_next - za, dim=-1).double()
+        za = z_next
+        done = step <= tol * (1.0 + torch.linalg.vector_norm(za, dim=-1).double())
+        if bool(done.any()):
+            out[active[done]] = za[done]
+            iterations[active[done].cpu()] = it
+            going = ~done
+            active, xa, za = active[going], xa[going], za[going]
+            diff = diff[: active.numel()]
+            if active.numel() == 0:
+                break
+        dista = torch.linalg.vector_norm(torch.sub(xa, za[:, None, :], out=diff), dim=-1)
+    out[active] = za
+    return out, iterations
+
+
 def geometric_median(
     x: Tensor, *, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER, nu: float = DEFAULT_NU
 ) -> Tensor:
@@ -104,7 +152,9 @@ def geometric_median(
         - the iteration stops when :math:`\\|z_{t+1} - z_t\\| \\le \\mathrm{tol} (1 + \\|z_{t+1}\\|)`
           (relative change below ``tol``) or after ``max_iter`` iterations.
 
-    Each iteration is O(n d) and fully vectorised.
+    Each iteration is O(n d) and fully vectorised. ``x`` may have leading batch dimensions,
+    (..., n, d) -> (..., d), each element iterating to its own stop (an element holding a NaN or an
+    infinity gives NaN).
 
     References: Weiszfeld (1937); Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated
     Learning", IEEE TSP 2022 (smoothed Weiszfeld).
@@ -117,5 +167,11 @@ def geometric_median(
     check_positive(nu, name="nu", rule="geometric_median")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"geometric_median: max_iter must be a positive integer, got max_iter = {max_iter!r}")
+    if is_batched(x):
+        return apply_batched(
+            x,
+            rule="geometric_median",
+            fn=lambda flat: geometric_median_batched(flat, tol=tol, max_iter=max_iter, nu=nu)[0],
+        )
     check_matrix(x, rule="geometric_median")
     return geometric_median_impl(x, tol=tol, max_iter=max_iter, nu=nu)[0]

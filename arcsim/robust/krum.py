@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import apply_batched, is_batched, take_rows
 from ._checks import check_f, check_matrix
-from ._distances import pairwise_sq_distances
+from ._distances import pairwise_sq_distances, pairwise_sq_distances_batched
 from ._sorting import sorted_rows
 
 
@@ -17,17 +18,30 @@ def check_krum_n(n: int, f: int, *, rule: str) -> None:
 
 
 def krum_scores(dist: Tensor, *, f: int) -> Tensor:
-    """Krum scores from an (n, n) squared-distance matrix: each row's sum over its n - f - 2 nearest others."""
-    n = dist.shape[0]
+    """Krum scores from an (n, n) squared-distance matrix: each row's sum over its n - f - 2 nearest others.
+
+    A (B, n, n) stack of matrices gives (B, n) scores.
+    """
+    n = dist.shape[-1]
     # Sorted distances of each row; position 0 is the row itself (distance 0), which is skipped.
-    nearest = sorted_rows(dist)[:, 1 : n - f - 1]
-    return nearest.sum(dim=1)
+    nearest = sorted_rows(dist)[..., 1 : n - f - 1]
+    return nearest.sum(dim=-1)
 
 
 def multi_krum_selection(x: Tensor, *, f: int, m: int) -> Tensor:
     """Indices of the m rows with the lowest Krum scores (ties broken by row index), in score order."""
     scores = krum_scores(pairwise_sq_distances(x), f=f)
     return torch.argsort(scores, stable=True)[:m]
+
+
+def multi_krum_selection_batched(x: Tensor, *, f: int, m: int) -> Tensor:
+    """:func:`multi_krum_selection` on every element of a (B, n, d) ``x``: (B, m) int64.
+
+    The distances come from one batched Gram matrix (their rounding may differ from the 2-D call's);
+    the scores, the stable argsort (ties to the lowest index) and the cut are the 2-D call's.
+    """
+    scores = krum_scores(pairwise_sq_distances_batched(x), f=f)
+    return torch.argsort(scores, dim=-1, stable=True)[:, :m]
 
 
 def krum(x: Tensor, *, f: int) -> Tensor:
@@ -38,7 +52,8 @@ def krum(x: Tensor, *, f: int) -> Tensor:
         i^* = \\arg\\min_i s_i
 
     where N_i is the set of the n - f - 2 rows closest to x_i (x_i excluded). Ties go to the lowest
-    row index. Distances come from one Gram matrix. Needs n > 2f + 2.
+    row index. Distances come from one Gram matrix. Needs n > 2f + 2. ``x`` may have leading batch
+    dimensions, (..., n, d) -> (..., d) (an element holding a NaN or an infinity gives NaN).
 
     Reference: Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries:
     Byzantine Tolerant Gradient Descent", NeurIPS 2017.
@@ -47,6 +62,9 @@ def krum(x: Tensor, *, f: int) -> Tensor:
     >>> krum(torch.tensor([[0.], [1.], [2.], [3.], [50.]]), f=1)
     tensor([1.])
     """
+    if is_batched(x):
+        check_n = lambda n: check_krum_n(n, f, rule="krum")  # noqa: E731
+        return apply_batched(x, rule="krum", check_n=check_n, fn=lambda flat: krum_batched(flat, f=f)[0])
     check_matrix(x, rule="krum")
     check_krum_n(x.shape[0], f, rule="krum")
     return x[multi_krum_selection(x, f=f, m=1)[0]].clone()
@@ -67,7 +85,8 @@ def multi_krum(x: Tensor, *, f: int, m: int | None = None) -> Tensor:
         \\mathrm{MultiKrum}(x) = \\frac{1}{m} \\sum_{i \\in S_m} x_i
 
     where S_m holds the m rows with the smallest Krum scores :math:`s_i` (see :func:`krum`) and
-    m defaults to n - f. m = 1 is Krum. Needs n > 2f + 2.
+    m defaults to n - f. m = 1 is Krum. Needs n > 2f + 2. ``x`` may have leading batch dimensions,
+    (..., n, d) -> (..., d) (an element holding a NaN or an infinity gives NaN).
 
     Reference: El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning in
     Byzantium", ICML 2018.
@@ -76,8 +95,30 @@ def multi_krum(x: Tensor, *, f: int, m: int | None = None) -> Tensor:
     >>> multi_krum(torch.tensor([[0.], [1.], [2.], [3.], [50.]]), f=1)
     tensor([1.5000])
     """
+    if is_batched(x):
+        chosen: list[int] = []
+
+        def check_n(n: int) -> None:
+            check_krum_n(n, f, rule="multi_krum")
+            chosen.append(check_m(m, n, f, rule="multi_krum"))
+
+        return apply_batched(
+            x, rule="multi_krum", check_n=check_n, fn=lambda flat: multi_krum_batched(flat, f=f, m=chosen[0])[0]
+        )
     check_matrix(x, rule="multi_krum")
     n = x.shape[0]
     check_krum_n(n, f, rule="multi_krum")
     m = check_m(m, n, f, rule="multi_krum")
     return x[multi_krum_selection(x, f=f, m=m)].mean(dim=0)
+
+
+def multi_krum_batched(x: Tensor, *, f: int, m: int) -> tuple[Tensor, Tensor]:
+    """Multi-Krum on every element of a (B, n, d) ``x``: the (B, d) averages and the (B, m) selections."""
+    selected = multi_krum_selection_batched(x, f=f, m=m)
+    return take_rows(x, selected).mean(dim=-2), selected
+
+
+def krum_batched(x: Tensor, *, f: int) -> tuple[Tensor, Tensor]:
+    """Krum on every element of a (B, n, d) ``x``: the (B, d) winners and the (B, 1) selections."""
+    selected = multi_krum_selection_batched(x, f=f, m=1)
+    return take_rows(x, selected)[:, 0].clone(), selected

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import apply_batched, is_batched
 from ._checks import check_matrix, check_minority
-from ._distances import pairwise_sq_distances
+from ._distances import pairwise_sq_distances, pairwise_sq_distances_batched
 
 
 def nnm_impl(x: Tensor, *, f: int) -> Tensor:
@@ -22,6 +23,18 @@ def nnm_impl(x: Tensor, *, f: int) -> Tensor:
     return mix @ x
 
 
+def nnm_batched(x: Tensor, *, f: int) -> Tensor:
+    """:func:`nnm_impl` on every element of a (B, n, d) ``x``: one batched Gram matrix for the
+    distances, the same stable argsort (ties by row index), one batched mixing product."""
+    batch, n, _ = x.shape
+    if f == 0:
+        return x.mean(dim=-2, keepdim=True).expand(-1, n, -1).clone()
+    nearest = torch.argsort(pairwise_sq_distances_batched(x), dim=-1, stable=True)[:, :, : n - f]
+    mix = torch.zeros((batch, n, n), dtype=x.dtype, device=x.device)
+    mix.scatter_(-1, nearest, 1.0 / (n - f))
+    return torch.matmul(mix, x)
+
+
 def nnm(x: Tensor, *, f: int) -> Tensor:
     """Nearest Neighbour Mixing: replace every vector by the mean of its n - f nearest neighbours.
 
@@ -30,7 +43,8 @@ def nnm(x: Tensor, *, f: int) -> Tensor:
 
     where N_i is the set of the n - f rows closest to x_i in Euclidean distance (x_i included).
     The distances come from one Gram matrix and the mixing is one (n, n) x (n, d) product. Ties
-    between equidistant neighbours are broken by row index. Needs 2f < n.
+    between equidistant neighbours are broken by row index. Needs 2f < n. ``x`` may have leading
+    batch dimensions, (..., n, d) (an element holding a NaN or an infinity gives NaN).
 
     Reference: Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, "Fixing by Mixing: A Recipe
     for Optimal Byzantine ML under Heterogeneity", AISTATS 2023.
@@ -41,6 +55,9 @@ def nnm(x: Tensor, *, f: int) -> Tensor:
             [0.5000],
             [5.5000]])
     """
+    if is_batched(x):
+        check_n = lambda n: check_minority(n, f, rule="nnm")  # noqa: E731
+        return apply_batched(x, rule="nnm", check_n=check_n, fn=lambda flat: nnm_batched(flat, f=f))
     check_matrix(x, rule="nnm")
     check_minority(x.shape[0], f, rule="nnm")
     return nnm_impl(x, f=f)

@@ -9,6 +9,12 @@ turns into metrics by role. A stage's masks and indices refer to the rows it rec
 bucketing those are bucket means, after NNM mixtures of several rows, and
 :attr:`AggregationReport.clipped_inputs` maps the clipping back to the pipeline's input rows where
 that is possible.
+
+A pipeline also takes (..., n, d) input with leading batch dimensions (many runs, or many candidate
+attacks, in lockstep): every stage runs once on the whole batch, vectorised, and the call returns
+the (..., d) aggregates with a :class:`BatchedAggregationReport`, whose fields carry the batch
+dimensions first. An element holding a NaN or an infinity is flagged in
+:attr:`BatchedAggregationReport.invalid` and gets a NaN aggregate; the others are not affected.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,17 +31,18 @@ from torch import Tensor
 
 from arcsim.registry import Registry, UnknownName
 
-from ._checks import check_f, check_matrix, check_minority, check_positive
-from .arc import arc_with_report
-from .bucketing import bucketing_with_groups
-from .bulyan import bulyan_impl
-from .centered_clip import centered_clip_impl, check_center
-from .cwmed import cwmed_impl
-from .cwtm import cwtm_impl
-from .geometric_median import DEFAULT_MAX_ITER, DEFAULT_NU, DEFAULT_TOL, geometric_median_impl
-from .krum import check_krum_n, check_m, multi_krum_selection
-from .nnm import nnm_impl
-from .static_clip import static_clip_with_report
+from ._batch import invalid_elements, nan_elements, take_rows, zero_elements
+from ._checks import check_f, check_matrix, check_minority, check_positive, check_shape
+from .arc import arc_batched_with_report, arc_with_report
+from .bucketing import bucketing_batched_with_groups, bucketing_with_groups, element_generators
+from .bulyan import bulyan_batched, bulyan_impl
+from .centered_clip import centered_clip_batched, centered_clip_impl, check_center
+from .cwmed import cwmed_batched, cwmed_impl
+from .cwtm import cwtm_batched, cwtm_impl
+from .geometric_median import DEFAULT_MAX_ITER, DEFAULT_NU, DEFAULT_TOL, geometric_median_batched, geometric_median_impl
+from .krum import check_krum_n, check_m, multi_krum_selection, multi_krum_selection_batched
+from .nnm import nnm_batched, nnm_impl
+from .static_clip import static_clip_batched_with_report, static_clip_with_report
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,7 @@ class AggregationReport:
     stages: tuple[StageReport, ...]
 
     def _first(self, attribute: str) -> Any:
-        for stage in self.stages:
-            value = getattr(stage, attribute)
-            if value is not None:
-                return value
-        return None
+        return _first_field(self.stages, attribute)
 
     @property
     def clip_threshold(self) -> float | None:
@@ -84,15 +87,7 @@ class AggregationReport:
         own mask). None when there is no clipping stage, or when a stage before it blended rows
         (NNM: each of its rows mixes several input rows, so a clipped one names no input row).
         """
-        origin: Tensor | None = None  # the row each input row reached the current stage as (None: itself)
-        for stage in self.stages:
-            if stage.clipped is not None:
-                return stage.clipped if origin is None else stage.clipped[origin]
-            if stage.mixes_rows:
-                return None
-            if stage.groups is not None:
-                origin = stage.groups if origin is None else stage.groups[origin]
-        return None
+        return _clipped_inputs(self.stages)
 
     @property
     def selected(self) -> Tensor | None:
@@ -100,8 +95,115 @@ class AggregationReport:
         return self._first("selected")
 
 
+def _first_field(stages: tuple[StageReport, ...] | tuple[BatchedStageReport, ...], attribute: str) -> Any:
+    for stage in stages:
+        value = getattr(stage, attribute)
+        if value is not None:
+            return value
+    return None
+
+
+def _clipped_inputs(stages: tuple[StageReport, ...] | tuple[BatchedStageReport, ...]) -> Tensor | None:
+    """:attr:`AggregationReport.clipped_inputs`, for 1-D masks or batched (..., n) ones alike."""
+    origin: Tensor | None = None  # the row each input row reached the current stage as (None: itself)
+    for stage in stages:
+        if stage.clipped is not None:
+            return stage.clipped if origin is None else stage.clipped.gather(-1, origin)
+        if stage.mixes_rows:
+            return None
+        if stage.groups is not None:
+            origin = stage.groups if origin is None else stage.groups.gather(-1, origin)
+    return None
+
+
+@dataclass(frozen=True)
+class BatchedStageReport:
+    """What one stage did on a batch: :class:`StageReport`'s fields with the batch dimensions first.
+
+    ``seconds`` is the whole batched call's; ``iterations`` the largest count over the elements.
+    """
+
+    name: str
+    seconds: float
+    clip_threshold: Tensor | None = None  # (...,) float64
+    clipped: Tensor | None = None  # (..., n) bool
+    selected: Tensor | None = None  # (..., m) int64
+    iterations: int | None = None
+    groups: Tensor | None = None  # (..., n) int64
+    mixes_rows: bool = False
+
+
+@dataclass(frozen=True)
+class BatchedAggregationReport:
+    """The report of a batched pipeline call: each stage's batched report and the invalid elements.
+
+    ``invalid`` ((...,) bool) marks the elements whose input held a NaN or an infinity: the stages ran
+    on zeros in their place and their aggregate is NaN. :meth:`element` gives one element's report in
+    the 2-D call's form.
+    """
+
+    stages: tuple[BatchedStageReport, ...]
+    invalid: Tensor
+
+    def _first(self, attribute: str) -> Any:
+        return _first_field(self.stages, attribute)
+
+    @property
+    def clip_threshold(self) -> Tensor | None:
+        """The (...,) thresholds of the first clipping stage, if any."""
+        return self._first("clip_threshold")
+
+    @property
+    def clipped(self) -> Tensor | None:
+        """The (..., n) masks of input rows changed by the first clipping stage, if any."""
+        return self._first("clipped")
+
+    @property
+    def clipped_inputs(self) -> Tensor | None:
+        """:attr:`AggregationReport.clipped_inputs` of every element, (..., n), or None."""
+        return _clipped_inputs(self.stages)
+
+    @property
+    def selected(self) -> Tensor | None:
+        """The (..., m) indices of the rows kept by the first Krum-like stage, if any."""
+        return self._first("selected")
+
+    def element(self, i: int) -> AggregationReport:
+        """The report of flat element ``i`` (row-major over the batch dimensions), as a 2-D call's.
+
+        Its seconds are the stage's batched seconds divided by the number of elements.
+        """
+        count = self.invalid.numel()
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count:
+            raise IndexError(f"element index must be an integer in [0, {count}), got {i!r}")
+
+        def row(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value.reshape(count, -1)[i]
+
+        return AggregationReport(
+            stages=tuple(
+                StageReport(
+                    name=stage.name,
+                    seconds=stage.seconds / count,
+                    clip_threshold=None if stage.clip_threshold is None else float(stage.clip_threshold.reshape(-1)[i]),
+                    clipped=row(stage.clipped),
+                    selected=row(stage.selected),
+                    iterations=stage.iterations,
+                    groups=row(stage.groups),
+                    mixes_rows=stage.mixes_rows,
+                )
+                for stage in self.stages
+            )
+        )
+
+
 # A stage function takes (x, f, params, generator) and returns (output, report fields).
 StageFn = Callable[[Tensor, int, Mapping[str, Any], torch.Generator | None], tuple[Tensor, dict[str, Any]]]
+# Its batched form takes a (B, n, d) x and one generator (or None) per element, and returns the (B, ...)
+# output and the report fields with a leading B (clip_threshold a (B,) float64 tensor, iterations an int).
+BatchedStageFn = Callable[
+    [Tensor, int, Mapping[str, Any], Sequence[torch.Generator | None]], tuple[Tensor, dict[str, Any]]
+]
 
 
 @dataclass(frozen=True)
@@ -110,7 +212,8 @@ class Rule:
 
     ``kind`` is ``"pre"`` (a pre-aggregator, (n, d) -> (m, d)) or ``"agg"`` (an aggregator, (n, d) -> (d,));
     ``check_n(n, f, params)`` raises ValueError when the rule cannot run on n rows against f; ``required``
-    and ``optional`` (with defaults) name its parameters. Plugins make one with :func:`rule`.
+    and ``optional`` (with defaults) name its parameters; ``run_batched``, when set, runs the stage on
+    a (B, n, d) batch at once. Plugins make one with :func:`rule`.
     """
 
     name: str
@@ -122,6 +225,8 @@ class Rule:
     check_params: Callable[[Mapping[str, Any]], None] = lambda params: None
     mixes_rows: bool = False  # a pre-aggregator whose output rows each blend several input rows
     condition: str = ""  # the condition on n and f in words, for `arcsim list` (e.g. "n > 2f")
+    # The stage on a (B, n, d) batch at once; None: the pipeline calls ``run`` once per element.
+    run_batched: BatchedStageFn | None = None
 
 
 _KINDS = {"pre-aggregator": "pre", "aggregator": "agg", "pre": "pre", "agg": "agg"}
@@ -133,6 +238,7 @@ def rule(
     condition: Callable[[int, int], bool] | None = None,
     requires: str = "",
     mixes_rows: bool = False,
+    batched: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Rule]:
     """Make a function a pipeline rule: the public contract of a rule plugin (docs/plugins.md).
 
@@ -142,6 +248,10 @@ def rule(
     a default are required; ``pipeline_params`` sets them). ``kind`` is ``"aggregator"`` (returns (d,))
     or ``"pre-aggregator"`` (returns (m, d)); ``condition(n, f)`` says whether the rule applies to n rows
     (None: always), and ``requires`` says it in words for the error message (e.g. ``"n > 2f"``).
+
+    A pipeline called on (..., n, d) input calls the function once per batch element and stacks the
+    results, unless it is declared ``batched=True``: it is then called once with the (B, n, d) tensor
+    of all elements (the batch dimensions flattened into one) and returns (B, m, d) or (B, d).
 
     >>> @rule(kind="aggregator", condition=lambda n, f: n > 2 * f, requires="n > 2f")
     ... def middle(x, *, f):
@@ -174,6 +284,17 @@ def rule(
             if condition is not None and not condition(n, f):
                 raise ValueError(f"{name}: needs {requires or 'its condition on n and f'}, got n = {n}, f = {f}")
 
+        def run_batched(
+            x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[torch.Generator | None]
+        ) -> tuple[Tensor, dict[str, Any]]:
+            out, fields = run(x, f, p, None)
+            if out.dim() < 2 or out.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"{name}: a batched rule must return one output per element ({x.shape[0]}), got shape "
+                    f"{tuple(out.shape)}"
+                )
+            return out, fields
+
         return Rule(
             name,
             _KINDS[kind],
@@ -183,6 +304,7 @@ def rule(
             optional=optional,
             mixes_rows=mixes_rows,
             condition=requires,
+            run_batched=run_batched if batched else None,
         )
 
     return make
@@ -281,10 +403,46 @@ def _run_gm(x: Tensor, f: int, p: Mapping[str, Any], g: torch.Generator | None) 
     return out, {"iterations": iterations}
 
 
+def _batched_arc(x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[Any]) -> tuple[Tensor, dict[str, Any]]:
+    out, threshold, clipped = arc_batched_with_report(x, f=f)
+    return out, {"clip_threshold": threshold, "clipped": clipped}
+
+
+def _batched_static_clip(x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[Any]) -> tuple[Tensor, dict[str, Any]]:
+    out, threshold, clipped = static_clip_batched_with_report(x, c=p["c"])
+    return out, {"clip_threshold": threshold, "clipped": clipped}
+
+
+def _batched_bucketing(x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[Any]) -> tuple[Tensor, dict[str, Any]]:
+    out, groups = bucketing_batched_with_groups(x, s=p["s"], generators=g)
+    return out, {"groups": groups}
+
+
+def _batched_multi_krum(x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[Any]) -> tuple[Tensor, dict[str, Any]]:
+    m = check_m(p.get("m"), x.shape[1], f, rule="multi_krum")
+    selected = multi_krum_selection_batched(x, f=f, m=m)
+    return take_rows(x, selected).mean(dim=-2), {"selected": selected}
+
+
+def _batched_krum(x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[Any]) -> tuple[Tensor, dict[str, Any]]:
+    selected = multi_krum_selection_batched(x, f=f, m=1)
+    return take_rows(x, selected)[:, 0].clone(), {"selected": selected}
+
+
+def _batched_centered_clip(x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[Any]) -> tuple[Tensor, dict[str, Any]]:
+    check_center(p["center"], x.shape[2])
+    return centered_clip_batched(x, tau=p["tau"], iters=p["iters"], center=p["center"]), {}
+
+
+def _batched_gm(x: Tensor, f: int, p: Mapping[str, Any], g: Sequence[Any]) -> tuple[Tensor, dict[str, Any]]:
+    out, iterations = geometric_median_batched(x, tol=p["tol"], max_iter=p["max_iter"], nu=p["nu"])
+    return out, {"iterations": int(iterations.max()) if iterations.numel() else 0}
+
+
 RULES: dict[str, Rule] = {
     rule.name: rule
     for rule in (
-        Rule("arc", "pre", _run_arc, _minority("arc"), condition="2f < n"),
+        Rule("arc", "pre", _run_arc, _minority("arc"), condition="2f < n", run_batched=_batched_arc),
         Rule(
             "static_clip",
             "pre",
@@ -292,6 +450,7 @@ RULES: dict[str, Rule] = {
             _no_condition,
             required=("c",),
             check_params=_positive("static_clip", "c"),
+            run_batched=_batched_static_clip,
         ),
         Rule(
             "nnm",
@@ -300,6 +459,7 @@ RULES: dict[str, Rule] = {
             _minority("nnm"),
             mixes_rows=True,
             condition="2f < n",
+            run_batched=lambda x, f, p, g: (nnm_batched(x, f=f), {}),
         ),
         Rule(
             "bucketing",
@@ -308,10 +468,30 @@ RULES: dict[str, Rule] = {
             _no_condition,
             required=("s",),
             check_params=_positive_int("bucketing", "s"),
+            run_batched=_batched_bucketing,
         ),
-        Rule("mean", "agg", lambda x, f, p, g: (x.mean(dim=0), {}), _no_condition),
-        Rule("cwtm", "agg", lambda x, f, p, g: (cwtm_impl(x, f=f), {}), _minority("cwtm"), condition="2f < n"),
-        Rule("cwmed", "agg", lambda x, f, p, g: (cwmed_impl(x), {}), _no_condition),
+        Rule(
+            "mean",
+            "agg",
+            lambda x, f, p, g: (x.mean(dim=0), {}),
+            _no_condition,
+            run_batched=lambda x, f, p, g: (x.mean(dim=-2), {}),
+        ),
+        Rule(
+            "cwtm",
+            "agg",
+            lambda x, f, p, g: (cwtm_impl(x, f=f), {}),
+            _minority("cwtm"),
+            condition="2f < n",
+            run_batched=lambda x, f, p, g: (cwtm_batched(x, f=f), {}),
+        ),
+        Rule(
+            "cwmed",
+            "agg",
+            lambda x, f, p, g: (cwmed_impl(x), {}),
+            _no_condition,
+            run_batched=lambda x, f, p, g: (cwmed_batched(x), {}),
+        ),
         Rule(
             "geometric_median",
             "agg",
@@ -319,8 +499,9 @@ RULES: dict[str, Rule] = {
             _no_condition,
             optional={"tol": DEFAULT_TOL, "max_iter": DEFAULT_MAX_ITER, "nu": DEFAULT_NU},
             check_params=_gm_params,
+            run_batched=_batched_gm,
         ),
-        Rule("krum", "agg", _run_krum, _krum_condition("krum"), condition="n > 2f + 2"),
+        Rule("krum", "agg", _run_krum, _krum_condition("krum"), condition="n > 2f + 2", run_batched=_batched_krum),
         Rule(
             "multi_krum",
             "agg",
@@ -329,6 +510,7 @@ RULES: dict[str, Rule] = {
             optional={"m": None},
             check_params=_positive_int("multi_krum", "m"),
             condition="n > 2f + 2, m <= n",
+            run_batched=_batched_multi_krum,
         ),
         Rule(
             "centered_clip",
@@ -338,8 +520,16 @@ RULES: dict[str, Rule] = {
             required=("tau",),
             optional={"iters": 1, "center": None},
             check_params=_cc_params,
+            run_batched=_batched_centered_clip,
         ),
-        Rule("bulyan", "agg", lambda x, f, p, g: (bulyan_impl(x, f=f), {}), _bulyan_condition, condition="n >= 4f + 3"),
+        Rule(
+            "bulyan",
+            "agg",
+            lambda x, f, p, g: (bulyan_impl(x, f=f), {}),
+            _bulyan_condition,
+            condition="n >= 4f + 3",
+            run_batched=lambda x, f, p, g: (bulyan_batched(x, f=f), {}),
+        ),
     )
 }
 PRE_AGGREGATORS = tuple(name for name, rule in RULES.items() if rule.kind == "pre")
@@ -375,7 +565,17 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({self.spec!r}, f={self.f})"
 
-    def __call__(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, AggregationReport]:
+    def __call__(
+        self, x: Tensor, *, generator: torch.Generator | Sequence[torch.Generator | None] | None = None
+    ) -> tuple[Tensor, AggregationReport] | tuple[Tensor, BatchedAggregationReport]:
+        """Aggregate an (n, d) ``x``: ``(aggregate (d,), AggregationReport)``.
+
+        An (..., n, d) ``x`` gives ``(aggregates (..., d), BatchedAggregationReport)``; ``generator`` is
+        then None or one generator per element, in row-major order of the batch dimensions (element i
+        draws from generator i exactly what the 2-D call on it would).
+        """
+        if isinstance(x, Tensor) and x.dim() >= 3:
+            return self._call_batched(x, generator)
         check_matrix(x, rule=self.spec)
         reports = []
         sync = x.is_cuda
@@ -389,6 +589,66 @@ class Pipeline:
                 StageReport(name=rule.name, seconds=time.perf_counter() - start, mixes_rows=rule.mixes_rows, **fields)
             )
         return x, AggregationReport(stages=tuple(reports))
+
+    def _call_batched(
+        self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator | None] | None
+    ) -> tuple[Tensor, BatchedAggregationReport]:
+        check_shape(x, rule=self.spec, batched=True)
+        batch, (n, d) = x.shape[:-2], x.shape[-2:]
+        flat = x.reshape(-1, n, d)
+        count = flat.shape[0]
+        generators = element_generators(generator, count, rule=self.spec)
+        if count == 0:  # the shapes of everything from one element of zeros (own generator: no global draw)
+            out, report = self._call_batched(x.new_zeros((1, n, d)), [torch.Generator()])
+            return out[:0].reshape(*batch, *out.shape[1:]), _slice_report(report, batch)
+        invalid = invalid_elements(flat)
+        flat = zero_elements(flat, invalid)
+        reports = []
+        sync = x.is_cuda
+        for rule_, params in zip(self._rules, self._params):
+            rule_.check_n(flat.shape[1], self.f, params)
+            start = time.perf_counter()
+            if rule_.run_batched is not None:
+                flat, fields = rule_.run_batched(flat, self.f, params, generators)
+            else:
+                flat, fields = _per_element(rule_, flat, self.f, params, generators)
+            if sync:
+                torch.cuda.synchronize(flat.device)
+            seconds = time.perf_counter() - start
+            fields = {k: v.reshape(*batch, *v.shape[1:]) if isinstance(v, Tensor) else v for k, v in fields.items()}
+            reports.append(BatchedStageReport(name=rule_.name, seconds=seconds, mixes_rows=rule_.mixes_rows, **fields))
+        aggregate = nan_elements(flat, invalid).reshape(*batch, *flat.shape[1:])
+        return aggregate, BatchedAggregationReport(stages=tuple(reports), invalid=invalid.reshape(batch))
+
+
+def _per_element(
+    rule_: Rule, x: Tensor, f: int, params: Mapping[str, Any], generators: Sequence[torch.Generator | None]
+) -> tuple[Tensor, dict[str, Any]]:
+    """A rule without a batched form on a (B, n, d) batch: one call per element, stacked (a fallback)."""
+    results = [rule_.run(element, f, params, g) for element, g in zip(x.unbind(0), generators)]
+    fields: dict[str, Any] = {}
+    for key in results[0][1]:
+        values = [result[1][key] for result in results]
+        if key == "iterations":
+            fields[key] = max(values)
+        elif key == "clip_threshold":
+            fields[key] = torch.tensor(values, dtype=torch.float64, device=x.device)
+        else:
+            fields[key] = torch.stack(values)
+    return torch.stack([result[0] for result in results]), fields
+
+
+def _slice_report(report: BatchedAggregationReport, batch: torch.Size) -> BatchedAggregationReport:
+    """A report of one element cut to none, with the (empty) batch dimensions ``batch``."""
+
+    def cut(value: Any) -> Any:
+        return value[:0].reshape(*batch, *value.shape[1:]) if isinstance(value, Tensor) else value
+
+    stages = tuple(
+        dataclasses.replace(stage, **{k.name: cut(getattr(stage, k.name)) for k in dataclasses.fields(stage)})
+        for stage in report.stages
+    )
+    return BatchedAggregationReport(stages=stages, invalid=cut(report.invalid))
 
 
 def _resolve_spec(spec: str) -> tuple[Rule, ...]:
