@@ -3,6 +3,26 @@
 Pre-aggregators map (n, d) -> (n, d) (bucketing: (ceil(n/s), d)); aggregators map (n, d) -> (d,).
 Every rule validates its input (2-D, floating, finite) and its n-dependent condition on f, never
 modifies its input, and is vectorised across workers.
+
+Every rule and :class:`Pipeline` also take (..., n, d) input with leading batch dimensions (many
+runs, or many candidate attacks per run, in lockstep): the work is vectorised over the batch (on
+CPU in cache-sized chunks of elements, see ``_batch.CHUNK_BYTES``), 2-D input takes the 2-D code
+unchanged, and an element holding a NaN or an infinity gives NaN (a pipeline flags it in
+:attr:`BatchedAggregationReport.invalid`) instead of raising, leaving the others untouched. Each
+element's output matches the 2-D call on it as follows (eps: the dtype's machine epsilon; M: the
+element's largest absolute entry as it reaches the rule; n: its rows):
+
+- arc, static_clip, bucketing: bitwise (outputs, clip thresholds, masks, bucket groups; bucketing
+  with the element's own generator);
+- mean, cwtm, cwmed: sorted values bitwise; outputs within 4 eps M (a mean may round differently);
+- nnm, krum, multi_krum, bulyan, centered_clip: within 16 n eps M (batched Gram matrices and
+  products may round differently from the 2-D ones); krum and multi_krum select the same indices
+  when the rows are distinct, rows of equal value when a row is duplicated (its twin may stand in);
+- geometric_median: within tol (1 + ||z||) + 16 n eps M of the 2-D result z, its iteration count
+  within one of the 2-D count.
+
+Ties are broken as in the 2-D rules (NNM's stable order by index, ARC's top-k threshold, Krum's
+lowest index). Rows whose norms overflow the dtype take the 2-D overflow path, element by element.
 """
 
 from .arc import arc, arc_num_clipped

@@ -15,6 +15,26 @@ from torch import Tensor
 
 from ._checks import check_shape
 
+# On CPU a batch is processed in chunks of elements of about this many bytes: each pass over a chunk
+# (norms, scaling, distances, sorting) then finds it in cache from the pass before, and its
+# temporaries are recycled by the allocator instead of being mapped (and page-faulted) afresh, which
+# for a whole large batch costs more than the vectorisation saves (docs/benchmarks.md). Elements
+# larger than this go one per chunk, through the batched code with a batch of one.
+CHUNK_BYTES = 16 << 20
+
+
+def chunks(x: Tensor) -> list[slice]:
+    """The slices of a (B, n, d) ``x``'s elements processed together (all of them off the CPU).
+
+    >>> chunks(torch.zeros(5, 1024, 1024))  # 4 MiB per element
+    [slice(0, 4, None), slice(4, 5, None)]
+    """
+    count = x.shape[0]
+    if x.device.type != "cpu" or count == 0:
+        return [slice(0, count)]
+    size = max(1, CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
 
 def is_batched(x: object) -> bool:
     """Whether ``x`` is a tensor with at least one leading batch dimension, (..., n, d).
@@ -79,12 +99,16 @@ def apply_batched(
     if check_n is not None:
         check_n(n)
     flat = x.reshape(-1, n, d)
-    row_norms = torch.linalg.vector_norm(flat, dim=-1) if norms else None
-    invalid = invalid_elements(flat, row_norms)
-    if bool(invalid.any()):
-        flat = zero_elements(flat, invalid)
-        row_norms = None if row_norms is None else row_norms.masked_fill(invalid[:, None], 0.0)
-    out = nan_elements(fn(flat) if row_norms is None else fn(flat, row_norms), invalid)
+    outs = []
+    for part in chunks(flat):
+        piece = flat[part]
+        row_norms = torch.linalg.vector_norm(piece, dim=-1) if norms else None
+        invalid = invalid_elements(piece, row_norms)
+        if bool(invalid.any()):
+            piece = zero_elements(piece, invalid)
+            row_norms = None if row_norms is None else row_norms.masked_fill(invalid[:, None], 0.0)
+        outs.append(nan_elements(fn(piece) if row_norms is None else fn(piece, row_norms), invalid))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.reshape(*batch, *out.shape[1:])
 
 

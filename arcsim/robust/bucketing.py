@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -40,9 +41,13 @@ def bucketing(x: Tensor, *, s: int, generator: Generators = None) -> Tensor:
     if isinstance(s, bool) or not isinstance(s, int) or s < 1:
         raise ValueError(f"bucketing: s must be a positive integer, got s = {s!r}")
     if is_batched(x):
-        return apply_batched(
-            x, rule="bucketing", fn=lambda flat: bucketing_batched_with_groups(flat, s=s, generators=generator)[0]
-        )
+        count = math.prod(x.shape[:-2]) if isinstance(x, Tensor) else 0
+        draws = iter(element_generators(generator, count, rule="bucketing"))
+
+        def run(flat: Tensor) -> Tensor:  # called chunk after chunk: each takes the next generators
+            return bucketing_batched_with_groups(flat, s=s, generators=[next(draws) for _ in range(flat.shape[0])])[0]
+
+        return apply_batched(x, rule="bucketing", fn=run)
     check_matrix(x, rule="bucketing")
     return bucketing_impl(x, s=s, generator=generator)
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from arcsim.registry import Registry, UnknownName
 
-from ._batch import invalid_elements, nan_elements, take_rows, zero_elements
+from ._batch import chunks, invalid_elements, nan_elements, take_rows, zero_elements
 from ._checks import check_f, check_matrix, check_minority, check_positive, check_shape
 from .arc import arc_batched_with_report, arc_with_report
 from .bucketing import bucketing_batched_with_groups, bucketing_with_groups, element_generators
@@ -602,23 +602,54 @@ class Pipeline:
             out, report = self._call_batched(x.new_zeros((1, n, d)), [torch.Generator()])
             return out[:0].reshape(*batch, *out.shape[1:]), _slice_report(report, batch)
         invalid = invalid_elements(flat)
-        flat = zero_elements(flat, invalid)
+        outs, parts = [], []
+        for part in chunks(flat):  # on CPU, cache-sized chunks of elements (arcsim.robust._batch)
+            out, fields = self._run_stages(zero_elements(flat[part], invalid[part]), generators[part])
+            outs.append(nan_elements(out, invalid[part]))
+            parts.append(fields)
         reports = []
+        for position, rule_ in enumerate(self._rules):
+            stage = [fields[position] for fields in parts]
+            merged = _join_fields([fields for fields, _ in stage], stack=False, device=x.device)
+            merged = {k: v.reshape(*batch, *v.shape[1:]) if isinstance(v, Tensor) else v for k, v in merged.items()}
+            seconds = sum(seconds for _, seconds in stage)
+            reports.append(BatchedStageReport(name=rule_.name, seconds=seconds, mixes_rows=rule_.mixes_rows, **merged))
+        aggregate = outs[0] if len(outs) == 1 else torch.cat(outs)
+        aggregate = aggregate.reshape(*batch, *aggregate.shape[1:])
+        return aggregate, BatchedAggregationReport(stages=tuple(reports), invalid=invalid.reshape(batch))
+
+    def _run_stages(
+        self, x: Tensor, generators: Sequence[torch.Generator | None]
+    ) -> tuple[Tensor, list[tuple[dict[str, Any], float]]]:
+        """Every stage on a (B, n, d) chunk: the output and each stage's (report fields, seconds)."""
+        stages = []
         sync = x.is_cuda
         for rule_, params in zip(self._rules, self._params):
-            rule_.check_n(flat.shape[1], self.f, params)
+            rule_.check_n(x.shape[1], self.f, params)
             start = time.perf_counter()
             if rule_.run_batched is not None:
-                flat, fields = rule_.run_batched(flat, self.f, params, generators)
+                x, fields = rule_.run_batched(x, self.f, params, generators)
             else:
-                flat, fields = _per_element(rule_, flat, self.f, params, generators)
+                x, fields = _per_element(rule_, x, self.f, params, generators)
             if sync:
-                torch.cuda.synchronize(flat.device)
-            seconds = time.perf_counter() - start
-            fields = {k: v.reshape(*batch, *v.shape[1:]) if isinstance(v, Tensor) else v for k, v in fields.items()}
-            reports.append(BatchedStageReport(name=rule_.name, seconds=seconds, mixes_rows=rule_.mixes_rows, **fields))
-        aggregate = nan_elements(flat, invalid).reshape(*batch, *flat.shape[1:])
-        return aggregate, BatchedAggregationReport(stages=tuple(reports), invalid=invalid.reshape(batch))
+                torch.cuda.synchronize(x.device)
+            stages.append((fields, time.perf_counter() - start))
+        return x, stages
+
+
+def _join_fields(parts: list[dict[str, Any]], *, stack: bool, device: torch.device) -> dict[str, Any]:
+    """One stage's report fields of several elements (``stack``: 2-D calls' fields) or of consecutive
+    chunks of a batch (batched fields, concatenated), as one batched set of fields."""
+    joined: dict[str, Any] = {}
+    for key in parts[0]:
+        values = [part[key] for part in parts]
+        if key == "iterations":
+            joined[key] = max(values)
+        elif not isinstance(values[0], Tensor):  # a 2-D call's clip threshold (a float)
+            joined[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        else:
+            joined[key] = torch.stack(values) if stack else torch.cat(values)
+    return joined
 
 
 def _per_element(
@@ -626,16 +657,8 @@ def _per_element(
 ) -> tuple[Tensor, dict[str, Any]]:
     """A rule without a batched form on a (B, n, d) batch: one call per element, stacked (a fallback)."""
     results = [rule_.run(element, f, params, g) for element, g in zip(x.unbind(0), generators)]
-    fields: dict[str, Any] = {}
-    for key in results[0][1]:
-        values = [result[1][key] for result in results]
-        if key == "iterations":
-            fields[key] = max(values)
-        elif key == "clip_threshold":
-            fields[key] = torch.tensor(values, dtype=torch.float64, device=x.device)
-        else:
-            fields[key] = torch.stack(values)
-    return torch.stack([result[0] for result in results]), fields
+    fields = _join_fields([fields for _, fields in results], stack=True, device=x.device)
+    return torch.stack([out for out, _ in results]), fields
 
 
 def _slice_report(report: BatchedAggregationReport, batch: torch.Size) -> BatchedAggregationReport:
