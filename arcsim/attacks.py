@@ -642,7 +642,7 @@ class _Search:
 
 
 def _check_search(
-    *,
+    default_taus: Sequence[float],
     search: str,
     taus: Sequence[float] | Tensor | None,
     refinements: int,
@@ -651,8 +651,8 @@ def _check_search(
     delta: float | None,
     ratio: float | None,
     max_elements: int,
-    default_taus: Sequence[float],
 ) -> _Search:
+    """The public functions' search keywords, validated (positional: they forward them in this order)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {', '.join(map(repr, SEARCHES))}, got {search!r}")
     _check_count("max_elements", max_elements, minimum=1)
@@ -977,17 +977,7 @@ def optimal_alie_tau(
     _check_count("num_byzantine", num_byzantine, minimum=0)
     _check_num_workers(num_workers, num_honest=honest.shape[-2], num_byzantine=num_byzantine)
     _check_aggregate(aggregate)
-    settings = _check_search(
-        search=search,
-        taus=taus,
-        refinements=refinements,
-        evals=evals,
-        start=start,
-        delta=delta,
-        ratio=ratio,
-        max_elements=max_elements,
-        default_taus=DEFAULT_ALIE_TAUS,
-    )
+    settings = _check_search(DEFAULT_ALIE_TAUS, search, taus, refinements, evals, start, delta, ratio, max_elements)
     return _optimal_search(honest, num_byzantine=num_byzantine, aggregate=aggregate, attack="alie", settings=settings)
 
 
@@ -1024,20 +1014,9 @@ def optimal_alie(
     _check_num_workers(num_workers, num_honest=honest.shape[-2], num_byzantine=num_byzantine)
     if num_byzantine == 0:
         return honest.new_empty((*honest.shape[:-2], 0, honest.shape[-1]))
-    tau = optimal_alie_tau(
-        honest,
-        num_byzantine=num_byzantine,
-        num_workers=num_workers,
-        aggregate=aggregate,
-        taus=taus,
-        refinements=refinements,
-        search=search,
-        evals=evals,
-        start=start,
-        delta=delta,
-        ratio=ratio,
-        max_elements=max_elements,
-    )
+    _check_aggregate(aggregate)
+    settings = _check_search(DEFAULT_ALIE_TAUS, search, taus, refinements, evals, start, delta, ratio, max_elements)
+    tau = _optimal_search(honest, num_byzantine=num_byzantine, aggregate=aggregate, attack="alie", settings=settings)
     if isinstance(tau, Tensor):
         rows = _alie_rows(honest.mean(dim=-2), _std(honest), tau.unsqueeze(-1)).squeeze(-2)
         return _repeat_row(rows, num_byzantine)
@@ -1083,17 +1062,7 @@ def optimal_foe_tau(
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
     _check_aggregate(aggregate)
-    settings = _check_search(
-        search=search,
-        taus=taus,
-        refinements=refinements,
-        evals=evals,
-        start=start,
-        delta=delta,
-        ratio=ratio,
-        max_elements=max_elements,
-        default_taus=DEFAULT_FOE_TAUS,
-    )
+    settings = _check_search(DEFAULT_FOE_TAUS, search, taus, refinements, evals, start, delta, ratio, max_elements)
     return _optimal_search(honest, num_byzantine=num_byzantine, aggregate=aggregate, attack="foe", settings=settings)
 
 
@@ -1127,19 +1096,9 @@ def optimal_foe(
     _check_count("num_byzantine", num_byzantine, minimum=0)
     if num_byzantine == 0:
         return honest.new_empty((*honest.shape[:-2], 0, honest.shape[-1]))
-    tau = optimal_foe_tau(
-        honest,
-        num_byzantine=num_byzantine,
-        aggregate=aggregate,
-        taus=taus,
-        refinements=refinements,
-        search=search,
-        evals=evals,
-        start=start,
-        delta=delta,
-        ratio=ratio,
-        max_elements=max_elements,
-    )
+    _check_aggregate(aggregate)
+    settings = _check_search(DEFAULT_FOE_TAUS, search, taus, refinements, evals, start, delta, ratio, max_elements)
+    tau = _optimal_search(honest, num_byzantine=num_byzantine, aggregate=aggregate, attack="foe", settings=settings)
     if isinstance(tau, Tensor):
         return _repeat_row(_foe_rows(honest.mean(dim=-2), tau.unsqueeze(-1)).squeeze(-2), num_byzantine)
     return foe(honest, num_byzantine=num_byzantine, tau=tau)
