@@ -33,7 +33,10 @@ factors are cast to the dtype exactly as a Python scalar is, and torch reduces e
 batch (means over the honest rows, norms of the search errors) in the same order as a lone
 matrix; no tolerance is needed there. On other devices reductions of differently shaped tensors
 may associate differently, so outputs agree to rounding and a searched factor can differ only
-between candidates whose errors agree to rounding. The batched line searches are described in
+between candidates whose errors agree to rounding. Likewise a searched factor is the 2-D search's
+when the batched ``aggregate`` returns for each element what the 2-D one does; one that agrees only
+to rounding (``arcsim.robust`` states its rules' tolerances) can tip a choice only between
+candidates whose errors agree to that rounding. The batched line searches are described in
 ``optimal_alie_tau``; ``MimicState`` is 2-D only.
 
 ``ATTACKS`` maps names to the vector-crafting attacks and ``craft`` dispatches to them by name;

@@ -476,7 +476,7 @@ def test_expand_contract_params_pass_config_validation() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@settings(deadline=None, max_examples=15)
+@settings(deadline=None, max_examples=int(os.environ.get("ARCSIM_HYPOTHESIS_EXAMPLES", "40")) // 3)
 @given(data=st.data())
 def test_optimal_attacks_against_the_batched_pipeline(data: st.DataObject) -> None:
     from arcsim.robust import build_pipeline
