@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ENGINES", "RECORD_COLUMNS", "RunResult", "SweepResult", "load", "run", "sweep"]
 
-ENGINES = ("inproc", "grpc")
+ENGINES = ("inproc", "grpc", "batched")
 RECORD_COLUMNS = RECORD_FIELDS
 """The columns of :attr:`RunResult.records` (the fields of a line of rounds.jsonl; ``round`` is 0-based there)."""
 
@@ -137,7 +137,8 @@ def run(
 
     ``config``: a YAML file, a mapping of config keys or a :class:`arcsim.config.RunConfig`;
     ``overrides`` replace config keys (``arcsim.run("configs/small.yaml", rounds=20, attack="foe")``).
-    ``engine``: ``"inproc"`` (this process) or ``"grpc"`` (the services as processes over loopback).
+    ``engine``: ``"inproc"`` (this process), ``"grpc"`` (the services as processes over loopback) or
+    ``"batched"`` (the sweeps' batched engine on this one run: same data and draws, equal within rounding).
     ``out``: the results folder (default: a new ``runs/<config>-<time>``); ``resume`` continues the run
     in ``out`` from its last checkpoint. ``track``: per-round sinks (``"tensorboard"``, ``"mlflow"``,
     arcsim.tracking). ``progress``: the command line's live progress line on stderr.
@@ -157,8 +158,10 @@ def run(
     if not resume and (out_dir / "summary.json").exists():
         raise ValueError(f"{out_dir} already holds a run; choose another out or pass resume=True")
     with one_torch_thread():
-        if engine == "inproc":
-            summary = _run_inproc(resolved, out_dir, resume=resume, device=device, trackers=trackers, progress=progress)
+        if engine in ("inproc", "batched"):
+            summary = _run_in_process(
+                resolved, out_dir, engine=engine, resume=resume, device=device, trackers=trackers, progress=progress
+            )
         else:
             from arcsim.launcher import run_grpc
 
@@ -177,9 +180,17 @@ def run(
     return RunResult(out_dir=out_dir, config=resolved, summary=summary, records=read_records(out_dir))
 
 
-def _run_inproc(
-    config: RunConfig, out_dir: Path, *, resume: bool, device: str, trackers: Sequence[str], progress: bool
+def _run_in_process(
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    engine: str,
+    resume: bool,
+    device: str,
+    trackers: Sequence[str],
+    progress: bool,
 ) -> dict[str, Any]:
+    from arcsim.engine.batched import run_batched
     from arcsim.engine.inproc import run_inproc
     from arcsim.progress import Progress
     from arcsim.tracking import RoundTrackers
@@ -194,7 +205,10 @@ def _run_inproc(
                 display.update(data)
 
         try:
-            summary = run_inproc(config, out_dir, resume=resume, device=device, on_round=on_round)
+            if engine == "batched":
+                (summary,) = run_batched([config], [out_dir], resume=resume, device=device, on_round=on_round)
+            else:
+                summary = run_inproc(config, out_dir, resume=resume, device=device, on_round=on_round)
         finally:
             if display is not None:
                 display.close()
@@ -210,6 +224,8 @@ def sweep(
     executor: str = "local",
     device: str = "cpu",
     echo: bool = False,
+    engine: str = "inproc",
+    max_batch: int | None = None,
     **overrides: Any,
 ) -> SweepResult:
     """Run a grid, as ``arcsim sweep`` does (arcsim.sweep: any config value may be a list).
@@ -217,7 +233,9 @@ def sweep(
     ``config``: a sweep config file or mapping; ``overrides`` replace its keys (a list is a grid axis:
     ``arcsim.sweep("grid.yaml", seed=[1, 2, 3])``). ``out``: the sweep folder (default ``runs/<name>``);
     a rerun resumes it. ``executor``: ``"local"`` (a process pool of ``jobs``), ``"ray"`` or ``"inline"``
-    (this process, one run after the other). ``echo``: print a line per run.
+    (this process, one run after the other). ``echo``: print a line per run. ``engine``: ``"inproc"``
+    (a process per run) or ``"batched"`` (groups of compatible runs in lockstep, at most ``max_batch``
+    runs each).
     """
     import yaml
 
@@ -248,6 +266,8 @@ def sweep(
             executor=executor,
             device=device,
             echo=(lambda line: print(line, flush=True)) if echo else (lambda line: None),
+            engine=engine,
+            max_batch=max_batch,
         )
     from arcsim.sweep import table_columns
 

@@ -180,8 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     load_dataset(config.task, root=config.data_root, seed=config.seed)  # fail early, with the fix, if data is missing
     _one_thread()
     with stop_on_sigterm():  # SIGTERM stops like Ctrl-C: children stopped, last rounds checkpointed
-        if args.engine == "inproc":
-            summary = _run_inproc(args, config, out_dir)
+        if args.engine in ("inproc", "batched"):
+            summary = _run_in_process(args, config, out_dir)
         else:
             if config_path.suffix not in (".yaml", ".yml") or args.set:
                 resolved = out_dir / "config.requested.yaml"
@@ -221,7 +221,12 @@ def _run_status(out_dir: Path) -> str:
     return "finished" if status == "completed" else str(status)
 
 
-def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> dict[str, Any]:
+def _run_in_process(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """The inproc engine, or the batched engine with a group of one run (on every core)."""
+    import os
+
+    from arcsim.engine.batched import run_batched
+    from arcsim.engine.honest import resolve_device
     from arcsim.engine.inproc import run_inproc
     from arcsim.progress import Progress
     from arcsim.tracking import RoundTrackers
@@ -245,14 +250,21 @@ def _run_inproc(args: argparse.Namespace, config: RunConfig, out_dir: Path) -> d
                 display.update(data)
 
         try:
-            summary = run_inproc(
-                config,
-                out_dir,
-                resume=args.resume,
-                device=args.device,
-                on_round=on_round,
-                batch_workers=args.batch_workers,
-            )
+            if args.engine == "batched":
+                import torch
+
+                torch.set_num_threads(os.cpu_count() or 1)
+                device = resolve_device(args.device)
+                (summary,) = run_batched([config], [out_dir], resume=args.resume, device=device, on_round=on_round)
+            else:
+                summary = run_inproc(
+                    config,
+                    out_dir,
+                    resume=args.resume,
+                    device=args.device,
+                    on_round=on_round,
+                    batch_workers=args.batch_workers,
+                )
         finally:
             if display is not None:
                 display.close()
@@ -457,18 +469,53 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from arcsim.sweep import is_complete, load_sweep, run_sweep
 
+    if args.max_batch is not None and args.engine != "batched":
+        raise UsageError("--max-batch needs --engine batched")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise UsageError(f"--max-batch must be a positive integer, got {args.max_batch}")
     plan = load_sweep(args.config)
     out_dir = Path(args.out) if args.out else Path("runs") / plan.name  # fixed: a rerun resumes the same sweep
     print(plan.describe(), flush=True)
     if args.dry_run:
-        for run in plan.runs:
-            print(f"  {'complete' if is_complete(out_dir / run.name, run.config) else 'to run  '}  {run.name}")
+        if args.engine == "batched":
+            _print_groups(plan, out_dir, args)
+        else:
+            for run in plan.runs:
+                print(f"  {'complete' if is_complete(out_dir / run.name, run.config) else 'to run  '}  {run.name}")
         print(f"results would go to {out_dir}")
         return EXIT_OK
     outcome = run_sweep(
-        plan, out_dir, jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, device=args.device
+        plan,
+        out_dir,
+        jobs=args.jobs,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        device=args.device,
+        engine=args.engine,
+        max_batch=args.max_batch,
     )
     return EXIT_OK if outcome.ok else EXIT_FAILURE
+
+
+def _print_groups(plan: Any, out_dir: Path, args: argparse.Namespace) -> None:
+    """The batched engine's groups of the runs still to run, then the runs already complete."""
+    import os
+
+    from arcsim.engine.batched import GROUP_KEYS
+    from arcsim.sweep import is_complete, plan_tasks
+
+    todo = [run for run in plan.runs if not is_complete(out_dir / run.name, run.config)]
+    slots = args.jobs or ((os.cpu_count() or 1) if args.executor == "local" else 1)
+    tasks = plan_tasks(todo, engine="batched", jobs=slots, device=args.device, max_batch=args.max_batch)
+    print(f"{len(todo)} runs to run in {len(tasks)} batched groups (runs of a group share {', '.join(GROUP_KEYS)}):")
+    for number, task in enumerate(tasks, 1):
+        shared = ", ".join(f"{key}={getattr(task.runs[0].config, key)}" for key in GROUP_KEYS)
+        print(f"  group {number}: {len(task.runs)} runs, {task.threads} thread(s); {shared}")
+        for run in task.runs:
+            print(f"    {run.name}")
+    done = len(plan.runs) - len(todo)
+    if done:
+        print(f"{done} runs already complete")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -552,9 +599,10 @@ def _add_run(sub: Any) -> None:
     run.add_argument("config", help="YAML run config (e.g. configs/default.yaml)")
     run.add_argument(
         "--engine",
-        choices=("grpc", "inproc"),
+        choices=("grpc", "inproc", "batched"),
         default="grpc",
-        help="grpc: real services over loopback; inproc: one process, same results",
+        help="grpc: real services over loopback; inproc: one process, same results; batched: the sweeps' "
+        "batched engine on this one run (same data and draws, equal within rounding)",
     )
     run.add_argument("--out", help="results folder (default: runs/<config>-<time>)")
     run.add_argument("--metrics-port", type=int, help="serve the coordinator's /metrics on this port (default: none)")
@@ -713,6 +761,7 @@ def _add_sweep_and_report(sub: Any) -> None:
         epilog=_examples(
             "arcsim sweep configs/paper/fashion-extreme.yaml --jobs 2",
             "arcsim sweep configs/paper/fashion-extreme.yaml --dry-run",
+            "arcsim sweep configs/paper/fashion-extreme.yaml --engine batched --dry-run   # the groups",
         ),
     )
     sweep.add_argument("config", help="YAML sweep config: a run config whose values may be lists (see arcsim.sweep)")
@@ -726,6 +775,18 @@ def _add_sweep_and_report(sub: Any) -> None:
     )
     sweep.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray instance)")
     sweep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each run computes")
+    sweep.add_argument(
+        "--engine",
+        choices=("inproc", "batched"),
+        default="inproc",
+        help="inproc: a process per run; batched: groups of compatible runs in lockstep, one process per group",
+    )
+    sweep.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="R",
+        help="batched: at most R runs per group (default: what half the free memory holds; docs/benchmarks.md)",
+    )
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are complete; run nothing")
     sweep.set_defaults(func=cmd_sweep)
 

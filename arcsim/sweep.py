@@ -39,9 +39,12 @@ Rules of the grid:
 
 Each run gets the folder ``OUT/<attack>-<pipeline>-f<num_byzantine>-<partitioner>-s<seed>-<digest8>``
 (``digest8``: the first 8 hex digits of :meth:`RunConfig.digest`), written by the in-process
-engine exactly as ``arcsim run --engine inproc`` writes it. A run is complete when its
-``summary.json`` says ``status: completed`` with all rounds and the same config; complete runs are
-skipped, runs with a checkpoint are resumed from it, so a killed sweep goes on where it stopped.
+engine exactly as ``arcsim run --engine inproc`` writes it, or with ``engine="batched"`` by the
+batched engine (arcsim/engine/batched.py), which runs groups of compatible runs in lockstep, one
+group per task, and writes the same files. A run is complete when its ``summary.json`` says
+``status: completed`` with all rounds and the same config, or ``status: diverged`` (the batched
+engine's stop for non-finite vectors); complete runs are skipped, runs with a checkpoint are resumed
+from it, so a killed sweep goes on where it stopped.
 ``OUT/sweep.csv`` (one row per run, rewritten atomically after each finished run) and
 ``OUT/sweep.yaml`` (the sweep config as given) sit beside the run folders.
 
@@ -78,16 +81,19 @@ if TYPE_CHECKING:
     from arcsim.config import RunConfig
 
 __all__ = [
+    "SWEEP_ENGINES",
     "EXECUTORS",
     "TABLE_COLUMNS",
     "PlannedRun",
     "SweepOutcome",
     "SweepPlan",
+    "execute_group",
     "execute_run",
     "expand_grid",
     "is_complete",
     "load_sweep",
     "plan_sweep",
+    "plan_tasks",
     "read_summary",
     "run_name",
     "run_sweep",
@@ -97,6 +103,9 @@ __all__ = [
 ]
 
 EXECUTORS = ("local", "ray", "inline")
+SWEEP_ENGINES = ("inproc", "batched")
+#: Statuses a run ends in for good: complete runs are skipped by a rerun (a diverged run would diverge again).
+FINISHED = ("completed", "diverged")
 """local: a process pool on this machine; ray: tasks on a Ray cluster; inline: this process, one
 run after the other (for debugging and tests)."""
 
@@ -418,14 +427,13 @@ def _same_config(summary: Mapping[str, Any], config: RunConfig) -> bool:
 
 
 def is_complete(run_dir: Path, config: RunConfig) -> bool:
-    """True when ``run_dir/summary.json`` records a completed run of ``config`` with all its rounds."""
+    """True when ``run_dir/summary.json`` records a run of ``config`` that completed all its rounds, or that
+    diverged (the batched engine stops a run whose vectors turn non-finite: a rerun would diverge again)."""
     summary = read_summary(run_dir)
-    return (
-        summary is not None
-        and summary.get("status") == "completed"
-        and summary.get("rounds_completed") == config.rounds
-        and _same_config(summary, config)
-    )
+    if summary is None or not _same_config(summary, config):
+        return False
+    status = summary.get("status")
+    return (status == "completed" and summary.get("rounds_completed") == config.rounds) or status == "diverged"
 
 
 def _one_thread() -> None:
@@ -479,6 +487,60 @@ def execute_run(config: RunConfig, run_dir: str | Path, device: str = "cpu") -> 
         }
 
 
+def execute_group(
+    configs: Sequence[RunConfig], run_dirs: Sequence[str | Path], device: str = "cpu", threads: int = 1
+) -> list[dict[str, Any]]:
+    """Run ``configs`` (one group of compatible runs) with the batched engine, each into its folder,
+    resuming those with a checkpoint; torch computes with ``threads`` threads. Never raises: when the
+    group fails, every run of it has ``status: failed`` and the traceback goes to each ``error.log``.
+    Returns one result per run, as :func:`execute_run` does (``seconds``: the group's)."""
+    started = time.perf_counter()
+    dirs = [Path(d) for d in run_dirs]
+    resumed_from: list[int | None] = [None] * len(dirs)
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        from arcsim.engine import checkpoint
+        from arcsim.engine.batched import run_batched
+
+        for k, run_dir in enumerate(dirs):
+            found, _ = checkpoint.load_latest(run_dir / "checkpoints")
+            if found is not None:
+                resumed_from[k] = int(found.values["round"])
+        summaries = run_batched(configs, dirs, resume=[r is not None for r in resumed_from], device=device)
+        seconds = time.perf_counter() - started
+        for run_dir in dirs:
+            (run_dir / "error.log").unlink(missing_ok=True)
+        return [
+            {"status": s["status"], "seconds": seconds, "resumed_from": r, "summary": s, "error": None}
+            for s, r in zip(summaries, resumed_from)
+        ]
+    except Exception as error:  # noqa: BLE001 - one failing group must not stop the sweep
+        text = traceback.format_exc()
+        for run_dir in dirs:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.log").write_text(text)
+            except OSError:
+                pass
+        seconds = time.perf_counter() - started
+        message = f"{type(error).__name__}: {error}"
+        return [
+            {"status": "failed", "seconds": seconds, "resumed_from": r, "summary": None, "error": message}
+            for r in resumed_from
+        ]
+
+
+def execute_task(
+    engine: str, configs: Sequence[RunConfig], run_dirs: Sequence[str], device: str, threads: int
+) -> list[dict[str, Any]]:
+    """One task of an executor: a single run (inproc) or a group of runs (batched); a result per run."""
+    if engine == "batched":
+        return execute_group(configs, run_dirs, device, threads)
+    return [execute_run(config, run_dir, device) for config, run_dir in zip(configs, run_dirs)]
+
+
 def _failure(message: str) -> dict[str, Any]:
     return {"status": "failed", "seconds": 0.0, "resumed_from": None, "summary": None, "error": message}
 
@@ -502,20 +564,48 @@ def _init_pool_worker(parent_pid: int) -> None:
 Results = Iterator[tuple[PlannedRun, dict[str, Any]]]
 
 
-def _run_inline(todo: Sequence[PlannedRun], out_dir: Path, *, device: str) -> Results:
-    for run in todo:
-        yield run, execute_run(run.config, out_dir / run.name, device)
+@dataclass(frozen=True)
+class Task:
+    """What one executor slot runs: one run (inproc) or one group of compatible runs (batched)."""
+
+    engine: str
+    runs: tuple[PlannedRun, ...]
+    threads: int = 1
+
+    def arguments(self, out_dir: Path, device: str) -> tuple[Any, ...]:
+        return (
+            self.engine,
+            [run.config for run in self.runs],
+            [str(out_dir / run.name) for run in self.runs],
+            device,
+            self.threads,
+        )
 
 
-def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: str) -> Results:
-    """A pool of ``jobs`` spawned processes; at most ``jobs`` runs in flight, so a crashed process
+def _died(task: Task) -> Iterator[tuple[PlannedRun, dict[str, Any]]]:
+    message = "a sweep worker process died (killed or crashed) during this run; rerun the sweep to resume it"
+    for run in task.runs:
+        yield run, _failure(message)
+
+
+def _pair(task: Task, results: Sequence[dict[str, Any]]) -> Iterator[tuple[PlannedRun, dict[str, Any]]]:
+    yield from zip(task.runs, results, strict=True)
+
+
+def _run_inline(tasks: Sequence[Task], out_dir: Path, *, device: str) -> Results:
+    for task in tasks:
+        yield from _pair(task, execute_task(*task.arguments(out_dir, device)))
+
+
+def _run_local(tasks: Sequence[Task], out_dir: Path, *, jobs: int, device: str) -> Results:
+    """A pool of ``jobs`` spawned processes; at most ``jobs`` tasks in flight, so a crashed process
     (e.g. killed for memory) fails only the runs it was holding, and the pool is rebuilt."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
-    pending = deque(todo)
+    pending = deque(tasks)
     while pending:
         pool = ProcessPoolExecutor(
             max_workers=min(jobs, len(pending)),
@@ -523,14 +613,14 @@ def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: 
             initializer=_init_pool_worker,
             initargs=(os.getpid(),),
         )
-        in_flight: dict[Future[dict[str, Any]], PlannedRun] = {}
+        in_flight: dict[Future[list[dict[str, Any]]], Task] = {}
         broken = False
         try:
             while (pending or in_flight) and not broken:
                 while pending and len(in_flight) < jobs:
-                    run = pending[0]
+                    task = pending[0]
                     try:
-                        in_flight[pool.submit(execute_run, run.config, str(out_dir / run.name), device)] = run
+                        in_flight[pool.submit(execute_task, *task.arguments(out_dir, device))] = task
                     except BrokenProcessPool:
                         broken = True
                         break
@@ -539,26 +629,18 @@ def _run_local(todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int, device: 
                     break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
-                    run = in_flight.pop(future)
+                    task = in_flight.pop(future)
                     try:
-                        result = future.result()
+                        yield from _pair(task, future.result())
                     except BrokenProcessPool:
                         broken = True
-                        result = _failure(
-                            "a sweep worker process died (killed or crashed) during this run; "
-                            "rerun the sweep to resume it"
-                        )
+                        yield from _died(task)
                     except Exception as error:  # noqa: BLE001 - e.g. the result could not be sent back
-                        result = _failure(f"{type(error).__name__}: {error}")
-                    yield run, result
-            for future, run in list(in_flight.items()):  # the pool broke under these too
+                        for run in task.runs:
+                            yield run, _failure(f"{type(error).__name__}: {error}")
+            for future, task in list(in_flight.items()):  # the pool broke under these too
                 in_flight.pop(future)
-                yield (
-                    run,
-                    _failure(
-                        "a sweep worker process died (killed or crashed) during this run; rerun the sweep to resume it"
-                    ),
-                )
+                yield from _died(task)
         finally:
             if in_flight:  # interrupted: stop the runs now (their checkpoints let the next sweep resume)
                 for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -579,12 +661,11 @@ def _start_local_ray(ray: Any, jobs: int | None) -> None:
             ray.shutdown()
 
 
-def _run_ray(
-    todo: Sequence[PlannedRun], out_dir: Path, *, jobs: int | None, device: str, address: str | None
-) -> Results:
-    """Ray tasks (one CPU each) calling :func:`execute_run`. Without ``address`` a local Ray
-    instance with ``jobs`` CPUs is started (and stopped); with one, the cluster's nodes must import
-    arcsim and share ``out_dir``'s file system."""
+def _run_ray(tasks: Sequence[Task], out_dir: Path, *, jobs: int | None, device: str, address: str | None) -> Results:
+    """Ray tasks calling :func:`execute_task`: one CPU each for a run, and for a batched group its
+    threads' CPUs, or one GPU with ``device`` cuda (a protocol grid spreads over a GPU cluster one
+    group per GPU). Without ``address`` a local Ray instance with ``jobs`` CPUs is started (and
+    stopped); with one, the cluster's nodes must import arcsim and share ``out_dir``'s file system."""
     try:
         import ray
     except ImportError:
@@ -596,27 +677,51 @@ def _run_ray(
         else:
             ray.init(address=address, log_to_driver=False)
         started_here = True
-    remote = ray.remote(num_cpus=1)(execute_run)
-    pending = deque(todo)
-    in_flight: dict[Any, PlannedRun] = {}
+    pending = deque(tasks)
+    in_flight: dict[Any, Task] = {}
     try:
         while pending or in_flight:
             while pending and (jobs is None or len(in_flight) < jobs):
-                run = pending.popleft()
-                in_flight[remote.remote(run.config, str(out_dir.resolve() / run.name), device)] = run
+                task = pending.popleft()
+                resources = {"num_gpus": 1} if device == "cuda" else {"num_cpus": task.threads}
+                remote = ray.remote(**resources)(execute_task)
+                in_flight[remote.remote(*task.arguments(out_dir.resolve(), device))] = task
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
-                run = in_flight.pop(ref)
+                task = in_flight.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    yield from _pair(task, ray.get(ref))
                 except Exception as error:  # noqa: BLE001 - the task's worker died, or the node went away
-                    result = _failure(f"ray: {type(error).__name__}: {error}")
-                yield run, result
+                    for run in task.runs:
+                        yield run, _failure(f"ray: {type(error).__name__}: {error}")
     finally:
         for ref in in_flight:
             ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+
+
+def plan_tasks(
+    runs: Sequence[PlannedRun], *, engine: str, jobs: int, device: str, max_batch: int | None = None
+) -> list[Task]:
+    """The executor's tasks: one per run for ``inproc``; for ``batched``, groups of compatible runs
+    (:func:`arcsim.engine.batched.plan_groups`) of at most ``max_batch`` runs (default: what the free
+    memory allows, :func:`arcsim.engine.batched.default_max_batch`), cut into at least ``jobs`` groups on
+    a CPU so that every process gets one, each computing with ``cores // jobs`` threads."""
+    if engine != "batched":
+        return [Task(engine, (run,)) for run in runs]
+    if not runs:
+        return []
+    from arcsim.engine.batched import default_max_batch, group_key, plan_groups
+
+    configs = [run.config for run in runs]
+    if max_batch is None:
+        firsts = {group_key(config): config for config in reversed(configs)}.values()
+        max_batch = min(default_max_batch(config, device=device, jobs=jobs) for config in firsts)
+    on_cpu = device != "cuda"
+    groups = plan_groups(configs, max_batch=max_batch, min_groups=jobs if on_cpu else 1)
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1)) if on_cpu else 1
+    return [Task(engine, tuple(runs[i] for i in group), threads) for group in groups]
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -713,14 +818,24 @@ def run_sweep(
     ray_address: str | None = None,
     device: str = "cpu",
     echo: Callable[[str], None] | None = None,
+    engine: str = "inproc",
+    max_batch: int | None = None,
 ) -> SweepOutcome:
     """Run every run of ``plan`` not already complete in ``out_dir``, ``jobs`` at a time.
 
     ``jobs`` defaults to the number of CPU cores (local) or to no limit beyond the cluster's
     CPUs (ray). ``echo`` receives one line per run (skipped or finished) and a final summary.
+    ``engine``: ``"inproc"`` (a process per run) or ``"batched"`` (groups of compatible runs advanced
+    in lockstep, at most ``max_batch`` runs each; see :func:`plan_tasks`).
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if engine not in SWEEP_ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(SWEEP_ENGINES)}, got {engine!r}")
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive integer, got max_batch = {max_batch!r}")
+    if max_batch is not None and engine != "batched":
+        raise ValueError(f"max_batch = {max_batch} needs engine 'batched', got {engine!r}")
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs must be a positive integer, got jobs = {jobs!r}")
     if ray_address is not None and executor != "ray":
@@ -740,7 +855,7 @@ def run_sweep(
         for run in plan.runs:
             summary = read_summary(out_dir / run.name)
             if is_complete(out_dir / run.name, run.config):
-                rows[run.name] = table_row(run, status="completed", summary=summary)
+                rows[run.name] = table_row(run, status=(summary or {}).get("status", "completed"), summary=summary)
                 finished += 1
                 echo(
                     f"[{finished}/{total}] {run.name} skipped: already complete "
@@ -755,22 +870,24 @@ def run_sweep(
 
         write()
         skipped, completed, failed_names = finished, 0, []
+        slots = jobs or (os.cpu_count() or 1) if executor == "local" else jobs or 1
+        tasks = plan_tasks(todo, engine=engine, jobs=slots, device=device, max_batch=max_batch)
         if executor == "inline":
-            results = _run_inline(todo, out_dir, device=device)
+            results = _run_inline(tasks, out_dir, device=device)
         elif executor == "local":
-            results = _run_local(todo, out_dir, jobs=jobs or os.cpu_count() or 1, device=device)
+            results = _run_local(tasks, out_dir, jobs=jobs or os.cpu_count() or 1, device=device)
         else:
-            results = _run_ray(todo, out_dir, jobs=jobs, device=device, address=ray_address)
+            results = _run_ray(tasks, out_dir, jobs=jobs, device=device, address=ray_address)
         try:
             for run, result in results:
                 finished += 1
                 summary = result["summary"]
                 resumed = "" if result["resumed_from"] is None else f" (resumed at round {result['resumed_from']})"
-                if result["status"] == "completed":
+                if result["status"] in FINISHED:
                     completed += 1
-                    rows[run.name] = table_row(run, status="completed", summary=summary)
+                    rows[run.name] = table_row(run, status=result["status"], summary=summary)
                     line = (
-                        f"[{finished}/{total}] {run.name} completed: max acc {_pct(summary['max_accuracy'])}, "
+                        f"[{finished}/{total}] {run.name} {result['status']}: max acc {_pct(summary['max_accuracy'])}, "
                         f"{result['seconds']:.1f}s{resumed}"
                     )
                 else:

@@ -118,7 +118,7 @@ def test_records_and_the_loaded_table_as_pandas(config_file: Path, tmp_path: Pat
 
 
 def test_run_refuses_bad_arguments_before_running(config_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="engine must be one of inproc, grpc, got 'ray'"):
+    with pytest.raises(ValueError, match="engine must be one of inproc, grpc, batched, got 'ray'"):
         arcsim.run(config_file, engine="ray", out=tmp_path / "a")
     with pytest.raises(ValueError, match="config key 'rounds'"):
         arcsim.run(config_file, out=tmp_path / "b", rounds=0)

@@ -96,11 +96,11 @@ def test_version_is_the_installed_package_version(arcsim: Arcsim) -> None:
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
-        (["run"], ["(default: grpc)", "{grpc,inproc}", "{auto,cpu,cuda}", "{tensorboard,mlflow}"]),
+        (["run"], ["(default: grpc)", "{grpc,inproc,batched}", "{auto,cpu,cuda}", "{tensorboard,mlflow}"]),
         (["coordinator"], ["default: 50051", "{cpu,cuda}", "{debug,info,warning,error,critical}"]),
         (["worker"], ["default: 300.0", "default: auto", "{debug,info,warning,error,critical}"]),
         (["adversary"], ["default: 300.0", "default: 127.0.0.1", "{debug,info,warning,error,critical}"]),
-        (["sweep"], ["(default: local)", "{local,ray}"]),
+        (["sweep"], ["(default: local)", "{local,ray}", "{inproc,batched}", "(default: inproc)"]),
         (["report"], []),
         (["health"], ["default: 3.0"]),
         (["certs"], []),
