@@ -90,8 +90,18 @@ class GradientPass:
 
     ``model`` is a template (``arcsim.tasks.build_model``): the pass works on its own copy, on ``device``,
     in train mode, so the template is neither moved nor changed. ``loss`` is the task's mean-reduction
-    loss (``arcsim.tasks.model_loss``). ``channels_last`` (None: on the CPU for models with a Conv2d)
-    lays the grouped pass's activations and conv weights out channels-last.
+    loss (``arcsim.tasks.model_loss``). ``strategy``: ``"auto"``, ``"grouped"``, ``"vmap"`` or ``"loop"``;
+    an explicit ``"grouped"`` that does not apply raises ValueError here (:func:`grouped_unsupported`).
+
+    Tuning (benchmarks/gradients.py measures the choices): ``channels_last`` lays the grouped pass's
+    activations and conv weights out channels-last (off: it did not make the CNN's pass faster, and its
+    other rounding breaks max-pool ties the other way than the loop does); ``conv_weights`` computes the
+    grouped pass's conv weight gradients per worker's slice of the batch (``"slices"``) or in one call
+    with the workers as channel groups (``"groups"``); ``max_chunk_samples`` bounds the samples
+    (runs x W x b) of one vmapped call.
+
+    After a call, ``strategy`` is the strategy in use and ``fallback_reason`` says why ``"auto"`` left
+    ``"grouped"`` or ``"vmap"`` for the loop (None when it did not).
     """
 
     def __init__(
@@ -101,12 +111,14 @@ class GradientPass:
         device: torch.device | str = "cpu",
         strategy: str = "auto",
         *,
-        channels_last: bool | None = None,
+        channels_last: bool = False,
         max_chunk_samples: int = 65536,
         conv_weights: str = "slices",
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if conv_weights not in ("slices", "groups"):
+            raise ValueError(f"conv_weights must be slices or groups, got {conv_weights!r}")
         self.device = torch.device(device)
         self.loss = loss
         self.max_chunk_samples = max_chunk_samples
@@ -136,8 +148,6 @@ class GradientPass:
         self.strategy = strategy
         self.fallback_reason: str | None = None
         self._checked = strategy == "loop"
-        if channels_last is None:
-            channels_last = self.device.type == "cpu" and _has_conv(self._model)
         self.channels_last = channels_last
         self.conv_weights = conv_weights
         self._recording = False
