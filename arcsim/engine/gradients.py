@@ -9,12 +9,12 @@ the workers of a run share theta_r, the runs do not. :class:`GradientPass` compu
   autograd only for the gradient of the summed per-worker mean losses with respect to each layer's
   *output*. Forward hooks keep every layer's input; each worker's weight gradient is then its own
   samples' outer product: for ``nn.Linear`` a batched matrix product over the workers (bias: the sum of
-  the output gradients), for ``nn.Conv2d`` one ``conv2d_weight`` with the workers folded into channel
-  groups. It applies when every module that holds parameters is an ``nn.Linear`` or ``nn.Conv2d`` and
-  the model changes no buffer in forward (no batch norm); a layer may be called several times and
-  share its weights (the contributions add up). The first call checks it once against ``"loop"`` on
-  one run, which catches a model that reads a layer's weight outside the layer; ``"auto"`` then falls
-  back, an explicit ``"grouped"`` raises.
+  the output gradients), for ``nn.Conv2d`` ``conv2d_weight`` on each worker's slice of the batch (or
+  one call with the workers folded into channel groups). It applies when every module that holds
+  parameters is an ``nn.Linear`` or ``nn.Conv2d`` and the model changes no buffer in forward (no batch
+  norm); a layer may be called several times and share its weights (the contributions add up). The
+  first call checks it once against ``"loop"`` on one run, which catches a model that reads a layer's
+  weight outside the layer; ``"auto"`` then falls back, an explicit ``"grouped"`` raises.
 * ``"vmap"``: ``torch.func``: a vmap over the runs (parameters batched) of a vmap over the workers
   (parameters shared) of ``grad_and_value`` of the loss through ``functional_call``. Generic (batch
   norm runs without tracking statistics, which changes nothing in train mode); the kernels a GPU wants.
@@ -22,17 +22,22 @@ the workers of a run share theta_r, the runs do not. :class:`GradientPass` compu
 * ``"loop"``: per run, per worker, a forward and backward pass of the worker's batch alone: the
   arithmetic of ``HonestWorker.step``. The reference, and the last fallback.
 
-``"auto"`` picks ``"grouped"`` where it applies, else ``"vmap"`` on CUDA and ``"loop"`` on the CPU
-(benchmarks/gradients.py measures the choice; docs/benchmarks.md holds the figures).
+``"auto"`` picks ``"vmap"`` on CUDA; on the CPU ``"grouped"`` where it applies, else ``"loop"``: on the
+CPU a vmap over the runs was no faster than the loop (benchmarks/gradients.py measures the choice).
 
 The contract: every strategy gives the loop's numbers *within rounding* (the batched kernels sum in
-another order), not bit for bit; the tests hold them to rtol 1e-5 / atol 1e-6 per worker. Runs are
-independent: a run whose parameters or data hold a NaN or an infinity gets non-finite gradients and
-losses, never an exception, and the other runs' numbers are unchanged (the engine marks it diverged).
+another order), not bit for bit; the tests hold them to rtol 1e-5 / atol 1e-6 per worker. One
+exception: where values tie exactly (a max-pool window of equal values, which an image's uniform
+background gives), another kernel's rounding may break the tie the other way and route that worker's
+gradient through another position: a larger difference, as legitimate as the loop's. The grouped
+pass on the CPU runs the loop's own per-sample kernels and breaks ties alike; a vmap over the runs
+may not. Runs are independent: a run whose parameters or data hold a NaN or an infinity gets
+non-finite gradients and losses, never an exception, and the other runs' numbers are unchanged (the
+engine marks it diverged).
 
 :func:`evaluate_runs` scores R parameter vectors on a whole test set: per run the accuracy and mean
-loss that ``Evaluator`` computes (same batches, same sums), by a loop over the runs on the CPU and a
-vmap over the runs per batch on CUDA.
+loss that ``Evaluator`` computes (same batches, same sums), by a loop over the runs with a channels-last
+model and input on the CPU and a vmap over the runs per batch on CUDA.
 """
 
 from __future__ import annotations
