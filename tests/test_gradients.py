@@ -89,9 +89,11 @@ def test_strategies_match_the_loop_for_the_cnn(strategy: str, runs: int) -> None
     want = GradientPass(model, model_loss("cnn"), "cpu", "loop")(params, x, y)
     gp = GradientPass(model, model_loss("cnn"), "cpu", strategy)
     got = gp(params, x, y)
-    # Assert
+    # Assert: a channels-last pass (the CPU's default for conv models) sums conv1's weight gradient, thousands
+    # of terms that largely cancel, in another order: differences reach about 1e-5 absolute on gradients
+    # of order 0.1 to 1, still rounding (the tolerance's own test is test_grouped_cnn_layouts_match_the_loop)
     assert gp.fallback_reason is None
-    _assert_per_worker_close(got, want)
+    _assert_per_worker_close(got, want, atol=5e-5 if gp.channels_last else 1e-6)
 
 
 @pytest.mark.parametrize("conv_weights", ["slices", "groups"])
@@ -109,8 +111,8 @@ def test_grouped_cnn_layouts_match_the_loop(channels_last: bool, conv_weights: s
     got = GradientPass(
         model, model_loss("cnn"), "cpu", "grouped", channels_last=channels_last, conv_weights=conv_weights
     )(params, x, y)
-    # Assert
-    _assert_per_worker_close(got, want)
+    # Assert: channels-last sums the conv weight gradients in another order (see the test above)
+    _assert_per_worker_close(got, want, atol=5e-5 if channels_last else 1e-6)
 
 
 @pytest.mark.parametrize("name", ["mlp", "logreg"])
