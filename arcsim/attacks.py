@@ -211,8 +211,17 @@ def _std(honest: Tensor) -> Tensor:
     strided dimension of a row-major (h, d) matrix, which is much slower on CPU.
     """
     h = honest.shape[-2]
+    if honest.dim() > 2 and honest.device.type == "cpu" and honest[..., 0, :, :].nbytes > _CACHE_BYTES:
+        # Large elements one at a time (the same operations, so the same bits): a batch-sized temporary
+        # misses the cache and pays for fresh pages, which made the batched call several times slower.
+        elements = honest.reshape(-1, *honest.shape[-2:])
+        return torch.stack([_std(element) for element in elements]).reshape(*honest.shape[:-2], honest.shape[-1])
     centred = honest - honest.mean(dim=-2, keepdim=True)
     return centred.square_().sum(dim=-2).div_(max(h - 1, 1)).sqrt_()
+
+
+# On the CPU, batched elements larger than this go through _std one at a time.
+_CACHE_BYTES = 4 << 20
 
 
 def _scaled(vector: Tensor, factors: Tensor) -> Tensor:

@@ -376,13 +376,19 @@ class BatchedGroup:
         return self.gradients(params, x.to(self.device), y.to(self.device))
 
     def _update_momentum(self, runs: list[_Run], grads: Tensor, losses: Tensor) -> None:
-        """m <- beta m + (1 - beta) g per run, into fresh memory (the last round's momentum may still be
-        referenced by the run's state for its checkpoint), with HonestWorker.step's operations."""
+        """m <- beta m + (1 - beta) g per run, with HonestWorker.step's operations (so the same bits), into
+        one fresh (R, W, P) tensor: the last round's momentum may still be referenced by a run's state
+        for its checkpoint, and runs whose momenta are consecutive rows of one tensor are handed to the
+        attacks and the pipelines as a view, without a copy."""
+        momentum = torch.empty_like(grads)
         loss_rows = losses.tolist()
         for k, r in enumerate(runs):
             beta = r.config.momentum
-            g = grads[k]
-            r.momentum = g.mul(1.0 - beta) if r.momentum is None else r.momentum.mul(beta).add_(g, alpha=1.0 - beta)
+            if r.momentum is None:
+                torch.mul(grads[k], 1.0 - beta, out=momentum[k])
+            else:
+                torch.mul(r.momentum, beta, out=momentum[k]).add_(grads[k], alpha=1.0 - beta)
+            r.momentum = momentum[k]
             r.losses = [float(v) for v in loss_rows[k]]
 
     # --- 2. Byzantine vectors ---------------------------------------------------------------------
@@ -414,7 +420,7 @@ class BatchedGroup:
                 crafting.setdefault(key, []).append(r)
         for members in crafting.values():
             config = members[0].config
-            honest = torch.stack([r.momentum[: config.num_honest] for r in members if r.momentum is not None])
+            honest = _rows([r.momentum[: config.num_honest] for r in members if r.momentum is not None])
             pipeline = self._pipeline(config)
             crafted = craft(
                 config.attack,
@@ -448,15 +454,23 @@ class BatchedGroup:
         for (_, _, _, ids), members in batches.items():
             config = members[0].config
             pipeline = self._pipeline(config)
-            x = torch.stack([torch.stack([vectors[r.index][i] for i in ids]) for r in members]).to(self.device)
             num_honest = sum(1 for i in ids if i < config.num_honest)
-            row_norms = torch.linalg.vector_norm(x, dim=-1).tolist()
+            # One copy of the vectors: the honest and the Byzantine rows each from a view where they
+            # are consecutive rows of one tensor (the round's momenta, the crafted matrix).
+            parts = [
+                _rows([_rows([vectors[r.index][i] for i in part]) for r in members])
+                for part in (ids[:num_honest], ids[num_honest:])
+                if part
+            ]
+            x = torch.cat(parts, dim=1).to(self.device) if len(parts) > 1 else parts[0].to(self.device, copy=True)
+            # The norms by role feed the vector-norm metric of a watched run (on_round); a sweep skips them.
+            row_norms = torch.linalg.vector_norm(x, dim=-1).tolist() if self.on_round is not None else None
             start = time.perf_counter()
             try:
                 aggregates, report = pipeline(x, generator=[generator(r.config.seed, "pipeline", t) for r in members])
             except ValueError as error:  # a condition on n and f: the same for every run of the batch
                 for k, r in enumerate(members):
-                    out[r.index] = RoundAggregation.skipped(str(error), norms=_norms_by_role(ids, row_norms[k], config))
+                    out[r.index] = RoundAggregation.skipped(str(error), norms=_norms_by_role(ids, row_norms, k, config))
                 continue
             seconds = (time.perf_counter() - start) / len(members)
             aggregates = aggregates.to("cpu", torch.float32)
@@ -480,7 +494,7 @@ class BatchedGroup:
                     aggregate_error=errors[k],
                     aggregate_norm=agg_norms[k],
                     stage_seconds={stage.name: stage.seconds for stage in element.stages},
-                    norms=_norms_by_role(ids, row_norms[k], config),
+                    norms=_norms_by_role(ids, row_norms, k, config),
                     seconds=seconds,
                 )
         return out
@@ -529,11 +543,31 @@ class BatchedGroup:
         return {r.index: (float(a), float(v)) for r, a, v in zip(runs, accuracy.tolist(), loss.tolist())}
 
 
-def _norms_by_role(ids: Sequence[int], norms: Sequence[float], config: RunConfig) -> dict[str, list[float]]:
+def _norms_by_role(
+    ids: Sequence[int], norms: list[list[float]] | None, k: int, config: RunConfig
+) -> dict[str, list[float]]:
+    """Run k's vector norms by role; empty without norms."""
     out: dict[str, list[float]] = {Role.HONEST: [], Role.BYZANTINE: []}
-    for i, norm in zip(ids, norms):
+    for i, norm in zip(ids, norms[k] if norms is not None else ()):
         out[Role.HONEST if i < config.num_honest else Role.BYZANTINE].append(norm)
     return out
+
+
+def _rows(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors stacked along a new first dimension: a view when they are equally spaced slices of
+    one storage with the same shape and strides (rows of one tensor), a copy (``torch.stack``) otherwise."""
+    first = tensors[0]
+    step = tensors[1].storage_offset() - first.storage_offset() if len(tensors) > 1 else first.numel()
+    base = first.untyped_storage().data_ptr()
+    if step > 0 and all(
+        t.untyped_storage().data_ptr() == base
+        and t.shape == first.shape
+        and t.stride() == first.stride()
+        and t.storage_offset() == first.storage_offset() + k * step
+        for k, t in enumerate(tensors)
+    ):
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+    return torch.stack(list(tensors))
 
 
 def run_batched(
