@@ -23,7 +23,7 @@ import yaml
 
 import arcsim.attacks as _attacks
 from arcsim.registry import PluginError, Registry, UnknownName
-from arcsim.robust import build_pipeline
+from arcsim.robust import RULE_REGISTRY, build_pipeline
 from arcsim.tasks import DATASET_REGISTRY, MODEL_REGISTRY, PARTITIONER_REGISTRY
 
 
@@ -176,6 +176,16 @@ def _check_attack_params(config: RunConfig) -> None:
     a ``mimic`` index outside the honest workers) run here and give the attack's message.
     """
     attack, params = config.attack, config.attack_params
+    key = (attack, _canonical(params), config.num_honest, config.num_byzantine)
+    if key in _ATTACK_CHECKED:
+        return
+    _check_attack_params_once(config)
+    if attack == "none" or _attacks.ATTACK_REGISTRY.is_builtin(attack):  # a plugin may change
+        _ATTACK_CHECKED.add(key)
+
+
+def _check_attack_params_once(config: RunConfig) -> None:
+    attack, params = config.attack, config.attack_params
     if attack == "none":
         if params:
             raise _fail("attack_params", f"attack {attack!r} takes no attack_params, got {sorted(params)}")
@@ -264,13 +274,40 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     config = RunConfig(**data)
     n = config.num_workers
     try:
-        build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
+        pipeline = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
     except ValueError as error:
         raise _fail("pipeline", str(error)) from None
     if 2 * config.f >= n:
         raise _fail("declared_f", f"f = {config.f} must be below half of the {n} workers (2f < n)")
+    _check_pipeline_applies(config, pipeline)
     _check_attack_params(config)
     return config
+
+
+def _check_pipeline_applies(config: RunConfig, pipeline: Any) -> None:
+    """Fail at load time when the pipeline cannot run on the vectors of all the run's workers (e.g.
+    Multi-Krum needs n > 2f + 2): such a run would skip every round. A tiny (n, 2) stand-in goes
+    through the pipeline, so every stage's condition on its own n is checked."""
+    n = config.num_workers
+    key = (config.pipeline, _canonical(config.pipeline_params), config.f, n)
+    if key in _APPLIES:
+        return
+    try:
+        pipeline(torch.arange(2.0 * n).reshape(n, 2), generator=torch.Generator().manual_seed(0))
+    except ValueError as error:
+        raise _fail("pipeline", f"cannot aggregate the vectors of all {n} workers: {error}") from None
+    if all(RULE_REGISTRY.is_builtin(name) for name in pipeline.stage_names):  # a plugin may change
+        _APPLIES.add(key)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# Validations already passed, by what they depend on: a sweep validates thousands of configs that
+# share a few pipelines and attacks (the optimal attacks' check runs a whole line search).
+_APPLIES: set[tuple[Any, ...]] = set()
+_ATTACK_CHECKED: set[tuple[Any, ...]] = set()
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

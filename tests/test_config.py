@@ -341,6 +341,28 @@ def test_f_must_be_below_half_of_the_workers(raw: dict[str, Any], f: int, n: int
 
 
 @pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # Multi-Krum at the protocol's f = 9 beside 10 honest workers: n = 19 is not > 2f + 2 = 20
+        ({"num_honest": 10, "num_byzantine": 9, "pipeline": "arc > nnm > multi_krum"}, "needs n > 2f + 2"),
+        ({"num_honest": 3, "num_byzantine": 2, "pipeline": "krum"}, "needs n > 2f + 2"),
+        # Bucketing leaves ceil(5 / 2) = 3 rows, too few for CWTM against f = 2
+        ({"num_honest": 3, "num_byzantine": 2, "pipeline": "bucketing > cwtm", "pipeline_params": {"s": 2}}, "2f < n"),
+    ],
+)
+def test_a_pipeline_that_cannot_aggregate_every_workers_vectors_is_rejected(raw: dict[str, Any], expected: str) -> None:
+    # Such a run would skip every round: the config is refused at load time, naming the reason
+    with pytest.raises(ConfigError) as caught:
+        from_dict({**raw, "attack": "sign_flip"})
+    assert str(caught.value).startswith("config key 'pipeline': cannot aggregate the vectors of all")
+    assert expected in str(caught.value)
+
+
+def test_the_same_pipeline_passes_where_n_allows_it() -> None:
+    assert from_dict({"num_honest": 10, "num_byzantine": 7, "pipeline": "arc > nnm > multi_krum"}).f == 7
+
+
+@pytest.mark.parametrize(
     ("pipeline", "params", "expected"),
     [
         ("arc > nope", {}, "unknown rule 'nope'"),
