@@ -10,11 +10,11 @@ Each round of the group is
 1. the honest gradients of every worker of every run in as few passes as the model allows
    (:class:`arcsim.engine.gradients.GradientPass`: one forward/backward per run over all its workers'
    samples on a CPU, one vectorised call over runs on a GPU), then each worker's Polyak momentum,
-   with exactly the arithmetic of :class:`arcsim.engine.honest.HonestWorker`;
+   the formula of :class:`arcsim.engine.honest.HonestWorker` in one fused pass;
 2. the Byzantine vectors, crafted for all runs that share an attack and a pipeline in one batched
-   call of :func:`arcsim.attacks.craft` (the optimal attacks' line search evaluates all its
-   candidates in one batched pipeline call); label flipping trains its Byzantine workers alongside
-   the honest ones in step 1;
+   call of :func:`arcsim.attacks.craft` (on a GPU the optimal attacks' line search evaluates its
+   candidates for all runs in batched pipeline calls; on a CPU, where that measured slower, it runs
+   run by run); label flipping trains its Byzantine workers alongside the honest ones in step 1;
 3. the pipeline, once per pipeline over the (runs, n, d) tensor of its runs' vectors;
 4. the step, the evaluation (batched across the runs due, :func:`arcsim.engine.gradients.evaluate_runs`),
    the record and the checkpoint of each run, by each run's own :class:`arcsim.engine.rounds.RunState`,
@@ -35,6 +35,7 @@ for its remaining rounds.)
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from arcsim.attacks import craft, is_data_attack, label_map
+from arcsim.attacks import ATTACK_REGISTRY, craft, is_data_attack, label_map
 from arcsim.config import RunConfig
 from arcsim.engine.gradients import GradientPass, evaluate_runs
 from arcsim.engine.honest import build_task_model, shards, training_split
@@ -108,6 +109,12 @@ def plan_groups(configs: Sequence[RunConfig], *, max_batch: int, min_groups: int
             groups.append(members[start:stop])
             start = stop
     return groups
+
+
+def _searches(attack: str) -> bool:
+    """Whether a vector attack searches its factor against the pipeline (it takes ``aggregate``)."""
+    fn = ATTACK_REGISTRY.get(attack)
+    return callable(fn) and "aggregate" in inspect.signature(fn).parameters
 
 
 def _batch_key(config: RunConfig) -> tuple[str, ...]:
@@ -224,6 +231,7 @@ class BatchedGroup:
         self.gradients = GradientPass(self.model, self.loss, device=self.device, strategy=strategy)
         self._pipelines: dict[tuple[str, str, int], Any] = {}
         self._validation_sets: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        self._buffers: dict[tuple[Any, ...], Tensor] = {}
         self.runs: list[_Run] = []
         for index, (config, out_dir, again) in enumerate(zip(configs, out_dirs, resumes)):
             state = RunState(config, Path(out_dir), resume=again, checkpoint_seconds=checkpoint_seconds)
@@ -355,10 +363,22 @@ class BatchedGroup:
                     [r], torch.cat([g for g, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
                 )
         for members in calls.values():
-            grads, losses = self._gradients(members)
+            # Into one of two buffers kept for these runs, alternating by round: the other one holds the
+            # momenta of their last round, which their states may still checkpoint.
+            key = ("momentum", tuple(r.index for r, _, _ in members), t % 2)
+            grads, losses = self._gradients(members, out=self._buffer(key, members))
             self._update_momentum([r for r, _, _ in members], grads, losses)
 
-    def _gradients(self, members: list[tuple[_Run, list[int], list[Tensor]]]) -> tuple[Tensor, Tensor]:
+    def _buffer(self, key: tuple[Any, ...], members: list[tuple[_Run, list[int], list[Tensor]]]) -> Tensor:
+        shape = (len(members), len(members[0][1]), self.gradients.num_parameters)
+        buffer = self._buffers.get(key)
+        if buffer is None or tuple(buffer.shape) != shape:
+            buffer = self._buffers[key] = torch.empty(shape, device=self.device)
+        return buffer
+
+    def _gradients(
+        self, members: list[tuple[_Run, list[int], list[Tensor]]], *, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The gradients and losses of the given trainers (positions in each run's trainers) on the
         given batches, (R, W, P) and (R, W), for runs of equal trainer count and batch size."""
         # Each run's own dataset: a seeded task (synthetic) draws another one per seed.
@@ -373,22 +393,21 @@ class BatchedGroup:
                 if r.trainer_ids[position] >= r.config.num_honest:  # a data attack's Byzantine trainer
                     y[k, j] = r.flip(y[k, j])
         params = torch.stack([r.state.params for r, _, _ in members]).to(self.device)
-        return self.gradients(params, x.to(self.device), y.to(self.device))
+        return self.gradients(params, x.to(self.device), y.to(self.device), out=out)
 
     def _update_momentum(self, runs: list[_Run], grads: Tensor, losses: Tensor) -> None:
-        """m <- beta m + (1 - beta) g per run, with HonestWorker.step's operations (so the same bits), into
-        one fresh (R, W, P) tensor: the last round's momentum may still be referenced by a run's state
-        for its checkpoint, and runs whose momenta are consecutive rows of one tensor are handed to the
-        attacks and the pipelines as a view, without a copy."""
-        momentum = torch.empty_like(grads)
+        """m <- beta m + (1 - beta) g per run, in place of the gradients (one pass: ``g.lerp_(m, beta)``,
+        equal to HonestWorker.step's two operations within rounding); the run's momentum becomes its
+        rows, so the momenta of a call are rows of one tensor and reach the attacks and the pipelines
+        as a view, without a copy."""
         loss_rows = losses.tolist()
         for k, r in enumerate(runs):
             beta = r.config.momentum
             if r.momentum is None:
-                torch.mul(grads[k], 1.0 - beta, out=momentum[k])
+                grads[k].mul_(1.0 - beta)
             else:
-                torch.mul(r.momentum, beta, out=momentum[k]).add_(grads[k], alpha=1.0 - beta)
-            r.momentum = momentum[k]
+                grads[k].lerp_(r.momentum, beta)
+            r.momentum = grads[k]
             r.losses = [float(v) for v in loss_rows[k]]
 
     # --- 2. Byzantine vectors ---------------------------------------------------------------------
@@ -422,15 +441,22 @@ class BatchedGroup:
             config = members[0].config
             honest = _rows([r.momentum[: config.num_honest] for r in members if r.momentum is not None])
             pipeline = self._pipeline(config)
-            crafted = craft(
-                config.attack,
-                honest,
-                num_byzantine=config.num_byzantine,
-                num_workers=config.num_workers,
-                aggregate=lambda x, pipeline=pipeline: pipeline(x)[0],
-                generator=[generator(r.config.seed, "attack", t) for r in members],
-                **config.attack_params,
-            )
+            generators = [generator(r.config.seed, "attack", t) for r in members]
+            context = {"num_byzantine": config.num_byzantine, "num_workers": config.num_workers, **config.attack_params}
+            if self.device.type == "cpu" and _searches(config.attack):
+                # A line search, run by run on a CPU: its candidates as one batch (the runs' vectors copied
+                # once per candidate) measured slower there than the 2-D search (docs/benchmarks.md); the
+                # same factors either way. On a GPU the batched search is the point.
+                crafted = torch.stack(
+                    [
+                        craft(config.attack, honest[k], aggregate=lambda x: pipeline(x)[0], generator=g, **context)
+                        for k, g in enumerate(generators)
+                    ]
+                )
+            else:
+                crafted = craft(
+                    config.attack, honest, aggregate=lambda x: pipeline(x)[0], generator=generators, **context
+                )
             finite = torch.isfinite(crafted).all(dim=-1).tolist()  # (R, f): refused when not, as at the edge
             for k, r in enumerate(members):
                 kept = 0
@@ -462,7 +488,11 @@ class BatchedGroup:
                 for part in (ids[:num_honest], ids[num_honest:])
                 if part
             ]
-            x = torch.cat(parts, dim=1).to(self.device) if len(parts) > 1 else parts[0].to(self.device, copy=True)
+            key = ("vectors", tuple(r.index for r in members), ids)
+            shape = (len(members), len(ids), parts[0].shape[-1])
+            if key not in self._buffers or tuple(self._buffers[key].shape) != shape:
+                self._buffers[key] = torch.empty(shape, dtype=parts[0].dtype, device=self.device)
+            x = torch.cat([part.to(self.device) for part in parts], dim=1, out=self._buffers[key])
             # The norms by role feed the vector-norm metric of a watched run (on_round); a sweep skips them.
             row_norms = torch.linalg.vector_norm(x, dim=-1).tolist() if self.on_round is not None else None
             start = time.perf_counter()
