@@ -506,7 +506,10 @@ def _print_groups(plan: Any, out_dir: Path, args: argparse.Namespace) -> None:
 
     todo = [run for run in plan.runs if not is_complete(out_dir / run.name, run.config)]
     slots = args.jobs or ((os.cpu_count() or 1) if args.executor == "local" else 1)
-    tasks = plan_tasks(todo, engine="batched", jobs=slots, device=args.device, max_batch=args.max_batch)
+    threads = 1 if args.executor == "ray" else None
+    tasks = plan_tasks(
+        todo, engine="batched", jobs=slots, device=args.device, max_batch=args.max_batch, threads=threads
+    )
     print(f"{len(todo)} runs to run in {len(tasks)} batched groups (runs of a group share {', '.join(GROUP_KEYS)}):")
     for number, task in enumerate(tasks, 1):
         shared = ", ".join(f"{key}={getattr(task.runs[0].config, key)}" for key in GROUP_KEYS)

@@ -702,12 +702,19 @@ def _run_ray(tasks: Sequence[Task], out_dir: Path, *, jobs: int | None, device: 
 
 
 def plan_tasks(
-    runs: Sequence[PlannedRun], *, engine: str, jobs: int, device: str, max_batch: int | None = None
+    runs: Sequence[PlannedRun],
+    *,
+    engine: str,
+    jobs: int,
+    device: str,
+    max_batch: int | None = None,
+    threads: int | None = None,
 ) -> list[Task]:
     """The executor's tasks: one per run for ``inproc``; for ``batched``, groups of compatible runs
     (:func:`arcsim.engine.batched.plan_groups`) of at most ``max_batch`` runs (default: what the free
     memory allows, :func:`arcsim.engine.batched.default_max_batch`), cut into at least ``jobs`` groups on
-    a CPU so that every process gets one, each computing with ``cores // jobs`` threads."""
+    a CPU so that every process gets one, each computing with ``threads`` threads (default ``cores //
+    jobs``; a Ray task asks for that many CPUs)."""
     if engine != "batched":
         return [Task(engine, (run,)) for run in runs]
     if not runs:
@@ -720,7 +727,8 @@ def plan_tasks(
         max_batch = min(default_max_batch(config, device=device, jobs=jobs) for config in firsts)
     on_cpu = device != "cuda"
     groups = plan_groups(configs, max_batch=max_batch, min_groups=jobs if on_cpu else 1)
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1)) if on_cpu else 1
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(jobs, 1)) if on_cpu else 1
     return [Task(engine, tuple(runs[i] for i in group), threads) for group in groups]
 
 
@@ -871,7 +879,10 @@ def run_sweep(
         write()
         skipped, completed, failed_names = finished, 0, []
         slots = jobs or (os.cpu_count() or 1) if executor == "local" else jobs or 1
-        tasks = plan_tasks(todo, engine=engine, jobs=slots, device=device, max_batch=max_batch)
+        # A Ray task asks for its threads' CPUs: one each, so that a cluster's (or the local instance's
+        # `jobs`) CPUs all take tasks.
+        threads = 1 if executor == "ray" else None
+        tasks = plan_tasks(todo, engine=engine, jobs=slots, device=device, max_batch=max_batch, threads=threads)
         if executor == "inline":
             results = _run_inline(tasks, out_dir, device=device)
         elif executor == "local":

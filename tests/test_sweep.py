@@ -440,6 +440,23 @@ def test_ray_executor_runs_the_grid_on_a_local_ray_instance(tmp_path: Path) -> N
     assert all((tmp_path / "ray" / run.name / "summary.json").exists() for run in plan.runs)
 
 
+@pytest.mark.slow
+def test_ray_executor_runs_a_batched_group_as_one_task(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    # Prepare: two compatible runs, one group
+    from arcsim.engine.batched import run_batched
+
+    plan = plan_sweep({**TINY, "seed": [1, 2]})
+    here = run_batched([run.config for run in plan.runs], [tmp_path / "here" / run.name for run in plan.runs])
+    # Execute
+    outcome = run_sweep(plan, tmp_path / "ray", executor="ray", jobs=1, engine="batched", echo=lambda line: None)
+    # Assert: the group ran as one Ray task with one thread, as here (conftest), so with the same bits
+    assert outcome.ok and outcome.completed == 2
+    assert [r["final_params_sha256"] for r in outcome.rows] == [s["final_params_sha256"] for s in here]
+    for run in plan.runs:
+        assert json.loads((tmp_path / "ray" / run.name / "summary.json").read_text())["engine"] == "batched"
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
