@@ -326,10 +326,11 @@ class BatchedGroup:
                 aggregation=aggregations[r.index],
                 evaluation=evaluations.get(r.index),
             )
-            if r.state.done:
-                r.status = "completed"
             if self.on_round is not None:
                 self.on_round(r.state, record)
+            if r.state.done:  # its folder is finished now, not when the whole group is
+                r.status = "completed"
+                r.summary = r.state.summary(engine=ENGINE)
 
     def _diverge(self, r: _Run, t: int) -> None:
         log.warning(
