@@ -253,9 +253,13 @@ def _run_in_process(args: argparse.Namespace, config: RunConfig, out_dir: Path) 
             if args.engine == "batched":
                 import torch
 
+                previous = torch.get_num_threads()  # main() may run inside a caller's process (tests)
                 torch.set_num_threads(os.cpu_count() or 1)
-                device = resolve_device(args.device)
-                (summary,) = run_batched([config], [out_dir], resume=args.resume, device=device, on_round=on_round)
+                try:
+                    device = resolve_device(args.device)
+                    (summary,) = run_batched([config], [out_dir], resume=args.resume, device=device, on_round=on_round)
+                finally:
+                    torch.set_num_threads(previous)
             else:
                 summary = run_inproc(
                     config,

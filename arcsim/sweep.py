@@ -500,7 +500,6 @@ def execute_group(
     try:
         import torch
 
-        torch.set_num_threads(max(1, threads))
         from arcsim.engine import checkpoint
         from arcsim.engine.batched import run_batched
 
@@ -508,7 +507,13 @@ def execute_group(
             found, _ = checkpoint.load_latest(run_dir / "checkpoints")
             if found is not None:
                 resumed_from[k] = int(found.values["round"])
-        summaries = run_batched(configs, dirs, resume=[r is not None for r in resumed_from], device=device)
+        # The inline executor runs this in the caller's process: its thread count is restored after.
+        previous = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads))
+        try:
+            summaries = run_batched(configs, dirs, resume=[r is not None for r in resumed_from], device=device)
+        finally:
+            torch.set_num_threads(previous)
         seconds = time.perf_counter() - started
         for run_dir in dirs:
             (run_dir / "error.log").unlink(missing_ok=True)

@@ -259,6 +259,8 @@ def test_a_batched_sweep_resumes_a_stopped_run_and_skips_complete_ones(tmp_path:
     assert outcome.ok and outcome.completed == len(plan.runs)
     assert any("resumed at round 2" in line for line in lines)
     assert again.skipped == len(plan.runs) and again.completed == 0
+    # The inline executor ran the groups in this process with the cores' threads, and gave its one back
+    assert torch.get_num_threads() == 1
     for run in plan.runs:
         assert json.loads((out / run.name / "summary.json").read_text())["engine"] == "batched"
 
@@ -292,6 +294,7 @@ def test_arcsim_run_with_the_batched_engine(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(tiny_values(model="mlp", num_honest=4, num_byzantine=1, rounds=2)))
     assert main(["run", str(path), "--engine", "batched", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["engine"] == "batched"
+    assert torch.get_num_threads() == 1  # every core for the run, then this process's one thread back
 
 
 def test_the_api_runs_the_batched_engine(tmp_path: Path) -> None:
