@@ -171,6 +171,11 @@ def run(
             summary = run_grpc(
                 config_path, resolved, out_dir, resume=resume, device=device, progress=progress, track=trackers
             )
+    if summary["status"] == "diverged":
+        raise RuntimeError(
+            f"the run in {out_dir} diverged after {summary['rounds_completed']} of {resolved.rounds} rounds "
+            "(its vectors or parameters turned non-finite)"
+        )
     if summary["status"] != "completed":
         raise RuntimeError(
             f"the run in {out_dir} stopped before completing ({summary['status']}, "

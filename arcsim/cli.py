@@ -201,6 +201,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 track=args.track,
             )
     print(format_summary(summary, str(out_dir)))
+    if summary["status"] == "diverged":  # the batched engine stops a run whose vectors turn non-finite
+        print(
+            f"arcsim: the run diverged after {summary['rounds_completed']} of {summary['config']['rounds']} rounds "
+            f"(its vectors or parameters turned non-finite); {out_dir} holds its rounds up to there",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     if summary["status"] != "completed":
         # E.g. the coordinator alone got SIGTERM: it stopped at its last checkpoint and said so.
         print(

@@ -81,8 +81,8 @@ if TYPE_CHECKING:
     from arcsim.config import RunConfig
 
 __all__ = [
-    "SWEEP_ENGINES",
     "EXECUTORS",
+    "SWEEP_ENGINES",
     "TABLE_COLUMNS",
     "PlannedRun",
     "SweepOutcome",
@@ -103,11 +103,15 @@ __all__ = [
 ]
 
 EXECUTORS = ("local", "ray", "inline")
-SWEEP_ENGINES = ("inproc", "batched")
-#: Statuses a run ends in for good: complete runs are skipped by a rerun (a diverged run would diverge again).
-FINISHED = ("completed", "diverged")
 """local: a process pool on this machine; ray: tasks on a Ray cluster; inline: this process, one
 run after the other (for debugging and tests)."""
+
+SWEEP_ENGINES = ("inproc", "batched")
+"""inproc: a process per run (arcsim.engine.inproc); batched: groups of compatible runs advanced in
+lockstep, a process per group (arcsim.engine.batched)."""
+
+#: Statuses a run ends in for good: complete runs are skipped by a rerun (a diverged run would diverge again).
+FINISHED = ("completed", "diverged")
 
 SWEEP_SECTION = "sweep"
 _SWEEP_KEYS = ("name", "exclude", "skip_invalid")

@@ -303,3 +303,15 @@ def test_the_api_runs_the_batched_engine(tmp_path: Path) -> None:
     result = arcsim.run(tiny_values(model="mlp", num_honest=4, num_byzantine=1), engine="batched", out=tmp_path / "r")
     assert result.summary["engine"] == "batched" and len(result.records) == 2
     assert from_dict(result.summary["config"]) == result.config
+
+
+def test_arcsim_run_says_when_a_batched_run_diverged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from arcsim.cli import EXIT_STOPPED, main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_values(model="mlp", num_honest=4, num_byzantine=1, rounds=4, lr=1e38)))
+    code = main(["run", str(path), "--engine", "batched", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert code == EXIT_STOPPED
+    assert "the run diverged after" in capsys.readouterr().err
