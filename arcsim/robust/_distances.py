@@ -29,13 +29,33 @@ def pairwise_sq_distances(x: Tensor) -> Tensor:
     return d
 
 
+def aligned(x: Tensor) -> Tensor:
+    """``x``, or a copy of it when its data does not start on a 64-byte boundary.
+
+    The CPU's BLAS and vectorised kernels round a product differently when the data starts elsewhere
+    (they peel off the unaligned head), so an element of a batch (a view at some offset) would not
+    give the bits a freshly allocated 2-D tensor gives; a copy of it does (torch aligns its buffers).
+    """
+    return x if x.data_ptr() % 64 == 0 else x.clone()
+
+
 def pairwise_sq_distances_batched(x: Tensor) -> Tensor:
     """:func:`pairwise_sq_distances` of every element of a (B, n, d) ``x``: (B, n, n).
 
-    Each element is centred on its own row of median norm (the same row, by the same stable order)
-    and the Gram matrices come from one batched product, whose rounding may differ from the 2-D
-    product's (a different BLAS call): distances agree within the Gram form's rounding error.
+    On the CPU each element goes through :func:`pairwise_sq_distances` itself (from an aligned copy,
+    see :func:`aligned`), so the distances are bitwise those of the 2-D call on a fresh tensor: the
+    rules that select rows by distance (NNM's neighbours, Krum's scores) then select the same rows
+    even where two candidates nearly tie, which a distance off by one rounding could otherwise flip
+    (a discontinuous change of the output, not a rounding error). The cost is the same Gram product
+    per element. Elsewhere (a GPU) each element is centred on its own row of median norm (the same
+    row, by the same stable order) and the Gram matrices come from one batched product, whose
+    rounding may differ from the 2-D product's: distances agree within the Gram form's rounding
+    error, and a near tie may be selected the other way.
     """
+    if x.device.type == "cpu":
+        if not x.shape[0]:
+            return x.new_zeros((0, x.shape[1], x.shape[1]))
+        return torch.stack([pairwise_sq_distances(aligned(element)) for element in x])
     batch, n, _ = x.shape
     norms = torch.linalg.vector_norm(x, dim=-1)
     centre_row = torch.argsort(norms, dim=-1, stable=True)[:, (n - 1) // 2]

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._batch import apply_batched, is_batched
 from ._checks import check_matrix, check_minority
-from ._distances import pairwise_sq_distances, pairwise_sq_distances_batched
+from ._distances import aligned, pairwise_sq_distances, pairwise_sq_distances_batched
 
 
 def nnm_impl(x: Tensor, *, f: int) -> Tensor:
@@ -24,9 +24,17 @@ def nnm_impl(x: Tensor, *, f: int) -> Tensor:
 
 
 def nnm_batched(x: Tensor, *, f: int) -> Tensor:
-    """:func:`nnm_impl` on every element of a (B, n, d) ``x``: one batched Gram matrix for the
-    distances, the same stable argsort (ties by row index), one batched mixing product."""
+    """:func:`nnm_impl` on every element of a (B, n, d) ``x``.
+
+    On the CPU element by element with the 2-D code (from an aligned copy, see
+    :func:`arcsim.robust._distances.aligned`), so the output is bitwise the 2-D call's: NNM's
+    output rows are often exact copies of each other (rows sharing their neighbours), and a rule after
+    it that selects rows (Krum) breaks those ties by index, so a mixing product rounded another way
+    could flip its choice. Elsewhere (a GPU) one batched Gram matrix for the distances, the same stable
+    argsort (ties by row index) and one batched mixing product, equal within rounding."""
     batch, n, _ = x.shape
+    if x.device.type == "cpu" and batch:
+        return torch.stack([nnm_impl(aligned(element), f=f) for element in x])
     if f == 0:
         return x.mean(dim=-2, keepdim=True).expand(-1, n, -1).clone()
     nearest = torch.argsort(pairwise_sq_distances_batched(x), dim=-1, stable=True)[:, :, : n - f]
