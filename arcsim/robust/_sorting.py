@@ -66,6 +66,17 @@ def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple((i, j) for i, j in pairs if j < n)
 
 
+def _compare_exchange(wires: list[Tensor], spare: Tensor, network: tuple[tuple[int, int], ...]) -> None:
+    """Apply ``network`` to ``wires`` (one tensor per row, equal shapes): afterwards ``wires[k]`` holds
+    the k-th smallest values element-wise. ``spare`` (a buffer of the same shape) receives each
+    minimum; the buffers rotate through the list, so no compare-exchange allocates."""
+    for i, j in network:
+        low = torch.minimum(wires[i], wires[j], out=spare)
+        spare = wires[i]  # its values are no longer needed once the minimum is out
+        torch.maximum(spare, wires[j], out=wires[j])
+        wires[i] = low
+
+
 def _network_sorted_columns(x: Tensor) -> Tensor:
     n, d = x.shape
     network = sorting_network(n)
@@ -79,11 +90,7 @@ def _network_sorted_columns(x: Tensor) -> Tensor:
         spare = rows.pop()
         for row, source in zip(rows, x[:, start:stop].unbind(0)):
             row.copy_(source)
-        for i, j in network:
-            low = torch.minimum(rows[i], rows[j], out=spare)
-            spare = rows[i]  # its values are no longer needed once the minimum is out
-            torch.maximum(spare, rows[j], out=rows[j])
-            rows[i] = low
+        _compare_exchange(rows, spare, network)
         torch.stack(rows, out=out[:, start:stop])
     return out
 
@@ -160,11 +167,7 @@ def _network_sorted_columns_batched(x: Tensor, start: int, stop: int) -> Tensor:
             spare = wires.pop()
             for wire, source in zip(wires, x[first:last, :, column:end].unbind(1)):
                 wire.copy_(source)
-            for i, j in network:
-                low = torch.minimum(wires[i], wires[j], out=spare)
-                spare = wires[i]  # its values are no longer needed once the minimum is out
-                torch.maximum(spare, wires[j], out=wires[j])
-                wires[i] = low
+            _compare_exchange(wires, spare, network)
             for row in range(start, stop):
                 out[first:last, row - start, column:end].copy_(wires[row])
     return out
