@@ -60,6 +60,27 @@ def tiny_config(**changes: Any) -> RunConfig:
     return from_dict(tiny_values(**changes))
 
 
+# --- the largest f a rule allows for n rows (negative: n too small) -----------------------------------
+def max_f_minority(n: int) -> int:
+    """2f < n (ARC, NNM, CWTM)."""
+    return (n - 1) // 2
+
+
+def max_f_krum(n: int) -> int:
+    """n > 2f + 2 (Krum, Multi-Krum)."""
+    return (n - 3) // 2
+
+
+def max_f_bulyan(n: int) -> int:
+    """n >= 4f + 3."""
+    return (n - 3) // 4
+
+
+def no_f(n: int) -> int:
+    """Rules without a condition on f (mean, CWMed, ...): tested at f = 0."""
+    return 0
+
+
 # --- worker credentials -------------------------------------------------------------------------------
 TEST_SECRET: Final[str] = "test-secret"
 """The coordinator's secret in every test that starts one."""

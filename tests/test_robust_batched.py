@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import max_f_bulyan, max_f_krum, max_f_minority, no_f
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -48,22 +49,6 @@ SETTINGS = settings(deadline=None, max_examples=int(os.environ.get("ARCSIM_HYPOT
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 # d = 1030 takes the sorting-network path of cwtm and cwmed (n <= 31, d >= 1024).
 WIDTHS = st.sampled_from([1, 3, 7, 1030])
-
-
-def max_f_minority(n: int) -> int:  # 2f < n
-    return (n - 1) // 2
-
-
-def max_f_krum(n: int) -> int:  # n > 2f + 2
-    return (n - 3) // 2
-
-
-def max_f_bulyan(n: int) -> int:  # n >= 4f + 3
-    return (n - 3) // 4
-
-
-def no_f(n: int) -> int:
-    return 0
 
 
 # name -> (call on (x, f, generator), largest valid f for n rows (negative: n too small)).

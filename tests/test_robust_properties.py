@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import max_f_bulyan, max_f_krum, max_f_minority, no_f
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -50,26 +51,10 @@ def draw_matrix(data: st.DataObject, n: int, d: int, dtype: torch.dtype, *, scal
     return (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def max_f_cwtm(n: int) -> int:  # 2f < n
-    return (n - 1) // 2
-
-
-def max_f_krum(n: int) -> int:  # n > 2f + 2
-    return (n - 3) // 2
-
-
-def max_f_bulyan(n: int) -> int:  # n >= 4f + 3
-    return (n - 3) // 4
-
-
-def no_f(n: int) -> int:
-    return 0
-
-
 # name -> (rule on (x, f), largest valid f for n rows (negative: n too small)).
 AGGREGATORS: dict[str, tuple[Callable[[Tensor, int], Tensor], Callable[[int], int]]] = {
     "mean": (lambda x, f: mean(x), no_f),
-    "cwtm": (lambda x, f: cwtm(x, f=f), max_f_cwtm),
+    "cwtm": (lambda x, f: cwtm(x, f=f), max_f_minority),
     "cwmed": (lambda x, f: cwmed(x), no_f),
     "geometric_median": (lambda x, f: geometric_median(x), no_f),
     "krum": (lambda x, f: krum(x, f=f), max_f_krum),
@@ -78,21 +63,21 @@ AGGREGATORS: dict[str, tuple[Callable[[Tensor, int], Tensor], Callable[[int], in
     "bulyan": (lambda x, f: bulyan(x, f=f), max_f_bulyan),
 }
 PRE_AGGREGATORS: dict[str, tuple[Callable[[Tensor, int], Tensor], Callable[[int], int]]] = {
-    "arc": (lambda x, f: arc(x, f=f), max_f_cwtm),
-    "nnm": (lambda x, f: nnm(x, f=f), max_f_cwtm),
+    "arc": (lambda x, f: arc(x, f=f), max_f_minority),
+    "nnm": (lambda x, f: nnm(x, f=f), max_f_minority),
     "static_clip": (lambda x, f: static_clip(x, c=0.5), no_f),
 }
 PAPER_PIPELINES = {
-    "arc > nnm > cwtm": max_f_cwtm,
-    "arc > nnm > geometric_median": max_f_cwtm,
+    "arc > nnm > cwtm": max_f_minority,
+    "arc > nnm > geometric_median": max_f_minority,
     "arc > nnm > multi_krum": max_f_krum,
-    "arc > nnm > cwmed": max_f_cwtm,
+    "arc > nnm > cwmed": max_f_minority,
 }
 OTHER_PIPELINES = {
     "static_clip > nnm > krum": max_f_krum,
     "arc > bulyan": max_f_bulyan,
-    "arc > static_clip > centered_clip": max_f_cwtm,
-    "nnm > mean": max_f_cwtm,
+    "arc > static_clip > centered_clip": max_f_minority,
+    "nnm > mean": max_f_minority,
 }
 PIPELINE_PARAMS = {"static_clip": {"c": 0.5}, "centered_clip": {"tau": 0.7}}
 
@@ -200,14 +185,14 @@ def test_pre_aggregators_are_permutation_equivariant(name, data):
 
 TRANSLATION_EQUIVARIANT = {
     "mean": (lambda x, f: mean(x), no_f),
-    "cwtm": (lambda x, f: cwtm(x, f=f), max_f_cwtm),
+    "cwtm": (lambda x, f: cwtm(x, f=f), max_f_minority),
     "cwmed": (lambda x, f: cwmed(x), no_f),
     # A tight tolerance: the default stops on a change relative to ||z||, which grows with t.
     "geometric_median": (lambda x, f: geometric_median(x, tol=1e-12, max_iter=20_000), no_f),
     "krum": (lambda x, f: krum(x, f=f), max_f_krum),
     "multi_krum": (lambda x, f: multi_krum(x, f=f), max_f_krum),
     "bulyan": (lambda x, f: bulyan(x, f=f), max_f_bulyan),
-    "nnm": (lambda x, f: nnm(x, f=f), max_f_cwtm),
+    "nnm": (lambda x, f: nnm(x, f=f), max_f_minority),
 }
 
 
@@ -592,9 +577,9 @@ def naive_bulyan(x: Tensor, f: int) -> Tensor:
 
 
 NAIVE = {
-    "arc": (lambda x, f: arc(x, f=f), naive_arc, max_f_cwtm),
-    "nnm": (lambda x, f: nnm(x, f=f), naive_nnm, max_f_cwtm),
-    "cwtm": (lambda x, f: cwtm(x, f=f), naive_cwtm, max_f_cwtm),
+    "arc": (lambda x, f: arc(x, f=f), naive_arc, max_f_minority),
+    "nnm": (lambda x, f: nnm(x, f=f), naive_nnm, max_f_minority),
+    "cwtm": (lambda x, f: cwtm(x, f=f), naive_cwtm, max_f_minority),
     "cwmed": (lambda x, f: cwmed(x), lambda x, f: naive_cwmed(x), no_f),
     "krum": (lambda x, f: krum(x, f=f), lambda x, f: x[naive_krum_order(x, f)[0]], max_f_krum),
     "multi_krum": (
