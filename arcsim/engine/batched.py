@@ -53,7 +53,7 @@ from arcsim.attacks import ATTACK_REGISTRY, craft, is_data_attack, label_map
 from arcsim.config import RunConfig
 from arcsim.engine.gradients import GradientPass, evaluate_runs
 from arcsim.engine.honest import build_task_model, shards, training_split
-from arcsim.engine.rounds import RoundAggregation, RoundEvaluation, RoundRecord, RunState
+from arcsim.engine.rounds import RoundAggregation, RoundEvaluation, RoundRecord, RunState, role_of
 from arcsim.robust import build_pipeline
 from arcsim.roles import Role
 from arcsim.seeding import generator
@@ -511,20 +511,12 @@ class BatchedGroup:
                 errors = torch.linalg.vector_norm(aggregates - honest_mean, dim=-1).tolist()
             agg_norms = torch.linalg.vector_norm(aggregates, dim=-1).tolist()
             for k, r in enumerate(members):
-                element = report.element(k)
-                clipped_rows, clipped = 0, {Role.HONEST: 0, Role.BYZANTINE: 0}
-                if element.clipped is not None:
-                    clipped_rows = int(element.clipped.sum())
-                    clipped = r.state.clipped_by_role(list(ids), element.clipped_inputs)
-                out[r.index] = RoundAggregation(
-                    aggregate=aggregates[k],
-                    skip_reason=None,
-                    clip_threshold=element.clip_threshold,
-                    clipped_rows=clipped_rows,
-                    clipped=clipped,
+                out[r.index] = r.state.aggregation(
+                    list(ids),
+                    aggregates[k],
+                    report.element(k),
                     aggregate_error=errors[k],
                     aggregate_norm=agg_norms[k],
-                    stage_seconds={stage.name: stage.seconds for stage in element.stages},
                     norms=_norms_by_role(ids, row_norms, k, config),
                     seconds=seconds,
                 )
@@ -580,7 +572,7 @@ def _norms_by_role(
     """Run k's vector norms by role; empty without norms."""
     out: dict[str, list[float]] = {Role.HONEST: [], Role.BYZANTINE: []}
     for i, norm in zip(ids, norms[k] if norms is not None else ()):
-        out[Role.HONEST if i < config.num_honest else Role.BYZANTINE].append(norm)
+        out[role_of(config, i)].append(norm)
     return out
 
 

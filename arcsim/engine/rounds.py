@@ -49,7 +49,7 @@ from arcsim import roles
 from arcsim.config import RunConfig
 from arcsim.engine import checkpoint
 from arcsim.engine.evaluation import Evaluator
-from arcsim.robust import build_pipeline
+from arcsim.robust import AggregationReport, build_pipeline
 from arcsim.roles import Role
 from arcsim.seeding import generator
 from arcsim.tasks import load_dataset
@@ -232,15 +232,38 @@ class RunState:
             aggregate, report = self.pipeline(x, generator=generator(config.seed, "pipeline", self.round))
         except ValueError as error:  # e.g. too few vectors arrived for 2f < n
             return RoundAggregation.skipped(str(error), norms=norms)
-        clipped_rows, clipped = 0, {HONEST: 0, BYZANTINE: 0}
-        if report.clipped is not None:
-            clipped_rows = int(report.clipped.sum())
-            clipped = self.clipped_by_role(ids, report.clipped_inputs)
         aggregate = aggregate.to("cpu", torch.float32)
         aggregate_error = None
         if honest_ids:  # ids are sorted, so the honest rows come first in x
             honest_mean = x[: len(honest_ids)].mean(dim=0).to("cpu")
             aggregate_error = float(torch.linalg.vector_norm(aggregate - honest_mean))
+        return self.aggregation(
+            ids,
+            aggregate,
+            report,
+            aggregate_error=aggregate_error,
+            aggregate_norm=float(torch.linalg.vector_norm(aggregate)),
+            norms=norms,
+            seconds=time.perf_counter() - start,
+        )
+
+    def aggregation(
+        self,
+        ids: list[int],
+        aggregate: Tensor,
+        report: AggregationReport,
+        *,
+        aggregate_error: float | None,
+        aggregate_norm: float,
+        norms: dict[str, list[float]],
+        seconds: float,
+    ) -> RoundAggregation:
+        """The round's :class:`RoundAggregation` from the pipeline's report on the vectors of ``ids`` (in
+        that order): the clipping credited to roles, the stages' times, and the given measurements."""
+        clipped_rows, clipped = 0, {HONEST: 0, BYZANTINE: 0}
+        if report.clipped is not None:
+            clipped_rows = int(report.clipped.sum())
+            clipped = self.clipped_by_role(ids, report.clipped_inputs)
         return RoundAggregation(
             aggregate=aggregate,
             skip_reason=None,
@@ -248,10 +271,10 @@ class RunState:
             clipped_rows=clipped_rows,
             clipped=clipped,
             aggregate_error=aggregate_error,
-            aggregate_norm=float(torch.linalg.vector_norm(aggregate)),
+            aggregate_norm=aggregate_norm,
             stage_seconds={stage.name: stage.seconds for stage in report.stages},
             norms=norms,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
         )
 
     def next_params(self, aggregate: Tensor | None) -> Tensor:
