@@ -37,8 +37,9 @@ def multi_krum_selection(x: Tensor, *, f: int, m: int) -> Tensor:
 def multi_krum_selection_batched(x: Tensor, *, f: int, m: int) -> Tensor:
     """:func:`multi_krum_selection` on every element of a (B, n, d) ``x``: (B, m) int64.
 
-    The distances come from one batched Gram matrix (their rounding may differ from the 2-D call's);
-    the scores, the stable argsort (ties to the lowest index) and the cut are the 2-D call's.
+    The distances are ``pairwise_sq_distances_batched``'s (bitwise the 2-D call's on the CPU, from
+    batched Gram matrices elsewhere); the scores, the stable argsort (ties to the lowest index) and
+    the cut are the 2-D call's.
     """
     scores = krum_scores(pairwise_sq_distances_batched(x), f=f)
     return torch.argsort(scores, dim=-1, stable=True)[:, :m]
@@ -52,7 +53,7 @@ def krum(x: Tensor, *, f: int) -> Tensor:
         i^* = \\arg\\min_i s_i
 
     where N_i is the set of the n - f - 2 rows closest to x_i (x_i excluded). Ties go to the lowest
-    row index. Distances come from one Gram matrix. Needs n > 2f + 2. ``x`` may have leading batch
+    row index. Distances are ``pairwise_sq_distances``'s. Needs n > 2f + 2. ``x`` may have leading batch
     dimensions, (..., n, d) -> (..., d) (an element holding a NaN or an infinity gives NaN).
 
     Reference: Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries:
