@@ -14,13 +14,16 @@ element's largest absolute entry as it reaches the rule; n: its rows):
 
 - arc, static_clip, bucketing: bitwise (outputs, clip thresholds, masks, bucket groups; bucketing
   with the element's own generator);
-- mean, cwtm, cwmed: sorted values bitwise; outputs within 4 eps M (a mean may round differently);
+- mean, cwmed: sorted values bitwise; outputs within 4 eps M (a mean may round differently);
+- cwtm: sorted values bitwise; outputs within n eps M (on the CPU the kept values are summed in row
+  order while they are in cache, not written out first);
 - nnm, krum, multi_krum, bulyan, centered_clip: within 16 n eps M (batched Gram matrices and
   products may round differently from the 2-D ones); krum and multi_krum select the same indices
   when the rows are distinct, rows of equal value when a row is duplicated (its twin may stand in).
-  On the CPU the distances of every element and NNM's output are computed by the 2-D code from an
-  aligned copy of the element, so they are bitwise the 2-D call's on a fresh tensor, and a rule that
-  selects rows after NNM (whose rows are often exact copies) breaks their ties as the 2-D call does;
+  On the CPU the distances of every element and NNM's output are computed by the 2-D code (NNM's
+  mixing product from an aligned copy of the element), so they are bitwise the 2-D call's on a fresh
+  tensor, and a rule that selects rows after NNM (whose rows are often exact copies) breaks their
+  ties as the 2-D call does;
 - geometric_median: within tol (1 + ||z||) + 16 n eps M of the 2-D result z, its iteration count
   within one of the 2-D count.
 

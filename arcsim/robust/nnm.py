@@ -34,6 +34,8 @@ def nnm_batched(x: Tensor, *, f: int) -> Tensor:
     argsort (ties by row index) and one batched mixing product, equal within rounding."""
     batch, n, _ = x.shape
     if x.device.type == "cpu" and batch:
+        if batch == 1:  # a chunk of one large element (arcsim.robust._batch): no copy into a stack
+            return nnm_impl(aligned(x[0]), f=f).unsqueeze(0)
         return torch.stack([nnm_impl(aligned(element), f=f) for element in x])
     if f == 0:
         return x.mean(dim=-2, keepdim=True).expand(-1, n, -1).clone()
@@ -50,7 +52,8 @@ def nnm(x: Tensor, *, f: int) -> Tensor:
         \\mathrm{NNM}(x)_i = \\frac{1}{n - f} \\sum_{j \\in N_i} x_j
 
     where N_i is the set of the n - f rows closest to x_i in Euclidean distance (x_i included).
-    The distances come from one Gram matrix and the mixing is one (n, n) x (n, d) product. Ties
+    The distances are ``pairwise_sq_distances`` (from the rows' differences for up to 32 rows) and
+    the mixing is one (n, n) x (n, d) product. Ties
     between equidistant neighbours are broken by row index. Needs 2f < n. ``x`` may have leading
     batch dimensions, (..., n, d) (an element holding a NaN or an infinity gives NaN).
 
