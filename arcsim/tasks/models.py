@@ -80,8 +80,12 @@ class CNN(nn.Module):
         self.fc2 = nn.Linear(500, num_classes, device=_META)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        # Max-pooling before the ReLU: relu(maxpool(a)) is maxpool(relu(a)) bit for bit (ReLU is
+        # monotone), and so are the gradients (a window's gradient goes to its first maximum when
+        # that is positive, and is zero otherwise, either way); the ReLU then runs on a quarter of
+        # the values, which made a training step about 5% faster on the CPU (docs/benchmarks.md).
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = F.relu(self.fc1(torch.flatten(x, 1)))
         return F.log_softmax(self.fc2(x), dim=1)
 
