@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from arcsim.engine.evaluation import forward_in_slices
+
 __all__ = ["STRATEGIES", "GradientPass", "evaluate_runs", "grouped_unsupported"]
 
 STRATEGIES: tuple[str, ...] = ("auto", "grouped", "vmap", "loop")
@@ -502,7 +504,7 @@ def evaluate_runs(
             hits, sums = 0, 0.0
             for start in range(0, total, batch_size):
                 xb, yb = inputs[start : start + batch_size], labels[start : start + batch_size]
-                output = net(xb)
+                output = forward_in_slices(net, xb)
                 sums += float(loss(output, yb, reduction="sum"))
                 hits += int((output.argmax(dim=1) == yb).sum())
             correct[r], loss_sum[r] = hits, sums
