@@ -842,9 +842,17 @@ def _exact_mean_std(pixels: np.ndarray, *, max_value: int) -> tuple[float, float
     """Mean and population std of ``pixels / max_value``, exact up to the final float64 division.
 
     The sums come from a histogram of the pixel values in Python integers, so they do not depend
-    on the thread count or the order of the values.
+    on the thread count or the order of the values. The histogram is torch's ``bincount``, which
+    counts 8-bit pixels as they are (numpy's first widens all 47 million Fashion-MNIST pixels to
+    int64: 0.75 s against 0.02 s at every data load); the counts are the same integers.
     """
-    counts = np.bincount(pixels.reshape(-1), minlength=max_value + 1).tolist()
+    flat = np.ascontiguousarray(pixels).reshape(-1)
+    if flat.dtype == np.uint8:
+        # (a read-only array, e.g. memory-mapped, is copied: torch warns about sharing it)
+        counts = torch.from_numpy(flat if flat.flags.writeable else flat.copy()).bincount(minlength=max_value + 1)
+        counts = counts.tolist()
+    else:
+        counts = np.bincount(flat, minlength=max_value + 1).tolist()
     n = sum(counts)
     total = sum(v * c for v, c in enumerate(counts))
     total_sq = sum(v * v * c for v, c in enumerate(counts))
