@@ -3,6 +3,7 @@ round-0 numbers within rounding, one folder per run that report and resume read,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,7 @@ from arcsim.engine.batched import (
 from arcsim.engine.honest import HonestWorker, shards
 from arcsim.engine.inproc import run_inproc
 from arcsim.engine.rounds import RECORD_FIELDS
+from arcsim.robust import device_paths
 from arcsim.tasks import load_dataset
 
 
@@ -127,13 +129,17 @@ def test_batch_indices_are_the_honest_workers_own_draws(tmp_path: Path) -> None:
         assert torch.equal(run.state.params, run.state.evaluator.initial_parameters())
 
 
-def test_round_zero_agrees_with_the_inproc_engine_for_attacks_and_pipelines(tmp_path: Path) -> None:
-    # Prepare: every mixed run alone with the in-process engine, and all of them as one batched group
+@pytest.mark.parametrize("paths", ["cpu", "accelerator"])
+def test_round_zero_agrees_with_the_inproc_engine_for_attacks_and_pipelines(tmp_path: Path, paths: str) -> None:
+    # Prepare: every mixed run alone with the in-process engine, and all of them as one batched group;
+    # "accelerator": the group takes the paths a GPU takes (batched rules, the optimal attack's line
+    # search as one batched search over the runs), on the CPU
     configs = [_config(rounds=1, **changes) for changes in MIXED]
     for k, config in enumerate(configs):
         run_inproc(config, tmp_path / f"inproc-{k}")
     # Execute
-    summaries = run_batched(configs, [tmp_path / f"batched-{k}" for k in range(len(configs))])
+    with device_paths() if paths == "accelerator" else contextlib.nullcontext():
+        summaries = run_batched(configs, [tmp_path / f"batched-{k}" for k in range(len(configs))])
     # Assert: the round-0 record of each run: the clip threshold, the clipped counts and the aggregate
     # error within 1e-5 relative; the test accuracy within one sample
     assert [s["engine"] for s in summaries] == ["batched"] * len(configs)

@@ -33,7 +33,9 @@ from arcsim.robust import (
     centered_clip,
     cwmed,
     cwtm,
+    device_paths,
     geometric_median,
+    host_tuned,
     krum,
     mean,
     multi_krum,
@@ -472,6 +474,34 @@ def test_batched_pipeline_on_cuda_matches_the_2d_calls(spec):
         expected, expected_report = pipeline(x[i])
         clipped = arc(x[i], f=3)
         torch.testing.assert_close(out[i], expected, rtol=0, atol=tolerance("nnm", clipped, expected))
+        assert report.element(i).clip_threshold == expected_report.clip_threshold
+
+
+@pytest.mark.parametrize(
+    "spec", ["arc > nnm > cwtm", "arc > nnm > multi_krum", "nnm > cwmed", "static_clip > nnm > krum", "bulyan"]
+)
+def test_the_accelerator_paths_match_the_2d_calls_on_the_cpu(spec):
+    # What a GPU runs (one batched Gram matrix, batched mixing products, torch.sort, the whole batch
+    # at once), on CPU tensors: the CUDA path covered where no GPU is.
+    import arcsim.robust._batch as batch_module
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 13, 2000, generator=g)
+    x[0, 2] = x[0, 5]  # a duplicate row: ties in the distances
+    x[1, 4, 7] = math.nan
+    pipeline = build_pipeline(spec, f=2, **({"c": 2.0} if spec.startswith("static_clip") else {}))
+    large = torch.zeros(1).expand(40, 13, 431_080)  # 22 MB elements, no memory
+    assert len(batch_module.chunks(large)) == 40  # on the CPU: one element per chunk
+    with device_paths():
+        assert not host_tuned(x) and batch_module.chunks(large) == [slice(0, 40)]
+        out, report = pipeline(x)
+    assert host_tuned(x)
+    assert report.invalid.tolist() == [False, True, False]
+    assert out[1].isnan().all()
+    for i in (0, 2):
+        expected, expected_report = pipeline(x[i])
+        reaching = arc(x[i], f=2) if spec.startswith("arc") else x[i]
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=tolerance("nnm", reaching, expected))
         assert report.element(i).clip_threshold == expected_report.clip_threshold
 
 

@@ -29,8 +29,14 @@ element's largest absolute entry as it reaches the rule; n: its rows):
 
 Ties are broken as in the 2-D rules (NNM's stable order by index, ARC's top-k threshold, Krum's
 lowest index). Rows whose norms overflow the dtype take the 2-D overflow path, element by element.
+
+On the CPU (:func:`host_tuned`) a batch goes through paths tuned for it (cache-sized chunks,
+element by element through the 2-D code, sorting networks, numpy's sort); elsewhere through one
+batched kernel per step. :func:`device_paths` makes CPU tensors take the latter too, which is how
+the tests cover the code a GPU runs on a machine without one.
 """
 
+from ._batch import device_paths, host_tuned
 from .arc import arc, arc_num_clipped
 from .bucketing import bucketing
 from .bulyan import bulyan
@@ -75,7 +81,9 @@ __all__ = [
     "centered_clip",
     "cwmed",
     "cwtm",
+    "device_paths",
     "geometric_median",
+    "host_tuned",
     "krum",
     "mean",
     "multi_krum",

@@ -8,7 +8,8 @@ NaN warnings, no overflow path) and its output is set to NaN afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,6 +24,38 @@ from ._checks import check_shape
 CHUNK_BYTES = 16 << 20
 
 
+_DEVICE_PATHS = False  # set by device_paths()
+
+
+def host_tuned(x: Tensor) -> bool:
+    """Whether ``x`` takes the paths tuned for the CPU (cache-sized chunks, element by element through
+    the 2-D code, sorting networks, numpy's sort) rather than those for an accelerator (one batched
+    kernel per step): True for a CPU tensor, outside :func:`device_paths`.
+
+    >>> host_tuned(torch.zeros(2, 3, 4))
+    True
+    """
+    return x.device.type == "cpu" and not _DEVICE_PATHS
+
+
+@contextlib.contextmanager
+def device_paths() -> Iterator[None]:
+    """Within it, CPU tensors take the accelerator paths too: how the tests run the code a GPU runs
+    (batched Gram matrices, batched mixing products, ``torch.sort``, whole batches) on a machine
+    without one. Not thread-safe; for tests and measurements.
+
+    >>> with device_paths():
+    ...     host_tuned(torch.zeros(2, 3, 4))
+    False
+    """
+    global _DEVICE_PATHS
+    before, _DEVICE_PATHS = _DEVICE_PATHS, True
+    try:
+        yield
+    finally:
+        _DEVICE_PATHS = before
+
+
 def chunks(x: Tensor) -> list[slice]:
     """The slices of a (B, n, d) ``x``'s elements processed together (all of them off the CPU).
 
@@ -30,7 +63,7 @@ def chunks(x: Tensor) -> list[slice]:
     [slice(0, 4, None), slice(4, 5, None)]
     """
     count = x.shape[0]
-    if x.device.type != "cpu" or count == 0:
+    if not host_tuned(x) or count == 0:
         return [slice(0, count)]
     size = max(1, CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._batch import host_tuned
+
 # Up to this many rows the distances come from the rows' differences (F.pdist), above from a Gram
 # matrix: measured with one and two threads on the 2-core machine, pdist was faster at n = 13, 19
 # and 33 (d = 431,080) and slower from n = 64 (d = 65,536) on.
@@ -81,7 +83,7 @@ def pairwise_sq_distances_batched(x: Tensor) -> Tensor:
     product; they agree with the 2-D distances within the Gram form's rounding error, and a near
     tie may be selected the other way.
     """
-    if x.device.type == "cpu":
+    if host_tuned(x):
         if not x.shape[0]:
             return x.new_zeros((0, x.shape[1], x.shape[1]))
         # The Gram form (many rows) rounds by alignment: from an aligned copy, as a fresh tensor would.

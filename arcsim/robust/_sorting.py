@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._batch import host_tuned
+
 # Sorting networks below the transposed numpy path (so that the sorted matrix is laid out as before
 # and sums over it round as before), and only for at least this many columns (below, the Python calls
 # per compare-exchange dominate).
@@ -102,7 +104,7 @@ assert _NETWORK_MAX_ROWS < _TRANSPOSE_FROM_ROWS
 
 
 def _numpy_sortable(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad
+    return host_tuned(x) and x.dtype in (torch.float32, torch.float64) and not x.requires_grad
 
 
 def sorted_columns(x: Tensor) -> Tensor:

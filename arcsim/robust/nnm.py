@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._batch import apply_batched, is_batched
+from ._batch import apply_batched, host_tuned, is_batched
 from ._checks import check_matrix, check_minority
 from ._distances import aligned, pairwise_sq_distances, pairwise_sq_distances_batched
 
@@ -33,7 +33,7 @@ def nnm_batched(x: Tensor, *, f: int) -> Tensor:
     could flip its choice. Elsewhere (a GPU) one batched Gram matrix for the distances, the same stable
     argsort (ties by row index) and one batched mixing product, equal within rounding."""
     batch, n, _ = x.shape
-    if x.device.type == "cpu" and batch:
+    if host_tuned(x) and batch:
         if batch == 1:  # a chunk of one large element (arcsim.robust._batch): no copy into a stack
             return nnm_impl(aligned(x[0]), f=f).unsqueeze(0)
         return torch.stack([nnm_impl(aligned(element), f=f) for element in x])
