@@ -54,7 +54,7 @@ from arcsim.config import RunConfig
 from arcsim.engine.gradients import GradientPass, evaluate_runs
 from arcsim.engine.honest import build_task_model, shards, training_split
 from arcsim.engine.rounds import RoundAggregation, RoundEvaluation, RoundRecord, RunState, role_of
-from arcsim.robust import build_pipeline
+from arcsim.robust import build_pipeline, host_tuned
 from arcsim.roles import Role
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, load_dataset, model_loss
@@ -175,6 +175,9 @@ class _Run:
     trainer_shards: list[Tensor]  # each trainer's shard, as indices into the dataset's training set
     flip: Callable[[Tensor], Tensor] | None  # the data attack's label map (for the Byzantine trainers)
     momentum: Tensor | None = None  # (trainers, P): the last round's momentum; None before round 0
+    # (f, P): the rows after the momentum in the same buffer, where the crafted Byzantine vectors go, so
+    # that the round's n vectors are consecutive rows the pipeline reads in place; None when not crafting
+    crafted_rows: Tensor | None = None
     status: str = "running"
     summary: dict[str, Any] | None = None
     losses: list[float] = field(default_factory=list)
@@ -363,15 +366,23 @@ class BatchedGroup:
                 self._update_momentum(
                     [r], torch.cat([g for g, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
                 )
+                r.crafted_rows = None
         for members in calls.values():
             # Into one of two buffers kept for these runs, alternating by round: the other one holds the
-            # momenta of their last round, which their states may still checkpoint.
-            key = ("momentum", tuple(r.index for r, _, _ in members), t % 2)
-            grads, losses = self._gradients(members, out=self._buffer(key, members))
-            self._update_momentum([r for r, _, _ in members], grads, losses)
+            # momenta of their last round, which their states may still checkpoint. Each run's rows are
+            # followed by rows for its crafted vectors (when the runs craft as many).
+            runs = [r for r, _, _ in members]
+            spare = {_crafted(r) for r in runs}
+            extra = spare.pop() if len(spare) == 1 else 0
+            key = ("momentum", tuple(r.index for r in runs), t % 2)
+            buffer = self._buffer(key, (len(runs), members[0][0].num_trainers + extra))
+            grads, losses = self._gradients(members, out=buffer[:, : runs[0].num_trainers])
+            self._update_momentum(runs, grads, losses)
+            for k, r in enumerate(runs):
+                r.crafted_rows = buffer[k, r.num_trainers :] if extra else None
 
-    def _buffer(self, key: tuple[Any, ...], members: list[tuple[_Run, list[int], list[Tensor]]]) -> Tensor:
-        shape = (len(members), len(members[0][1]), self.gradients.num_parameters)
+    def _buffer(self, key: tuple[Any, ...], rows: tuple[int, int]) -> Tensor:
+        shape = (*rows, self.gradients.num_parameters)
         buffer = self._buffers.get(key)
         if buffer is None or tuple(buffer.shape) != shape:
             buffer = self._buffers[key] = torch.empty(shape, device=self.device)
@@ -444,7 +455,7 @@ class BatchedGroup:
             pipeline = self._pipeline(config)
             generators = [generator(r.config.seed, "attack", t) for r in members]
             context = {"num_byzantine": config.num_byzantine, "num_workers": config.num_workers, **config.attack_params}
-            if self.device.type == "cpu" and _searches(config.attack):
+            if host_tuned(honest) and _searches(config.attack):
                 # A line search, run by run on a CPU: its candidates as one batch (the runs' vectors copied
                 # once per candidate) measured slower there than the 2-D search (docs/benchmarks.md); the
                 # same factors either way. On a GPU the batched search is the point.
@@ -460,10 +471,13 @@ class BatchedGroup:
                 )
             finite = torch.isfinite(crafted).all(dim=-1).tolist()  # (R, f): refused when not, as at the edge
             for k, r in enumerate(members):
+                rows = crafted[k]
+                if r.crafted_rows is not None and r.crafted_rows.shape == rows.shape:
+                    rows = r.crafted_rows.copy_(rows)  # right after the run's momentum (see _train)
                 kept = 0
                 for j, worker_id in enumerate(range(config.num_honest, config.num_workers)):
                     if finite[k][j]:
-                        vectors[r.index][worker_id] = crafted[k, j]
+                        vectors[r.index][worker_id] = rows[j]
                         kept += 1
                 refused[r.index] = config.num_byzantine - kept
         return vectors, refused
@@ -482,18 +496,22 @@ class BatchedGroup:
             config = members[0].config
             pipeline = self._pipeline(config)
             num_honest = sum(1 for i in ids if i < config.num_honest)
-            # One copy of the vectors: the honest and the Byzantine rows each from a view where they
-            # are consecutive rows of one tensor (the round's momenta, the crafted matrix).
-            parts = [
-                _rows([_rows([vectors[r.index][i] for i in part]) for r in members])
-                for part in (ids[:num_honest], ids[num_honest:])
-                if part
-            ]
-            key = ("vectors", tuple(r.index for r in members), ids)
-            shape = (len(members), len(ids), parts[0].shape[-1])
-            if key not in self._buffers or tuple(self._buffers[key].shape) != shape:
-                self._buffers[key] = torch.empty(shape, dtype=parts[0].dtype, device=self.device)
-            x = torch.cat([part.to(self.device) for part in parts], dim=1, out=self._buffers[key])
+            # The vectors in place when every run's n vectors are consecutive rows and the runs' rows
+            # equally spaced in one buffer (the momenta followed by the crafted rows, see _train);
+            # otherwise one copy: the honest and the Byzantine rows each from a view where they are
+            # consecutive rows of one tensor (the round's momenta, the crafted matrix).
+            x = _view_rows([_view_rows([vectors[r.index][i] for i in ids]) for r in members])
+            if x is None or x.device != self.device:
+                parts = [
+                    _rows([_rows([vectors[r.index][i] for i in part]) for r in members])
+                    for part in (ids[:num_honest], ids[num_honest:])
+                    if part
+                ]
+                key = ("vectors", tuple(r.index for r in members), ids)
+                shape = (len(members), len(ids), parts[0].shape[-1])
+                if key not in self._buffers or tuple(self._buffers[key].shape) != shape:
+                    self._buffers[key] = torch.empty(shape, dtype=parts[0].dtype, device=self.device)
+                x = torch.cat([part.to(self.device) for part in parts], dim=1, out=self._buffers[key])
             # The norms by role feed the vector-norm metric of a watched run (on_round); a sweep skips them.
             row_norms = torch.linalg.vector_norm(x, dim=-1).tolist() if self.on_round is not None else None
             start = time.perf_counter()
@@ -576,21 +594,36 @@ def _norms_by_role(
     return out
 
 
-def _rows(tensors: Sequence[Tensor]) -> Tensor:
-    """The tensors stacked along a new first dimension: a view when they are equally spaced slices of
-    one storage with the same shape and strides (rows of one tensor), a copy (``torch.stack``) otherwise."""
+def _crafted(r: _Run) -> int:
+    """How many Byzantine vectors run ``r`` crafts each round (a data attack's trainers craft none)."""
+    return r.config.num_byzantine if r.flip is None else 0
+
+
+def _view_rows(tensors: Sequence[Tensor | None]) -> Tensor | None:
+    """The tensors stacked along a new first dimension as a view, when they are equally spaced slices
+    of one storage with the same shape and strides (rows of one tensor); None otherwise."""
     first = tensors[0]
+    if first is None or any(t is None for t in tensors):
+        return None
     step = tensors[1].storage_offset() - first.storage_offset() if len(tensors) > 1 else first.numel()
     base = first.untyped_storage().data_ptr()
     if step > 0 and all(
-        t.untyped_storage().data_ptr() == base
+        t is not None
+        and t.untyped_storage().data_ptr() == base
         and t.shape == first.shape
         and t.stride() == first.stride()
         and t.storage_offset() == first.storage_offset() + k * step
         for k, t in enumerate(tensors)
     ):
         return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
-    return torch.stack(list(tensors))
+    return None
+
+
+def _rows(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors stacked along a new first dimension: a view when they are equally spaced slices of
+    one storage with the same shape and strides (rows of one tensor), a copy (``torch.stack``) otherwise."""
+    view = _view_rows(tensors)
+    return view if view is not None else torch.stack(list(tensors))
 
 
 def run_batched(
