@@ -321,3 +321,35 @@ def test_arcsim_run_says_when_a_batched_run_diverged(tmp_path: Path, capsys: pyt
     code = main(["run", str(path), "--engine", "batched", "--out", str(tmp_path / "r"), "--no-progress"])
     assert code == EXIT_STOPPED
     assert "the run diverged after" in capsys.readouterr().err
+
+
+MUTATING_RULE = """
+from arcsim.robust import rule
+
+
+@rule(kind="pre-aggregator", batched=True)
+def scribble(x, *, f):
+    # A misbehaving plugin: it overwrites the rows it receives (every element's), then passes them on.
+    x.mul_(0.5)
+    return x
+"""
+
+
+def test_a_plugin_that_overwrites_its_input_cannot_reach_the_momenta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a rule plugin that halves its input in place, in front of cwtm; two runs in one group
+    (tmp_path / "scribbling_plugin.py").write_text(MUTATING_RULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    configs = [_config(attack="alie", pipeline="scribbling_plugin:scribble > cwtm", seed=s) for s in (1, 2)]
+    # Execute: the batched group, and each run alone on the in-process engine (which hands the
+    # pipeline a matrix of its own)
+    run_batched(configs, [tmp_path / f"batched-{k}" for k in range(2)])
+    for k, config in enumerate(configs):
+        run_inproc(config, tmp_path / f"inproc-{k}")
+    # Assert: the same rounds within rounding; had the plugin halved the momenta in place, the
+    # training losses from round 1 on would differ
+    for k in range(2):
+        for a, b in zip(_records(tmp_path / f"inproc-{k}"), _records(tmp_path / f"batched-{k}"), strict=True):
+            for key in ("aggregate_error", "aggregate_norm", "train_loss"):
+                assert _close(a[key], b[key], rel=1e-4), (k, key, a[key], b[key])

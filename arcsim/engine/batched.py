@@ -54,7 +54,7 @@ from arcsim.config import RunConfig
 from arcsim.engine.gradients import GradientPass, evaluate_runs
 from arcsim.engine.honest import build_task_model, shards, training_split
 from arcsim.engine.rounds import RoundAggregation, RoundEvaluation, RoundRecord, RunState, role_of
-from arcsim.robust import build_pipeline, host_tuned
+from arcsim.robust import RULE_REGISTRY, build_pipeline, host_tuned
 from arcsim.roles import Role
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, load_dataset, model_loss
@@ -497,10 +497,12 @@ class BatchedGroup:
             pipeline = self._pipeline(config)
             num_honest = sum(1 for i in ids if i < config.num_honest)
             # The vectors in place when every run's n vectors are consecutive rows and the runs' rows
-            # equally spaced in one buffer (the momenta followed by the crafted rows, see _train);
-            # otherwise one copy: the honest and the Byzantine rows each from a view where they are
-            # consecutive rows of one tensor (the round's momenta, the crafted matrix).
-            x = _view_rows([_view_rows([vectors[r.index][i] for i in ids]) for r in members])
+            # equally spaced in one buffer (the momenta followed by the crafted rows, see _train), and
+            # every stage is a built-in rule (none modifies its input; a plugin might, and must not
+            # reach the momenta); otherwise one copy: the honest and the Byzantine rows each from a
+            # view where they are consecutive rows of one tensor (the round's momenta, the crafted matrix).
+            builtin = all(name in RULE_REGISTRY.builtins for name in pipeline.stage_names)
+            x = _view_rows([_view_rows([vectors[r.index][i] for i in ids]) for r in members]) if builtin else None
             if x is None or x.device != self.device:
                 parts = [
                     _rows([_rows([vectors[r.index][i] for i in part]) for r in members])
@@ -608,7 +610,7 @@ def _view_rows(tensors: Sequence[Tensor | None]) -> Tensor | None:
     step = tensors[1].storage_offset() - first.storage_offset() if len(tensors) > 1 else first.numel()
     base = first.untyped_storage().data_ptr()
     if step > 0 and all(
-        t is not None
+        t is not None  # (for the type checker: none is, see above)
         and t.untyped_storage().data_ptr() == base
         and t.shape == first.shape
         and t.stride() == first.stride()
