@@ -501,7 +501,7 @@ class BatchedGroup:
             # every stage is a built-in rule (none modifies its input; a plugin might, and must not
             # reach the momenta); otherwise one copy: the honest and the Byzantine rows each from a
             # view where they are consecutive rows of one tensor (the round's momenta, the crafted matrix).
-            builtin = all(name in RULE_REGISTRY.builtins for name in pipeline.stage_names)
+            builtin = all(RULE_REGISTRY.is_builtin(name) for name in pipeline.stage_names)
             x = _view_rows([_view_rows([vectors[r.index][i] for i in ids]) for r in members]) if builtin else None
             if x is None or x.device != self.device:
                 parts = [
@@ -604,20 +604,20 @@ def _crafted(r: _Run) -> int:
 def _view_rows(tensors: Sequence[Tensor | None]) -> Tensor | None:
     """The tensors stacked along a new first dimension as a view, when they are equally spaced slices
     of one storage with the same shape and strides (rows of one tensor); None otherwise."""
-    first = tensors[0]
-    if first is None or any(t is None for t in tensors):
+    rows = [t for t in tensors if t is not None]
+    if len(rows) < len(tensors):
         return None
-    step = tensors[1].storage_offset() - first.storage_offset() if len(tensors) > 1 else first.numel()
+    first = rows[0]
+    step = rows[1].storage_offset() - first.storage_offset() if len(rows) > 1 else first.numel()
     base = first.untyped_storage().data_ptr()
     if step > 0 and all(
-        t is not None  # (for the type checker: none is, see above)
-        and t.untyped_storage().data_ptr() == base
+        t.untyped_storage().data_ptr() == base
         and t.shape == first.shape
         and t.stride() == first.stride()
         and t.storage_offset() == first.storage_offset() + k * step
-        for k, t in enumerate(tensors)
+        for k, t in enumerate(rows)
     ):
-        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+        return first.as_strided((len(rows), *first.shape), (step, *first.stride()), first.storage_offset())
     return None
 
 
