@@ -208,6 +208,17 @@ def test_sorted_values_of_a_batch_are_bitwise_those_of_each_element():
             assert torch.equal(middle[b], expected[1 : n - 1])
 
 
+def test_sorted_values_of_a_batch_with_a_nan_element_are_each_elements_own():
+    # The network's width: the clean elements through the network, the NaN one through numpy (NaN last)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 13, 1030, generator=g)
+    x[1, 4, 9] = math.nan
+    out = sorted_columns_batched(x, 2, 13)
+    for b in range(3):
+        torch.testing.assert_close(out[b], sorted_columns(x[b])[2:13], rtol=0, atol=0, equal_nan=True)
+    assert out[1, -1, 9].isnan() and not out[[0, 2]].isnan().any()
+
+
 def test_middle_means_of_a_batch_are_the_sorted_values_means_within_the_tolerance():
     # The network path (d >= 1024, several column tiles at 70,000 columns), small widths (numpy),
     # huge values next to small ones, and a NaN element that takes the sorted values' mean.

@@ -184,6 +184,25 @@ def _network_sorted_columns_batched(x: Tensor, start: int, stop: int, *, mean: b
     return out
 
 
+def _by_network(x: Tensor, start: int, stop: int, *, mean: bool) -> Tensor | None:
+    """The sorting network's rows start..stop-1 of every element of a (B, n, d) ``x`` (with ``mean``
+    their mean, see :func:`_network_sorted_columns_batched`), or None where the network does not apply
+    (the conditions of :func:`sorted_columns`). Elements holding a NaN go to numpy, which sorts it last."""
+    batch, n, d = x.shape
+    if not (_numpy_sortable(x) and 1 < n <= _NETWORK_MAX_ROWS and d >= _NETWORK_MIN_COLUMNS):
+        return None
+    nan = torch.isnan(x.sum(dim=(-2, -1)))
+    if not bool(nan.any()):
+        return _network_sorted_columns_batched(x, start, stop, mean=mean)
+    out = torch.empty((batch, d) if mean else (batch, stop - start, d), dtype=x.dtype)
+    clean = ~nan
+    if bool(clean.any()):
+        out[clean] = _network_sorted_columns_batched(x[clean], start, stop, mean=mean)
+    kept = torch.from_numpy(np.sort(x[nan].numpy(), axis=-2))[:, start:stop]
+    out[nan] = kept.mean(dim=-2) if mean else kept
+    return out
+
+
 def sorted_columns_batched(x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
     """The rows start..stop-1 of :func:`sorted_columns` of every element of a (B, n, d) ``x``.
 
@@ -195,18 +214,11 @@ def sorted_columns_batched(x: Tensor, start: int = 0, stop: int | None = None) -
     >>> sorted_columns_batched(torch.tensor([[[3., 0.], [1., 2.], [2., 1.]]]), 1, 2)
     tensor([[[2., 1.]]])
     """
-    batch, n, d = x.shape
+    n = x.shape[1]
     stop = n if stop is None else stop
-    if _numpy_sortable(x) and 1 < n <= _NETWORK_MAX_ROWS and d >= _NETWORK_MIN_COLUMNS:
-        nan = torch.isnan(x.sum(dim=(-2, -1)))
-        if not bool(nan.any()):
-            return _network_sorted_columns_batched(x, start, stop)
-        out = torch.empty((batch, stop - start, d), dtype=x.dtype)
-        clean = ~nan
-        if bool(clean.any()):
-            out[clean] = _network_sorted_columns_batched(x[clean], start, stop)
-        out[nan] = torch.from_numpy(np.sort(x[nan].numpy(), axis=-2))[:, start:stop]
-        return out
+    networked = _by_network(x, start, stop, mean=False)
+    if networked is not None:
+        return networked
     if _numpy_sortable(x):
         if n < _TRANSPOSE_FROM_ROWS:
             return torch.from_numpy(np.sort(x.numpy(), axis=-2))[:, start:stop]
@@ -222,21 +234,11 @@ def middle_means_batched(x: Tensor, start: int, stop: int) -> Tensor:
     ``sorted_columns_batched(x, start, stop).mean(dim=-2)``, the same sorted values averaged in
     another order where the sorting network applies (they are summed in row order, tile by tile,
     instead of written out and read back): equal within (stop - start) eps M, M the largest
-    absolute value (docs/benchmarks.md: 30% less time for the paper's CWTM). Elements holding a
-    NaN, and matrices the network does not sort, take the sorted values' mean.
+    absolute value (docs/benchmarks.md: the paper's CWTM from 10.6 to 8.8 ms per element). Elements
+    holding a NaN, and matrices the network does not sort, take the sorted values' mean.
     """
-    batch, n, d = x.shape
-    if _numpy_sortable(x) and 1 < n <= _NETWORK_MAX_ROWS and d >= _NETWORK_MIN_COLUMNS:
-        nan = torch.isnan(x.sum(dim=(-2, -1)))
-        if not bool(nan.any()):
-            return _network_sorted_columns_batched(x, start, stop, mean=True)
-        out = torch.empty((batch, d), dtype=x.dtype)
-        clean = ~nan
-        if bool(clean.any()):
-            out[clean] = _network_sorted_columns_batched(x[clean], start, stop, mean=True)
-        out[nan] = sorted_columns_batched(x[nan], start, stop).mean(dim=-2)
-        return out
-    return sorted_columns_batched(x, start, stop).mean(dim=-2)
+    networked = _by_network(x, start, stop, mean=True)
+    return networked if networked is not None else sorted_columns_batched(x, start, stop).mean(dim=-2)
 
 
 def sorted_rows(x: Tensor) -> Tensor:
