@@ -89,7 +89,7 @@ class RunConfig:
         that does not use them keeps the digest (run id, resume check) it had before they were added.
         """
         data = {key: value for key, value in self.to_dict().items() if _LATE_DEFAULTS.get(key, _UNSET) != value}
-        text = json.dumps(data, sort_keys=True, default=str)
+        text = canonical_json(data)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def lr_at(self, round_: int) -> float:
@@ -176,7 +176,7 @@ def _check_attack_params(config: RunConfig) -> None:
     a ``mimic`` index outside the honest workers) run here and give the attack's message.
     """
     attack, params = config.attack, config.attack_params
-    key = (attack, _canonical(params), config.num_honest, config.num_byzantine)
+    key = (attack, canonical_json(params), config.num_honest, config.num_byzantine)
     if key in _ATTACK_CHECKED:
         return
     _check_attack_params_once(config)
@@ -289,7 +289,7 @@ def _check_pipeline_applies(config: RunConfig, pipeline: Any) -> None:
     Multi-Krum needs n > 2f + 2): such a run would skip every round. A tiny (n, 2) stand-in goes
     through the pipeline, so every stage's condition on its own n is checked."""
     n = config.num_workers
-    key = (config.pipeline, _canonical(config.pipeline_params), config.f, n)
+    key = (config.pipeline, canonical_json(config.pipeline_params), config.f, n)
     if key in _APPLIES:
         return
     try:
@@ -300,7 +300,8 @@ def _check_pipeline_applies(config: RunConfig, pipeline: Any) -> None:
         _APPLIES.add(key)
 
 
-def _canonical(value: Any) -> str:
+def canonical_json(value: Any) -> str:
+    """``value`` as JSON with sorted keys: equal parameter dicts give equal strings, usable as keys."""
     return json.dumps(value, sort_keys=True, default=str)
 
 

@@ -36,7 +36,6 @@ for its remaining rounds.)
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ import torch
 from torch import Tensor
 
 from arcsim.attacks import ATTACK_REGISTRY, craft, is_data_attack, label_map
-from arcsim.config import RunConfig
+from arcsim.config import RunConfig, canonical_json
 from arcsim.engine.gradients import GradientPass, evaluate_runs
 from arcsim.engine.honest import build_task_model, shards, training_split
 from arcsim.engine.rounds import RoundAggregation, RoundEvaluation, RoundRecord, RunState, role_of
@@ -118,7 +117,12 @@ def _searches(attack: str) -> bool:
 
 
 def _batch_key(config: RunConfig) -> tuple[str, ...]:
-    return (config.pipeline, _json_key(config.pipeline_params), config.attack, _json_key(config.attack_params))
+    return (
+        config.pipeline,
+        canonical_json(config.pipeline_params),
+        config.attack,
+        canonical_json(config.attack_params),
+    )
 
 
 def bytes_per_run(config: RunConfig, num_parameters: int, sample_numel: int) -> int:
@@ -185,10 +189,6 @@ class _Run:
     @property
     def num_trainers(self) -> int:
         return len(self.trainer_ids)
-
-
-def _json_key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 class BatchedGroup:
@@ -272,7 +272,7 @@ class BatchedGroup:
         return run
 
     def _pipeline(self, config: RunConfig) -> Any:
-        key = (config.pipeline, _json_key(config.pipeline_params), config.f)
+        key = (config.pipeline, canonical_json(config.pipeline_params), config.f)
         if key not in self._pipelines:
             self._pipelines[key] = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
         return self._pipelines[key]
@@ -443,9 +443,9 @@ class BatchedGroup:
             if config.num_byzantine and r.flip is None:
                 key = (
                     config.attack,
-                    _json_key(config.attack_params),
+                    canonical_json(config.attack_params),
                     config.pipeline,
-                    _json_key(config.pipeline_params),
+                    canonical_json(config.pipeline_params),
                     config.f,
                 )
                 crafting.setdefault(key, []).append(r)
@@ -489,7 +489,7 @@ class BatchedGroup:
         batches: dict[tuple[Any, ...], list[_Run]] = {}
         for r in runs:
             ids = tuple(sorted(vectors[r.index]))
-            key = (r.config.pipeline, _json_key(r.config.pipeline_params), r.config.f, ids)
+            key = (r.config.pipeline, canonical_json(r.config.pipeline_params), r.config.f, ids)
             batches.setdefault(key, []).append(r)
         out: dict[int, RoundAggregation] = {}
         for (_, _, _, ids), members in batches.items():
