@@ -241,8 +241,15 @@ async def test_a_submission_refused_while_an_earlier_one_is_in_flight_costs_the_
         yield header
         await never.wait()
 
-    leftover = running.stub.SubmitGradient(header_then_nothing(), metadata=_md(config, 0))
+    def hold_the_slot():
+        return running.stub.SubmitGradient(header_then_nothing(), metadata=_md(config, 0))
+
+    leftover = hold_the_slot()
     for _ in range(300):  # until the coordinator holds the leftover stream: a probe of the same id is refused
+        if leftover.done():
+            # The coordinator claims a worker's slot before reading its stream, so a probe that held it
+            # when the leftover arrived got the leftover refused as concurrent: send the leftover again.
+            leftover = hold_the_slot()
         try:
             probe = await _rpc_error(running.stub.SubmitGradient(iter(()), metadata=_md(config, 0)))
         except asyncio.CancelledError:
