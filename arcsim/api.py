@@ -281,7 +281,8 @@ def sweep(
 
 
 def load(path: str | Path) -> Table:
-    """The long-format table of a run folder or a sweep folder: one row per completed run and round
+    """The long-format table of a run folder or a sweep folder: one row per complete run and round
     (arcsim.report.POINT_COLUMNS), the table ``arcsim report`` computes its numbers from and writes
-    as points.csv. ``.to_pandas()`` gives a DataFrame. ValueError when ``path`` holds no completed run."""
+    as points.csv; a diverged run's missed evaluations count at chance (arcsim.report.chance_records).
+    ``.to_pandas()`` gives a DataFrame. ValueError when ``path`` holds no complete run."""
     return load_points(path)

@@ -540,6 +540,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"report of {result.runs} runs: {result.markdown} (tables.csv, points.csv beside it) and "
         f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}"
         + (f" ({len(result.left_out)} runs not complete, left out)" if result.left_out else "")
+        + (f" ({len(result.diverged)} diverged runs at chance after they diverged)" if result.diverged else "")
         + (f"; selected on validation: {result.selected} (candidates.csv beside it)" if result.selected else "")
     )
     return EXIT_OK

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DIVERGED",
     "KEY_FIELDS",
     "POINT_COLUMNS",
     "SELECTION_COLUMNS",
@@ -75,7 +76,9 @@ __all__ = [
     "best_accuracy",
     "candidate_rows",
     "cell_fields",
+    "chance_records",
     "clipping_variant",
+    "evaluation_rounds",
     "group_curves",
     "hyperparameter_keys",
     "load_points",
@@ -134,10 +137,12 @@ POINT_COLUMNS = (
     "run",
     "round",
     *_RECORD_FIELDS,
+    "diverged",
 )
 """The columns of the long-format table (points.csv, :func:`load_points`), one row per run and round.
 ``round`` counts the rounds done (1-based); ``accuracy`` and ``test_loss`` (the test set's) are empty between
-evaluations, ``validation_accuracy`` and ``validation_loss`` also in runs without a validation split."""
+evaluations, ``validation_accuracy`` and ``validation_loss`` also in runs without a validation split.
+``diverged`` is true on the evaluations a diverged run did not reach, scored at chance (:func:`chance_records`)."""
 
 
 class Table(list[dict[str, Any]]):
@@ -296,30 +301,79 @@ def _sortable(value: Any) -> tuple[int, Any]:
 # --- run folders -> plain data ----------------------------------------------------------------
 @dataclass(frozen=True)
 class RunData:
-    """A completed run as read from its folder."""
+    """A completed or diverged run as read from its folder."""
 
     run_dir: Path
     config: dict[str, Any]
     summary: dict[str, Any]
-    records: tuple[dict[str, Any], ...]  # rounds.jsonl
+    # rounds.jsonl; for a diverged run followed by the evaluations it did not reach, scored at chance
+    # (:func:`chance_records`)
+    records: tuple[dict[str, Any], ...]
+
+    @property
+    def diverged(self) -> bool:
+        return self.summary.get("status") == DIVERGED
+
+
+DIVERGED = "diverged"
+"""The status of a run the batched engine stopped because its vectors or parameters turned non-finite."""
+
+
+def evaluation_rounds(config: Mapping[str, Any]) -> list[int]:
+    """The rounds (0-based) after which a run of ``config`` evaluates: every ``eval_every`` and the last.
+
+    >>> evaluation_rounds({"rounds": 10, "eval_every": 4})
+    [3, 7, 9]
+    """
+    rounds, every = int(config["rounds"]), int(config["eval_every"])
+    return [t for t in range(rounds) if (t + 1) % every == 0 or t + 1 == rounds]
+
+
+def chance_records(config: Mapping[str, Any], *, rounds_completed: int, num_classes: int) -> list[dict[str, Any]]:
+    """The evaluations a run that diverged after ``rounds_completed`` rounds did not reach, scored at
+    chance: test (and, with a validation split, validation) accuracy ``1 / num_classes``, marked ``diverged``.
+
+    A diverged model's outputs are not finite, so its predictions carry no information about the labels;
+    leaving its missed evaluations out instead would drop the run from the seed average and the attack
+    that destroyed the model from the worst case.
+
+    >>> chance_records({"rounds": 10, "eval_every": 4}, rounds_completed=5, num_classes=10)
+    [{'round': 7, 'accuracy': 0.1, 'validation_accuracy': None, 'diverged': True}, \
+{'round': 9, 'accuracy': 0.1, 'validation_accuracy': None, 'diverged': True}]
+    """
+    chance = 1.0 / num_classes
+    validation = chance if float(config.get("validation_fraction") or 0.0) > 0.0 else None
+    return [
+        {"round": t, "accuracy": chance, "validation_accuracy": validation, DIVERGED: True}
+        for t in evaluation_rounds(config)
+        if t >= rounds_completed
+    ]
 
 
 def _read_run(run_dir: Path) -> RunData | None:
+    """The run in ``run_dir``, or None when it is not complete: still running, stopped, failed, unreadable,
+    or diverged before arcsim recorded ``num_classes`` in its summary (its chance is unknown then)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         lines = (run_dir / "rounds.jsonl").read_text().splitlines()
         records = tuple(json.loads(line) for line in lines if line.strip())
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or summary.get("status") != "completed":
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
         return None
-    if not isinstance(summary.get("config"), dict):
+    if summary.get("status") == DIVERGED:
+        num_classes, done = summary.get("num_classes"), summary.get("rounds_completed")
+        if not (isinstance(num_classes, int) and num_classes >= 2 and isinstance(done, int)):
+            return None
+        records += tuple(chance_records(summary["config"], rounds_completed=done, num_classes=num_classes))
+    elif summary.get("status") != "completed":
         return None
     return RunData(run_dir=run_dir, config=summary["config"], summary=summary, records=records)
 
 
 def load_runs(path: str | Path) -> tuple[list[RunData], list[Path]]:
-    """The completed runs of a run folder or a sweep folder, and the run folders left out (not complete).
+    """The complete runs (completed or diverged) of a run folder or a sweep folder, and the run folders left
+    out (not complete). A diverged run's missed evaluations are scored at chance (:func:`chance_records`).
 
     A run folder has a summary.json; a sweep folder has a sweep.csv (its ``run_dir`` column names
     the runs) or run folders one level down.
@@ -345,7 +399,7 @@ def load_runs(path: str | Path) -> tuple[list[RunData], list[Path]]:
             runs.append(run)
     if not runs:
         raise ValueError(
-            f"report: no completed run in {path} ({len(left_out)} run folders not complete)"
+            f"report: no complete run in {path} ({len(left_out)} run folders not complete)"
             if left_out
             else f"report: no run in {path}"
         )
@@ -441,6 +495,7 @@ def points_from_runs(runs: Sequence[RunData]) -> Table:
                     "run": run.run_dir.name,
                     "round": int(record["round"]) + 1,
                     **{name: record.get(name) for name in _RECORD_FIELDS},
+                    "diverged": bool(record.get(DIVERGED, False)),
                 }
             )
     return points
@@ -941,6 +996,7 @@ class ReportResult:
     plots: tuple[Path, ...]
     runs: int
     left_out: tuple[Path, ...]
+    diverged: tuple[Path, ...] = ()  # runs scored at chance after they diverged (chance_records)
     points: Path | None = None  # points.csv: the long-format table
     tables: Path | None = None  # tables.csv: report.md's tables
     selected: Path | None = None  # selected.csv (--select): the kept points
@@ -982,10 +1038,12 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
         *_plot_worst_case(points, plots_dir),
         *_plot_arc_clipping(points, plots_dir),
     ]
+    diverged = [run for run in runs if run.diverged]
+    diverged_note = f" ({len(diverged)} of them diverged)" if diverged else ""
     lines = [
         f"# arcsim report: {path.name or path}",
         "",
-        f"{len(runs)} completed runs. Each cell is the maximum over evaluations of the seed-averaged test "
+        f"{len(runs)} runs{diverged_note}. Each cell is the maximum over evaluations of the seed-averaged test "
         "accuracy (%) for one pipeline and attack; the worst case is the minimum over attacks (ByzFL's "
         "protocol, as in Allouah et al., arXiv:2405.14432). f is the number of Byzantine workers.",
     ]
@@ -995,6 +1053,15 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
             f"Left out ({len(left_out)} runs not complete): "
             + ", ".join(f"`{p.name}`" for p in left_out[:20])
             + (" ..." if len(left_out) > 20 else ""),
+        ]
+    if diverged:
+        lines += [
+            "",
+            f"Diverged ({len(diverged)} runs, stopped when their vectors or parameters turned non-finite): every "
+            "evaluation they did not reach counts at chance, 1 / number of classes, on the test and the validation "
+            "set (the `diverged` rows of points.csv): "
+            + ", ".join(f"`{r.run_dir.name}` (after {r.summary['rounds_completed']} rounds)" for r in diverged[:20])
+            + (" ..." if len(diverged) > 20 else ""),
         ]
     selected = candidates_csv = None
     selection_plots: list[Path] = []
@@ -1025,6 +1092,7 @@ def write_report(path: str | Path, *, select: str | None = None) -> ReportResult
         plots=(*plots, *selection_plots),
         runs=len(runs),
         left_out=tuple(left_out),
+        diverged=tuple(run.run_dir for run in diverged),
         points=points_csv,
         tables=tables_csv,
         selected=selected,

@@ -229,6 +229,28 @@ def test_a_diverging_run_stops_without_touching_the_others(tmp_path: Path) -> No
     assert json.loads((tmp_path / "bad" / "summary.json").read_text())["status"] == "diverged"
 
 
+def test_a_report_scores_a_diverged_run_at_chance_where_it_stopped_evaluating(tmp_path: Path) -> None:
+    # Prepare: a run that diverges (its parameters go to infinity) beside one that completes
+    from arcsim.report import load_runs
+
+    bad = _config(attack="alie", rounds=4, eval_every=1, lr=1e38, seed=5)
+    good = _config(attack="alie", rounds=4, eval_every=1)
+    summaries = run_batched([bad, good], [tmp_path / "bad", tmp_path / "good"])
+    stopped = summaries[0]["rounds_completed"]
+    assert summaries[0]["status"] == "diverged" and summaries[0]["num_classes"] == summaries[1]["num_classes"] >= 2
+    # Execute
+    runs, left_out = load_runs(tmp_path / "bad")
+    # Assert: the rounds it reached as recorded, then chance at every evaluation it did not reach
+    (run,) = runs
+    assert left_out == [] and run.diverged
+    accuracies = [record["accuracy"] for record in run.records]
+    assert len(accuracies) == bad.rounds
+    assert accuracies[stopped:] == [1 / summaries[0]["num_classes"]] * (bad.rounds - stopped)
+    assert [record.get("diverged", False) for record in run.records] == [False] * stopped + [True] * (
+        bad.rounds - stopped
+    )
+
+
 # --- sweeps and the command line -------------------------------------------------------------------
 def _sweep_file(tmp_path: Path, **changes: Any) -> Path:
     import yaml

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import doctest
 import json
 import shutil
@@ -163,6 +164,57 @@ def test_incomplete_runs_are_left_out_and_named(sweep_copy: Path) -> None:
     assert f"`{victim.name}`" in result.markdown.read_text()
 
 
+def _diverge(run_dir: Path, *, after: int, num_classes: int | None) -> None:
+    """Make ``run_dir`` look as the batched engine leaves a run that diverged after ``after`` rounds."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(status="diverged", rounds_completed=after)
+    summary.pop("num_classes", None)
+    if num_classes is not None:
+        summary["num_classes"] = num_classes
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    lines = (run_dir / "rounds.jsonl").read_text().splitlines()[:after]
+    (run_dir / "rounds.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def test_a_diverged_run_counts_at_chance_where_it_stopped_evaluating(sweep_copy: Path) -> None:
+    # Prepare: seed 1 of (f = 1, sign_flip, nnm > cwtm) diverges after 3 of its 10 rounds (evaluations
+    # after rounds 5 and 10 missed); its cell's score is then computed by hand from seed 2 and chance
+    victim = next(p for p in sorted(sweep_copy.iterdir()) if p.name.startswith("sign_flip-nnm_cwtm-f1-iid-s1-"))
+    _diverge(victim, after=3, num_classes=4)
+    other = next(p for p in sorted(sweep_copy.iterdir()) if p.name.startswith("sign_flip-nnm_cwtm-f1-iid-s2-"))
+    seed2 = [json.loads(line)["accuracy"] for line in (other / "rounds.jsonl").read_text().splitlines()]
+    expected = max((0.25 + seed2[t]) / 2 for t in (4, 9))
+    # Execute
+    result = write_report(sweep_copy)
+    # Assert: the run is in the tables, its missed evaluations at 1/4 and marked, and it is named as diverged
+    assert result.runs == 18 and result.left_out == () and result.diverged == (victim,)
+    tables = {(row["f"], row["pipeline"]): row for row in csv.DictReader(open(sweep_copy / "tables.csv"))}
+    assert float(tables[("1", "nnm > cwtm")]["sign_flip"]) == pytest.approx(expected)
+    rows = [row for row in csv.DictReader(open(sweep_copy / "points.csv")) if row["run"] == victim.name]
+    filled = [(row["round"], row["accuracy"]) for row in rows if row["diverged"] == "True"]
+    assert filled == [("5", "0.25"), ("10", "0.25")]
+    assert f"`{victim.name}` (after 3 rounds)" in result.markdown.read_text()
+
+
+def test_a_diverged_run_without_its_number_of_classes_is_left_out(sweep_copy: Path) -> None:
+    # Prepare: a diverged run written before summaries recorded num_classes: its chance is unknown
+    victim = sorted(p for p in sweep_copy.iterdir() if (p / "summary.json").exists())[0]
+    _diverge(victim, after=3, num_classes=None)
+    # Execute
+    runs, left_out = load_runs(sweep_copy)
+    # Assert
+    assert len(runs) == 17 and left_out == [victim]
+
+
+def test_chance_records_cover_exactly_the_missed_evaluations() -> None:
+    config = {"rounds": 800, "eval_every": 50, "validation_fraction": 0.2}
+    records = report.chance_records(config, rounds_completed=120, num_classes=10)
+    assert [r["round"] for r in records] == [t - 1 for t in range(150, 801, 50)]
+    assert {(r["accuracy"], r["validation_accuracy"], r["diverged"]) for r in records} == {(0.1, 0.1, True)}
+    assert report.chance_records(config, rounds_completed=800, num_classes=10) == []
+    assert len(report.chance_records(config, rounds_completed=0, num_classes=10)) == 16
+
+
 def test_load_runs_of_a_missing_folder_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a folder"):
         load_runs(tmp_path / "missing")
@@ -176,7 +228,7 @@ def test_load_runs_of_an_empty_folder_raises(tmp_path: Path) -> None:
 def test_load_runs_with_only_incomplete_runs_raises(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("task: synthetic\n")
-    with pytest.raises(ValueError, match="no completed run .*1 run folders not complete"):
+    with pytest.raises(ValueError, match="no complete run .*1 run folders not complete"):
         load_runs(tmp_path)
 
 

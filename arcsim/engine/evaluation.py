@@ -36,6 +36,7 @@ class Evaluator:
             config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed
         ).to(self.device)
         self.model.eval()
+        self.num_classes = dataset.num_classes
         self.loss = model_loss(config.model)  # the model declares it: F.nll_loss for the built-ins
         self._params = list(self.model.parameters())
         self._x = dataset.test_x.to(self.device)

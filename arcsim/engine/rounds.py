@@ -543,6 +543,7 @@ class RunState:
             "max_validation_accuracy": self.best_validation_accuracy,
             "final_params_sha256": params_digest,
             "num_parameters": self.num_parameters,
+            "num_classes": self.evaluator.num_classes,  # chance is 1 / num_classes (how reports score a diverged run)
             "run_settings": self.run_settings,
             "wall_seconds": round(self.wall_seconds(), 3),
         }
