@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -62,6 +63,7 @@ from arcsim.registry import Registry, UnknownName
 
 __all__ = [
     "ATTACKS",
+    "AttackState",
     "ATTACK_REGISTRY",
     "DATA_ATTACKS",
     "DEFAULT_ALIE_TAUS",
@@ -76,6 +78,7 @@ __all__ = [
     "MimicState",
     "alie",
     "alie_z_max",
+    "attack_state",
     "craft",
     "data_attack",
     "foe",
@@ -413,7 +416,14 @@ def _mimic_index(honest: Tensor) -> int:
     return int(projections.abs().argmax().item())
 
 
-def mimic(honest: Tensor, *, num_byzantine: int, index: int | None = None) -> Tensor:
+def mimic(
+    honest: Tensor,
+    *,
+    num_byzantine: int,
+    index: int | None = None,
+    learn_steps: int | None = None,
+    state: MimicState | Sequence[MimicState] | None = None,
+) -> Tensor:
     r"""Mimic: every Byzantine vector copies one honest worker's vector.
 
     .. math::
@@ -424,9 +434,12 @@ def mimic(honest: Tensor, *, num_byzantine: int, index: int | None = None) -> Te
     ``mimic_index(honest)``, the worker farthest along the top principal direction of this
     round's honest vectors (maximising the apparent heterogeneity). This stateless rule picks
     :math:`i^\star` afresh every round; ``MimicState`` is the online variant of Karimireddy et al.
-    that learns the direction over warm-up rounds and then sticks to one worker. For a batch,
-    ``index`` (an int) names the same row in every element, and ``index=None`` takes each
-    element's own ``mimic_index``.
+    that learns the direction over warm-up rounds and then sticks to one worker: with
+    ``learn_steps=T`` (the paper's protocol learns over the first 200 steps), ``state`` is the run's
+    ``MimicState(learn_steps=T)``, kept by the caller from round to round (``attack_state`` makes
+    it), and row :math:`i_t` of that state is copied. For a batch, ``index`` (an int) names the same
+    row in every element, ``index=None`` takes each element's own ``mimic_index``, and ``state`` is
+    a sequence of states, one per element in row-major order.
 
     Reference: Karimireddy, He and Jaggi, "Byzantine-robust learning on heterogeneous datasets
     via bucketing", ICLR 2022.
@@ -440,6 +453,10 @@ def mimic(honest: Tensor, *, num_byzantine: int, index: int | None = None) -> Te
     _check_honest(honest)
     _check_count("num_byzantine", num_byzantine, minimum=0)
     h = honest.shape[-2]
+    if learn_steps is not None:
+        return _learned_mimic(honest, num_byzantine=num_byzantine, index=index, learn_steps=learn_steps, state=state)
+    if state is not None:
+        raise ValueError("mimic takes a state only with learn_steps (the rounds over which it learns its target)")
     if index is None and honest.ndim > 2:
         chosen = mimic_index(honest)
         assert isinstance(chosen, Tensor)
@@ -452,10 +469,52 @@ def mimic(honest: Tensor, *, num_byzantine: int, index: int | None = None) -> Te
     return _repeat_row(honest[..., index, :], num_byzantine)
 
 
+@runtime_checkable
+class AttackState(Protocol):
+    """What an attack keeps across the rounds of one run (:func:`attack_state`): the engines pass it to
+    :func:`craft` as ``state`` and keep :meth:`state_dict` in the run's checkpoints."""
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """JSON values and CPU tensors that :meth:`load_state_dict` restores."""
+        ...
+
+    def load_state_dict(self, values: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict`; ValueError when it cannot be this state's."""
+        ...
+
+
+def _learned_mimic(
+    honest: Tensor,
+    *,
+    num_byzantine: int,
+    index: int | None,
+    learn_steps: int,
+    state: MimicState | Sequence[MimicState] | None,
+) -> Tensor:
+    _check_count("learn_steps", learn_steps, minimum=1)
+    if index is not None:
+        raise ValueError("mimic takes index (a fixed target) or learn_steps (a learned one), not both")
+    states = [state] if isinstance(state, MimicState) else list(state) if isinstance(state, Sequence) else None
+    count = _num_elements(honest) if honest.ndim > 2 else 1
+    if states is None or len(states) != count or not all(isinstance(s, MimicState) for s in states):
+        raise ValueError(
+            f"mimic with learn_steps needs the run's state: a MimicState(learn_steps={learn_steps})"
+            + (f", or a sequence of {count}, one per batch element" if honest.ndim > 2 else "")
+            + f" (arcsim.attacks.attack_state makes it), got {state!r}"
+        )
+    if any(s.learn_steps != learn_steps for s in states):
+        raise ValueError(f"mimic: a state learns over {states[0].learn_steps} rounds, not learn_steps={learn_steps}")
+    if honest.ndim == 2:
+        return states[0](honest, num_byzantine=num_byzantine)
+    flat = honest.reshape(count, *honest.shape[-2:])
+    out = torch.stack([s(flat[r], num_byzantine=num_byzantine) for r, s in enumerate(states)])
+    return out.reshape(*honest.shape[:-2], num_byzantine, honest.shape[-1])
+
+
 class MimicState:
     r"""Online Mimic (Karimireddy et al. 2022): learn the direction during warm-up, then stick.
 
-    For the first ``warmup_rounds`` calls it refines a running mean :math:`\mu_t` and a unit
+    For the first ``learn_steps`` calls (rounds) it refines a running mean :math:`\mu_t` and a unit
     direction :math:`z_t` (one power-iteration step per round on the running covariance),
 
     .. math::
@@ -472,12 +531,14 @@ class MimicState:
     vectors coincide, restarts the same way). After warm-up the index
     :math:`i^\star = i_{T}` is frozen and every later call copies row :math:`i^\star`.
 
-    This is deliberately small: the state lives in memory (``rounds_seen``, ``running_mean``,
-    ``direction``, ``index``), so an adversary that restarts must restore these fields itself to
-    reproduce a run. The stateless per-round rule is ``mimic``. It takes 2-D ``(h, d)`` input
-    only (one run's state): a batch of runs needs one ``MimicState`` per run.
+    The state is ``rounds_seen``, ``running_mean``, ``direction`` and ``index``; :meth:`state_dict`
+    and :meth:`load_state_dict` save and restore it (the engines keep it in each run's checkpoint,
+    so a resumed run goes on learning where it stopped). ``mimic(..., learn_steps=T, state=...)``
+    is how a run uses it (``attack_params: {learn_steps: T}``; :func:`attack_state` makes the
+    state); the stateless per-round rule is ``mimic`` without ``learn_steps``. It takes 2-D
+    ``(h, d)`` input only (one run's state): a batch of runs needs one ``MimicState`` per run.
 
-    >>> state = MimicState(warmup_rounds=1)
+    >>> state = MimicState(learn_steps=1)
     >>> state(torch.tensor([[0., 0.], [1., 0.], [5., 0.]]), num_byzantine=1)
     tensor([[5., 0.]])
     >>> state.index
@@ -486,21 +547,61 @@ class MimicState:
     tensor([[7., 7.]])
     """
 
-    def __init__(self, *, warmup_rounds: int) -> None:
-        self.warmup_rounds = _check_count("warmup_rounds", warmup_rounds, minimum=1)
+    def __init__(self, *, learn_steps: int) -> None:
+        self.learn_steps = _check_count("learn_steps", learn_steps, minimum=1)
         self.rounds_seen = 0
         self.running_mean: Tensor | None = None
         self.direction: Tensor | None = None
         self.index: int | None = None
 
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The state as JSON values (``learn_steps``, ``rounds_seen``, ``index``) and tensors (``running_mean``
+        and ``direction`` while it learns: after its first round and until its index is fixed)."""
+        values = {"learn_steps": self.learn_steps, "rounds_seen": self.rounds_seen, "index": self.index}
+        tensors = {
+            name: tensor.detach().to("cpu", copy=True)
+            for name, tensor in (("running_mean", self.running_mean), ("direction", self.direction))
+            if tensor is not None
+        }
+        return values, tensors
+
+    def load_state_dict(self, values: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict`; ValueError when it is another ``learn_steps``' or inconsistent."""
+        if values.get("learn_steps") != self.learn_steps:
+            raise ValueError(
+                f"a Mimic state learned over learn_steps={values.get('learn_steps')!r} rounds cannot continue "
+                f"one of learn_steps={self.learn_steps}"
+            )
+        rounds_seen, index = values.get("rounds_seen"), values.get("index")
+        learn_steps = self.learn_steps
+        if isinstance(rounds_seen, bool) or not isinstance(rounds_seen, int) or not 0 <= rounds_seen <= learn_steps:
+            raise ValueError(f"a Mimic state's rounds_seen must be an int in [0, {learn_steps}], got {rounds_seen!r}")
+        if (index is None) != (rounds_seen < self.learn_steps) or (
+            index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0)
+        ):
+            raise ValueError(f"a Mimic state with rounds_seen={rounds_seen} cannot have index={index!r}")
+        if set(tensors) != ({"running_mean", "direction"} if 0 < rounds_seen < self.learn_steps else set()):
+            raise ValueError(f"a Mimic state with rounds_seen={rounds_seen} cannot have the tensors {sorted(tensors)}")
+        shapes = {tuple(t.shape) for t in tensors.values()}
+        if len(shapes) > 1 or any(t.ndim != 1 or not t.is_floating_point() for t in tensors.values()):
+            raise ValueError(
+                f"a Mimic state's running_mean and direction must be floating vectors of one length, got {shapes}"
+            )
+        self.rounds_seen, self.index = rounds_seen, index
+        self.running_mean = tensors.get("running_mean")
+        self.direction = tensors.get("direction")
+
     def __call__(self, honest: Tensor, *, num_byzantine: int) -> Tensor:
         _check_honest(honest, batched=False)
         _check_count("num_byzantine", num_byzantine, minimum=0)
         if self.index is not None:
-            return mimic(honest, num_byzantine=num_byzantine, index=self.index)
+            # Rows are the round's honest vectors in worker order; a round short of some (refused, late)
+            # has fewer rows, and then the last one stands in for a target beyond them.
+            return mimic(honest, num_byzantine=num_byzantine, index=min(self.index, honest.shape[0] - 1))
         chosen = self._learn(honest)
-        if self.rounds_seen == self.warmup_rounds:
+        if self.rounds_seen == self.learn_steps:
             self.index = chosen
+            self.running_mean = self.direction = None  # learned: only the index matters from now on
         return mimic(honest, num_byzantine=num_byzantine, index=chosen)
 
     def _learn(self, honest: Tensor) -> int:
@@ -510,6 +611,10 @@ class MimicState:
             )
         t = self.rounds_seen + 1
         round_mean = honest.mean(dim=0)
+        if self.running_mean is not None:  # restored from a checkpoint: on the CPU, in its dtype
+            self.running_mean = self.running_mean.to(honest.device, honest.dtype)
+        if self.direction is not None:
+            self.direction = self.direction.to(honest.device, honest.dtype)
         if self.running_mean is None:
             self.running_mean = round_mean
         else:
@@ -1180,7 +1285,7 @@ _BATCHED = frozenset(ATTACKS.values())
 DATA_ATTACKS: tuple[str, ...] = ("label_flip",)
 
 # Arguments that ``craft`` supplies from its own keywords when the attack takes them.
-_CONTEXT = ("num_workers", "aggregate", "generator")
+_CONTEXT = ("num_workers", "aggregate", "generator", "state")
 
 
 @dataclass(frozen=True)
@@ -1250,6 +1355,19 @@ def label_map(name: str, *, num_classes: int, **params: object) -> Callable[[Ten
     return lambda labels: fn(labels, num_classes=num_classes, **params)
 
 
+def attack_state(name: str, **params: object) -> MimicState | None:
+    """The state that attack ``name`` with ``params`` keeps across the rounds of one run, or None for an
+    attack that keeps none (every attack but ``mimic`` with ``learn_steps``). The engines make one per
+    run, pass it to :func:`craft` as ``state`` every round, and keep it in the run's checkpoint.
+
+    >>> attack_state("mimic", learn_steps=200).learn_steps, attack_state("mimic"), attack_state("alie", tau=1.5)
+    (200, None, None)
+    """
+    if name == "mimic" and params.get("learn_steps") is not None:
+        return MimicState(learn_steps=params["learn_steps"])  # type: ignore[arg-type]
+    return None
+
+
 def craft(
     name: str,
     honest: Tensor,
@@ -1258,12 +1376,14 @@ def craft(
     num_workers: int,
     aggregate: Aggregate | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    state: object = None,
     **params: object,
 ) -> Tensor:
     r"""Craft the ``(num_byzantine, d)`` Byzantine vectors of attack ``name``.
 
-    The round's context (``num_workers``, ``aggregate``, ``generator``) is passed to the attacks
-    that take it and ignored by the others, so a caller can always pass all of it; ``params``
+    The round's context (``num_workers``, ``aggregate``, ``generator``, and ``state``: the run's
+    :func:`attack_state`, or a sequence of them for a batch) is passed to the attacks that take it
+    and ignored by the others, so a caller can always pass all of it; ``params
     are the attack's own hyperparameters (e.g. ``tau``, ``index``, ``std``, ``taus``). Errors:
     an unknown name (the message lists the valid ones; data attacks such as ``label_flip`` are
     not crafted here), a missing ``aggregate``/``generator`` that the attack needs, and
@@ -1311,6 +1431,7 @@ def craft(
         "num_workers": num_workers,
         "aggregate": aggregate,
         "generator": generator,
+        "state": state,
     }
     kwargs = dict(params)
     for key, value in context.items():

@@ -205,6 +205,7 @@ def _check_attack_params_once(config: RunConfig) -> None:
             num_workers=config.num_workers,
             aggregate=lambda x: x.mean(dim=0),
             generator=torch.Generator().manual_seed(0),
+            state=_attacks.attack_state(attack, **params),
             **params,
         )
     except (ValueError, TypeError) as error:

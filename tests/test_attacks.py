@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 import math
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from arcsim.attacks import (
     MimicState,
     alie,
     alie_z_max,
+    attack_state,
     craft,
     foe,
     gaussian,
@@ -260,31 +262,36 @@ def test_mimic_copies_the_chosen_worker() -> None:
 def test_mimic_state_learns_then_freezes() -> None:
     # Prepare: round 1 direction e_1 (index 2); round 2 running mean [1, 5/6] and one power
     # step give z = +-(0.9403, -0.3404), centred projections |.| = 0.657, 2.018, 0.997.
-    state = MimicState(warmup_rounds=2)
+    state = MimicState(learn_steps=2)
     round_1 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
     round_2 = torch.tensor([[0.0, 0.0], [0.0, 4.0], [0.0, 1.0]])
     round_3 = torch.tensor([[9.0, 9.0], [8.0, 8.0], [7.0, 7.0]])
+
+    longer = MimicState(learn_steps=3)  # learns the same two rounds, and is still learning after them
 
     # Execute
     first = state(round_1, num_byzantine=1)
     index_after_1 = state.index
     second = state(round_2, num_byzantine=1)
     third = state(round_3, num_byzantine=2)
+    longer(round_1, num_byzantine=1)
+    longer(round_2, num_byzantine=1)
 
     # Assert
     assert torch.equal(first, torch.tensor([[5.0, 0.0]]))
     assert index_after_1 is None
     assert torch.equal(second, torch.tensor([[0.0, 4.0]]))
     assert state.index == 1
-    assert state.running_mean is not None and state.direction is not None
-    torch.testing.assert_close(state.running_mean, torch.tensor([1.0, 5 / 6]))
-    torch.testing.assert_close(state.direction.abs(), torch.tensor([0.9403, 0.3404]), atol=1e-4, rtol=0)
+    assert state.running_mean is None and state.direction is None  # learned: only the index is kept
+    assert longer.running_mean is not None and longer.direction is not None
+    torch.testing.assert_close(longer.running_mean, torch.tensor([1.0, 5 / 6]))
+    torch.testing.assert_close(longer.direction.abs(), torch.tensor([0.9403, 0.3404]), atol=1e-4, rtol=0)
     assert torch.equal(third, torch.tensor([[8.0, 8.0], [8.0, 8.0]]))
 
 
 def test_mimic_state_restarts_a_zero_direction() -> None:
     # Prepare: round 1 has no spread, so the direction is zero until round 2 has some
-    state = MimicState(warmup_rounds=2)
+    state = MimicState(learn_steps=2)
     round_1 = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
     round_2 = torch.tensor([[1.0, 1.0], [1.0, 7.0]])
 
@@ -702,15 +709,15 @@ def test_mimic_index_must_be_a_row(index: object) -> None:
         mimic(_honest(), num_byzantine=1, index=index)  # type: ignore[arg-type]
 
 
-def test_mimic_state_warmup_rounds_must_be_positive() -> None:
+def test_mimic_state_learn_steps_must_be_positive() -> None:
     # Execute / Assert
-    with pytest.raises(ValueError, match=r"warmup_rounds must be an int >= 1, got 0"):
-        MimicState(warmup_rounds=0)
+    with pytest.raises(ValueError, match=r"learn_steps must be an int >= 1, got 0"):
+        MimicState(learn_steps=0)
 
 
 def test_mimic_state_dimension_must_not_change() -> None:
     # Prepare
-    state = MimicState(warmup_rounds=3)
+    state = MimicState(learn_steps=3)
     state(_honest(), num_byzantine=1)
 
     # Execute / Assert
@@ -810,3 +817,74 @@ def test_craft_needs_the_context_the_attack_needs(name: str, missing: str) -> No
     # Execute / Assert
     with pytest.raises(ValueError, match=rf"attack '{name}' needs {missing}, got None"):
         craft(name, _honest(), num_byzantine=1, num_workers=5)
+
+
+def test_mimic_state_saved_and_restored_mid_learning_crafts_as_if_never_stopped() -> None:
+    # Prepare: five rounds of random honest vectors; one state runs through, another is saved after round 2
+    g = torch.Generator().manual_seed(3)
+    rounds = [torch.randn(4, 6, generator=g) for _ in range(5)]
+    through = MimicState(learn_steps=3)
+    expected = [through(x, num_byzantine=2) for x in rounds]
+    first = MimicState(learn_steps=3)
+    for x in rounds[:2]:
+        first(x, num_byzantine=2)
+    values, tensors = first.state_dict()
+    # Execute
+    restored = MimicState(learn_steps=3)
+    restored.load_state_dict(json.loads(json.dumps(values)), tensors)  # as a checkpoint's JSON holds them
+    rest = [restored(x, num_byzantine=2) for x in rounds[2:]]
+    # Assert
+    assert values == {"learn_steps": 3, "rounds_seen": 2, "index": None} and set(tensors) == {
+        "running_mean",
+        "direction",
+    }
+    assert all(torch.equal(a, b) for a, b in zip(rest, expected[2:]))
+    assert restored.index == through.index is not None
+    assert through.state_dict() == ({"learn_steps": 3, "rounds_seen": 3, "index": through.index}, {})
+
+
+@pytest.mark.parametrize(
+    ("values", "tensors", "message"),
+    [
+        ({"learn_steps": 4, "rounds_seen": 0, "index": None}, {}, "learn_steps=4 rounds cannot continue"),
+        ({"learn_steps": 3, "rounds_seen": 5, "index": None}, {}, r"rounds_seen must be an int in \[0, 3\]"),
+        ({"learn_steps": 3, "rounds_seen": 3, "index": None}, {}, "cannot have index=None"),
+        ({"learn_steps": 3, "rounds_seen": 1, "index": 0}, {}, "cannot have index=0"),
+        ({"learn_steps": 3, "rounds_seen": 1, "index": None}, {}, "cannot have the tensors"),
+        (
+            {"learn_steps": 3, "rounds_seen": 1, "index": None},
+            {"running_mean": torch.zeros(3), "direction": torch.zeros(4)},
+            "floating vectors of one length",
+        ),
+    ],
+    ids=["other-learn-steps", "rounds-seen", "frozen-without-index", "index-while-learning", "no-tensors", "shapes"],
+)
+def test_mimic_state_refuses_a_state_it_cannot_continue(values: dict, tensors: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MimicState(learn_steps=3).load_state_dict(values, tensors)
+
+
+def test_mimic_with_learn_steps_takes_its_state_and_refuses_to_run_without_it() -> None:
+    # Prepare
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
+    state = attack_state("mimic", learn_steps=1)
+    # Execute
+    crafted = craft("mimic", x, num_byzantine=2, num_workers=5, learn_steps=1, state=state)
+    # Assert: the state learned (its index is now fixed) and every call needs one
+    assert torch.equal(crafted, torch.tensor([[5.0, 0.0], [5.0, 0.0]])) and state.index == 2
+    with pytest.raises(ValueError, match=r"needs the run's state: a MimicState\(learn_steps=1\)"):
+        mimic(x, num_byzantine=1, learn_steps=1)
+    with pytest.raises(ValueError, match="index .* or learn_steps .*, not both"):
+        mimic(x, num_byzantine=1, learn_steps=1, index=0, state=MimicState(learn_steps=1))
+    with pytest.raises(ValueError, match="a state only with learn_steps"):
+        mimic(x, num_byzantine=1, state=MimicState(learn_steps=1))
+
+
+def test_a_learned_target_beyond_a_short_round_copies_its_last_row() -> None:
+    # Prepare: the target learned is row 2; a later round has only two honest vectors
+    state = MimicState(learn_steps=1)
+    state(torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]]), num_byzantine=1)
+    # Execute
+    crafted = state(torch.tensor([[1.0, 1.0], [2.0, 2.0]]), num_byzantine=1)
+    # Assert
+    assert state.index == 2 and torch.equal(crafted, torch.tensor([[2.0, 2.0]]))

@@ -217,7 +217,28 @@ def test_mimic_state_stays_2d() -> None:
     from arcsim.attacks import MimicState
 
     with pytest.raises(ValueError, match=r"honest must be a 2-D floating tensor \(h, d\) with"):
-        MimicState(warmup_rounds=1)(torch.zeros(2, 3, 4), num_byzantine=1)
+        MimicState(learn_steps=1)(torch.zeros(2, 3, 4), num_byzantine=1)
+
+
+def test_learned_mimic_on_a_batch_advances_each_elements_own_state() -> None:
+    # Prepare: a (2, 3) batch over three rounds; one state per element, and the same states 2-D
+    from arcsim.attacks import MimicState
+
+    g = torch.Generator().manual_seed(5)
+    rounds = [torch.randn(2, 3, 4, 6, generator=g) for _ in range(3)]
+    batched = [MimicState(learn_steps=2) for _ in range(6)]
+    alone = [MimicState(learn_steps=2) for _ in range(6)]
+    # Execute
+    out = [craft("mimic", x, num_byzantine=2, num_workers=6, learn_steps=2, state=batched) for x in rounds]
+    expected = [
+        torch.stack([s(x.reshape(6, 4, 6)[r], num_byzantine=2) for r, s in enumerate(alone)]).reshape(2, 3, 2, 6)
+        for x in rounds
+    ]
+    # Assert
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    assert [s.index for s in batched] == [s.index for s in alone] and None not in [s.index for s in batched]
+    with pytest.raises(ValueError, match="a sequence of 6, one per batch element"):
+        craft("mimic", rounds[0], num_byzantine=1, num_workers=5, learn_steps=2, state=batched[:5])
 
 
 # --------------------------------------------------------------------------------------------

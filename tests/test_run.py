@@ -45,6 +45,16 @@ BASE = tiny_values(model="mlp", batch_size=25, round_deadline=30)
 LABEL_FLIP = {**BASE, "num_honest": 2, "num_byzantine": 1, "attack": "label_flip", "rounds": 30, "eval_every": 10}
 # B: ALIE (the adversary observes the honest vectors each round).
 ALIE = {**BASE, "num_honest": 2, "num_byzantine": 1, "attack": "alie", "rounds": 10, "eval_every": 5}
+# M: Mimic learning its target over the first 4 rounds (a state the adversary service keeps across rounds).
+MIMIC_LEARNED = {
+    **BASE,
+    "num_honest": 3,
+    "num_byzantine": 1,
+    "attack": "mimic",
+    "attack_params": {"learn_steps": 4},
+    "rounds": 8,
+    "eval_every": 4,
+}
 # D: lr = 1e8 makes the model diverge within a few rounds; then every vector is non-finite and refused.
 DIVERGING = {**LABEL_FLIP, "lr": 1e8, "rounds": 6, "eval_every": 6}
 # R: long enough for the inproc engine to be killed in the middle.
@@ -252,7 +262,10 @@ def test_grpc_run_learns_and_records_arc(runs: dict[str, Any]) -> None:
     assert not (out / "coordinator.json").exists()
 
 
-@pytest.mark.parametrize(("name", "values"), [("label_flip", LABEL_FLIP), ("alie", ALIE), ("diverging", DIVERGING)])
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [("label_flip", LABEL_FLIP), ("alie", ALIE), ("mimic_learned", MIMIC_LEARNED), ("diverging", DIVERGING)],
+)
 def test_grpc_and_inproc_give_the_same_parameters(runs: dict[str, Any], name: str, values: dict[str, Any]) -> None:
     grpc = runs["get"](name, values, "grpc")
     inproc = runs["get"](name, values, "inproc")

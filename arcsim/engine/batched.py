@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from arcsim.attacks import ATTACK_REGISTRY, craft, is_data_attack, label_map
+from arcsim.attacks import ATTACK_REGISTRY, attack_state, craft, is_data_attack, label_map
 from arcsim.config import RunConfig, canonical_json
 from arcsim.engine.gradients import GradientPass, evaluate_runs
 from arcsim.engine.honest import build_task_model, shards, training_split
@@ -237,7 +237,14 @@ class BatchedGroup:
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
         self.runs: list[_Run] = []
         for index, (config, out_dir, again) in enumerate(zip(configs, out_dirs, resumes)):
-            state = RunState(config, Path(out_dir), resume=again, checkpoint_seconds=checkpoint_seconds)
+            state = RunState(
+                config,
+                Path(out_dir),
+                resume=again,
+                checkpoint_seconds=checkpoint_seconds,
+                # Mimic's learned target: one state per run, checkpointed with it (None for the other attacks)
+                attack_state=attack_state(config.attack, **config.attack_params) if config.num_byzantine else None,
+            )
             self.runs.append(self._make_run(index, config, state))
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -461,13 +468,26 @@ class BatchedGroup:
                 # same factors either way. On a GPU the batched search is the point.
                 crafted = torch.stack(
                     [
-                        craft(config.attack, honest[k], aggregate=lambda x: pipeline(x)[0], generator=g, **context)
+                        craft(
+                            config.attack,
+                            honest[k],
+                            aggregate=lambda x: pipeline(x)[0],
+                            generator=g,
+                            state=members[k].state.attack_state,
+                            **context,
+                        )
                         for k, g in enumerate(generators)
                     ]
                 )
             else:
+                states = [r.state.attack_state for r in members]
                 crafted = craft(
-                    config.attack, honest, aggregate=lambda x: pipeline(x)[0], generator=generators, **context
+                    config.attack,
+                    honest,
+                    aggregate=lambda x: pipeline(x)[0],
+                    generator=generators,
+                    state=None if states[0] is None else states,
+                    **context,
                 )
             finite = torch.isfinite(crafted).all(dim=-1).tolist()  # (R, f): refused when not, as at the edge
             for k, r in enumerate(members):

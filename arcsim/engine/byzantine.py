@@ -10,29 +10,40 @@ collude, so each of them computes the same ``(num_byzantine, d)`` matrix with
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
-from arcsim.attacks import craft, is_data_attack, label_map
+from arcsim.attacks import MimicState, attack_state, craft, is_data_attack, label_map
 from arcsim.config import RunConfig
 from arcsim.engine.honest import HonestWorker
 from arcsim.robust import build_pipeline
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, load_dataset
 
+log = logging.getLogger("arcsim.adversary")
+
 
 class Crafter:
-    """Crafts the round's ``(num_byzantine, d)`` Byzantine matrix once; colluding workers in one process share it."""
+    """Crafts the round's ``(num_byzantine, d)`` Byzantine matrix once; colluding workers in one process share it.
+
+    ``state`` is what the attack keeps across rounds (:func:`arcsim.attacks.attack_state`: Mimic's learned
+    target), None for the others; it learns from each round crafted (once per round: the matrix is cached).
+    """
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self._pipeline = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
         self._cache: tuple[int, Tensor] | None = None
+        self.state = attack_state(config.attack, **config.attack_params) if config.num_byzantine else None
+        self._warned = False
 
     def craft_all(self, honest: Tensor, round_: int) -> Tensor:
         if self._cache is not None and self._cache[0] == round_:
             return self._cache[1]
         config = self.config
+        self._check_learning(round_)
         vectors = craft(
             config.attack,
             honest,
@@ -40,10 +51,28 @@ class Crafter:
             num_workers=config.num_workers,
             aggregate=lambda x: self._pipeline(x)[0],
             generator=generator(config.seed, "attack", round_),
+            state=self.state,
             **config.attack_params,
         )
         self._cache = (round_, vectors)
         return vectors
+
+    def _check_learning(self, round_: int) -> None:
+        """Warn (once) when a state still learning has not seen every round before this one: an adversary
+        service that restarted mid-run, or a coordinator that resumed from a checkpoint older than what the
+        adversary learned from. The in-process and batched engines restore the state with the run instead."""
+        state = self.state
+        if not isinstance(state, MimicState) or state.index is not None or self._warned:
+            return
+        if state.rounds_seen != round_:
+            self._warned = True
+            log.warning(
+                "attack %s: the learned target has seen %d rounds before round %d (a restarted adversary, or a "
+                "coordinator resumed from an earlier checkpoint); it learns on from this round",
+                self.config.attack,
+                state.rounds_seen,
+                round_,
+            )
 
 
 class ByzantineWorker:

@@ -1,7 +1,8 @@
 """Crash-safe checkpoints in safetensors files: atomic writes, a checksum, fallback to the previous good one.
 
 File layout: ``out_dir/checkpoints/round-XXXXXXXX.safetensors``, a plain safetensors file (no pickle
-anywhere) whose tensors are the run's state (``params``, ``momentum/<worker id>``) and whose
+anywhere) whose tensors are the run's state (``params``, ``momentum/<worker id>``, and for an attack
+that keeps a state across rounds ``attack_state/<name>``) and whose
 metadata (string -> string) holds
 
 - ``format``: :data:`FORMAT`, so that another safetensors file is not taken for a checkpoint;

@@ -49,13 +49,20 @@ def run_inproc(
     most this many seconds of rounds and ends with the same parameters.
     """
     reuse_freed_memory()
-    state = RunState(config, out_dir, resume=resume, device=device, checkpoint_seconds=checkpoint_seconds)
+    crafter = Crafter(config)  # the Byzantine workers collude: one crafted matrix per round
+    state = RunState(
+        config,
+        out_dir,
+        resume=resume,
+        device=device,
+        checkpoint_seconds=checkpoint_seconds,
+        attack_state=crafter.state,  # checkpointed with the run, restored on --resume
+    )
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
     shard_list = shards(config, dataset)
     honest = [
         HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list) for i in range(config.num_honest)
     ]
-    crafter = Crafter(config)  # the Byzantine workers collude: one crafted matrix per round
     byzantine = [
         ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
         for i in range(config.num_honest, config.num_workers)

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from arcsim import roles
+from arcsim.attacks import AttackState
 from arcsim.config import RunConfig
 from arcsim.engine import checkpoint
 from arcsim.engine.evaluation import Evaluator
@@ -60,6 +61,7 @@ log = logging.getLogger("arcsim.coordinator")
 MODEL_FILE = "model.safetensors"  # in out_dir: the final parameters as the model's named state dict
 
 HONEST, BYZANTINE = Role.HONEST, Role.BYZANTINE
+_ATTACK_PREFIX = "attack_state/"  # the checkpoint's tensors of the attack's state (RunState's attack_state)
 
 
 @dataclass(frozen=True)
@@ -160,12 +162,16 @@ class RunState:
         background_checkpoints: bool = False,
         run_settings: Mapping[str, Any] | None = None,
         legacy_run_settings: Mapping[str, Any] | None = None,
+        attack_state: AttackState | None = None,
     ) -> None:
         """``run_settings``: values beyond the config that change results (the gRPC coordinator's quorum
         and observe cutoff), stored in every checkpoint and in summary.json; ``--resume`` refuses a
         checkpoint written with other ones. ``legacy_run_settings``: the settings a checkpoint written
         before they were recorded is taken to have used (their defaults then); such a checkpoint is
-        resumed only when ``run_settings`` equal them, or when both are None."""
+        resumed only when ``run_settings`` equal them, or when both are None. ``attack_state``: the
+        state the run's attack keeps across rounds (:func:`arcsim.attacks.attack_state`), learned from
+        while the engine crafts a round; each checkpoint holds it as of the round boundary, and a resume
+        restores it, so a resumed run crafts as an uninterrupted one."""
         if not checkpoint_seconds >= 0.0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {checkpoint_seconds!r}")
         self.config = config
@@ -198,6 +204,10 @@ class RunState:
         self._in_round = False  # True while close_round changes the state (not at a round boundary)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._rounds_path = self.out_dir / "rounds.jsonl"
+        self.attack_state = attack_state
+        # The attack state as of the last round boundary: the engine changes it while a round is crafted,
+        # before the round closes, and a checkpoint covers only closed rounds.
+        self._attack_snapshot = attack_state.state_dict() if attack_state is not None else None
         if resume:
             self._resume()
         else:
@@ -377,6 +387,8 @@ class RunState:
         if aggregation.skip_reason:
             log.warning("round %d not aggregated: %s", t, aggregation.skip_reason)
         self.round = t + 1
+        if self.attack_state is not None:
+            self._attack_snapshot = self.attack_state.state_dict()
         with open(self._rounds_path, "a") as out:
             out.write(record.to_json() + "\n")
         self._in_round = False
@@ -414,6 +426,10 @@ class RunState:
         }
         # The tensors are never modified after they are stored here (params is replaced each round).
         tensors = {"params": self.params, **{f"momentum/{i}": m for i, m in sorted(self.last_vectors.items())}}
+        if self._attack_snapshot is not None:
+            attack_values, attack_tensors = self._attack_snapshot
+            values["attack_state"] = attack_values
+            tensors.update({f"{_ATTACK_PREFIX}{name}": tensor for name, tensor in attack_tensors.items()})
         name = f"round-{self.round:08d}{checkpoint.SUFFIX}"
         if self._writer is None:
             checkpoint.save(self.ckpt_dir, name, values, tensors)
@@ -461,6 +477,19 @@ class RunState:
         self.checkpointed_round = self.round
         self.params = found.tensors["params"]
         self.last_vectors = {int(i): found.tensors[f"momentum/{i}"] for i in values["momentum_ids"]}
+        if self.attack_state is not None:
+            if "attack_state" not in values:
+                raise ValueError(f"--resume: the checkpoint in {self.ckpt_dir} holds no state of the run's attack")
+            attack_tensors = {
+                name[len(_ATTACK_PREFIX) :]: tensor
+                for name, tensor in found.tensors.items()
+                if name.startswith(_ATTACK_PREFIX)
+            }
+            try:
+                self.attack_state.load_state_dict(values["attack_state"], attack_tensors)
+            except ValueError as error:
+                raise ValueError(f"--resume: the checkpoint in {self.ckpt_dir}: {error}") from None
+            self._attack_snapshot = self.attack_state.state_dict()
         self.best_accuracy = values["best_accuracy"]
         self.last_accuracy = values["last_accuracy"]
         # Absent from checkpoints written before the validation split existed: those runs had none.
