@@ -532,6 +532,24 @@ def _print_groups(plan: Any, out_dir: Path, args: argparse.Namespace) -> None:
         print(f"{done} runs already complete")
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from arcsim.archive import archive_runs, extract_runs
+
+    if args.extract:
+        result = extract_runs(args.source, args.target)
+        print(
+            f"extracted {len(result.runs)} runs into {result.path}"
+            + (f" ({len(result.skipped)} folders already there, left as they are)" if result.skipped else "")
+        )
+    else:
+        result = archive_runs(args.source, args.target)
+        print(
+            f"archived {len(result.runs)} runs in {result.path} ({result.path.stat().st_size:,} bytes)"
+            + (f"; {len(result.skipped)} run folders not complete, left out" if result.skipped else "")
+        )
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from arcsim.report import write_report
 
@@ -824,6 +842,23 @@ def _add_sweep_and_report(sub: Any) -> None:
         "candidates.csv, heatmaps); the runs need validation_fraction > 0",
     )
     report.set_defaults(func=cmd_report)
+
+    archive = sub.add_parser(
+        "archive",
+        help="pack a sweep's complete runs into one small file to commit, or extract them again",
+        description="Write one gzipped JSON line per complete run of a run or sweep folder (config, summary, and "
+        "the records of the rounds that evaluated and of the last round: what arcsim report needs), or with "
+        "--extract write those runs back as run folders, which arcsim report reads and arcsim sweep takes as "
+        "complete (a sweep goes on elsewhere from what was committed). See arcsim/archive.py.",
+        epilog=_examples(
+            "arcsim archive runs/paper-protocol-cpu docs/results/paper-protocol-cpu.jsonl.gz",
+            "arcsim archive --extract docs/results/paper-protocol-cpu.jsonl.gz runs/paper-protocol-cpu",
+        ),
+    )
+    archive.add_argument("source", help="a run or sweep folder (with --extract: the archive)")
+    archive.add_argument("target", help="the archive to write (with --extract: the folder to write the runs into)")
+    archive.add_argument("--extract", action="store_true", help="write an archive's runs back as run folders")
+    archive.set_defaults(func=cmd_archive)
 
 
 def _add_health_certs_data(sub: Any) -> None:
