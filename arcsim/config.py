@@ -25,6 +25,7 @@ import arcsim.attacks as _attacks
 from arcsim.registry import PluginError, Registry, UnknownName
 from arcsim.robust import RULE_REGISTRY, build_pipeline
 from arcsim.tasks import DATASET_REGISTRY, MODEL_REGISTRY, PARTITIONER_REGISTRY
+from arcsim.tasks.augment import AUGMENTATIONS
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,7 @@ class RunConfig:
     alpha: float | None = None  # Dirichlet concentration (partitioner: dirichlet)
     gamma: float | None = None  # share of the data dealt uniformly (partitioner: gamma_similarity)
     validation_fraction: float = 0.0  # share of the training set held out for validation, before partitioning
+    augment: str = "none"  # training-batch augmentation (arcsim/tasks/augment.py): none or crop_flip
     rounds: int = 200
     lr: float = 0.1
     lr_schedule: str = "constant"
@@ -106,7 +108,7 @@ class RunConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # Keys added to RunConfig after run folders were recorded, with the defaults that digest() leaves out.
-_LATE_DEFAULTS: dict[str, Any] = {"gamma": None, "validation_fraction": 0.0}
+_LATE_DEFAULTS: dict[str, Any] = {"gamma": None, "validation_fraction": 0.0, "augment": "none"}
 _UNSET = object()
 
 
@@ -258,6 +260,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     _int(data, "rounds", minimum=1)
     _number(data, "lr", low=0.0, low_open=True)
     _choice(data, "lr_schedule", LR_SCHEDULES)
+    _choice(data, "augment", AUGMENTATIONS)
     if not isinstance(data["lr_milestones"], list) or not all(
         isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in data["lr_milestones"]
     ):

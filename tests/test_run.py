@@ -45,9 +45,11 @@ BASE = tiny_values(model="mlp", batch_size=25, round_deadline=30)
 LABEL_FLIP = {**BASE, "num_honest": 2, "num_byzantine": 1, "attack": "label_flip", "rounds": 30, "eval_every": 10}
 # B: ALIE (the adversary observes the honest vectors each round).
 ALIE = {**BASE, "num_honest": 2, "num_byzantine": 1, "attack": "alie", "rounds": 10, "eval_every": 5}
-# M: Mimic learning its target over the first 4 rounds (a state the adversary service keeps across rounds).
+# M: Mimic learning its target over the first 4 rounds (a state the adversary service keeps across rounds),
+# with the workers' batches cropped and flipped (augment: their own seeded draws in either engine).
 MIMIC_LEARNED = {
     **BASE,
+    "augment": "crop_flip",
     "num_honest": 3,
     "num_byzantine": 1,
     "attack": "mimic",

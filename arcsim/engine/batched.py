@@ -57,6 +57,7 @@ from arcsim.robust import RULE_REGISTRY, build_pipeline, host_tuned
 from arcsim.roles import Role
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, load_dataset, model_loss
+from arcsim.tasks.augment import CropFlip
 
 log = logging.getLogger("arcsim.batched")
 
@@ -235,6 +236,7 @@ class BatchedGroup:
         self._pipelines: dict[tuple[str, str, int], Any] = {}
         self._validation_sets: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
+        self._crop_flips: dict[int, CropFlip] = {}  # per dataset (id: the engine holds the datasets)
         self.runs: list[_Run] = []
         for index, (config, out_dir, again) in enumerate(zip(configs, out_dirs, resumes)):
             state = RunState(
@@ -369,7 +371,7 @@ class BatchedGroup:
             if len(sizes) == 1:
                 calls.setdefault((r.num_trainers, sizes.pop()), []).append((r, positions, batches))
             else:  # a shard smaller than the batch size: one call per trainer
-                parts = [self._gradients([(r, [k], [b])]) for k, b in zip(positions, batches)]
+                parts = [self._gradients([(r, [k], [b])], t) for k, b in zip(positions, batches)]
                 self._update_momentum(
                     [r], torch.cat([g for g, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
                 )
@@ -383,7 +385,7 @@ class BatchedGroup:
             extra = spare.pop() if len(spare) == 1 else 0
             key = ("momentum", tuple(r.index for r in runs), t % 2)
             buffer = self._buffer(key, (len(runs), members[0][0].num_trainers + extra))
-            grads, losses = self._gradients(members, out=buffer[:, : runs[0].num_trainers])
+            grads, losses = self._gradients(members, t, out=buffer[:, : runs[0].num_trainers])
             self._update_momentum(runs, grads, losses)
             for k, r in enumerate(runs):
                 r.crafted_rows = buffer[k, r.num_trainers :] if extra else None
@@ -396,7 +398,7 @@ class BatchedGroup:
         return buffer
 
     def _gradients(
-        self, members: list[tuple[_Run, list[int], list[Tensor]]], *, out: Tensor | None = None
+        self, members: list[tuple[_Run, list[int], list[Tensor]]], t: int, *, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The gradients and losses of the given trainers (positions in each run's trainers) on the
         given batches, (R, W, P) and (R, W), for runs of equal trainer count and batch size."""
@@ -405,6 +407,8 @@ class BatchedGroup:
         indices = [torch.stack(batches) for _, _, batches in members]  # (W, b) each
         x = torch.stack([d.train_x[i] for d, i in zip(datasets, indices)])
         y = torch.stack([d.train_y[i] for d, i in zip(datasets, indices)])
+        if members[0][0].config.augment == "crop_flip":  # the group's runs share the task, so the flag too
+            x = self._augmented(members, datasets, x, t)
         for k, (r, positions, _) in enumerate(members):
             if r.flip is None:
                 continue
@@ -413,6 +417,29 @@ class BatchedGroup:
                     y[k, j] = r.flip(y[k, j])
         params = torch.stack([r.state.params for r, _, _ in members]).to(self.device)
         return self.gradients(params, x.to(self.device), y.to(self.device), out=out)
+
+    def _augmented(
+        self, members: list[tuple[_Run, list[int], list[Tensor]]], datasets: list[Dataset], x: Tensor, t: int
+    ) -> Tensor:
+        """``x`` (R, W, b, C, H, W) cropped and flipped as each trainer's HonestWorker would: its own draws
+        from (seed, "augment", round, worker id), in one gather per distinct dataset (usually one)."""
+        shape, size = x.shape[:2], x.shape[2]
+        draws = [
+            self._crop_flip(d).draws(r.config.seed, t, r.trainer_ids[position], size)
+            for (r, positions, _), d in zip(members, datasets)
+            for position in positions
+        ]
+        offsets = torch.stack([o for o, _ in draws]).reshape(*shape, size, 2)
+        flips = torch.stack([f for _, f in draws]).reshape(*shape, size)
+        if len({id(d) for d in datasets}) == 1:
+            return self._crop_flip(datasets[0])(x, offsets, flips)
+        return torch.stack([self._crop_flip(d)(x[k], offsets[k], flips[k]) for k, d in enumerate(datasets)])
+
+    def _crop_flip(self, dataset: Dataset) -> CropFlip:
+        found = self._crop_flips.get(id(dataset))
+        if found is None:
+            found = self._crop_flips[id(dataset)] = CropFlip(dataset.train_x)
+        return found
 
     def _update_momentum(self, runs: list[_Run], grads: Tensor, losses: Tensor) -> None:
         """m <- beta m + (1 - beta) g per run, in place of the gradients (one pass: ``g.lerp_(m, beta)``,

@@ -20,6 +20,7 @@ from torch import Tensor
 from arcsim.config import RunConfig
 from arcsim.seeding import generator
 from arcsim.tasks import Dataset, build_model, load_dataset, model_loss, partition
+from arcsim.tasks.augment import CropFlip
 from arcsim.tasks.validation import ValidationSplit, validation_split
 
 
@@ -89,6 +90,7 @@ class HonestWorker:
             labels = label_map(labels)
         self._x = dataset.train_x[shard].to(self.device)
         self._y = labels.to(self.device)
+        self._augment = CropFlip(dataset.train_x) if config.augment == "crop_flip" else None
         self.model = build_task_model(config, dataset).to(self.device)
         self.loss = model_loss(config.model)  # the model declares it: F.nll_loss for the built-ins
         self._params = list(self.model.parameters())
@@ -107,7 +109,7 @@ class HonestWorker:
             torch.nn.utils.vector_to_parameters(params.to(self.device), self._params)
         for p in self._params:
             p.grad = None
-        loss = self.loss(self.model(self._x[batch]), self._y[batch])
+        loss = self.loss(self.model(self._inputs(batch, round_)), self._y[batch])
         loss.backward()
         grad = torch.cat([p.grad.reshape(-1) for p in self._params])
         beta = self.config.momentum
@@ -117,6 +119,14 @@ class HonestWorker:
             self.momentum.mul_(beta).add_(grad, alpha=1.0 - beta)
         self.last_loss = float(loss.detach())
         return self.momentum.detach().to("cpu", copy=True)
+
+    def _inputs(self, batch: Tensor, round_: int) -> Tensor:
+        """The round's training inputs: the batch's images, augmented when the config says so."""
+        x = self._x[batch]
+        if self._augment is None:
+            return x
+        offsets, flips = self._augment.draws(self.config.seed, round_, self.worker_id, x.shape[0])
+        return self._augment(x, offsets, flips)
 
     def _batch_indices(self, round_: int) -> Tensor:
         size = self._y.shape[0]
@@ -162,7 +172,7 @@ class BatchedWorkers:
         batches = [w._batch_indices(round_) for w in self.workers]
         if len({b.numel() for b in batches}) != 1:  # unequal batches (a tiny shard): no common shape
             return [w.step(params, round_) for w in self.workers]
-        x = torch.stack([w._x[b] for w, b in zip(self.workers, batches)])
+        x = torch.stack([w._inputs(b, round_) for w, b in zip(self.workers, batches)])
         y = torch.stack([w._y[b] for w, b in zip(self.workers, batches)])
         flat = params.to(device)
         views = dict(zip(self._names, (v.view(s) for v, s in zip(flat.split(self._sizes), self._shapes))))

@@ -8,6 +8,11 @@ All models map a batch ``(B, *input_shape)`` to log-probabilities ``(B, num_clas
   -> Linear(500->num_classes) -> log-softmax, where ``F = 50 * h * w`` with
   ``h = ((H - 4) // 2 - 4) // 2`` (and ``w`` likewise). For ``(1, 28, 28)`` and 10 classes
   ``F = 800`` and the model has 431,080 parameters. Inputs smaller than 16x16 are rejected.
+* ``"cnn_cifar"``: the CIFAR CNN of the authors' library (ByzFL's ``cnn_cifar``; the paper does not name
+  its CIFAR-10 model): three Conv(5x5, padding 2)-ReLU-MaxPool(2) blocks with 20, 100 and 200 channels
+  -> Linear(200 * H/8 * W/8 -> 512)-ReLU -> Linear(512->256)-ReLU -> Linear(256->num_classes) ->
+  log-softmax. For ``(3, 32, 32)`` and 10 classes it has 2,324,630 parameters. Height and width must
+  be multiples of 8.
 * ``"mlp"``: flatten -> Linear(D->200)-ReLU -> Linear(200->num_classes) -> log-softmax,
   ``D = prod(input_shape)``.
 * ``"logreg"``: flatten -> Linear(D->num_classes) -> log-softmax.
@@ -50,6 +55,7 @@ from arcsim.seeding import derive_seed, generator
 
 __all__ = [
     "CNN",
+    "CifarCNN",
     "MLP",
     "MODELS",
     "MODEL_REGISTRY",
@@ -60,7 +66,7 @@ __all__ = [
     "num_parameters",
 ]
 
-MODELS: tuple[str, ...] = ("cnn", "mlp", "logreg")
+MODELS: tuple[str, ...] = ("cnn", "cnn_cifar", "mlp", "logreg")
 
 _META = torch.device("meta")
 
@@ -88,6 +94,34 @@ class CNN(nn.Module):
         x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = F.relu(self.fc1(torch.flatten(x, 1)))
         return F.log_softmax(self.fc2(x), dim=1)
+
+
+class CifarCNN(nn.Module):
+    """The authors' library's CIFAR CNN (see the module docstring)."""
+
+    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        if len(input_shape) != 3 or input_shape[1] % 8 or input_shape[2] % 8:
+            raise ValueError(
+                f"the cnn_cifar needs input_shape=(channels, height, width) with height and width multiples of 8, "
+                f"got {input_shape}"
+            )
+        channels, height, width = input_shape
+        self.conv1 = nn.Conv2d(channels, 20, kernel_size=5, padding=2, device=_META)
+        self.conv2 = nn.Conv2d(20, 100, kernel_size=5, padding=2, device=_META)
+        self.conv3 = nn.Conv2d(100, 200, kernel_size=5, padding=2, device=_META)
+        self.fc1 = nn.Linear(200 * (height // 8) * (width // 8), 512, device=_META)
+        self.fc2 = nn.Linear(512, 256, device=_META)
+        self.fc3 = nn.Linear(256, num_classes, device=_META)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Pooling before the ReLU, as in CNN: the same outputs and gradients, a quarter of the ReLUs.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        x = F.relu(F.max_pool2d(self.conv3(x), 2))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        x = F.relu(self.fc2(x))
+        return F.log_softmax(self.fc3(x), dim=1)
 
 
 class MLP(nn.Module):
@@ -137,7 +171,12 @@ def _adapt_model(name: str, obj: object) -> ModelSpec:
 #: Models by name: the built-ins, then entry points (group ``arcsim.models``), then ``module:callable``.
 MODEL_REGISTRY: Registry[ModelSpec] = Registry(
     "model",
-    builtins={"cnn": ModelSpec(CNN), "mlp": ModelSpec(MLP), "logreg": ModelSpec(LogisticRegression)},
+    builtins={
+        "cnn": ModelSpec(CNN),
+        "cnn_cifar": ModelSpec(CifarCNN),
+        "mlp": ModelSpec(MLP),
+        "logreg": ModelSpec(LogisticRegression),
+    },
     adapt=_adapt_model,
 )
 
