@@ -42,12 +42,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import byzfl_compare  # noqa: E402
 from byzfl_compare import DEFAULT_BYZFL_PYTHON, prepare_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = Path("/work/byzfl-bench/side-by-side")
-NUM_HONEST, NUM_BYZANTINE, GAMMA = 10, 7, 0.0
-LR, MOMENTUM, WEIGHT_DECAY, BATCH = 0.1, 0.9, 1e-4, 25
+NUM_BYZANTINE, GAMMA = 7, 0.0
+LR, MOMENTUM = byzfl_compare.LR, byzfl_compare.MOMENTUM  # 0.1, 0.9; weight decay 1e-4, batch 25 likewise
 
 # arcsim's attack (name, params) -> ByzFL's attack entry
 ATTACKS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -66,44 +67,19 @@ class Cell:
 
 
 def byzfl_config(*, attacks: list[str], steps: int, eval_every: int, seeds: int, data: Path, results: Path) -> dict:
-    """ByzFL's config.json: every (pipeline, attack) cell, ``seeds`` training seeds from 0."""
-    return {
-        "benchmark_config": {
-            "training_algorithm": {"name": "DSGD", "parameters": {}},
-            "nb_steps": steps,
-            "device": "cpu",
-            "training_seed": 0,
-            "nb_training_seeds": seeds,
-            "nb_honest_clients": NUM_HONEST,
-            "f": [NUM_BYZANTINE],
-            "data_distribution_seed": 0,
-            "nb_data_distribution_seeds": 1,
-            "data_distribution": [{"name": "gamma_similarity_niid", "distribution_parameter": GAMMA}],
-            "size_train_set": 0.8,
-        },
-        "model": {
-            "name": "cnn_mnist",
-            "dataset_name": "fashionmnist",
-            "nb_labels": 10,
-            "loss": "NLLLoss",
-            "learning_rate": LR,
-            "learning_rate_decay": 1.0,
-            "milestones": [],
-        },
-        "aggregator": [{"name": "TrMean", "parameters": {}}],
-        "pre_aggregators": [[{"name": name, "parameters": {}} for name in names] for names in PIPELINES.values()],
-        "honest_clients": {"momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH},
-        "attack": [ATTACKS[a][2] for a in attacks],
-        "evaluation_and_results": {
-            "evaluation_delta": eval_every,
-            "batch_size_evaluation": 128,
-            "evaluate_on_test": True,
-            "store_per_client_metrics": False,
-            "store_models": False,
-            "data_folder": str(data),
-            "results_directory": str(results),
-        },
-    }
+    """ByzFL's config.json: byzfl_compare's (the same model, optimiser and data) with every (pipeline,
+    attack) cell, f = 7, gamma-similarity 0, a validation split, evaluations, and ``seeds`` training seeds."""
+    config = byzfl_compare.byzfl_config(steps=steps, data=data, results=results)
+    config["benchmark_config"].update(
+        nb_training_seeds=seeds,
+        f=[NUM_BYZANTINE],
+        data_distribution=[{"name": "gamma_similarity_niid", "distribution_parameter": GAMMA}],
+        size_train_set=0.8,
+    )
+    config["pre_aggregators"] = [[{"name": name, "parameters": {}} for name in names] for names in PIPELINES.values()]
+    config["attack"] = [ATTACKS[a][2] for a in attacks]
+    config["evaluation_and_results"].update(evaluation_delta=eval_every, evaluate_on_test=True)
+    return config
 
 
 def run_byzfl(python: Path, work: Path, config: dict) -> None:
