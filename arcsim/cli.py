@@ -177,6 +177,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from arcsim.tasks import load_dataset
 
     config = load_config(config_path, overrides)
+    if config.schedule != "sync" and args.engine != "inproc":
+        raise UsageError(
+            f"schedule: {config.schedule} runs on the inproc engine only so far (--engine inproc), not {args.engine}"
+        )
     load_dataset(config.task, root=config.data_root, seed=config.seed)  # fail early, with the fix, if data is missing
     _one_thread()
     with stop_on_sigterm():  # SIGTERM stops like Ctrl-C: children stopped, last rounds checkpointed

@@ -68,18 +68,34 @@ class RunConfig:
     seed: int = 1
     round_deadline: float = 60.0  # seconds a round stays open for submissions
     data_root: str | None = None
+    # sync: rounds (every vector on the current model); async: buffered, bounded-staleness updates, with
+    # its settings in the YAML key "async" (a Python keyword cannot name a field: async_ here) and the
+    # workers' compute times in "speeds" (arcsim/schedule.py)
+    schedule: str = "sync"
+    async_: dict[str, Any] = field(default_factory=dict)
+    speeds: dict[str, Any] = field(default_factory=dict)
 
     @property
     def f(self) -> int:
-        """The f the pipeline is built with (declared_f, or num_byzantine when unset)."""
-        return self.num_byzantine if self.declared_f is None else self.declared_f
+        """The f the pipeline is built with: declared_f, or num_byzantine when unset; under ``schedule:
+        async`` the Byzantine vectors it must tolerate per window (``async.window_f``, default that f)."""
+        declared = self.num_byzantine if self.declared_f is None else self.declared_f
+        if self.schedule == "async":
+            return int(self.async_.get("window_f", declared))
+        return declared
+
+    @property
+    def buffer_size(self) -> int:
+        """``schedule: async``: the vectors (from as many workers) an update aggregates; default num_honest."""
+        return int(self.async_.get("buffer_size", self.num_honest))
 
     @property
     def num_workers(self) -> int:
         return self.num_honest + self.num_byzantine
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as YAML keys (``async_`` as ``async``)."""
+        return {_YAML_KEYS.get(key, key): value for key, value in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -106,9 +122,21 @@ class RunConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_YAML_KEYS = {"async_": "async"}  # field name -> the config key that names it
+_FIELDS = {_YAML_KEYS.get(f.name, f.name): f for f in dataclasses.fields(RunConfig)}  # by config key
+CONFIG_KEYS: tuple[str, ...] = tuple(_FIELDS)
+"""The config's keys, in order (as YAML and to_dict name them)."""
+ASYNC_KEYS = ("buffer_size", "staleness_bound", "staleness_weighting", "staleness_exponent", "window_f")
+SCHEDULES = ("sync", "async")
 # Keys added to RunConfig after run folders were recorded, with the defaults that digest() leaves out.
-_LATE_DEFAULTS: dict[str, Any] = {"gamma": None, "validation_fraction": 0.0, "augment": "none"}
+_LATE_DEFAULTS: dict[str, Any] = {
+    "gamma": None,
+    "validation_fraction": 0.0,
+    "augment": "none",
+    "schedule": "sync",
+    "async": {},
+    "speeds": {},
+}
 _UNSET = object()
 
 
@@ -275,24 +303,76 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     _number(data, "round_deadline", low=0.0, low_open=True)
     if data["data_root"] is not None and not isinstance(data["data_root"], str):
         raise _fail("data_root", f"must be a path string, got {data['data_root']!r}")
-    config = RunConfig(**data)
+    _check_schedule(data)
+    config = RunConfig(**{_FIELD_NAMES.get(key, key): value for key, value in data.items()})
     n = config.num_workers
     try:
         pipeline = build_pipeline(config.pipeline, f=config.f, **config.pipeline_params)
     except ValueError as error:
         raise _fail("pipeline", str(error)) from None
-    if 2 * config.f >= n:
+    if config.schedule == "async":
+        n = config.buffer_size  # the pipeline sees one window of vectors
+        if 2 * config.f >= n:
+            raise _fail("async", f"window_f = {config.f} must be below half of the buffer's {n} vectors (2f < K)")
+    elif 2 * config.f >= n:
         raise _fail("declared_f", f"f = {config.f} must be below half of the {n} workers (2f < n)")
     _check_pipeline_applies(config, pipeline)
     _check_attack_params(config)
     return config
 
 
+_FIELD_NAMES = {key: name for name, key in _YAML_KEYS.items()}
+
+
+def _check_schedule(data: dict[str, Any]) -> None:
+    """``schedule``, its ``async`` settings and the ``speeds`` (only with ``schedule: async``)."""
+    from arcsim.schedule import STALENESS_WEIGHTINGS, check_speed
+
+    _choice(data, "schedule", SCHEDULES)
+    settings, speeds = data["async"], data["speeds"]
+    for key in ("async", "speeds"):
+        if not isinstance(data[key], dict):
+            raise _fail(key, f"must be a mapping, got {data[key]!r}")
+        if data[key] and data["schedule"] != "async":
+            raise _fail(key, "is only used with schedule: async")
+    data["async"], data["speeds"] = dict(settings), dict(speeds)
+    unknown = sorted(set(settings) - set(ASYNC_KEYS))
+    if unknown:
+        raise _fail("async", f"unknown keys {unknown}; valid: {', '.join(ASYNC_KEYS)}")
+    num_workers = data["num_honest"] + data["num_byzantine"]
+    if "buffer_size" in settings:
+        value = settings["buffer_size"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_workers:
+            raise _fail("async", f"buffer_size must be an int in [1, {num_workers}] (the workers), got {value!r}")
+    for key in ("staleness_bound", "window_f"):
+        value = settings.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _fail("async", f"{key} must be an int >= 0, got {value!r}")
+    weighting = settings.get("staleness_weighting", "none")
+    if weighting not in STALENESS_WEIGHTINGS:
+        raise _fail("async", f"staleness_weighting must be one of {', '.join(STALENESS_WEIGHTINGS)}, got {weighting!r}")
+    if "staleness_exponent" in settings:
+        value = settings["staleness_exponent"]
+        if weighting != "polynomial":
+            raise _fail("async", "staleness_exponent is only used by staleness_weighting: polynomial")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise _fail("async", f"staleness_exponent must be a positive number, got {value!r}")
+    unknown = sorted(set(speeds) - {"honest", "byzantine"})
+    if unknown:
+        raise _fail("speeds", f"unknown roles {unknown}; valid: honest, byzantine")
+    for role, spec in speeds.items():
+        try:
+            speeds[role] = check_speed(role, spec)
+        except ValueError as error:
+            raise _fail("speeds", str(error)) from None
+
+
 def _check_pipeline_applies(config: RunConfig, pipeline: Any) -> None:
     """Fail at load time when the pipeline cannot run on the vectors of all the run's workers (e.g.
     Multi-Krum needs n > 2f + 2): such a run would skip every round. A tiny (n, 2) stand-in goes
-    through the pipeline, so every stage's condition on its own n is checked."""
-    n = config.num_workers
+    through the pipeline, so every stage's condition on its own n is checked (under ``schedule: async``,
+    the n of a window: buffer_size)."""
+    n = config.buffer_size if config.schedule == "async" else config.num_workers
     key = (config.pipeline, canonical_json(config.pipeline_params), config.f, n)
     if key in _APPLIES:
         return

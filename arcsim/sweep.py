@@ -23,7 +23,8 @@ Rules of the grid:
 
 * A list is a grid axis, a scalar a single value. ``lr_milestones`` is a list already: a flat list
   is one value, a list of lists a grid (``lr_milestones: [[100], [100, 150]]``). For the mapping
-  keys ``attack_params`` and ``pipeline_params`` a mapping is one value, a list of mappings a grid.
+  keys ``attack_params``, ``pipeline_params``, ``async`` and ``speeds`` a mapping is one value, a list of
+  mappings a grid.
 * A *bundle* sets several keys at once: an element of a scalar key's list may be a mapping that
   names the key itself and any others, e.g. ``{attack: alie, attack_params: {tau: 1.5}}``, so that
   parameters go only with the attack or pipeline that takes them. Keys set by bundles may not be
@@ -55,7 +56,6 @@ sweep (``arcsim.sweep`` names this module once it is imported, so the module its
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import itertools
 import json
@@ -116,7 +116,7 @@ FINISHED = ("completed", "diverged")
 SWEEP_SECTION = "sweep"
 _SWEEP_KEYS = ("name", "exclude", "skip_invalid")
 _LIST_KEYS = frozenset({"lr_milestones"})  # RunConfig keys whose single value is a list
-_MAPPING_KEYS = frozenset({"attack_params", "pipeline_params"})  # ... whose single value is a mapping
+_MAPPING_KEYS = frozenset({"attack_params", "pipeline_params", "async", "speeds"})  # ... whose value is a mapping
 
 TABLE_COLUMNS = (
     "task",
@@ -156,7 +156,7 @@ def _config_error(message: str) -> ValueError:
 
 
 def _fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(_config_module().RunConfig))
+    return _config_module().CONFIG_KEYS
 
 
 def _axis_values(key: str, value: Any) -> list[Any] | None:

@@ -147,6 +147,11 @@ class Subscriptions:
 
 class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, settings: CoordinatorSettings) -> None:
+        if settings.config.schedule != "sync":
+            raise ValueError(
+                f"the gRPC coordinator runs schedule: sync only (schedule: {settings.config.schedule} runs on the "
+                "inproc engine: arcsim run CONFIG --engine inproc)"
+            )
         self.settings = settings
         self.config = settings.config
         self.quorum = settings.quorum or self.config.num_workers

@@ -214,6 +214,8 @@ class BatchedGroup:
         configs = list(configs)
         if not configs:
             raise ValueError("a batched group needs at least one run")
+        if any(c.schedule != "sync" for c in configs):
+            raise ValueError("the batched engine runs schedule: sync only (schedule: async runs on --engine inproc)")
         if len(out_dirs) != len(configs):
             raise ValueError(f"got {len(configs)} configs but {len(out_dirs)} folders")
         keys = {group_key(c) for c in configs}

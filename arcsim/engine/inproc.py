@@ -48,6 +48,12 @@ def run_inproc(
     every round. Results do not depend on it: a run killed outright (SIGKILL) and resumed redoes at
     most this many seconds of rounds and ends with the same parameters.
     """
+    if config.schedule == "async":  # buffered, bounded-staleness updates on a simulated clock
+        from arcsim.engine.asynchronous import run_async_inproc
+
+        if resume:
+            raise ValueError("--resume: schedule: async runs cannot resume yet (their event queue is not checkpointed)")
+        return run_async_inproc(config, out_dir, device=device, on_round=on_round)
     reuse_freed_memory()
     crafter = Crafter(config)  # the Byzantine workers collude: one crafted matrix per round
     state = RunState(

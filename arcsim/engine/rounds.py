@@ -92,17 +92,21 @@ class RoundRecord:
     validation_loss: float | None = None
     # Norms of the received vectors by role (for the vector-norm histogram; not written to disk).
     norms: dict[str, list[float]] = field(default_factory=dict, compare=False)
+    # schedule: async only (written only then): the update's window, see arcsim/engine/asynchronous.py
+    window: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
         for name in _NOT_RECORDED:
             data.pop(name)
+        if data["window"] is None:
+            data.pop("window")
         return json.dumps(data)
 
 
 _NOT_RECORDED = ("norms",)
-RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord) if f.name not in _NOT_RECORDED)
-"""The keys of a line of rounds.jsonl, in order."""
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord) if f.name not in (*_NOT_RECORDED, "window"))
+"""The keys of a line of rounds.jsonl, in order (an asynchronous run's lines add ``window``)."""
 
 
 @dataclass(frozen=True)
@@ -305,8 +309,11 @@ class RunState:
         refused: int = 0,
         aggregation: RoundAggregation | None = None,
         evaluation: RoundEvaluation | None = None,
+        window: dict[str, Any] | None = None,
     ) -> RoundRecord:
         """Aggregate the round's vectors (keyed by worker id), step, evaluate, record, checkpoint.
+
+        ``window``: an asynchronous update's window, recorded as it is (``RoundRecord.window``).
 
         ``train_losses``: the workers' training losses; the record averages the finite ones of the honest
         workers whose vectors are in ``vectors`` (the gRPC coordinator receives a loss only with an
@@ -383,6 +390,7 @@ class RunState:
             validation_accuracy=validation_accuracy,
             validation_loss=validation_loss,
             norms=aggregation.norms,
+            window=window,
         )
         if aggregation.skip_reason:
             log.warning("round %d not aggregated: %s", t, aggregation.skip_reason)

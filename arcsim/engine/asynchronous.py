@@ -1,0 +1,164 @@
+"""The in-process engine under ``schedule: async``: buffered, bounded-staleness updates on a simulated clock.
+
+The schedule (arcsim/schedule.py): every worker takes the current model, computes for a duration drawn
+from its role's speed, submits, and takes the model again; the coordinator's buffer holds at most one
+vector per worker, refuses a vector more than ``async.staleness_bound`` versions old (``stale``), and
+once it holds ``async.buffer_size`` (K) vectors it aggregates them: one model update, the next version.
+An update is what ``rounds`` counts, ``eval_every`` too, and what rounds.jsonl records, each line with a
+``window``: the simulated time of the update, the workers in it (id order) with their roles and
+staleness, the Byzantine share of the window, whether the buffer was full, and the vectors refused since
+the last update (``stale_refused``, ``non_finite_refused``).
+
+What each worker computes:
+
+* An honest worker (and a data attack's Byzantine trainer) computes its momentum at the version it took,
+  on the batch of its own step k (the draws of round k of a synchronous run: (seed, "batch", k, id)),
+  when it takes the model; the vector arrives after the step's duration with that version's staleness.
+* A Byzantine worker of a vector attack is omniscient and fast to react: when it arrives, it crafts from
+  the honest vectors in the buffer at that moment (the window so far; the last window's when the buffer
+  holds none, and it sits the step out before any honest vector exists) and claims the current version
+  (staleness 0). Colluding workers craft the same ``(f, d)`` matrix and each submits its own row.
+
+Before the pipeline each vector is scaled by its staleness weight (``async.staleness_weighting``: none,
+1/sqrt(1+s), or (1+s)^-exponent), and the pipeline is built for ``async.window_f`` Byzantine vectors
+per window (``RunConfig.f``), checked against K as f against n in a synchronous run. Non-finite vectors
+are refused, as the synchronous engines refuse them.
+
+Determinism: the durations, batches and attack noise derive from the run's seed, and the event queue
+breaks ties by worker id, so a config gives the same ``final_params_sha256`` every time. Not yet: the
+gRPC engine, ``arcsim replay``, checkpoint resume (a run starts over), and timing attacks beyond speed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from arcsim.config import RunConfig
+from arcsim.engine.byzantine import ByzantineWorker, Crafter
+from arcsim.engine.honest import HonestWorker, shards
+from arcsim.engine.rounds import RoundRecord, RunState
+from arcsim.schedule import Buffer, EventQueue, Speeds, staleness_weight
+from arcsim.tasks import load_dataset
+
+__all__ = ["run_async_inproc"]
+
+
+def _finite(v: Tensor) -> bool:
+    return bool(torch.isfinite(v).all())
+
+
+def run_async_inproc(
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    on_round: Callable[[RunState, RoundRecord], None] | None = None,
+) -> dict[str, Any]:
+    """Run an asynchronous ``config`` to its last update in this process; returns the summary."""
+    if config.schedule != "async":
+        raise ValueError(f"run_async_inproc runs schedule: async configs, got schedule: {config.schedule}")
+    crafter = Crafter(config)
+    state = RunState(config, out_dir, device=device, checkpoint_seconds=1e9, attack_state=crafter.state)
+    dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
+    shard_list = shards(config, dataset)
+    honest = {
+        i: HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)
+        for i in range(config.num_honest)
+    }
+    byzantine = {
+        i: ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
+        for i in range(config.num_honest, config.num_workers)
+    }
+    settings = config.async_
+    buffer = Buffer(size=config.buffer_size, staleness_bound=int(settings.get("staleness_bound", 0)))
+    weighting = str(settings.get("staleness_weighting", "none"))
+    exponent = float(settings.get("staleness_exponent", 0.5))
+    speeds = Speeds(config.speeds, seed=config.seed, num_honest=config.num_honest, num_workers=config.num_workers)
+    queue = EventQueue()
+    steps = dict.fromkeys(range(config.num_workers), 0)
+    pending: dict[int, tuple[int, Tensor | None, float]] = {}  # worker -> (version, vector, loss)
+    last_honest: Tensor | None = None  # the last window's honest vectors (for a crafter with an empty buffer)
+    stale = non_finite = 0
+    blocked: set[int] = set()  # workers whose vector since the last update was non-finite
+    opened_at = time.perf_counter()
+
+    def start(worker_id: int, now: float) -> None:
+        """The worker takes the current model: a trainer computes now, an omniscient crafter on arrival."""
+        step = steps[worker_id]
+        steps[worker_id] = step + 1
+        trainer = honest.get(worker_id) or byzantine[worker_id].trainer
+        if trainer is not None:
+            vector = trainer.step(state.params, step)
+            pending[worker_id] = (state.round, vector, trainer.last_loss)
+        else:
+            pending[worker_id] = (state.round, None, float("nan"))
+        queue.push(now + speeds.duration(worker_id, step), worker_id)
+
+    for worker_id in range(config.num_workers):
+        start(worker_id, 0.0)
+    while not state.done:
+        now, worker_id = queue.pop()
+        version, vector, loss = pending.pop(worker_id)
+        if vector is None:  # an omniscient Byzantine worker crafts from what the buffer holds now
+            version = state.round
+            rows = [e.payload[0] for e in buffer.entries() if e.worker_id < config.num_honest]
+            observed = torch.stack(rows) if rows else last_honest
+            if observed is not None:
+                vector = byzantine[worker_id].vector(params=state.params, round_=_craft_key(now), honest=observed)
+        if vector is not None and _finite(vector):
+            if buffer.offer(worker_id, version=version, current=state.round, payload=(vector, loss)) == "stale":
+                stale += 1
+            else:
+                blocked.discard(worker_id)
+        elif vector is not None:
+            non_finite += 1
+            blocked.add(worker_id)
+        # A diverged model's vectors are non-finite, so the buffer might never fill: once the workers that
+        # sent a non-finite vector since the last update leave too few others to fill it, the update closes
+        # with what the buffer holds (the pipeline may skip it, as a synchronous round short of vectors).
+        held = {e.worker_id for e in buffer.entries()}
+        open_workers = sum(1 for w in range(config.num_workers) if w not in held and w not in blocked)
+        stuck = not buffer.full and len(held) + open_workers < buffer.size
+        if buffer.full or stuck:
+            window = buffer.take()
+            weights = [staleness_weight(e.staleness, weighting=weighting, exponent=exponent) for e in window]
+            vectors = {e.worker_id: e.payload[0] if w == 1.0 else e.payload[0] * w for e, w in zip(window, weights)}
+            honest_rows = [e.payload[0] for e in window if e.worker_id < config.num_honest]
+            if honest_rows:
+                last_honest = torch.stack(honest_rows)
+            byzantine_count = sum(1 for e in window if e.worker_id >= config.num_honest)
+            record = state.close_round(
+                vectors,
+                train_losses={e.worker_id: e.payload[1] for e in window if e.worker_id < config.num_honest},
+                opened_at=opened_at,
+                window={
+                    "time": now,
+                    "workers": [e.worker_id for e in window],
+                    "roles": [state.role(e.worker_id) for e in window],
+                    "staleness": [e.staleness for e in window],
+                    "byzantine_share": byzantine_count / len(window) if window else None,
+                    "full": not stuck,
+                    "stale_refused": stale,
+                    "non_finite_refused": non_finite,
+                },
+                refused=stale + non_finite,
+            )
+            stale = non_finite = 0
+            blocked.clear()
+            opened_at = time.perf_counter()
+            if on_round is not None:
+                on_round(state, record)
+        start(worker_id, now)
+    state.flush_checkpoint()
+    return state.summary(engine="inproc")
+
+
+def _craft_key(now: float) -> int:
+    """The crafting's key for the Crafter's per-round cache and the attack noise: one per arrival time."""
+    return int(now * 1e6)

@@ -1,0 +1,228 @@
+"""The asynchronous schedule's parts, free of any model: worker speeds, the event queue, the buffer.
+
+``schedule: async`` (arcsim/config.py) replaces the synchronous round with buffered, bounded-staleness
+updates (the in-process engine runs it: arcsim/engine/asynchronous.py):
+
+* Every worker loops: it takes the current model (version v), computes for a duration drawn from its
+  role's speed (:class:`Speeds`), and submits a vector computed on version v; then it takes the model
+  again. Time is simulated (an event queue, :class:`EventQueue`), never slept.
+* The coordinator keeps a :class:`Buffer` of at most one vector per worker (a worker that submits again
+  replaces its own entry) and refuses a vector more than ``staleness_bound`` versions old (counted as
+  ``stale``). Once the buffer holds ``buffer_size`` vectors from as many workers it aggregates them (one
+  model update, the next version) and empties.
+
+Durations: ``constant`` (``seconds``), ``lognormal`` (``median`` and ``sigma`` of the log), ``zipf``
+(``scale`` times a Zipf(``exponent``) integer, a heavy tail of stragglers) or ``trace`` (a text file, one
+line per worker of that role in id order, whitespace- or comma-separated seconds used in turn). Draws come
+from (seed, "speed", worker id, step), so a run's schedule is the same in every process.
+
+Ties: events at the same time are taken in worker-id order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arcsim.seeding import derive_seed
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "STALENESS_WEIGHTINGS",
+    "Buffer",
+    "EventQueue",
+    "Speeds",
+    "check_speed",
+    "staleness_weight",
+]
+
+DISTRIBUTIONS: tuple[str, ...] = ("constant", "lognormal", "zipf", "trace")
+STALENESS_WEIGHTINGS: tuple[str, ...] = ("none", "inverse_sqrt", "polynomial")
+_PARAMS = {"constant": {"seconds"}, "lognormal": {"median", "sigma"}, "zipf": {"exponent", "scale"}, "trace": {"file"}}
+DEFAULT_SPEED: Mapping[str, Any] = {"distribution": "constant", "seconds": 1.0}
+
+
+def staleness_weight(staleness: int, *, weighting: str, exponent: float = 0.5) -> float:
+    """The factor a vector ``staleness`` versions old is scaled by before the pipeline.
+
+    ``none``: 1; ``inverse_sqrt``: 1 / sqrt(1 + s); ``polynomial``: (1 + s) ** -exponent.
+
+    >>> staleness_weight(3, weighting="inverse_sqrt"), staleness_weight(3, weighting="polynomial", exponent=1.0)
+    (0.5, 0.25)
+    """
+    if weighting == "none":
+        return 1.0
+    if weighting == "inverse_sqrt":
+        return 1.0 / math.sqrt(1.0 + staleness)
+    if weighting == "polynomial":
+        return (1.0 + staleness) ** -exponent
+    raise ValueError(f"staleness_weighting must be one of {', '.join(STALENESS_WEIGHTINGS)}, got {weighting!r}")
+
+
+def check_speed(role: str, spec: object) -> dict[str, Any]:
+    """``spec`` as a checked mapping (ValueError naming what is wrong); a trace's file is read here."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"speeds.{role} must be a mapping with a distribution, got {spec!r}")
+    spec = dict(spec)
+    distribution = spec.get("distribution")
+    if distribution not in _PARAMS:
+        raise ValueError(f"speeds.{role}.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}")
+    given = set(spec) - {"distribution"}
+    if given != _PARAMS[distribution]:
+        raise ValueError(
+            f"speeds.{role}: a {distribution} speed takes {', '.join(sorted(_PARAMS[distribution]))}, got "
+            f"{', '.join(sorted(given)) or 'nothing'}"
+        )
+    positive = {"seconds", "median", "scale"} & given
+    for key in sorted(positive):
+        if not _real(spec[key]) or not spec[key] > 0:
+            raise ValueError(f"speeds.{role}.{key} must be a positive number, got {spec[key]!r}")
+    if distribution == "lognormal" and (not _real(spec["sigma"]) or spec["sigma"] < 0):
+        raise ValueError(f"speeds.{role}.sigma must be a number >= 0, got {spec['sigma']!r}")
+    if distribution == "zipf" and (not _real(spec["exponent"]) or not spec["exponent"] > 1):
+        raise ValueError(f"speeds.{role}.exponent must be a number > 1, got {spec['exponent']!r}")
+    if distribution == "trace":
+        _read_trace(role, spec["file"])
+    return spec
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_trace(role: str, path: object) -> list[list[float]]:
+    if not isinstance(path, str):
+        raise ValueError(f"speeds.{role}.file must be a path, got {path!r}")
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise ValueError(f"speeds.{role}.file: cannot read {path}: {error.strerror}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            times = [float(v) for v in line.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"speeds.{role}.file {path}, line {number}: not numbers: {line.strip()[:60]!r}") from None
+        if not times or not all(math.isfinite(t) and t > 0 for t in times):
+            raise ValueError(f"speeds.{role}.file {path}, line {number}: times must be positive seconds")
+        rows.append(times)
+    if not rows:
+        raise ValueError(f"speeds.{role}.file {path}: no line of times")
+    return rows
+
+
+class Speeds:
+    """How long each step of each worker takes: ``duration(worker_id, step)`` in simulated seconds."""
+
+    def __init__(self, speeds: Mapping[str, Any], *, seed: int, num_honest: int, num_workers: int) -> None:
+        self.seed, self.num_honest, self.num_workers = seed, num_honest, num_workers
+        self._specs = {role: check_speed(role, speeds.get(role, DEFAULT_SPEED)) for role in ("honest", "byzantine")}
+        self._traces = {
+            role: _read_trace(role, spec["file"])
+            for role, spec in self._specs.items()
+            if spec["distribution"] == "trace"
+        }
+
+    def duration(self, worker_id: int, step: int) -> float:
+        role = "honest" if worker_id < self.num_honest else "byzantine"
+        spec = self._specs[role]
+        kind = spec["distribution"]
+        if kind == "constant":
+            return float(spec["seconds"])
+        if kind == "trace":
+            rows = self._traces[role]
+            index = worker_id if role == "honest" else worker_id - self.num_honest
+            times = rows[index % len(rows)]
+            return times[step % len(times)]
+        draw = random.Random(derive_seed(self.seed, "speed", worker_id, step))
+        if kind == "lognormal":
+            return float(spec["median"]) * math.exp(float(spec["sigma"]) * draw.gauss(0.0, 1.0))
+        return float(spec["scale"]) * _zipf(draw, float(spec["exponent"]))
+
+
+def _zipf(draw: random.Random, exponent: float) -> int:
+    """A Zipf(``exponent``) integer >= 1 (Devroye's rejection method, as numpy's)."""
+    am1, b = exponent - 1.0, 2.0 ** (exponent - 1.0)
+    while True:
+        u, v = 1.0 - draw.random(), draw.random()
+        x = math.floor(u ** (-1.0 / am1))
+        if x < 1 or x > 2**62:
+            continue
+        t = (1.0 + 1.0 / x) ** am1
+        if v * x * (t - 1.0) / (b - 1.0) <= t / b:
+            return int(x)
+
+
+class EventQueue:
+    """Simulated time: each worker's next arrival, taken earliest first (ties by worker id)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int]] = []
+        self.now = 0.0
+
+    def push(self, time: float, worker_id: int) -> None:
+        if time < self.now:
+            raise ValueError(f"an event at {time} is before the present {self.now}")
+        heapq.heappush(self._heap, (time, worker_id))
+
+    def pop(self) -> tuple[float, int]:
+        time, worker_id = heapq.heappop(self._heap)
+        self.now = time
+        return time, worker_id
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+@dataclass(frozen=True)
+class Entry:
+    worker_id: int
+    version: int  # the model version the vector was computed on
+    staleness: int  # versions behind the model when it arrived
+    payload: Any
+
+
+class Buffer:
+    """At most one entry per worker; full at ``size`` entries; refuses vectors over ``staleness_bound`` old."""
+
+    def __init__(self, *, size: int, staleness_bound: int) -> None:
+        if size < 1 or staleness_bound < 0:
+            raise ValueError(f"a buffer needs size >= 1 and staleness_bound >= 0, got {size} and {staleness_bound}")
+        self.size, self.staleness_bound = size, staleness_bound
+        self._entries: dict[int, Entry] = {}
+
+    def offer(self, worker_id: int, *, version: int, current: int, payload: Any) -> str:
+        """Take a vector computed on ``version`` while the model is at ``current``: "stale" (refused),
+        "replaced" (the worker's earlier entry) or "accepted"."""
+        staleness = current - version
+        if staleness < 0:
+            raise ValueError(f"a vector computed on version {version} cannot arrive at version {current}")
+        if staleness > self.staleness_bound:
+            return "stale"
+        replaced = worker_id in self._entries
+        self._entries[worker_id] = Entry(worker_id, version, staleness, payload)
+        return "replaced" if replaced else "accepted"
+
+    @property
+    def full(self) -> bool:
+        return len(self._entries) >= self.size
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[i] for i in sorted(self._entries)]
+
+    def take(self) -> list[Entry]:
+        """The window (entries in worker-id order), emptying the buffer."""
+        window = self.entries()
+        self._entries.clear()
+        return window
+
+
+def worker_ids(entries: Sequence[Entry]) -> list[int]:
+    return [e.worker_id for e in entries]
