@@ -271,3 +271,26 @@ def test_a_sweep_takes_a_list_of_async_settings_as_a_grid_axis() -> None:
     plan = plan_sweep(grid)
     assert len(plan.runs) == 4 and set(plan.varied) == {"async", "seed"}
     assert {run.config.buffer_size for run in plan.runs} == {5, 6}
+
+
+def test_the_coordinator_metrics_observe_each_window(tmp_path: Path) -> None:
+    # Prepare: an async run's records through the metrics the in-process engine serves (arcsim run --metrics-port)
+    from arcsim.coordinator.metrics import CoordinatorMetrics
+    from arcsim.engine.rounds import RoundRecord
+
+    metrics = CoordinatorMetrics(config=from_dict(ASYNC))
+    records: list[RoundRecord] = []
+    run_inproc(from_dict(ASYNC), tmp_path / "run", on_round=lambda state, record: records.append(record))
+    # Execute
+    for record in records:
+        metrics.observe_round(record)
+    # Assert
+    sample = metrics.registry.get_sample_value
+    windows = [r.window for r in records]
+    honest = sum(role == "honest" for w in windows for role in w["roles"])
+    assert sample("arcsim_staleness_versions_count", {"role": "honest"}) == honest
+    assert sample("arcsim_staleness_versions_sum", {"role": "byzantine"}) == 0.0  # they claim the current version
+    assert sample("arcsim_window_byzantine_share_count") == len(windows)
+    assert sample("arcsim_window_fill_seconds_count") == len(windows) - 1
+    assert sample("arcsim_window_fill_seconds_sum") == pytest.approx(windows[-1]["time"] - windows[0]["time"])
+    assert sample("arcsim_submissions_rejected_total", {"reason": "stale"}) == sum(w["stale_refused"] for w in windows)

@@ -59,12 +59,15 @@ REJECTION_REASONS = (
     "cancelled",
     "malformed",
     "subscription_replaced",  # a Rounds/Observe stream superseded by a newer one of the same identity
+    "stale",  # schedule: async: computed on a model more than staleness_bound versions old
 )
 
 # Norms of the workers' vectors span many orders of magnitude (attacks send 1e6 or more).
 _NORM_BUCKETS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3, 1e4, 1e6, float("inf"))
 _ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, float("inf"))
 _STAGE_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf"))
+_STALENESS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, float("inf"))
+_SHARE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, float("inf"))
 _RUN_LABELS: Final = ("task", "pipeline", "attack", "n", "f")
 
 # The sample names each metric type exports besides the family's own (prometheus_client's text format).
@@ -167,11 +170,33 @@ class CoordinatorMetrics:
         self.received_bytes = Counter(
             "arcsim_received_bytes_total", "Payload bytes of the vectors accepted.", registry=r
         )
+        # schedule: async (each update's window, arcsim/engine/asynchronous.py); empty for synchronous runs.
+        self.staleness = Histogram(
+            "arcsim_staleness_versions",
+            "Staleness of the vectors an asynchronous update aggregated (versions behind the model), by role.",
+            ["role"],
+            buckets=_STALENESS_BUCKETS,
+            registry=r,
+        )
+        self.window_fill = Histogram(
+            "arcsim_window_fill_seconds",
+            "Seconds (simulated) from one asynchronous update to the next: the time its window took to fill.",
+            buckets=_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.window_byzantine_share = Histogram(
+            "arcsim_window_byzantine_share",
+            "Share of Byzantine vectors in an asynchronous update's window (0 to 1).",
+            buckets=_SHARE_BUCKETS,
+            registry=r,
+        )
+        self._last_window_time: float | None = None
         for role in ROLES:  # export every series from the start, so dashboards show zeros, not gaps
             self.submissions.labels(role)
             self.connected.labels(role)
             self.clipped.labels(role)
             self.vector_norm.labels(role)
+            self.staleness.labels(role)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
 
@@ -223,3 +248,16 @@ class CoordinatorMetrics:
             self.validation_loss.set(record.validation_loss)
         if record.train_loss is not None:
             self.train_loss.set(record.train_loss)
+        if record.window is not None:
+            self._observe_window(record.window)
+
+    def _observe_window(self, window: dict) -> None:
+        for role, staleness in zip(window["roles"], window["staleness"]):
+            self.staleness.labels(role).observe(staleness)
+        if window["byzantine_share"] is not None:
+            self.window_byzantine_share.observe(window["byzantine_share"])
+        self.rejected.labels("stale").inc(window["stale_refused"])
+        self.rejected.labels("non_finite").inc(window["non_finite_refused"])
+        if self._last_window_time is not None:
+            self.window_fill.observe(window["time"] - self._last_window_time)
+        self._last_window_time = window["time"]

@@ -289,16 +289,62 @@ def coordinator_panels() -> list[Panel]:
     ]
 
 
+def async_panels() -> list[Panel]:
+    """schedule: async: the windows' staleness, fill time, Byzantine share and stale refusals."""
+    return [
+        row(103, "Asynchronous updates (schedule: async)", y=61),
+        panel(
+            40,
+            "Staleness of aggregated vectors, by role",
+            hist_quantiles("arcsim_staleness_versions", by="role"),
+            x=0,
+            y=62,
+            w=6,
+            unit="short",
+            description="Versions behind the model when they arrived. Empty for synchronous runs.",
+        ),
+        panel(
+            41,
+            "Window fill time",
+            hist_quantiles("arcsim_window_fill_seconds"),
+            x=6,
+            y=62,
+            w=6,
+            unit="s",
+            description="Simulated seconds from one update to the next.",
+        ),
+        panel(
+            42,
+            "Byzantine share per window",
+            hist_quantiles("arcsim_window_byzantine_share"),
+            x=12,
+            y=62,
+            w=6,
+            unit="percentunit",
+            description="Above the workers' f / n when the Byzantine workers are faster.",
+        ),
+        panel(
+            43,
+            "Stale vectors refused",
+            [(f'sum(rate(arcsim_submissions_rejected_total{{{SELECT}, reason="stale"}}[{RATE}]))', "stale")],
+            x=18,
+            y=62,
+            w=6,
+            unit="ops",
+        ),
+    ]
+
+
 def worker_panels() -> list[Panel]:
     """All workers at a glance, then one row per worker (Grafana repeats the row over $worker)."""
     return [
-        row(101, "Workers", y=61),
+        row(101, "Workers", y=70),
         panel(
             20,
             "Compute time per round, by role",
             hist_quantiles("arcsim_worker_compute_seconds", by="role"),
             x=0,
-            y=62,
+            y=71,
             unit="s",
             description="An observing adversary's time includes its wait for the honest vectors.",
         ),
@@ -312,11 +358,11 @@ def worker_panels() -> list[Panel]:
                 )
             ],
             x=12,
-            y=62,
+            y=71,
             unit="ops",
             description="Submissions the coordinator answered with an error, by gRPC status code.",
         ),
-        row(102, "Worker $worker", y=70, repeat="worker"),
+        row(102, "Worker $worker", y=79, repeat="worker"),
         panel(
             22,
             "Compute time per round",
@@ -328,7 +374,7 @@ def worker_panels() -> list[Panel]:
                 )
             ],
             x=0,
-            y=71,
+            y=80,
             w=6,
             unit="s",
         ),
@@ -343,7 +389,7 @@ def worker_panels() -> list[Panel]:
                 ),
             ],
             x=6,
-            y=71,
+            y=80,
             w=6,
             unit="ops",
         ),
@@ -352,7 +398,7 @@ def worker_panels() -> list[Panel]:
             "Rounds followed per minute",
             [(f"sum(rate(arcsim_worker_rounds_total{{{WORKER}}}[{RATE}])) * 60", "rounds/min")],
             x=12,
-            y=71,
+            y=80,
             w=6,
         ),
         panel(
@@ -360,7 +406,7 @@ def worker_panels() -> list[Panel]:
             "CUDA memory allocated",
             [(f"arcsim_worker_cuda_memory_allocated_bytes{{{WORKER}}}", "allocated")],
             x=18,
-            y=71,
+            y=80,
             w=6,
             unit="bytes",
             description="0 on CPU workers.",
@@ -379,7 +425,7 @@ def dashboard() -> dict[str, Any]:
         "editable": False,
         "refresh": "5s",
         "time": {"from": "now-30m", "to": "now"},
-        "panels": coordinator_panels() + worker_panels(),
+        "panels": coordinator_panels() + async_panels() + worker_panels(),
         "templating": {"list": templating()},
         "annotations": {"list": []},
     }
