@@ -163,9 +163,16 @@ def _zipf(draw: random.Random, exponent: float) -> int:
 class EventQueue:
     """Simulated time: each worker's next arrival, taken earliest first (ties by worker id)."""
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int]] = []
-        self.now = 0.0
+    def __init__(self, *, now: float = 0.0, events: Sequence[tuple[float, int]] = ()) -> None:
+        self._heap: list[tuple[float, int]] = list(events)
+        heapq.heapify(self._heap)
+        self.now = now
+        if any(time < now for time, _ in self._heap):
+            raise ValueError(f"an event before the present {now}")
+
+    def events(self) -> list[tuple[float, int]]:
+        """The pending events (time, worker id), in no particular order."""
+        return list(self._heap)
 
     def push(self, time: float, worker_id: int) -> None:
         if time < self.now:

@@ -252,12 +252,10 @@ def test_staleness_weighting_changes_the_run(tmp_path: Path) -> None:
     assert plain["final_params_sha256"] != weighted["final_params_sha256"]
 
 
-def test_other_engines_and_resume_refuse_an_async_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_engines_refuse_an_async_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = from_dict(ASYNC)
     with pytest.raises(ValueError, match="batched engine runs schedule: sync only"):
         run_batched([config], [tmp_path / "b"])
-    with pytest.raises(ValueError, match="cannot resume yet"):
-        run_inproc(config, tmp_path / "r", resume=True)
     path = tmp_path / "async.yaml"
     path.write_text(config.to_yaml())
     assert main(["run", str(path), "--out", str(tmp_path / "g"), "--no-progress"]) == 2
@@ -294,3 +292,49 @@ def test_the_coordinator_metrics_observe_each_window(tmp_path: Path) -> None:
     assert sample("arcsim_window_fill_seconds_count") == len(windows) - 1
     assert sample("arcsim_window_fill_seconds_sum") == pytest.approx(windows[-1]["time"] - windows[0]["time"])
     assert sample("arcsim_submissions_rejected_total", {"reason": "stale"}) == sum(w["stale_refused"] for w in windows)
+
+
+@pytest.mark.parametrize("where", ["after-an-update", "between-updates"])
+def test_an_async_run_stopped_and_resumed_ends_as_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Prepare: Mimic learning its target (an attack state too), equal speeds so windows hold stale vectors
+    from arcsim.engine.honest import HonestWorker
+
+    values = {
+        **ASYNC,
+        "attack": "mimic",
+        "attack_params": {"learn_steps": 6},
+        "speeds": {"byzantine": {"distribution": "lognormal", "median": 1.0, "sigma": 0.8}},
+    }
+    config = from_dict(values)
+    expected = run_inproc(config, tmp_path / "whole")
+    calls: list[int] = []
+
+    def stop_after_update(state: Any, record: Any) -> None:
+        if record.round == 4:
+            raise KeyboardInterrupt
+
+    step = HonestWorker.step
+
+    def stop_between_updates(self: HonestWorker, params: Any, round_: int) -> Any:
+        calls.append(round_)
+        if len(calls) == 40:  # some 40 gradients in: inside the window of an update after the first
+            raise KeyboardInterrupt
+        return step(self, params, round_)
+
+    # Execute
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        if where == "after-an-update":
+            run_inproc(config, tmp_path / "stopped", on_round=stop_after_update, checkpoint_seconds=0.0)
+        else:
+            patch.setattr(HonestWorker, "step", stop_between_updates)
+            run_inproc(config, tmp_path / "stopped", checkpoint_seconds=0.0)
+    done = len(_records(tmp_path / "stopped"))
+    resumed = run_inproc(config, tmp_path / "stopped", resume=True)
+    # Assert: stopped part-way, resumed from its checkpoint, and on the uninterrupted run's parameters
+    assert 0 < done < ASYNC["rounds"]
+    assert resumed["final_params_sha256"] == expected["final_params_sha256"]
+    assert [(r["window"], r["accuracy"]) for r in _records(tmp_path / "stopped")] == [
+        (r["window"], r["accuracy"]) for r in _records(tmp_path / "whole")
+    ]

@@ -25,14 +25,15 @@ per window (``RunConfig.f``), checked against K as f against n in a synchronous 
 are refused, as the synchronous engines refuse them.
 
 Determinism: the durations, batches and attack noise derive from the run's seed, and the event queue
-breaks ties by worker id, so a config gives the same ``final_params_sha256`` every time. Not yet: the
-gRPC engine, ``arcsim replay``, checkpoint resume (a run starts over), and timing attacks beyond speed.
+breaks ties by worker id, so a config gives the same ``final_params_sha256`` every time, also when it
+is stopped and resumed (a checkpoint holds the event queue, the vectors in flight and the momenta). Not
+yet: the gRPC engine, ``arcsim replay``, and timing attacks beyond speed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +54,64 @@ def _finite(v: Tensor) -> bool:
     return bool(torch.isfinite(v).all())
 
 
+class _Simulation:
+    """What an asynchronous run holds between updates besides RunState's parameters: the event queue, each
+    worker's vector in flight and step count, the trainers' momenta, and the last window's honest vectors.
+    RunState checkpoints it with each update (``state_dict``: taken right after an update, when the buffer
+    is empty and the worker whose arrival closed the window restarts at ``restart``)."""
+
+    def __init__(self, trainers: dict[int, HonestWorker], num_workers: int) -> None:
+        self.trainers = trainers
+        self.queue = EventQueue()
+        self.steps = dict.fromkeys(range(num_workers), 0)
+        self.pending: dict[int, tuple[int, Tensor | None, float]] = {}  # worker -> (version, vector, loss)
+        self.last_honest: Tensor | None = None  # the last window's honest vectors (for a crafter, buffer empty)
+        self.restart: tuple[int, float] | None = None  # (worker, time): the arrival that closed the last window
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        values = {
+            "now": self.queue.now,
+            "queue": sorted(self.queue.events()),
+            "steps": [self.steps[w] for w in sorted(self.steps)],
+            "pending": {str(w): [v, loss] for w, (v, _, loss) in sorted(self.pending.items())},
+            "restart": self.restart,
+            "momenta": sorted(w for w, t in self.trainers.items() if t.momentum is not None),
+        }
+        tensors = {f"vector/{w}": vector for w, (_, vector, _) in self.pending.items() if vector is not None}
+        tensors.update({f"momentum/{w}": t.momentum for w, t in self.trainers.items() if t.momentum is not None})
+        if self.last_honest is not None:
+            tensors["last_honest"] = self.last_honest
+        return values, {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+
+    def load_state_dict(self, values: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+        self.queue = EventQueue(now=float(values["now"]), events=[(float(t), int(w)) for t, w in values["queue"]])
+        self.steps = dict(enumerate(int(k) for k in values["steps"]))
+        self.pending = {
+            int(w): (int(version), tensors.get(f"vector/{w}"), float(loss))
+            for w, (version, loss) in values["pending"].items()
+        }
+        self.restart = None if values["restart"] is None else (int(values["restart"][0]), float(values["restart"][1]))
+        for w in values["momenta"]:
+            self.trainers[int(w)].set_momentum(tensors[f"momentum/{w}"])
+        self.last_honest = tensors.get("last_honest")
+
+
 def run_async_inproc(
     config: RunConfig,
     out_dir: Path,
     *,
+    resume: bool = False,
     device: str = "cpu",
     on_round: Callable[[RunState, RoundRecord], None] | None = None,
+    checkpoint_seconds: float = 10.0,
 ) -> dict[str, Any]:
-    """Run an asynchronous ``config`` to its last update in this process; returns the summary."""
+    """Run an asynchronous ``config`` to its last update in this process; returns the summary.
+
+    ``resume``: go on from the last checkpoint in ``out_dir`` (written inside an update, with the event
+    queue, the vectors in flight and the momenta), ending on the parameters of an uninterrupted run."""
     if config.schedule != "async":
         raise ValueError(f"run_async_inproc runs schedule: async configs, got schedule: {config.schedule}")
     crafter = Crafter(config)
-    state = RunState(config, out_dir, device=device, checkpoint_seconds=1e9, attack_state=crafter.state)
     dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
     shard_list = shards(config, dataset)
     honest = {
@@ -75,40 +122,52 @@ def run_async_inproc(
         i: ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
         for i in range(config.num_honest, config.num_workers)
     }
+    trainers = {**honest, **{i: w.trainer for i, w in byzantine.items() if w.trainer is not None}}
+    sim = _Simulation(trainers, config.num_workers)
+    # A checkpoint after the first update, then every checkpoint_seconds and after the last one, each taken
+    # inside an update's close (the simulation's state is whole there); an interrupted run keeps the last one.
+    state = RunState(
+        config,
+        out_dir,
+        resume=resume,
+        device=device,
+        checkpoint_seconds=checkpoint_seconds,
+        attack_state=crafter.state,
+        engine_state=sim,
+    )
     settings = config.async_
     buffer = Buffer(size=config.buffer_size, staleness_bound=int(settings.get("staleness_bound", 0)))
     weighting = str(settings.get("staleness_weighting", "none"))
     exponent = float(settings.get("staleness_exponent", 0.5))
     speeds = Speeds(config.speeds, seed=config.seed, num_honest=config.num_honest, num_workers=config.num_workers)
-    queue = EventQueue()
-    steps = dict.fromkeys(range(config.num_workers), 0)
-    pending: dict[int, tuple[int, Tensor | None, float]] = {}  # worker -> (version, vector, loss)
-    last_honest: Tensor | None = None  # the last window's honest vectors (for a crafter with an empty buffer)
     stale = non_finite = 0
     blocked: set[int] = set()  # workers whose vector since the last update was non-finite
     opened_at = time.perf_counter()
 
     def start(worker_id: int, now: float) -> None:
         """The worker takes the current model: a trainer computes now, an omniscient crafter on arrival."""
-        step = steps[worker_id]
-        steps[worker_id] = step + 1
-        trainer = honest.get(worker_id) or byzantine[worker_id].trainer
+        step = sim.steps[worker_id]
+        sim.steps[worker_id] = step + 1
+        trainer = trainers.get(worker_id)
         if trainer is not None:
             vector = trainer.step(state.params, step)
-            pending[worker_id] = (state.round, vector, trainer.last_loss)
+            sim.pending[worker_id] = (state.round, vector, trainer.last_loss)
         else:
-            pending[worker_id] = (state.round, None, float("nan"))
-        queue.push(now + speeds.duration(worker_id, step), worker_id)
+            sim.pending[worker_id] = (state.round, None, float("nan"))
+        sim.queue.push(now + speeds.duration(worker_id, step), worker_id)
 
-    for worker_id in range(config.num_workers):
-        start(worker_id, 0.0)
+    if state.round == 0:
+        for worker_id in range(config.num_workers):
+            start(worker_id, 0.0)
+    elif sim.restart is not None:  # resumed: the worker whose arrival closed the checkpointed window
+        start(*sim.restart)
     while not state.done:
-        now, worker_id = queue.pop()
-        version, vector, loss = pending.pop(worker_id)
+        now, worker_id = sim.queue.pop()
+        version, vector, loss = sim.pending.pop(worker_id)
         if vector is None:  # an omniscient Byzantine worker crafts from what the buffer holds now
             version = state.round
             rows = [e.payload[0] for e in buffer.entries() if e.worker_id < config.num_honest]
-            observed = torch.stack(rows) if rows else last_honest
+            observed = torch.stack(rows) if rows else sim.last_honest
             if observed is not None:
                 vector = byzantine[worker_id].vector(params=state.params, round_=_craft_key(now), honest=observed)
         if vector is not None and _finite(vector):
@@ -131,7 +190,8 @@ def run_async_inproc(
             vectors = {e.worker_id: e.payload[0] if w == 1.0 else e.payload[0] * w for e, w in zip(window, weights)}
             honest_rows = [e.payload[0] for e in window if e.worker_id < config.num_honest]
             if honest_rows:
-                last_honest = torch.stack(honest_rows)
+                sim.last_honest = torch.stack(honest_rows)
+            sim.restart = (worker_id, now)
             byzantine_count = sum(1 for e in window if e.worker_id >= config.num_honest)
             record = state.close_round(
                 vectors,
@@ -154,8 +214,8 @@ def run_async_inproc(
             opened_at = time.perf_counter()
             if on_round is not None:
                 on_round(state, record)
+            sim.restart = None
         start(worker_id, now)
-    state.flush_checkpoint()
     return state.summary(engine="inproc")
 
 

@@ -51,9 +51,9 @@ def run_inproc(
     if config.schedule == "async":  # buffered, bounded-staleness updates on a simulated clock
         from arcsim.engine.asynchronous import run_async_inproc
 
-        if resume:
-            raise ValueError("--resume: schedule: async runs cannot resume yet (their event queue is not checkpointed)")
-        return run_async_inproc(config, out_dir, device=device, on_round=on_round)
+        return run_async_inproc(
+            config, out_dir, resume=resume, device=device, on_round=on_round, checkpoint_seconds=checkpoint_seconds
+        )
     reuse_freed_memory()
     crafter = Crafter(config)  # the Byzantine workers collude: one crafted matrix per round
     state = RunState(

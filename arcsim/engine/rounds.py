@@ -62,6 +62,7 @@ MODEL_FILE = "model.safetensors"  # in out_dir: the final parameters as the mode
 
 HONEST, BYZANTINE = Role.HONEST, Role.BYZANTINE
 _ATTACK_PREFIX = "attack_state/"  # the checkpoint's tensors of the attack's state (RunState's attack_state)
+_ENGINE_PREFIX = "engine_state/"  # ... and of the engine's (RunState's engine_state)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class RunState:
         run_settings: Mapping[str, Any] | None = None,
         legacy_run_settings: Mapping[str, Any] | None = None,
         attack_state: AttackState | None = None,
+        engine_state: AttackState | None = None,
     ) -> None:
         """``run_settings``: values beyond the config that change results (the gRPC coordinator's quorum
         and observe cutoff), stored in every checkpoint and in summary.json; ``--resume`` refuses a
@@ -175,7 +177,10 @@ class RunState:
         resumed only when ``run_settings`` equal them, or when both are None. ``attack_state``: the
         state the run's attack keeps across rounds (:func:`arcsim.attacks.attack_state`), learned from
         while the engine crafts a round; each checkpoint holds it as of the round boundary, and a resume
-        restores it, so a resumed run crafts as an uninterrupted one."""
+        restores it, so a resumed run crafts as an uninterrupted one. ``engine_state``: what an engine holds
+        beyond the parameters (the asynchronous engine's event queue and vectors in flight), with the same
+        two methods; saved as it is whenever a checkpoint is written (only from within ``close_round`` for
+        such an engine, where that state is whole), restored on resume."""
         if not checkpoint_seconds >= 0.0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {checkpoint_seconds!r}")
         self.config = config
@@ -209,6 +214,7 @@ class RunState:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._rounds_path = self.out_dir / "rounds.jsonl"
         self.attack_state = attack_state
+        self.engine_state = engine_state
         # The attack state as of the last round boundary: the engine changes it while a round is crafted,
         # before the round closes, and a checkpoint covers only closed rounds.
         self._attack_snapshot = attack_state.state_dict() if attack_state is not None else None
@@ -438,6 +444,10 @@ class RunState:
             attack_values, attack_tensors = self._attack_snapshot
             values["attack_state"] = attack_values
             tensors.update({f"{_ATTACK_PREFIX}{name}": tensor for name, tensor in attack_tensors.items()})
+        if self.engine_state is not None:
+            engine_values, engine_tensors = self.engine_state.state_dict()
+            values["engine_state"] = engine_values
+            tensors.update({f"{_ENGINE_PREFIX}{name}": tensor for name, tensor in engine_tensors.items()})
         name = f"round-{self.round:08d}{checkpoint.SUFFIX}"
         if self._writer is None:
             checkpoint.save(self.ckpt_dir, name, values, tensors)
@@ -498,6 +508,13 @@ class RunState:
             except ValueError as error:
                 raise ValueError(f"--resume: the checkpoint in {self.ckpt_dir}: {error}") from None
             self._attack_snapshot = self.attack_state.state_dict()
+        if self.engine_state is not None:
+            if "engine_state" not in values:
+                raise ValueError(f"--resume: the checkpoint in {self.ckpt_dir} holds no state of the engine")
+            self.engine_state.load_state_dict(
+                values["engine_state"],
+                {n[len(_ENGINE_PREFIX) :]: t for n, t in found.tensors.items() if n.startswith(_ENGINE_PREFIX)},
+            )
         self.best_accuracy = values["best_accuracy"]
         self.last_accuracy = values["last_accuracy"]
         # Absent from checkpoints written before the validation split existed: those runs had none.
