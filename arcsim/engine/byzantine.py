@@ -64,6 +64,8 @@ class Crafter:
         state = self.state
         if not isinstance(state, MimicState) or state.index is not None or self._warned:
             return
+        if self.config.schedule == "async":  # it learns from each crafting, keyed by time, not from rounds
+            return
         if state.rounds_seen != round_:
             self._warned = True
             log.warning(
