@@ -7,7 +7,7 @@ sweep folder (completed, or diverged; see arcsim/report.py), in folder-name orde
 
 * ``run``: the folder's name; ``config_yaml``: its config.yaml; ``summary``: its summary.json;
 * ``records``: the rounds.jsonl records of the rounds that evaluated (test or validation accuracy) and
-  of the last round, whole; the other rounds are left out.
+  of the last round, whole; the other rounds are left out (``--all-rounds`` keeps every round).
 
 ``arcsim archive --extract FILE DIR`` writes them back as run folders (config.yaml, summary.json,
 rounds.jsonl with the kept records). ``arcsim report DIR`` reads those as it reads the originals (its
@@ -58,7 +58,7 @@ def _run_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.yaml").exists())
 
 
-def _entry(run_dir: Path) -> dict[str, Any] | None:
+def _entry(run_dir: Path, *, all_rounds: bool = False) -> dict[str, Any] | None:
     """The archive line of ``run_dir``, or None when the run is not complete (or unreadable)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -77,11 +77,13 @@ def _entry(run_dir: Path) -> dict[str, Any] | None:
         return None  # rounds.jsonl does not end with the last round the summary says was done
     if not all(isinstance(r, int) for r in rounds) or rounds != sorted(set(rounds)):
         return None  # (an extracted archive's rounds.jsonl holds only the kept rounds: archived again as is)
-    return {"run": run_dir.name, "config_yaml": config_yaml, "summary": summary, "records": kept_records(records)}
+    kept = records if all_rounds else kept_records(records)
+    return {"run": run_dir.name, "config_yaml": config_yaml, "summary": summary, "records": kept}
 
 
-def archive_runs(path: str | Path, out: str | Path) -> ArchiveResult:
-    """Archive the complete runs of the run or sweep folder ``path`` into ``out`` (gzipped JSON lines).
+def archive_runs(path: str | Path, out: str | Path, *, all_rounds: bool = False) -> ArchiveResult:
+    """Archive the complete runs of the run or sweep folder ``path`` into ``out`` (gzipped JSON lines);
+    ``all_rounds`` keeps every round's record (e.g. an asynchronous run's windows), not only the evaluated.
 
     ValueError when ``path`` is not a folder or holds no complete run. The file is written atomically.
     """
@@ -90,7 +92,7 @@ def archive_runs(path: str | Path, out: str | Path) -> ArchiveResult:
         raise ValueError(f"archive: {path} is not a folder")
     entries, skipped = [], []
     for run_dir in _run_folders(path):
-        entry = _entry(run_dir)
+        entry = _entry(run_dir, all_rounds=all_rounds)
         if entry is None:
             skipped.append(run_dir.name)
         else:

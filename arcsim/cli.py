@@ -546,7 +546,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
             + (f" ({len(result.skipped)} folders already there, left as they are)" if result.skipped else "")
         )
     else:
-        result = archive_runs(args.source, args.target)
+        result = archive_runs(args.source, args.target, all_rounds=args.all_rounds)
         print(
             f"archived {len(result.runs)} runs in {result.path} ({result.path.stat().st_size:,} bytes)"
             + (f"; {len(result.skipped)} run folders not complete, left out" if result.skipped else "")
@@ -862,6 +862,9 @@ def _add_sweep_and_report(sub: Any) -> None:
     archive.add_argument("source", help="a run or sweep folder (with --extract: the archive)")
     archive.add_argument("target", help="the archive to write (with --extract: the folder to write the runs into)")
     archive.add_argument("--extract", action="store_true", help="write an archive's runs back as run folders")
+    archive.add_argument(
+        "--all-rounds", action="store_true", help="keep every round's record, not only the evaluated ones and the last"
+    )
     archive.set_defaults(func=cmd_archive)
 
 

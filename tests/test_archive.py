@@ -112,3 +112,10 @@ def test_cli_archive_and_extract(swept: Path, tmp_path: Path, capsys: pytest.Cap
     assert "extracted 4 runs" in capsys.readouterr().out
     assert main(["archive", str(tmp_path / "missing"), str(tmp_path / "b.jsonl.gz")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_all_rounds_keeps_every_record(swept: Path, tmp_path: Path) -> None:
+    written = archive_runs(swept, tmp_path / "all.jsonl.gz", all_rounds=True)
+    extract_runs(written.path, tmp_path / "all")
+    runs, _ = load_runs(tmp_path / "all")
+    assert {tuple(r["round"] for r in run.records) for run in runs} == {tuple(range(10))}

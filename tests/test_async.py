@@ -338,3 +338,12 @@ def test_an_async_run_stopped_and_resumed_ends_as_uninterrupted(
     assert [(r["window"], r["accuracy"]) for r in _records(tmp_path / "stopped")] == [
         (r["window"], r["accuracy"]) for r in _records(tmp_path / "whole")
     ]
+
+
+def test_the_committed_async_grid_expands_into_its_twelve_runs() -> None:
+    from arcsim import sweep
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "async" / "fashion-async.yaml"
+    plan = sweep.load_sweep(path)
+    assert len(plan.runs) == 12 and {run.config.schedule for run in plan.runs} == {"sync", "async"}
+    assert "arcsim sweep configs/async/fashion-async.yaml" in path.read_text()
