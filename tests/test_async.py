@@ -294,19 +294,23 @@ def test_the_coordinator_metrics_observe_each_window(tmp_path: Path) -> None:
     assert sample("arcsim_submissions_rejected_total", {"reason": "stale"}) == sum(w["stale_refused"] for w in windows)
 
 
-@pytest.mark.parametrize("where", ["after-an-update", "between-updates"])
+@pytest.mark.parametrize(
+    ("where", "byzantine_speed"),
+    [
+        ("after-an-update", {"distribution": "lognormal", "median": 1.0, "sigma": 0.8}),
+        ("between-updates", {"distribution": "lognormal", "median": 1.0, "sigma": 0.8}),
+        # colluders arriving together, one of them closing a window: the others craft after the update
+        ("after-an-update", {"distribution": "constant", "seconds": 0.3}),
+    ],
+    ids=["after-an-update", "between-updates", "colluders-together"],
+)
 def test_an_async_run_stopped_and_resumed_ends_as_uninterrupted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, byzantine_speed: dict
 ) -> None:
-    # Prepare: Mimic learning its target (an attack state too), equal speeds so windows hold stale vectors
+    # Prepare: Mimic learning its target (an attack state too)
     from arcsim.engine.honest import HonestWorker
 
-    values = {
-        **ASYNC,
-        "attack": "mimic",
-        "attack_params": {"learn_steps": 6},
-        "speeds": {"byzantine": {"distribution": "lognormal", "median": 1.0, "sigma": 0.8}},
-    }
+    values = {**ASYNC, "attack": "mimic", "attack_params": {"learn_steps": 6}, "speeds": {"byzantine": byzantine_speed}}
     config = from_dict(values)
     expected = run_inproc(config, tmp_path / "whole")
     calls: list[int] = []

@@ -169,7 +169,8 @@ def run_async_inproc(
             rows = [e.payload[0] for e in buffer.entries() if e.worker_id < config.num_honest]
             observed = torch.stack(rows) if rows else sim.last_honest
             if observed is not None:
-                vector = byzantine[worker_id].vector(params=state.params, round_=_craft_key(now), honest=observed)
+                key = _craft_key(now, state.round)
+                vector = byzantine[worker_id].vector(params=state.params, round_=key, honest=observed)
         if vector is not None and _finite(vector):
             if buffer.offer(worker_id, version=version, current=state.round, payload=(vector, loss)) == "stale":
                 stale += 1
@@ -219,6 +220,8 @@ def run_async_inproc(
     return state.summary(engine="inproc")
 
 
-def _craft_key(now: float) -> int:
-    """The crafting's key for the Crafter's per-round cache and the attack noise: one per arrival time."""
-    return int(now * 1e6)
+def _craft_key(now: float, version: int) -> int:
+    """The crafting's key for the Crafter's per-round cache and the attack noise: one per arrival time and
+    model version, so colluders arriving together share a matrix, but not across an update between them
+    (which a resumed run, its cache empty, could not reproduce)."""
+    return int(now * 1e6) * 1_000_003 + version
