@@ -329,13 +329,13 @@ def _check_schedule(data: dict[str, Any]) -> None:
     from arcsim.schedule import STALENESS_WEIGHTINGS, check_speed
 
     _choice(data, "schedule", SCHEDULES)
-    settings, speeds = data["async"], data["speeds"]
     for key in ("async", "speeds"):
         if not isinstance(data[key], dict):
             raise _fail(key, f"must be a mapping, got {data[key]!r}")
         if data[key] and data["schedule"] != "async":
             raise _fail(key, "is only used with schedule: async")
-    data["async"], data["speeds"] = dict(settings), dict(speeds)
+        data[key] = dict(data[key])  # the caller's mapping is never changed
+    settings, speeds = data["async"], data["speeds"]
     unknown = sorted(set(settings) - set(ASYNC_KEYS))
     if unknown:
         raise _fail("async", f"unknown keys {unknown}; valid: {', '.join(ASYNC_KEYS)}")
