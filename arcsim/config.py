@@ -126,7 +126,15 @@ _YAML_KEYS = {"async_": "async"}  # field name -> the config key that names it
 _FIELDS = {_YAML_KEYS.get(f.name, f.name): f for f in dataclasses.fields(RunConfig)}  # by config key
 CONFIG_KEYS: tuple[str, ...] = tuple(_FIELDS)
 """The config's keys, in order (as YAML and to_dict name them)."""
-ASYNC_KEYS = ("buffer_size", "staleness_bound", "staleness_weighting", "staleness_exponent", "window_f")
+ASYNC_KEYS = (
+    "buffer_size",
+    "staleness_bound",
+    "staleness_weighting",
+    "staleness_exponent",
+    "window_f",
+    "byzantine_timing",
+)
+BYZANTINE_TIMINGS = ("arrival", "start", "hold")  # when an asynchronous run's omniscient attackers craft and land
 SCHEDULES = ("sync", "async")
 # Keys added to RunConfig after run folders were recorded, with the defaults that digest() leaves out.
 _LATE_DEFAULTS: dict[str, Any] = {
@@ -357,6 +365,9 @@ def _check_schedule(data: dict[str, Any]) -> None:
             raise _fail("async", "staleness_exponent is only used by staleness_weighting: polynomial")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise _fail("async", f"staleness_exponent must be a positive number, got {value!r}")
+    timing = settings.get("byzantine_timing", "arrival")
+    if timing not in BYZANTINE_TIMINGS:
+        raise _fail("async", f"byzantine_timing must be one of {', '.join(BYZANTINE_TIMINGS)}, got {timing!r}")
     unknown = sorted(set(speeds) - {"honest", "byzantine"})
     if unknown:
         raise _fail("speeds", f"unknown roles {unknown}; valid: honest, byzantine")

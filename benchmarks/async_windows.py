@@ -24,8 +24,11 @@ def _schedule(config: dict) -> str:
     byzantine = speeds.get("byzantine", {"distribution": "constant", "seconds": 1.0})
     speed = "fast (0.2 s)" if byzantine == {"distribution": "constant", "seconds": 0.2} else "as honest"
     weighting = settings.get("staleness_weighting", "none")
-    return f"async K={settings.get('buffer_size')}, Byzantine {speed}" + (
-        f", {weighting} weights" if weighting != "none" else ""
+    timing = settings.get("byzantine_timing", "arrival")
+    return (
+        f"async K={settings.get('buffer_size')}, Byzantine {speed}"
+        + (f", {weighting} weights" if weighting != "none" else "")
+        + (f", timing {timing}" if timing != "arrival" else "")
     )
 
 

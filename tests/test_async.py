@@ -301,8 +301,10 @@ def test_the_coordinator_metrics_observe_each_window(tmp_path: Path) -> None:
         ("between-updates", {"distribution": "lognormal", "median": 1.0, "sigma": 0.8}),
         # colluders arriving together, one of them closing a window: the others craft after the update
         ("after-an-update", {"distribution": "constant", "seconds": 0.3}),
+        # attackers held until they fill a window together (some may be waiting at a checkpoint)
+        ("between-updates", {"distribution": "constant", "seconds": 0.4, "timing": "hold"}),
     ],
-    ids=["after-an-update", "between-updates", "colluders-together"],
+    ids=["after-an-update", "between-updates", "colluders-together", "held-attackers"],
 )
 def test_an_async_run_stopped_and_resumed_ends_as_uninterrupted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, byzantine_speed: dict
@@ -310,7 +312,15 @@ def test_an_async_run_stopped_and_resumed_ends_as_uninterrupted(
     # Prepare: Mimic learning its target (an attack state too)
     from arcsim.engine.honest import HonestWorker
 
-    values = {**ASYNC, "attack": "mimic", "attack_params": {"learn_steps": 6}, "speeds": {"byzantine": byzantine_speed}}
+    speed = {k: v for k, v in byzantine_speed.items() if k != "timing"}
+    timing = {"byzantine_timing": byzantine_speed["timing"]} if "timing" in byzantine_speed else {}
+    values = {
+        **ASYNC,
+        "attack": "mimic",
+        "attack_params": {"learn_steps": 6},
+        "async": {**ASYNC["async"], **timing},
+        "speeds": {"byzantine": speed},
+    }
     config = from_dict(values)
     expected = run_inproc(config, tmp_path / "whole")
     calls: list[int] = []
@@ -344,10 +354,38 @@ def test_an_async_run_stopped_and_resumed_ends_as_uninterrupted(
     ]
 
 
-def test_the_committed_async_grid_expands_into_its_twelve_runs() -> None:
+def test_the_committed_async_grid_expands_into_its_sixteen_runs() -> None:
     from arcsim import sweep
 
     path = Path(__file__).resolve().parent.parent / "configs" / "async" / "fashion-async.yaml"
     plan = sweep.load_sweep(path)
-    assert len(plan.runs) == 12 and {run.config.schedule for run in plan.runs} == {"sync", "async"}
+    assert len(plan.runs) == 16 and {run.config.schedule for run in plan.runs} == {"sync", "async"}
     assert "arcsim sweep configs/async/fashion-async.yaml" in path.read_text()
+
+
+def test_held_attackers_land_together_and_start_crafted_ones_arrive_stale(tmp_path: Path) -> None:
+    # Prepare: slow attackers (3 s a step against the honest median of 1 s), three timings
+    def run(timing: str) -> list[dict[str, Any]]:
+        values = {
+            **ASYNC,
+            "rounds": 20,
+            "async": {"buffer_size": 5, "staleness_bound": 3, "byzantine_timing": timing},
+            "speeds": {
+                "honest": {"distribution": "lognormal", "median": 1.0, "sigma": 0.5},
+                "byzantine": {"distribution": "constant", "seconds": 3.0},
+            },
+        }
+        run_inproc(from_dict(values), tmp_path / timing)
+        return [r["window"] for r in _records(tmp_path / timing)]
+
+    # Execute
+    arrival, start, hold = run("arrival"), run("start"), run("hold")
+    # Assert: held attackers enter a window both or neither, and fill its end; start-crafted ones can be
+    # stale; attackers on arrival are never stale
+    counts = [w["roles"].count("byzantine") for w in hold]
+    assert set(counts) <= {0, 2} and 2 in counts
+    assert any(s > 0 for w in start for s, r in zip(w["staleness"], w["roles"]) if r == "byzantine")
+    assert all(s == 0 for w in arrival for s, r in zip(w["staleness"], w["roles"]) if r == "byzantine")
+    assert from_dict({**ASYNC, "async": {"buffer_size": 5, "byzantine_timing": "hold"}}).async_["byzantine_timing"]
+    with pytest.raises(ConfigError, match="byzantine_timing must be one of arrival, start, hold"):
+        from_dict({**ASYNC, "async": {"buffer_size": 5, "byzantine_timing": "late"}})

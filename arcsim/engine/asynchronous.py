@@ -14,10 +14,15 @@ What each worker computes:
 * An honest worker (and a data attack's Byzantine trainer) computes its momentum at the version it took,
   on the batch of its own step k (the draws of round k of a synchronous run: (seed, "batch", k, id)),
   when it takes the model; the vector arrives after the step's duration with that version's staleness.
-* A Byzantine worker of a vector attack is omniscient and fast to react: when it arrives, it crafts from
-  the honest vectors in the buffer at that moment (the window so far; the last window's when the buffer
-  holds none, and it sits the step out before any honest vector exists) and claims the current version
-  (staleness 0). Colluding workers craft the same ``(f, d)`` matrix and each submits its own row.
+* A Byzantine worker of a vector attack is omniscient; ``async.byzantine_timing`` says when it crafts:
+  ``arrival`` (default): when it arrives, from the honest vectors in the buffer at that moment (the
+  window so far; the last window's when the buffer holds none; it sits the step out before any honest
+  vector exists), claiming the current version (staleness 0). ``start``: when it takes the model, from
+  what it sees then, and it arrives as stale as an honest vector taken at the same time (a realistic,
+  slower-reacting attacker). ``hold``: on arrival it waits until the waiting attackers can fill the
+  buffer, and then they all land together, crafted from that window's honest vectors (every window
+  they enter holds all of them). Colluding workers craft the same ``(f, d)`` matrix and each submits
+  its own row.
 
 Before the pipeline each vector is scaled by its staleness weight (``async.staleness_weighting``: none,
 1/sqrt(1+s), or (1+s)^-exponent), and the pipeline is built for ``async.window_f`` Byzantine vectors
@@ -66,7 +71,8 @@ class _Simulation:
         self.steps = dict.fromkeys(range(num_workers), 0)
         self.pending: dict[int, tuple[int, Tensor | None, float]] = {}  # worker -> (version, vector, loss)
         self.last_honest: Tensor | None = None  # the last window's honest vectors (for a crafter, buffer empty)
-        self.restart: tuple[int, float] | None = None  # (worker, time): the arrival that closed the last window
+        self.restart: tuple[list[int], float] | None = None  # (workers, time) whose arrival closed the last window
+        self.held: list[int] = []  # byzantine_timing hold: Byzantine workers waiting to land together
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         values = {
@@ -75,6 +81,7 @@ class _Simulation:
             "steps": [self.steps[w] for w in sorted(self.steps)],
             "pending": {str(w): [v, loss] for w, (v, _, loss) in sorted(self.pending.items())},
             "restart": self.restart,
+            "held": list(self.held),
             "momenta": sorted(w for w, t in self.trainers.items() if t.momentum is not None),
         }
         tensors = {f"vector/{w}": vector for w, (_, vector, _) in self.pending.items() if vector is not None}
@@ -90,7 +97,9 @@ class _Simulation:
             int(w): (int(version), tensors.get(f"vector/{w}"), float(loss))
             for w, (version, loss) in values["pending"].items()
         }
-        self.restart = None if values["restart"] is None else (int(values["restart"][0]), float(values["restart"][1]))
+        restart = values["restart"]
+        self.restart = None if restart is None else ([int(w) for w in restart[0]], float(restart[1]))
+        self.held = [int(w) for w in values.get("held", [])]
         for w in values["momenta"]:
             self.trainers[int(w)].set_momentum(tensors[f"momentum/{w}"])
         self.last_honest = tensors.get("last_honest")
@@ -138,6 +147,7 @@ def run_async_inproc(
     settings = config.async_
     buffer = Buffer(size=config.buffer_size, staleness_bound=int(settings.get("staleness_bound", 0)))
     weighting = str(settings.get("staleness_weighting", "none"))
+    timing = str(settings.get("byzantine_timing", "arrival"))
     exponent = float(settings.get("staleness_exponent", 0.5))
     speeds = Speeds(config.speeds, seed=config.seed, num_honest=config.num_honest, num_workers=config.num_workers)
     stale = non_finite = 0
@@ -152,39 +162,62 @@ def run_async_inproc(
         if trainer is not None:
             vector = trainer.step(state.params, step)
             sim.pending[worker_id] = (state.round, vector, trainer.last_loss)
+        elif timing == "start":  # crafted now, from what it sees now, and as stale as an honest vector on arrival
+            sim.pending[worker_id] = (state.round, craft(worker_id, now), float("nan"))
         else:
             sim.pending[worker_id] = (state.round, None, float("nan"))
         sim.queue.push(now + speeds.duration(worker_id, step), worker_id)
 
+    def craft(worker_id: int, now: float) -> Tensor | None:
+        """Worker ``worker_id``'s crafted row from the honest vectors in the buffer (else the last window's)."""
+        rows = [e.payload[0] for e in buffer.entries() if e.worker_id < config.num_honest]
+        observed = torch.stack(rows) if rows else sim.last_honest
+        if observed is None:
+            return None  # no honest vector exists yet: it sits the step out
+        key = _craft_key(now, state.round)
+        return byzantine[worker_id].vector(params=state.params, round_=key, honest=observed)
+
+    def offer(worker_id: int, version: int, vector: Tensor | None, loss: float) -> None:
+        nonlocal stale, non_finite
+        if vector is None:
+            return
+        if not _finite(vector):
+            non_finite += 1
+            blocked.add(worker_id)
+        elif buffer.offer(worker_id, version=version, current=state.round, payload=(vector, loss)) == "stale":
+            stale += 1
+        else:
+            blocked.discard(worker_id)
+
     if state.round == 0:
         for worker_id in range(config.num_workers):
             start(worker_id, 0.0)
-    elif sim.restart is not None:  # resumed: the worker whose arrival closed the checkpointed window
-        start(*sim.restart)
+    elif sim.restart is not None:  # resumed: the workers whose arrival closed the checkpointed window
+        workers, now = sim.restart
+        for restarted in workers:
+            start(restarted, now)
     while not state.done:
         now, worker_id = sim.queue.pop()
         version, vector, loss = sim.pending.pop(worker_id)
-        if vector is None:  # an omniscient Byzantine worker crafts from what the buffer holds now
-            version = state.round
-            rows = [e.payload[0] for e in buffer.entries() if e.worker_id < config.num_honest]
-            observed = torch.stack(rows) if rows else sim.last_honest
-            if observed is not None:
-                key = _craft_key(now, state.round)
-                vector = byzantine[worker_id].vector(params=state.params, round_=key, honest=observed)
-        if vector is not None and _finite(vector):
-            if buffer.offer(worker_id, version=version, current=state.round, payload=(vector, loss)) == "stale":
-                stale += 1
-            else:
-                blocked.discard(worker_id)
-        elif vector is not None:
-            non_finite += 1
-            blocked.add(worker_id)
+        released: list[int] = []
+        if worker_id >= config.num_honest and worker_id not in trainers and timing == "hold":
+            sim.held.append(worker_id)  # it waits to land with the others at the end of a window
+        else:
+            if vector is None and timing == "arrival":  # omniscient: crafted from what the buffer holds now
+                version, vector = state.round, craft(worker_id, now)
+            offer(worker_id, version, vector, loss)
+        if sim.held and len({e.worker_id for e in buffer.entries()} | set(sim.held)) >= buffer.size:
+            # The held workers land together, crafted from the window's honest vectors, filling it.
+            released, sim.held = sorted(sim.held), []
+            for held_id in released:
+                offer(held_id, state.round, craft(held_id, now), float("nan"))
         # A diverged model's vectors are non-finite, so the buffer might never fill: once the workers that
         # sent a non-finite vector since the last update leave too few others to fill it, the update closes
         # with what the buffer holds (the pipeline may skip it, as a synchronous round short of vectors).
-        held = {e.worker_id for e in buffer.entries()}
-        open_workers = sum(1 for w in range(config.num_workers) if w not in held and w not in blocked)
-        stuck = not buffer.full and len(held) + open_workers < buffer.size
+        restarting = sorted({worker_id, *released} - set(sim.held))  # take the model again after this arrival
+        in_buffer = {e.worker_id for e in buffer.entries()}
+        open_workers = sum(1 for w in range(config.num_workers) if w not in in_buffer and w not in blocked)
+        stuck = not buffer.full and len(in_buffer) + open_workers < buffer.size
         if buffer.full or stuck:
             window = buffer.take()
             weights = [staleness_weight(e.staleness, weighting=weighting, exponent=exponent) for e in window]
@@ -192,7 +225,7 @@ def run_async_inproc(
             honest_rows = [e.payload[0] for e in window if e.worker_id < config.num_honest]
             if honest_rows:
                 sim.last_honest = torch.stack(honest_rows)
-            sim.restart = (worker_id, now)
+            sim.restart = (restarting, now)
             byzantine_count = sum(1 for e in window if e.worker_id >= config.num_honest)
             record = state.close_round(
                 vectors,
@@ -216,7 +249,8 @@ def run_async_inproc(
             if on_round is not None:
                 on_round(state, record)
             sim.restart = None
-        start(worker_id, now)
+        for restarted in restarting:
+            start(restarted, now)
     return state.summary(engine="inproc")
 
 
