@@ -170,6 +170,10 @@ class EventQueue:
         if any(time < now for time, _ in self._heap):
             raise ValueError(f"an event before the present {now}")
 
+    def next_time(self) -> float:
+        """The time of the earliest pending event (infinity when none is pending)."""
+        return self._heap[0][0] if self._heap else math.inf
+
     def events(self) -> list[tuple[float, int]]:
         """The pending events (time, worker id), in no particular order."""
         return list(self._heap)

@@ -164,7 +164,7 @@ def test_an_async_run_is_deterministic_and_records_its_windows(tmp_path: Path) -
     other = run_inproc(from_dict({**ASYNC, "seed": 2}), tmp_path / "three")
     assert first["final_params_sha256"] == second["final_params_sha256"] != other["final_params_sha256"]
     records = _records(tmp_path / "one")
-    assert len(records) == ASYNC["rounds"] and all(r["window"]["full"] for r in records)
+    assert len(records) == ASYNC["rounds"] and all(r["window"]["closed"] == "full" for r in records)
     assert [r["accuracy"] is not None for r in records] == [(t + 1) % 6 == 0 for t in range(12)]
     # The two Byzantine workers, three times faster than the honest median, are in every window: 2 of 5
     assert {r["window"]["byzantine_share"] for r in records} == {0.4}
@@ -178,7 +178,7 @@ def _check_windows(records: list[dict[str, Any]], *, size: int, bound: int, num_
         workers = window["workers"]
         assert workers == sorted(set(workers)), "a worker twice in a window"
         assert max(window["staleness"], default=0) <= bound, "a vector older than the bound aggregated"
-        assert len(workers) == size or not window["full"]
+        assert len(workers) == size or window["closed"] != "full"
         assert window["roles"] == ["honest" if w < num_honest else "byzantine" for w in workers]
         assert (record["received_honest"], record["received_byzantine"]) == (
             window["roles"].count("honest"),
@@ -389,3 +389,68 @@ def test_held_attackers_land_together_and_start_crafted_ones_arrive_stale(tmp_pa
     assert from_dict({**ASYNC, "async": {"buffer_size": 5, "byzantine_timing": "hold"}}).async_["byzantine_timing"]
     with pytest.raises(ConfigError, match="byzantine_timing must be one of arrival, start, hold"):
         from_dict({**ASYNC, "async": {"buffer_size": 5, "byzantine_timing": "late"}})
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_valid_async_config_completes_with_its_windows_invariants(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    # Prepare: worker counts from one honest worker and no attacker up, buffers from the smallest the
+    # window's f allows to every worker, every timing and every speed distribution
+    num_honest = data.draw(st.integers(1, 5), label="num_honest")
+    num_byzantine = data.draw(st.integers(0, 3), label="num_byzantine")
+    n = num_honest + num_byzantine
+    window_f = data.draw(st.integers(0, min(num_byzantine, (n - 1) // 2)), label="window_f")
+    size = data.draw(st.integers(2 * window_f + 1, n), label="buffer_size")
+    speed = st.sampled_from(
+        [
+            {"distribution": "constant", "seconds": 0.5},
+            {"distribution": "lognormal", "median": 1.0, "sigma": 1.5},
+            {"distribution": "zipf", "exponent": 1.5, "scale": 0.1},
+        ]
+    )
+    values = {
+        **tiny_values(model="logreg", num_honest=num_honest, num_byzantine=num_byzantine),
+        "attack": data.draw(st.sampled_from(["foe", "sign_flip", "label_flip", "mimic"])) if num_byzantine else "none",
+        "pipeline": "arc > cwtm" if window_f else "cwtm",
+        "rounds": 8,
+        "eval_every": 4,
+        "seed": data.draw(st.integers(0, 50)),
+        "schedule": "async",
+        "async": {
+            "buffer_size": size,
+            "staleness_bound": data.draw(st.integers(0, 3)),
+            "window_f": window_f,
+            "byzantine_timing": data.draw(st.sampled_from(["arrival", "start", "hold"])),
+        },
+        "speeds": {"honest": data.draw(speed), "byzantine": data.draw(speed)},
+    }
+    out = tmp_path_factory.mktemp("any")
+    # Execute
+    summary = run_inproc(from_dict(values), out)
+    # Assert
+    assert summary["rounds_completed"] == 8
+    _check_windows(_records(out), size=size, bound=values["async"]["staleness_bound"], num_honest=num_honest)
+
+
+def test_a_window_waiting_for_a_straggler_closes_at_the_round_deadline(tmp_path: Path) -> None:
+    # Prepare: the buffer wants every worker, and worker 0 takes 1,000 s a step; the deadline is 20 s
+    trace = tmp_path / "trace.txt"
+    trace.write_text("1000\n" + "1\n" * 5)
+    values = {
+        **ASYNC,
+        "rounds": 6,
+        "round_deadline": 20.0,
+        "async": {"buffer_size": 8, "staleness_bound": 2},
+        "speeds": {"honest": {"distribution": "trace", "file": str(trace)}},
+    }
+    # Execute
+    summary = run_inproc(from_dict(values), tmp_path / "run")
+    # Assert: every window closed at its deadline, 20 s apart, without worker 0, and was aggregated
+    windows = [r["window"] for r in _records(tmp_path / "run")]
+    assert summary["rounds_completed"] == 6
+    assert [w["closed"] for w in windows] == ["deadline"] * 6
+    assert [w["time"] for w in windows] == [20.0 * (k + 1) for k in range(6)]
+    assert all(0 not in w["workers"] and len(w["workers"]) == 7 for w in windows)
+    assert all(r["aggregated"] for r in _records(tmp_path / "run"))

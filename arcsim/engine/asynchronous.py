@@ -6,8 +6,10 @@ vector per worker, refuses a vector more than ``async.staleness_bound`` versions
 once it holds ``async.buffer_size`` (K) vectors it aggregates them: one model update, the next version.
 An update is what ``rounds`` counts, ``eval_every`` too, and what rounds.jsonl records, each line with a
 ``window``: the simulated time of the update, the workers in it (id order) with their roles and
-staleness, the Byzantine share of the window, whether the buffer was full, and the vectors refused since
-the last update (``stale_refused``, ``non_finite_refused``).
+staleness, the Byzantine share of the window, how it closed (``closed``: ``full``; ``deadline``, when
+``round_deadline`` simulated seconds passed since the last update with the buffer not full, so that a
+straggler cannot hold the run; ``stuck``, see below), and the vectors refused since the last update
+(``stale_refused``, ``non_finite_refused``).
 
 What each worker computes:
 
@@ -73,6 +75,7 @@ class _Simulation:
         self.last_honest: Tensor | None = None  # the last window's honest vectors (for a crafter, buffer empty)
         self.restart: tuple[list[int], float] | None = None  # (workers, time) whose arrival closed the last window
         self.held: list[int] = []  # byzantine_timing hold: Byzantine workers waiting to land together
+        self.window_opened = 0.0  # simulated time of the last update: the window closes by round_deadline after
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         values = {
@@ -82,6 +85,7 @@ class _Simulation:
             "pending": {str(w): [v, loss] for w, (v, _, loss) in sorted(self.pending.items())},
             "restart": self.restart,
             "held": list(self.held),
+            "window_opened": self.window_opened,
             "momenta": sorted(w for w, t in self.trainers.items() if t.momentum is not None),
         }
         tensors = {f"vector/{w}": vector for w, (_, vector, _) in self.pending.items() if vector is not None}
@@ -100,6 +104,7 @@ class _Simulation:
         restart = values["restart"]
         self.restart = None if restart is None else ([int(w) for w in restart[0]], float(restart[1]))
         self.held = [int(w) for w in values.get("held", [])]
+        self.window_opened = float(values.get("window_opened", 0.0))
         for w in values["momenta"]:
             self.trainers[int(w)].set_momentum(tensors[f"momentum/{w}"])
         self.last_honest = tensors.get("last_honest")
@@ -189,6 +194,40 @@ def run_async_inproc(
         else:
             blocked.discard(worker_id)
 
+    def close(now: float, restarting: list[int], reason: str) -> None:
+        """One update from the buffer's window; ``restarting``: the workers that take the model after it."""
+        nonlocal stale, non_finite, opened_at
+        window = buffer.take()
+        weights = [staleness_weight(e.staleness, weighting=weighting, exponent=exponent) for e in window]
+        vectors = {e.worker_id: e.payload[0] if w == 1.0 else e.payload[0] * w for e, w in zip(window, weights)}
+        honest_rows = [e.payload[0] for e in window if e.worker_id < config.num_honest]
+        if honest_rows:
+            sim.last_honest = torch.stack(honest_rows)
+        sim.restart, sim.window_opened = (restarting, now), now
+        byzantine_count = sum(1 for e in window if e.worker_id >= config.num_honest)
+        record = state.close_round(
+            vectors,
+            train_losses={e.worker_id: e.payload[1] for e in window if e.worker_id < config.num_honest},
+            opened_at=opened_at,
+            window={
+                "time": now,
+                "workers": [e.worker_id for e in window],
+                "roles": [state.role(e.worker_id) for e in window],
+                "staleness": [e.staleness for e in window],
+                "byzantine_share": byzantine_count / len(window) if window else None,
+                "closed": reason,
+                "stale_refused": stale,
+                "non_finite_refused": non_finite,
+            },
+            refused=stale + non_finite,
+        )
+        stale = non_finite = 0
+        blocked.clear()
+        opened_at = time.perf_counter()
+        if on_round is not None:
+            on_round(state, record)
+        sim.restart = None
+
     if state.round == 0:
         for worker_id in range(config.num_workers):
             start(worker_id, 0.0)
@@ -197,6 +236,12 @@ def run_async_inproc(
         for restarted in workers:
             start(restarted, now)
     while not state.done:
+        deadline = sim.window_opened + config.round_deadline
+        if sim.queue.next_time() > deadline:
+            # Nothing arrives before the window's deadline: it closes with what it holds (the pipeline may
+            # skip it), as a synchronous round does at its deadline, and a straggler cannot hold the run.
+            close(deadline, [], "deadline")
+            continue
         now, worker_id = sim.queue.pop()
         version, vector, loss = sim.pending.pop(worker_id)
         released: list[int] = []
@@ -219,36 +264,7 @@ def run_async_inproc(
         open_workers = sum(1 for w in range(config.num_workers) if w not in in_buffer and w not in blocked)
         stuck = not buffer.full and len(in_buffer) + open_workers < buffer.size
         if buffer.full or stuck:
-            window = buffer.take()
-            weights = [staleness_weight(e.staleness, weighting=weighting, exponent=exponent) for e in window]
-            vectors = {e.worker_id: e.payload[0] if w == 1.0 else e.payload[0] * w for e, w in zip(window, weights)}
-            honest_rows = [e.payload[0] for e in window if e.worker_id < config.num_honest]
-            if honest_rows:
-                sim.last_honest = torch.stack(honest_rows)
-            sim.restart = (restarting, now)
-            byzantine_count = sum(1 for e in window if e.worker_id >= config.num_honest)
-            record = state.close_round(
-                vectors,
-                train_losses={e.worker_id: e.payload[1] for e in window if e.worker_id < config.num_honest},
-                opened_at=opened_at,
-                window={
-                    "time": now,
-                    "workers": [e.worker_id for e in window],
-                    "roles": [state.role(e.worker_id) for e in window],
-                    "staleness": [e.staleness for e in window],
-                    "byzantine_share": byzantine_count / len(window) if window else None,
-                    "full": not stuck,
-                    "stale_refused": stale,
-                    "non_finite_refused": non_finite,
-                },
-                refused=stale + non_finite,
-            )
-            stale = non_finite = 0
-            blocked.clear()
-            opened_at = time.perf_counter()
-            if on_round is not None:
-                on_round(state, record)
-            sim.restart = None
+            close(now, restarting, "full" if buffer.full else "stuck")
         for restarted in restarting:
             start(restarted, now)
     return state.summary(engine="inproc")
