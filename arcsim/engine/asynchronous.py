@@ -48,11 +48,11 @@ import torch
 from torch import Tensor
 
 from arcsim.config import RunConfig
-from arcsim.engine.byzantine import ByzantineWorker, Crafter
-from arcsim.engine.honest import HonestWorker, shards
+from arcsim.engine.byzantine import Crafter
+from arcsim.engine.honest import HonestWorker
+from arcsim.engine.inproc import make_workers
 from arcsim.engine.rounds import RoundRecord, RunState
 from arcsim.schedule import Buffer, EventQueue, Speeds, staleness_weight
-from arcsim.tasks import load_dataset
 
 __all__ = ["run_async_inproc"]
 
@@ -126,17 +126,12 @@ def run_async_inproc(
     if config.schedule != "async":
         raise ValueError(f"run_async_inproc runs schedule: async configs, got schedule: {config.schedule}")
     crafter = Crafter(config)
-    dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
-    shard_list = shards(config, dataset)
-    honest = {
-        i: HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list)
-        for i in range(config.num_honest)
+    honest_workers, byzantine_workers = make_workers(config, crafter, device=device)
+    byzantine = {w.worker_id: w for w in byzantine_workers}
+    trainers = {
+        **{w.worker_id: w for w in honest_workers},
+        **{i: w.trainer for i, w in byzantine.items() if w.trainer is not None},
     }
-    byzantine = {
-        i: ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
-        for i in range(config.num_honest, config.num_workers)
-    }
-    trainers = {**honest, **{i: w.trainer for i, w in byzantine.items() if w.trainer is not None}}
     sim = _Simulation(trainers, config.num_workers)
     # A checkpoint after the first update, then every checkpoint_seconds and after the last one, each taken
     # inside an update's close (the simulation's state is whole there); an interrupted run keeps the last one.

@@ -64,15 +64,7 @@ def run_inproc(
         checkpoint_seconds=checkpoint_seconds,
         attack_state=crafter.state,  # checkpointed with the run, restored on --resume
     )
-    dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
-    shard_list = shards(config, dataset)
-    honest = [
-        HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list) for i in range(config.num_honest)
-    ]
-    byzantine = [
-        ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
-        for i in range(config.num_honest, config.num_workers)
-    ]
+    honest, byzantine = make_workers(config, crafter, device=device)
     for worker in (*honest, *byzantine):
         worker.set_momentum(state.last_vectors.get(worker.worker_id))
     batched = BatchedWorkers(honest) if batch_workers else None
@@ -85,6 +77,23 @@ def run_inproc(
             log.warning("could not write a checkpoint while stopping: %s", error)
         raise
     return state.summary(engine="inproc")
+
+
+def make_workers(
+    config: RunConfig, crafter: Crafter, *, device: str = "cpu"
+) -> tuple[list[HonestWorker], list[ByzantineWorker]]:
+    """The run's honest workers and its Byzantine workers (colluding through ``crafter``), in id order,
+    sharing one loaded dataset and one partition."""
+    dataset = load_dataset(config.task, root=config.data_root, seed=config.seed)
+    shard_list = shards(config, dataset)
+    honest = [
+        HonestWorker(config, i, device=device, dataset=dataset, shard_list=shard_list) for i in range(config.num_honest)
+    ]
+    byzantine = [
+        ByzantineWorker(config, i, device=device, dataset=dataset, shard_list=shard_list, crafter=crafter)
+        for i in range(config.num_honest, config.num_workers)
+    ]
+    return honest, byzantine
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
