@@ -177,9 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from arcsim.tasks import load_dataset
 
     config = load_config(config_path, overrides)
-    if config.schedule != "sync" and args.engine != "inproc":
+    if config.schedule != "sync" and args.engine == "batched":
         raise UsageError(
-            f"schedule: {config.schedule} runs on the inproc engine only so far (--engine inproc), not {args.engine}"
+            f"schedule: {config.schedule} runs on the inproc and grpc engines (--engine inproc or grpc), not batched"
         )
     load_dataset(config.task, root=config.data_root, seed=config.seed)  # fail early, with the fix, if data is missing
     _one_thread()
@@ -536,6 +536,58 @@ def _print_groups(plan: Any, out_dir: Path, args: argparse.Namespace) -> None:
         print(f"{done} runs already complete")
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from arcsim.progress import format_summary
+    from arcsim.schedule import ARRIVALS_FILE, read_arrivals
+
+    run_dir, out_dir = Path(args.run_dir), Path(args.out)
+    for name in ("config.yaml", ARRIVALS_FILE):
+        if not (run_dir / name).is_file():
+            raise UsageError(f"{run_dir} has no {name}: replay takes the folder of an async run of the grpc engine")
+    if out_dir.resolve() == run_dir.resolve():
+        raise UsageError("--out must be another folder than the run's")
+    if (out_dir / "summary.json").exists():
+        raise UsageError(f"{out_dir} already holds a {_run_status(out_dir)} run; choose another --out")
+    overrides = _overrides(args.set)
+
+    from arcsim.config import load_config
+    from arcsim.engine.replay import ReplayError, replay_arrivals, schedule_changes
+
+    original = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", overrides)
+    changed = schedule_changes(original, config)
+    if changed:
+        raise UsageError(f"--set cannot change what the log fixes (the schedule): {', '.join(changed)}")
+    try:
+        events = read_arrivals(run_dir / ARRIVALS_FILE)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    _one_thread()
+    try:
+        summary = replay_arrivals(config, events, out_dir, device=args.device)
+    except ReplayError as error:
+        raise UsageError(f"cannot replay {run_dir}: {error}") from None
+    print(format_summary(summary, str(out_dir)))
+    try:
+        source = json.loads((run_dir / "summary.json").read_text())["final_params_sha256"]
+    except (OSError, ValueError, KeyError):
+        source = None
+    if source is None:
+        print(f"{run_dir} has no summary (the run did not end): nothing to compare with")
+    elif summary["final_params_sha256"] == source:
+        print(f"same final parameters as the grpc run ({source[:16]}...)")
+    elif overrides:
+        print(f"other final parameters than the grpc run (as expected under --set): {source[:16]}...")
+    else:
+        print(
+            f"arcsim: the replay ends on other parameters than the grpc run ({source[:16]}...); see arcsim/engine/"
+            "replay.py for what a replay needs (same device and torch thread count, arcsim's own adversary)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def cmd_archive(args: argparse.Namespace) -> int:
     from arcsim.archive import archive_runs, extract_runs
 
@@ -846,6 +898,31 @@ def _add_sweep_and_report(sub: Any) -> None:
         "candidates.csv, heatmaps); the runs need validation_fraction > 0",
     )
     report.set_defaults(func=cmd_report)
+
+    replay = sub.add_parser(
+        "replay",
+        help="re-run an asynchronous grpc run in process, following its arrivals.jsonl",
+        description="Follow the arrival log of an asynchronous run of the grpc engine (which worker's vector, "
+        "computed at which step on which version, landed in which window) and compute the same run again in "
+        "this process: without --set it ends on the run's final_params_sha256 (exit status 1 if not); with "
+        "--set the same schedule (stragglers, windows, stale refusals) runs under another defence or attack. "
+        "See arcsim/engine/replay.py.",
+        epilog=_examples(
+            "arcsim replay runs/async-grpc --out runs/async-grpc-replay",
+            "arcsim replay runs/async-grpc --out runs/async-grpc-noarc --set pipeline='nnm > cwtm'",
+        ),
+    )
+    replay.add_argument("run_dir", help="the folder of an asynchronous grpc run (config.yaml, arrivals.jsonl)")
+    replay.add_argument("--out", required=True, help="the replay's results folder")
+    replay.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key that does not fix the schedule (repeatable; the value is YAML)",
+    )
+    replay.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to compute")
+    replay.set_defaults(func=cmd_replay)
 
     archive = sub.add_parser(
         "archive",

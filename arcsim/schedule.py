@@ -17,12 +17,18 @@ line per worker of that role in id order, whitespace- or comma-separated seconds
 from (seed, "speed", worker id, step), so a run's schedule is the same in every process.
 
 Ties: events at the same time are taken in worker-id order.
+
+The gRPC engine runs the same schedule in real time and writes what happened to ``arrivals.jsonl``
+(:class:`ArrivalLog`, read back with :func:`read_arrivals`), which ``arcsim replay`` follows in process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import json
 import math
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,12 +38,17 @@ from typing import Any
 from arcsim.seeding import derive_seed
 
 __all__ = [
+    "ARRIVALS_FILE",
+    "ARRIVALS_FORMAT",
     "DISTRIBUTIONS",
     "STALENESS_WEIGHTINGS",
+    "ArrivalLog",
     "Buffer",
     "EventQueue",
     "Speeds",
     "check_speed",
+    "observation_key",
+    "read_arrivals",
     "staleness_weight",
 ]
 
@@ -237,3 +248,87 @@ class Buffer:
 
 def worker_ids(entries: Sequence[Entry]) -> list[int]:
     return [e.worker_id for e in entries]
+
+
+def observation_key(version: int, seqs: Sequence[int]) -> int:
+    """The crafting key of an omniscient attack that observed the arrivals ``seqs`` at model ``version``
+    (gRPC engine and ``arcsim replay``): its attack noise and the Crafter's cache are keyed by it, so that
+    colluders who observed the same vectors craft the same matrix, and a replay crafts it again.
+
+    >>> observation_key(3, [0, 4]) == observation_key(3, [0, 4]) != observation_key(3, [0, 5])
+    True
+    """
+    text = json.dumps([int(version), [int(s) for s in seqs]], separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+
+
+ARRIVALS_FILE = "arrivals.jsonl"
+ARRIVALS_FORMAT = 1
+
+
+class ArrivalLog:
+    """The gRPC engine's ``arrivals.jsonl``: what the coordinator received and aggregated, in its order.
+
+    One JSON object per line, ``event`` first:
+
+    * ``start``: ``format``, ``config_digest``, ``num_workers`` (the first line);
+    * ``arrival``: ``seq`` (0, 1, 2, ... in the order the coordinator took the vectors), ``worker``,
+      ``step`` (the worker's step number, which draws its batch), ``version`` (the model version it was
+      computed on), ``at`` (the model version when it arrived), ``outcome`` (``accepted``, ``replaced``:
+      the worker's earlier entry of the window, ``stale``, ``non_finite``), ``time`` (seconds since the
+      first version was announced) and, for an omniscient attack, ``observed``: the ``version`` and the
+      ``seqs`` of the honest vectors it was crafted from;
+    * ``update``: ``round`` (the update), ``seqs`` (the window, in worker-id order) and ``window`` (the
+      record rounds.jsonl has for it).
+
+    Each line is flushed as it is written; :meth:`truncate` cuts the file back to a checkpoint's size.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run; close() ends it
+
+    def write(self, event: str, **fields: Any) -> None:
+        self._handle.write(json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n")
+        self._handle.flush()
+
+    def size(self) -> int:
+        return self._handle.tell()
+
+    def truncate(self, size: int) -> None:
+        """Drop what was written after ``size`` bytes (a resumed run goes on from its checkpoint)."""
+        self._handle.flush()
+        if size > os.path.getsize(self.path):
+            raise ValueError(f"{self.path} is shorter than its checkpoint says ({size} bytes)")
+        self._handle.truncate(size)
+        self._handle.seek(size)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_arrivals(path: Path) -> list[dict[str, Any]]:
+    """The events of an ``arrivals.jsonl`` (ValueError naming the line when one is not a whole event; a
+    last line cut short by a crash is left out)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    events = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # written when the process died
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON object") from None
+        if not isinstance(event, dict) or event.get("event") not in ("start", "arrival", "update"):
+            raise ValueError(f"{path}, line {number}: not an arrivals event")
+        events.append(event)
+    if not events or events[0]["event"] != "start":
+        raise ValueError(f"{path} does not start with its start line")
+    if events[0].get("format") != ARRIVALS_FORMAT:
+        raise ValueError(f"{path} has format {events[0].get('format')!r}; this arcsim reads {ARRIVALS_FORMAT}")
+    return events

@@ -252,14 +252,14 @@ def test_staleness_weighting_changes_the_run(tmp_path: Path) -> None:
     assert plain["final_params_sha256"] != weighted["final_params_sha256"]
 
 
-def test_other_engines_refuse_an_async_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_batched_engine_refuses_an_async_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = from_dict(ASYNC)
     with pytest.raises(ValueError, match="batched engine runs schedule: sync only"):
         run_batched([config], [tmp_path / "b"])
     path = tmp_path / "async.yaml"
     path.write_text(config.to_yaml())
-    assert main(["run", str(path), "--out", str(tmp_path / "g"), "--no-progress"]) == 2
-    assert "runs on the inproc engine only so far" in capsys.readouterr().err
+    assert main(["run", str(path), "--out", str(tmp_path / "g"), "--engine", "batched", "--no-progress"]) == 2
+    assert "runs on the inproc and grpc engines" in capsys.readouterr().err
 
 
 def test_a_sweep_takes_a_list_of_async_settings_as_a_grid_axis() -> None:

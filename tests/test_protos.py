@@ -173,12 +173,12 @@ def test_messages_have_the_documented_fields() -> None:
     assert fields("RoundEvent") == {"round_start": 1, "chunk": 2, "run_end": 3}
     assert fields("RoundStart") == {"round": 1, "deadline_unix_ms": 2, "params": 3}
     assert fields("RunEnd") == {"rounds_completed": 1, "reason": 2}
-    assert fields("GradientChunk") == {"round": 1, "worker_id": 2, "header": 3, "data": 4, "train_loss": 5}
+    assert fields("GradientChunk") == {"round": 1, "worker_id": 2, "header": 3, "data": 4, "train_loss": 5, "step": 6}
     assert fields("FetchMomentumRequest") == {"worker_id": 1}
     assert fields("SubmitReply") == {"accepted": 1, "round": 2, "message": 3}
     assert fields("ObserveRequest") == {"worker_id": 1, "round": 2}
     assert fields("ObserveEvent") == {"vector": 1, "chunk": 2}
-    assert fields("ObservedVector") == {"worker_id": 1, "header": 2}
+    assert fields("ObservedVector") == {"worker_id": 1, "header": 2, "seq": 3}
 
 
 def test_grpc_module_exposes_stub_servicer_and_registration() -> None:

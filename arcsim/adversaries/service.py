@@ -5,12 +5,19 @@ they collude, as the paper's omniscient adversary does, so each round the proces
 vectors once through ``Observe``, crafts the ``(num_byzantine, d)`` matrix once with the configured
 attack (arcsim/engine/byzantine.py) and submits one row per id. Workers of a data attack
 (``label_flip``, or a plugin's label map) instead train on their own shard with mapped labels.
+
+Under ``schedule: async`` each id steps at its own speed: it observes the open window when it arrives
+(``async.byzantine_timing: arrival``) or when it starts its step (``start``), crafts from the honest
+vectors it saw with the key of that observation (arcsim.schedule.observation_key: ids that saw the same
+vectors craft the same matrix, and ``arcsim replay`` crafts it again), and submits its row with the
+observed version. Craftings of one process run one at a time (they share the attack's state).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -37,6 +44,7 @@ class Collusion:
 
     def __init__(self) -> None:
         self.crafter: Crafter | None = None
+        self.crafting = asyncio.Lock()  # schedule: async: one crafting at a time (the attack's state is shared)
         self._round: int | None = None
         self._matrix: asyncio.Future[torch.Tensor | None] | None = None
 
@@ -102,38 +110,69 @@ class AdversaryParticipant(Participant):
             return vector, worker.last_loss
 
         async def observe_and_craft() -> torch.Tensor | None:
-            d = params.numel()
-            reader = codec.ObserveEventReader(max_bytes=d * 4, expected_shape=(d,), expected_dtype="float32")
-            vectors = {}
-            try:
-                async for event in stub.Observe(
-                    pb.ObserveRequest(worker_id=self.worker_id, round=round_),
-                    metadata=self.metadata,
-                    timeout=self.round_timeout,
-                ):
-                    item = reader.feed(event)
-                    if item is not None:
-                        vectors[item.worker_id] = item.vector
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in _SIT_OUT:
-                    raise
-                log.warning(
-                    "round %d: nothing observed (%s: %s); sitting the round out",
-                    round_,
-                    error.code().name,
-                    error.details(),
-                )
+            observed = await self._observe(stub, round_, params.numel(), what="round")
+            if not observed:  # none (sitting the round out), or no honest vector before the observation cut-off
                 return None
-            reader.finish()
-            if not vectors:  # no honest vector arrived before the observation cut-off
-                return None
-            honest = torch.stack([vectors[i] for i in sorted(vectors)])
+            honest = torch.stack([item.vector for item in observed])  # in worker-id order
             return await asyncio.to_thread(worker.crafter.craft_all, honest, round_)
 
         matrix = await self.collusion.matrix(round_, observe_and_craft)
         if matrix is None:
             return None
         return matrix[worker.index].clone(), float("nan")
+
+    async def step(self, stub, step: int, newest, duration: float) -> tuple[int, torch.Tensor, float] | None:
+        """``schedule: async``: observe on arrival (or at the start, ``byzantine_timing: start``), craft, submit."""
+        if not self.worker.needs_observation:
+            return await super().step(stub, step, newest, duration)
+        started = time.perf_counter()
+        if self.worker.config.async_.get("byzantine_timing", "arrival") == "start":
+            crafted = await self._observe_and_craft(stub, *newest())
+            await asyncio.sleep(max(duration - (time.perf_counter() - started), 0.0))
+            return crafted
+        await asyncio.sleep(duration)
+        return await self._observe_and_craft(stub, *newest())
+
+    async def _observe_and_craft(
+        self, stub, version: int, params: torch.Tensor
+    ) -> tuple[int, torch.Tensor, float] | None:
+        """This id's row crafted from the honest vectors of the window open at ``version``; None when the
+        coordinator has none yet or moved on to a newer version meanwhile (the step is sat out)."""
+        from arcsim.schedule import observation_key
+
+        worker = self.worker
+        observed = await self._observe(stub, version, params.numel(), what="version")
+        if not observed:
+            return None
+        honest = torch.stack([item.vector for item in observed])
+        key = observation_key(version, [item.seq for item in observed])
+        async with self.collusion.crafting:
+            matrix = await asyncio.to_thread(worker.crafter.craft_all, honest, key)
+        return version, matrix[worker.index].clone(), float("nan")
+
+    async def _observe(self, stub, round_: int, d: int, *, what: str) -> list[codec.ObservedTensor] | None:
+        """The honest vectors ``Observe`` gives for ``round_`` (a version under ``schedule: async``, ``what``
+        says which), in worker-id order; None when the coordinator answers that this one is sat out."""
+        reader = codec.ObserveEventReader(max_bytes=d * 4, expected_shape=(d,), expected_dtype="float32")
+        observed = []
+        try:
+            async for event in stub.Observe(
+                pb.ObserveRequest(worker_id=self.worker_id, round=round_),
+                metadata=self.metadata,
+                timeout=self.round_timeout,
+            ):
+                item = reader.feed(event)
+                if item is not None:
+                    observed.append(item)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in _SIT_OUT:
+                raise
+            log.warning(
+                "%s %d: nothing observed (%s: %s); sitting it out", what, round_, error.code().name, error.details()
+            )
+            return None
+        reader.finish()
+        return observed
 
 
 async def run_adversary(

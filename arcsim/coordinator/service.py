@@ -146,11 +146,16 @@ class Subscriptions:
 
 
 class Coordinator(pb_grpc.CoordinatorServicer):
+    """The synchronous coordinator (``schedule: sync``); :func:`coordinator_for` picks the class of a config's
+    schedule (the asynchronous one: arcsim/coordinator/asynchronous.py)."""
+
+    schedule = "sync"
+
     def __init__(self, settings: CoordinatorSettings) -> None:
-        if settings.config.schedule != "sync":
+        if settings.config.schedule != self.schedule:
             raise ValueError(
-                f"the gRPC coordinator runs schedule: sync only (schedule: {settings.config.schedule} runs on the "
-                "inproc engine: arcsim run CONFIG --engine inproc)"
+                f"{type(self).__name__} runs schedule: {self.schedule}, not schedule: {settings.config.schedule} "
+                "(coordinator_for picks the coordinator of a config's schedule)"
             )
         self.settings = settings
         self.config = settings.config
@@ -165,6 +170,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             background_checkpoints=True,
             run_settings={"quorum": self.quorum, "observe_cutoff": settings.observe_cutoff},
             legacy_run_settings={"quorum": self.config.num_workers, "observe_cutoff": 0.5},
+            engine_state=self._engine_state(),
         )
         self.metrics = CoordinatorMetrics(config=self.config)
         self.metrics.round.set(self.state.round)
@@ -189,6 +195,43 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         # Workers with a SubmitGradient stream open: at most one each, refused before a message is read, so
         # the vector buffers and transport buffers of submissions are bounded by the number of workers.
         self._submitting: set[int] = set()
+
+    # --- what the schedules differ in (the asynchronous coordinator overrides these) ----------------
+    def _engine_state(self) -> Any:
+        """What RunState checkpoints besides the model and the momenta (RunState's ``engine_state``)."""
+        return None
+
+    def _vector_reader(self) -> codec.VectorReader:
+        """The reader of one submission: a vector of the model's size, float32, finite."""
+        return codec.VectorReader(
+            max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,), expected_dtype="float32"
+        )
+
+    def _momentum_of(self, worker_id: int) -> torch.Tensor | None:
+        """The momentum a (re)joining worker fetches: its vector of the last round."""
+        return self.state.last_vectors.get(worker_id)
+
+    def _refused_content(
+        self, claimed: OpenRound | None, worker_id: int, reason: str, reader: codec.VectorReader
+    ) -> None:
+        """A submission to round ``claimed`` (None: refused before its first message was checked) refused for
+        its content (codec ``reason``; ``reader``: what was read of it): it still answers the round."""
+        if claimed is not None and not claimed.closed:
+            self._answered(claimed, worker_id)
+
+    async def _take(
+        self, owner: tuple[str, int], reader: codec.VectorReader, vector: torch.Tensor, received: int
+    ) -> pb.SubmitReply:
+        """Take a checked, complete submission of ``received`` bytes (its sender still holds its one slot)."""
+        self.metrics.submissions.labels(owner[0]).inc()
+        self.metrics.received_bytes.inc(received)
+        worker_id, round_ = reader.worker_id, reader.round
+        current = self._round
+        current.vectors[worker_id] = vector
+        if reader.train_loss is not None:
+            current.losses[worker_id] = reader.train_loss
+        self._answered(current, worker_id)
+        return pb.SubmitReply(accepted=True, round=round_, message="accepted")
 
     # --- helpers --------------------------------------------------------------------------------
     def _reject(self, reason: str, code: grpc.StatusCode, message: str) -> Rejection:
@@ -269,7 +312,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         except Rejection as error:
             await error.abort(context)
         self.joined.add(worker_id)
-        momentum = self.state.last_vectors.get(worker_id)
+        momentum = self._momentum_of(worker_id)
         log.info(json.dumps({"event": "join", "worker_id": worker_id, "role": owner[0], "assigned": bool(token)}))
         return pb.JoinReply(
             run_id=self.run_id,
@@ -305,7 +348,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self._check_worker(owner, request.worker_id)
         except Rejection as error:
             await error.abort(context)
-        momentum = self.state.last_vectors.get(request.worker_id)
+        momentum = self._momentum_of(request.worker_id)
         if momentum is not None:
             async with self._subscription("FetchMomentum", request.worker_id, context):
                 for event in wire.observe_stream({request.worker_id: momentum}, chunk_bytes=self.settings.chunk_bytes):
@@ -364,9 +407,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         try:
             owner = self._caller(context)
             submitter = self._claim(owner[1])
-            reader = codec.VectorReader(
-                max_bytes=self.max_bytes, expected_shape=(self.state.num_parameters,), expected_dtype="float32"
-            )
+            reader = self._vector_reader()
             claimed: OpenRound | None = None  # the open round, once the sender may submit to it
             received = 0
             try:
@@ -390,8 +431,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                         reader.add(message)
                 vector = reader.finish()
             except codec.CodecError as error:
-                if claimed is not None and not claimed.closed:
-                    self._answered(claimed, owner[1])  # a refused vector still answers the round
+                self._refused_content(claimed, owner[1], error.reason, reader)
                 raise self._reject(
                     error.reason if error.reason in _CODEC_REASONS else "malformed",
                     CODEC_STATUS[error.reason],
@@ -403,8 +443,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     "the submission was not complete when its round's deadline passed",
                 ) from None
-            worker_id, round_ = reader.worker_id, reader.round
-            self._check_submission(owner, worker_id, round_)  # again: the round may have closed meanwhile
+            self._check_submission(owner, reader.worker_id, reader.round)  # again: the round may have closed meanwhile
+            # Taken while the sender still holds its slot: a submission waiting to be taken (an asynchronous
+            # update in progress) holds its vector, and one per worker bounds them.
+            reply = await self._take(owner, reader, vector, received)
         except Rejection as error:
             await error.abort(context)
         except asyncio.CancelledError:  # the client went away mid-stream (or the server is stopping)
@@ -412,14 +454,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise
         finally:
             self._submitting.discard(submitter)
-        current = self._round
-        current.vectors[worker_id] = vector
-        if reader.train_loss is not None:
-            current.losses[worker_id] = reader.train_loss
-        self.metrics.submissions.labels(owner[0]).inc()
-        self.metrics.received_bytes.inc(received)
-        self._answered(current, worker_id)
-        return pb.SubmitReply(accepted=True, round=round_, message="accepted")
+        return reply
 
     def _claim(self, worker_id: int) -> int:
         """Take ``worker_id``'s one submission slot, before a message of the stream is read."""
@@ -488,14 +523,18 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 f"worker {worker_id} already submitted a vector for round {round_}",
             )
 
+    def _check_observer(self, context: grpc.aio.ServicerContext, worker_id: int) -> None:
+        """The caller holds ``worker_id``'s adversary credentials (Observe is theirs alone)."""
+        owner = self._caller(context)
+        self._check_worker(owner, worker_id)
+        if owner[0] != Role.BYZANTINE:
+            raise self._reject(
+                "permission_denied", grpc.StatusCode.PERMISSION_DENIED, "Observe is only for adversary credentials"
+            )
+
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext):
         try:
-            owner = self._caller(context)
-            self._check_worker(owner, request.worker_id)
-            if owner[0] != Role.BYZANTINE:
-                raise self._reject(
-                    "permission_denied", grpc.StatusCode.PERMISSION_DENIED, "Observe is only for adversary credentials"
-                )
+            self._check_observer(context, request.worker_id)
         except Rejection as error:
             await error.abort(context)
         current = self._round
@@ -516,27 +555,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     async def run_rounds(self) -> str:
         """Run rounds until done or stopped; returns why it ended."""
         loop = asyncio.get_running_loop()
-        if not self.state.done:
-            try:
-                await asyncio.wait_for(self._wait_any(self._all_subscribed.wait()), self.settings.join_timeout)
-            except TimeoutError:
-                log.warning(
-                    "round %d starts with %d of %d workers subscribed",
-                    self.state.round,
-                    len(self.subscribed),
-                    self.config.num_workers,
-                )
+        await self._wait_for_workers()
         while not self.state.done and not self._stop.is_set():
-            current = OpenRound(self.state.round, self.config.round_deadline)
-            events = wire.round_stream(
-                self.state.params,
-                round=current.number,
-                deadline_unix_ms=current.deadline_unix_ms,
-                chunk_bytes=self.settings.chunk_bytes,
-            )
-            async with self._changed:
-                self._round, self._events = current, events
-                self._changed.notify_all()
+            current = await self._open_round()
             timeout = max(current.deadline - time.monotonic(), 0.0)
             try:
                 await asyncio.wait_for(self._wait_any(current.quorum_reached.wait()), timeout)
@@ -588,6 +609,36 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 )
             )
         return "completed" if self.state.done else "stopped"
+
+    async def _open_round(self) -> OpenRound:
+        """Announce round ``state.round`` (its parameters) on every Rounds stream; the previous one is closed."""
+        current = OpenRound(self.state.round, self.config.round_deadline)
+        events = wire.round_stream(
+            self.state.params,
+            round=current.number,
+            deadline_unix_ms=current.deadline_unix_ms,
+            chunk_bytes=self.settings.chunk_bytes,
+        )
+        async with self._changed:
+            if self._round is not None:
+                self._round.closed = True
+            self._round, self._events = current, events
+            self._changed.notify_all()
+        return current
+
+    async def _wait_for_workers(self) -> None:
+        """Before the first round: wait for every worker to follow the rounds, up to ``join_timeout``."""
+        if self.state.done:
+            return
+        try:
+            await asyncio.wait_for(self._wait_any(self._all_subscribed.wait()), self.settings.join_timeout)
+        except TimeoutError:
+            log.warning(
+                "round %d starts with %d of %d workers subscribed",
+                self.state.round,
+                len(self.subscribed),
+                self.config.num_workers,
+            )
 
     async def _wait_any(self, awaitable) -> None:
         """Wait for ``awaitable`` unless the run is stopped first."""
@@ -650,7 +701,7 @@ class CoordinatorServer:
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        self.coordinator = Coordinator(settings)
+        self.coordinator = coordinator_for(settings)
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._signals = 0
@@ -754,6 +805,16 @@ class CoordinatorServer:
         except Exception as error:  # noqa: BLE001 - the previous checkpoint stays the newest
             log.warning("the last checkpoint could not be written: %s", error)
         (self.settings.out_dir / "coordinator.json").unlink(missing_ok=True)
+
+
+def coordinator_for(settings: CoordinatorSettings) -> Coordinator:
+    """The coordinator of ``settings.config``'s schedule: :class:`Coordinator` for ``sync``, the buffered,
+    bounded-staleness one (arcsim/coordinator/asynchronous.py) for ``async``."""
+    if settings.config.schedule == "async":
+        from arcsim.coordinator.asynchronous import AsyncCoordinator
+
+        return AsyncCoordinator(settings)
+    return Coordinator(settings)
 
 
 async def serve(settings: CoordinatorSettings) -> dict:

@@ -406,10 +406,11 @@ class RoundParams:
 
 @dataclass(frozen=True, slots=True)
 class ObservedTensor:
-    """One honest vector read through ``Observe``."""
+    """One honest vector read through ``Observe`` (``seq``: its arrival number under ``schedule: async``)."""
 
     worker_id: int
     vector: torch.Tensor
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +469,7 @@ class VectorReader(_Reader):
     worker_id: int | None = None
     header: TensorHeader | None = None
     train_loss: float | None = None
+    step: int = 0  # schedule: async: the worker's step number (GradientChunk.step)
 
     def add(self, message: pb.GradientChunk | memoryview) -> bool:
         """Take the next request message; True if it was the first one.
@@ -484,7 +486,7 @@ class VectorReader(_Reader):
             if not message.HasField("header"):
                 raise CodecError("missing_header", "the first GradientChunk of a submission must carry the header")
             self._assembler = self._limits.assembler(message.header)
-            self.round, self.worker_id = message.round, message.worker_id
+            self.round, self.worker_id, self.step = message.round, message.worker_id, message.step
             self.header = TensorHeader.from_proto(message.header)
             loss = float(message.train_loss)
             self.train_loss = loss if math.isfinite(loss) else None
@@ -649,18 +651,19 @@ class ObserveEventReader(_EventReader[ObservedTensor]):
 
     >>> reader = ObserveEventReader(max_bytes=64)
     >>> [reader.feed(e) for e in observe_events({1: torch.ones(1)})]
-    [None, ObservedTensor(worker_id=1, vector=tensor([1.]))]
+    [None, ObservedTensor(worker_id=1, vector=tensor([1.]), seq=0)]
     """
 
     _in_progress = "observed vector"
     _worker_id: int | None = None  # whose vector is in progress
+    _seq = 0  # its arrival number (schedule: async)
     _last_worker_id: int | None = None  # ids must increase
 
     def _complete(self) -> ObservedTensor:
         assert self._assembler is not None and self._worker_id is not None
         vector = self._assembler.finish()
         worker_id, self._assembler, self._worker_id = self._worker_id, None, None
-        return ObservedTensor(worker_id, vector)
+        return ObservedTensor(worker_id, vector, self._seq)
 
     def _progress(self) -> str:
         assert self._assembler is not None
@@ -680,6 +683,7 @@ class ObserveEventReader(_EventReader[ObservedTensor]):
             if self._last_worker_id is not None and worker_id <= self._last_worker_id:
                 raise CodecError("bad_order", f"worker {worker_id} came after worker {self._last_worker_id}")
             self._worker_id = self._last_worker_id = worker_id
+            self._seq = event.vector.seq
             return self._begin(event.vector.header)
         if kind == "chunk":
             return self._chunk(event.chunk.data)

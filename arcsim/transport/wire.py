@@ -82,9 +82,10 @@ def vector_stream(
     worker_id: int,
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
     train_loss: float = math.nan,
+    step: int = 0,
 ) -> Iterator[bytes]:
     """The serialised ``SubmitGradient`` requests for ``t``: a first message with round, worker id,
-    header and loss (no data), then one data-only message per chunk.
+    header, loss and step (``schedule: async``; no data), then one data-only message per chunk.
 
     Parsed with protobuf they give the same vector as :func:`arcsim.transport.codec.vector_chunks`; the
     bytes alias nothing (``t`` may change once they are built).
@@ -95,7 +96,7 @@ def vector_stream(
     codec._check_chunk_bytes(chunk_bytes)
     header, data = codec.encode(t)
     yield pb.GradientChunk(
-        round=round, worker_id=worker_id, header=header.to_proto(), train_loss=train_loss
+        round=round, worker_id=worker_id, header=header.to_proto(), train_loss=train_loss, step=step
     ).SerializeToString()
     for chunk in codec.iter_chunks(data, chunk_bytes):
         yield b"".join((bytes((_GRADIENT_DATA,)), _varint(chunk.nbytes), chunk))
@@ -128,14 +129,19 @@ def round_stream(
 
 
 def observe_stream(
-    vectors: dict[int, torch.Tensor], *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
+    vectors: dict[int, torch.Tensor],
+    *,
+    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+    seqs: dict[int, int] | None = None,
 ) -> Iterator[bytes]:
-    """:func:`arcsim.transport.codec.observe_events`, serialised (one copy of each vector's bytes)."""
+    """:func:`arcsim.transport.codec.observe_events`, serialised (one copy of each vector's bytes);
+    ``seqs``: each vector's arrival number (``schedule: async``), else 0."""
     codec._check_chunk_bytes(chunk_bytes)
     for worker_id in sorted(vectors):
         header, data = codec.encode(vectors[worker_id])
+        seq = 0 if seqs is None else seqs[worker_id]
         yield pb.ObserveEvent(
-            vector=pb.ObservedVector(worker_id=worker_id, header=header.to_proto())
+            vector=pb.ObservedVector(worker_id=worker_id, header=header.to_proto(), seq=seq)
         ).SerializeToString()
         for chunk in codec.iter_chunks(data, chunk_bytes):
             yield _event_chunk(chunk)

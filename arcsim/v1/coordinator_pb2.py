@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61rcsim/v1/coordinator.proto\x12\tarcsim.v1\"Q\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"?\n\x0bJoinRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.arcsim.v1.Role\"\xac\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\x12\x15\n\rcurrent_round\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x05\x12\x14\n\x0chas_momentum\x18\x06 \x01(\x08\x12\x11\n\tworker_id\x18\x07 \x01(\x05\x12\r\n\x05token\x18\x08 \x01(\t\"K\n\rRoundsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x12\n\nfrom_round\x18\x02 \x01(\x03\x12\x13\n\x0bhave_params\x18\x03 \x01(\x08\"\x8c\x01\n\nRoundEvent\x12,\n\x0bround_start\x18\x01 \x01(\x0b\x32\x15.arcsim.v1.RoundStartH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.arcsim.v1.ChunkH\x00\x12$\n\x07run_end\x18\x03 \x01(\x0b\x32\x11.arcsim.v1.RunEndH\x00\x42\x07\n\x05\x65vent\"^\n\nRoundStart\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.arcsim.v1.TensorHeader\"2\n\x06RunEnd\x12\x18\n\x10rounds_completed\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\rGradientChunk\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\'\n\x06header\x18\x03 \x01(\x0b\x32\x17.arcsim.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\"?\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"2\n\x0eObserveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\r\n\x05round\x18\x02 \x01(\x03\")\n\x14\x46\x65tchMomentumRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\"g\n\x0cObserveEvent\x12+\n\x06vector\x18\x01 \x01(\x0b\x32\x19.arcsim.v1.ObservedVectorH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.arcsim.v1.ChunkH\x00\x42\x07\n\x05\x65vent\"L\n\x0eObservedVector\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.arcsim.v1.TensorHeader*7\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\n\n\x06HONEST\x10\x01\x12\r\n\tBYZANTINE\x10\x02\x32\xd4\x02\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.arcsim.v1.JoinRequest\x1a\x14.arcsim.v1.JoinReply\x12;\n\x06Rounds\x12\x18.arcsim.v1.RoundsRequest\x1a\x15.arcsim.v1.RoundEvent0\x01\x12\x44\n\x0eSubmitGradient\x12\x18.arcsim.v1.GradientChunk\x1a\x16.arcsim.v1.SubmitReply(\x01\x12?\n\x07Observe\x12\x19.arcsim.v1.ObserveRequest\x1a\x17.arcsim.v1.ObserveEvent0\x01\x12K\n\rFetchMomentum\x12\x1f.arcsim.v1.FetchMomentumRequest\x1a\x17.arcsim.v1.ObserveEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61rcsim/v1/coordinator.proto\x12\tarcsim.v1\"Q\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"?\n\x0bJoinRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.arcsim.v1.Role\"\xac\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\x12\x15\n\rcurrent_round\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x05\x12\x14\n\x0chas_momentum\x18\x06 \x01(\x08\x12\x11\n\tworker_id\x18\x07 \x01(\x05\x12\r\n\x05token\x18\x08 \x01(\t\"K\n\rRoundsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x12\n\nfrom_round\x18\x02 \x01(\x03\x12\x13\n\x0bhave_params\x18\x03 \x01(\x08\"\x8c\x01\n\nRoundEvent\x12,\n\x0bround_start\x18\x01 \x01(\x0b\x32\x15.arcsim.v1.RoundStartH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.arcsim.v1.ChunkH\x00\x12$\n\x07run_end\x18\x03 \x01(\x0b\x32\x11.arcsim.v1.RunEndH\x00\x42\x07\n\x05\x65vent\"^\n\nRoundStart\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.arcsim.v1.TensorHeader\"2\n\x06RunEnd\x12\x18\n\x10rounds_completed\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8a\x01\n\rGradientChunk\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\'\n\x06header\x18\x03 \x01(\x0b\x32\x17.arcsim.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\x12\x0c\n\x04step\x18\x06 \x01(\x03\"?\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"2\n\x0eObserveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\r\n\x05round\x18\x02 \x01(\x03\")\n\x14\x46\x65tchMomentumRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\"g\n\x0cObserveEvent\x12+\n\x06vector\x18\x01 \x01(\x0b\x32\x19.arcsim.v1.ObservedVectorH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.arcsim.v1.ChunkH\x00\x42\x07\n\x05\x65vent\"Y\n\x0eObservedVector\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.arcsim.v1.TensorHeader\x12\x0b\n\x03seq\x18\x03 \x01(\x03*7\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\n\n\x06HONEST\x10\x01\x12\r\n\tBYZANTINE\x10\x02\x32\xd4\x02\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.arcsim.v1.JoinRequest\x1a\x14.arcsim.v1.JoinReply\x12;\n\x06Rounds\x12\x18.arcsim.v1.RoundsRequest\x1a\x15.arcsim.v1.RoundEvent0\x01\x12\x44\n\x0eSubmitGradient\x12\x18.arcsim.v1.GradientChunk\x1a\x16.arcsim.v1.SubmitReply(\x01\x12?\n\x07Observe\x12\x19.arcsim.v1.ObserveRequest\x1a\x17.arcsim.v1.ObserveEvent0\x01\x12K\n\rFetchMomentum\x12\x1f.arcsim.v1.FetchMomentumRequest\x1a\x17.arcsim.v1.ObserveEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arcsim.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1225
-  _globals['_ROLE']._serialized_end=1280
+  _globals['_ROLE']._serialized_start=1253
+  _globals['_ROLE']._serialized_end=1308
   _globals['_TENSORHEADER']._serialized_start=42
   _globals['_TENSORHEADER']._serialized_end=123
   _globals['_CHUNK']._serialized_start=125
@@ -49,18 +49,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSTART']._serialized_end=702
   _globals['_RUNEND']._serialized_start=704
   _globals['_RUNEND']._serialized_end=754
-  _globals['_GRADIENTCHUNK']._serialized_start=756
-  _globals['_GRADIENTCHUNK']._serialized_end=880
-  _globals['_SUBMITREPLY']._serialized_start=882
-  _globals['_SUBMITREPLY']._serialized_end=945
-  _globals['_OBSERVEREQUEST']._serialized_start=947
-  _globals['_OBSERVEREQUEST']._serialized_end=997
-  _globals['_FETCHMOMENTUMREQUEST']._serialized_start=999
-  _globals['_FETCHMOMENTUMREQUEST']._serialized_end=1040
-  _globals['_OBSERVEEVENT']._serialized_start=1042
-  _globals['_OBSERVEEVENT']._serialized_end=1145
-  _globals['_OBSERVEDVECTOR']._serialized_start=1147
-  _globals['_OBSERVEDVECTOR']._serialized_end=1223
-  _globals['_COORDINATOR']._serialized_start=1283
-  _globals['_COORDINATOR']._serialized_end=1623
+  _globals['_GRADIENTCHUNK']._serialized_start=757
+  _globals['_GRADIENTCHUNK']._serialized_end=895
+  _globals['_SUBMITREPLY']._serialized_start=897
+  _globals['_SUBMITREPLY']._serialized_end=960
+  _globals['_OBSERVEREQUEST']._serialized_start=962
+  _globals['_OBSERVEREQUEST']._serialized_end=1012
+  _globals['_FETCHMOMENTUMREQUEST']._serialized_start=1014
+  _globals['_FETCHMOMENTUMREQUEST']._serialized_end=1055
+  _globals['_OBSERVEEVENT']._serialized_start=1057
+  _globals['_OBSERVEEVENT']._serialized_end=1160
+  _globals['_OBSERVEDVECTOR']._serialized_start=1162
+  _globals['_OBSERVEDVECTOR']._serialized_end=1251
+  _globals['_COORDINATOR']._serialized_start=1311
+  _globals['_COORDINATOR']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

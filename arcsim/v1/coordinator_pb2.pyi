@@ -101,18 +101,20 @@ class RunEnd(_message.Message):
     def __init__(self, rounds_completed: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GradientChunk(_message.Message):
-    __slots__ = ("round", "worker_id", "header", "data", "train_loss")
+    __slots__ = ("round", "worker_id", "header", "data", "train_loss", "step")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     round: int
     worker_id: int
     header: TensorHeader
     data: bytes
     train_loss: float
-    def __init__(self, round: _Optional[int] = ..., worker_id: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    step: int
+    def __init__(self, round: _Optional[int] = ..., worker_id: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("accepted", "round", "message")
@@ -147,9 +149,11 @@ class ObserveEvent(_message.Message):
     def __init__(self, vector: _Optional[_Union[ObservedVector, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ObservedVector(_message.Message):
-    __slots__ = ("worker_id", "header")
+    __slots__ = ("worker_id", "header", "seq")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     header: TensorHeader
-    def __init__(self, worker_id: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, worker_id: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -76,6 +77,16 @@ def call_timeout(deadline_unix_ms: int, *, round_deadline: float, margin: float)
     return min(max(left, 0.0), round_deadline) + margin
 
 
+def _stream_ended() -> grpc.aio.AioRpcError:
+    """A round stream that ended without RunEnd: UNAVAILABLE, so that the worker reconnects."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="the round stream ended without RunEnd",
+    )
+
+
 def _reason(error: grpc.aio.AioRpcError) -> str | None:
     """The coordinator's counted reason for refusing a call (its trailing metadata), if it gave one."""
     from arcsim.transport.channels import REASON_METADATA_KEY
@@ -107,6 +118,23 @@ class Participant:
         """This round's vector and training loss, or None to sit the round out."""
         raise NotImplementedError
 
+    async def step(
+        self, stub: wire.CoordinatorStub, step: int, newest: Callable[[], tuple[int, torch.Tensor]], duration: float
+    ) -> tuple[int, torch.Tensor, float] | None:
+        """``schedule: async``: one step, taking ``duration`` seconds at least; ``newest()`` is the newest
+        (version, parameters) the worker holds. Returns the version the vector was computed on, the vector
+        and the training loss, or None to sit the step out.
+
+        By default the worker computes on the newest version when the step starts, then sleeps for what
+        is left of ``duration``."""
+        version, params = newest()
+        started = time.perf_counter()
+        result = await self.compute(stub, step, params)
+        await asyncio.sleep(max(duration - (time.perf_counter() - started), 0.0))
+        if result is None:
+            return None
+        return version, result[0], result[1]
+
 
 class Session:
     """One worker id following a run. ``metrics``: shared by the sessions of one process (colluding
@@ -132,6 +160,7 @@ class Session:
         self.chunk_bytes = codec.DEFAULT_CHUNK_BYTES
         self.run_id: str | None = None
         self.rounds_done = 0
+        self.steps = 0  # schedule: async: the steps this worker computed (its step number draws its batch)
         self.reached = False  # a Join was answered since the last failure: the outage that follows is a new one
 
     def _channel(self, max_bytes: int) -> grpc.aio.Channel:
@@ -237,6 +266,8 @@ class Session:
         return found
 
     async def _follow(self, stub: wire.CoordinatorStub, from_round: int) -> str:
+        if self.config.schedule == "async":
+            return await self._follow_async(stub, from_round)
         reader = codec.RoundEventReader(
             max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,), expected_dtype="float32"
         )
@@ -260,12 +291,101 @@ class Session:
                 log.info("run ended after %d rounds: %s", item.rounds_completed, item.reason)
                 return item.reason
         reader.finish()
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.aio.Metadata(),
-            grpc.aio.Metadata(),
-            details="the round stream ended without RunEnd",
+        raise _stream_ended()
+
+    async def _follow_async(self, stub: wire.CoordinatorStub, from_round: int) -> str:
+        """``schedule: async``: step after step, each on the newest version the round stream brought, taking
+        the time the worker's speed draws for it (arcsim.schedule.Speeds), until RunEnd."""
+        from arcsim.schedule import Speeds
+
+        config = self.config
+        speeds = Speeds(config.speeds, seed=config.seed, num_honest=config.num_honest, num_workers=config.num_workers)
+        reader = codec.RoundEventReader(
+            max_bytes=self.num_parameters * 4, expected_shape=(self.num_parameters,), expected_dtype="float32"
         )
+        stream = stub.Rounds(pb.RoundsRequest(worker_id=self.worker_id, from_round=from_round), metadata=self.metadata)
+        newest: list[tuple[int, torch.Tensor]] = []
+        arrived = asyncio.Event()
+
+        async def follow_versions() -> str:
+            async for event in stream:
+                item = reader.feed(event)
+                if isinstance(item, codec.RoundParams) and item.params is not None:
+                    newest[:] = [(item.round, item.params)]
+                    arrived.set()
+                    self.metrics.round_followed()
+                elif isinstance(item, pb.RunEnd):
+                    log.info("run ended after %d updates: %s", item.rounds_completed, item.reason)
+                    return item.reason
+            reader.finish()
+            raise _stream_ended()
+
+        following = asyncio.ensure_future(follow_versions())
+        try:
+            synced = False
+            while True:
+                waiting = asyncio.ensure_future(arrived.wait())
+                await asyncio.wait({following, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                if following.done():
+                    return following.result()  # RunEnd, or the stream's error (run() reconnects)
+                if not synced:
+                    # The momentum the coordinator holds for this worker: its last vector received (what a
+                    # replay continues from), also after a reconnect or a refused submission.
+                    self.participant.set_momentum(await self._fetch_momentum(stub))
+                    synced = True
+                step, self.steps = self.steps, self.steps + 1
+                # The run may end (or the stream fail) while the step computes or sleeps: it is then cut short.
+                stepping = asyncio.ensure_future(
+                    self._do_step(stub, step, lambda: newest[0], speeds.duration(self.worker_id, step))
+                )
+                await asyncio.wait({following, stepping}, return_when=asyncio.FIRST_COMPLETED)
+                if not stepping.done():
+                    stepping.cancel()
+                    await asyncio.wait({stepping})
+                    return following.result()
+                synced = stepping.result()
+        finally:
+            following.cancel()
+
+    async def _do_step(
+        self, stub: wire.CoordinatorStub, step: int, newest: Callable[[], tuple[int, torch.Tensor]], duration: float
+    ) -> bool:
+        """One asynchronous step and its submission; False if the momentum may now differ from the coordinator's."""
+        self.participant.round_timeout = self.config.round_deadline + self.settings.deadline_margin
+        started = time.perf_counter()
+        result = await self.participant.step(stub, step, newest, duration)
+        if result is None:
+            return True
+        self.metrics.computed(time.perf_counter() - started)
+        version, vector, loss = result
+        self.metrics.sent()
+        try:
+            await stub.SubmitGradient(
+                wire.vector_stream(
+                    vector,
+                    round=version,
+                    worker_id=self.worker_id,
+                    chunk_bytes=self.chunk_bytes,
+                    train_loss=loss,
+                    step=step,
+                ),
+                metadata=self.metadata,
+                timeout=self.config.round_deadline + self.settings.deadline_margin,
+            )
+            self.rounds_done += 1
+            return True
+        except grpc.aio.AioRpcError as error:
+            self.metrics.refused(error.code())
+            if error.code() not in (
+                grpc.StatusCode.FAILED_PRECONDITION,  # stale, or a version the coordinator no longer knows
+                grpc.StatusCode.INVALID_ARGUMENT,  # non-finite (a diverged model)
+                grpc.StatusCode.ABORTED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
+                raise
+            log.warning("step %d on version %d: submission not taken: %s", step, version, error.details())
+            return False  # the coordinator's momentum for this worker is its last vector received: fetch it
 
     async def _do_round(self, stub: wire.CoordinatorStub, item: codec.RoundParams) -> bool:
         """Compute and submit a round; False if the momentum may now differ from the coordinator's."""

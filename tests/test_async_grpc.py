@@ -1,0 +1,265 @@
+"""schedule: async on the gRPC engine: the coordinator's buffer over the wire, arrivals.jsonl and ``arcsim replay``.
+
+The protocol checks talk to a coordinator served in this process with raw stubs (what a remote worker
+sees); the end-to-end checks run ``arcsim run --engine grpc`` with its processes and then ``arcsim replay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from conftest import TEST_SECRET, auth, tiny_values
+
+from arcsim.cli import main
+from arcsim.config import RunConfig, from_dict
+from arcsim.coordinator.service import CoordinatorSettings, serve
+from arcsim.schedule import read_arrivals
+from arcsim.transport import codec
+from arcsim.transport.channels import REASON_METADATA_KEY, grpc_options
+from arcsim.v1 import coordinator_pb2 as pb
+from arcsim.v1 import coordinator_pb2_grpc as pb_grpc
+
+torch.set_num_threads(1)
+
+
+def _async_values(**changes: Any) -> dict[str, Any]:
+    return tiny_values(
+        num_honest=3,
+        num_byzantine=1,
+        attack="alie",
+        pipeline="nnm > cwtm",
+        rounds=3,
+        schedule="async",
+        **{"async": {"buffer_size": 2, "staleness_bound": 0, "window_f": 0}},
+        **changes,
+    )
+
+
+# --- the coordinator over the wire ---------------------------------------------------------------------
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Callable[[RunConfig], Awaitable[Any]]]:
+    """``await coordinator(config)``: (stub, out_dir, task) of a coordinator served by this test's loop."""
+    started: list[tuple[asyncio.Task, grpc.aio.Channel]] = []
+
+    async def _start(config: RunConfig) -> tuple[pb_grpc.CoordinatorStub, Path, asyncio.Task]:
+        out = tmp_path / f"run{len(started)}"
+        out.mkdir()
+        task = asyncio.create_task(
+            serve(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET, join_timeout=0.5))
+        )
+        for _ in range(3000):
+            if (out / "coordinator.json").exists() or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        port = json.loads((out / "coordinator.json").read_text())["port"]
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(64 << 20))
+        started.append((task, channel))
+        return pb_grpc.CoordinatorStub(channel), out, task
+
+    yield _start
+    for task, channel in started:
+        task.cancel()
+        try:
+            await task
+        except BaseException:  # noqa: BLE001 - cancelled; the test reports its own failure
+            pass
+        await channel.close()
+
+
+def _md(config: RunConfig, worker_id: int) -> Any:
+    return auth(worker_id, "honest" if worker_id < config.num_honest else "byzantine")
+
+
+async def _submit(stub, config: RunConfig, worker_id: int, vector: torch.Tensor, *, version: int, step: int = 0):
+    messages = list(codec.vector_chunks(vector, round=version, worker_id=worker_id))
+    messages[0].step = step
+    return await stub.SubmitGradient(iter(messages), metadata=_md(config, worker_id))
+
+
+async def _refusal(awaitable) -> tuple[grpc.StatusCode, str | None]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable
+    reason = dict(caught.value.trailing_metadata() or ()).get(REASON_METADATA_KEY)
+    return caught.value.code(), reason
+
+
+async def _observe(stub, config: RunConfig, worker_id: int, version: int) -> list[codec.ObservedTensor]:
+    reader = codec.ObserveEventReader(max_bytes=1 << 20)
+    out = []
+    request = pb.ObserveRequest(worker_id=worker_id, round=version)
+    async for event in stub.Observe(request, metadata=_md(config, worker_id)):
+        item = reader.feed(event)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+async def _momentum(stub, config: RunConfig, worker_id: int) -> torch.Tensor | None:
+    reader = codec.ObserveEventReader(max_bytes=1 << 20)
+    found = None
+    request = pb.FetchMomentumRequest(worker_id=worker_id)
+    async for event in stub.FetchMomentum(request, metadata=_md(config, worker_id)):
+        item = reader.feed(event)
+        if item is not None:
+            found = item.vector
+    return found
+
+
+async def _next_version(call, reader: codec.RoundEventReader) -> int:
+    while True:
+        event = await asyncio.wait_for(call.read(), 30)
+        item = reader.feed(event)
+        if isinstance(item, codec.RoundParams):
+            return item.round
+
+
+async def test_the_coordinator_buffers_refuses_stale_and_future_vectors_and_logs_every_arrival(coordinator) -> None:
+    # Prepare: K = 2 vectors per update, no staleness allowed; every worker joined, worker 0 follows the versions.
+    config = from_dict(_async_values())
+    stub, out, _ = await coordinator(config)
+    d = 0
+    for worker_id in range(config.num_workers):
+        role = pb.HONEST if worker_id < config.num_honest else pb.BYZANTINE
+        reply = await stub.Join(pb.JoinRequest(worker_id=worker_id, role=role), metadata=_md(config, worker_id))
+        d = reply.num_parameters
+    versions = stub.Rounds(pb.RoundsRequest(worker_id=0, from_round=0), metadata=_md(config, 0))
+    reader = codec.RoundEventReader(max_bytes=d * 4)
+    assert await _next_version(versions, reader) == 0
+    g = torch.Generator().manual_seed(0)
+    first, again, second, late = (torch.randn(d, generator=g) for _ in range(4))
+
+    # Act + assert: worker 0 twice (its second vector replaces its first), adversary 3 observes it with its seq.
+    assert (await _submit(stub, config, 0, first, version=0)).message == "accepted"
+    assert (await _submit(stub, config, 0, again, version=0, step=1)).message == "replaced"
+    observed = await _observe(stub, config, 3, 0)
+    assert [(o.worker_id, o.seq) for o in observed] == [(0, 1)] and torch.equal(observed[0].vector, again)
+    assert await _refusal(_submit(stub, config, 1, second, version=1)) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "future_round",
+    )
+    # Worker 1 fills the buffer: update 0, version 1 announced.
+    await _submit(stub, config, 1, second, version=0)
+    assert await _next_version(versions, reader) == 1
+    # A vector on version 0 is now stale (S = 0): refused, logged, and it is worker 2's momentum all the same.
+    assert await _refusal(_submit(stub, config, 2, late, version=0)) == (grpc.StatusCode.FAILED_PRECONDITION, "stale")
+    assert torch.equal(await _momentum(stub, config, 2), late)
+    nan = torch.full((d,), float("nan"))
+    assert await _refusal(_submit(stub, config, 1, nan, version=1)) == (grpc.StatusCode.INVALID_ARGUMENT, "non_finite")
+    # The buffer holds no honest vector: Observe answers with the last window's, and only at the newest version.
+    assert [(o.worker_id, o.seq) for o in await _observe(stub, config, 3, 1)] == [(0, 1), (1, 2)]
+    assert (await _refusal(_observe(stub, config, 3, 0)))[0] == grpc.StatusCode.FAILED_PRECONDITION
+
+    events = read_arrivals(out / "arrivals.jsonl")
+    assert events[0]["config_digest"] == config.digest()
+    assert [(e["event"], e.get("worker"), e.get("outcome")) for e in events[1:]] == [
+        ("arrival", 0, "accepted"),
+        ("arrival", 0, "replaced"),
+        ("arrival", 1, "accepted"),
+        ("update", None, None),
+        ("arrival", 2, "stale"),
+        ("arrival", 1, "non_finite"),
+    ]
+    assert events[2]["step"] == 1 and events[4]["seqs"] == [1, 2] and events[5]["at"] == 1
+    assert events[4]["window"]["workers"] == [0, 1] and events[4]["window"]["closed"] == "full"
+    versions.cancel()
+
+
+async def test_held_attackers_run_on_the_inproc_engine_only(tmp_path: Path) -> None:
+    values = _async_values()
+    values["async"] = {**values["async"], "byzantine_timing": "hold"}
+    with pytest.raises(ValueError, match="hold .* runs on the inproc engine only"):
+        await serve(CoordinatorSettings(config=from_dict(values), out_dir=tmp_path, secret=TEST_SECRET))
+
+
+# --- whole runs with the services as processes, and their replays --------------------------------------------
+SLOW_SECONDS = 600.0
+
+
+@pytest.fixture(scope="module")
+def grpc_async_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """An async grpc run of 4 honest workers (worker 0 takes SLOW_SECONDS per step) and an ALIE adversary."""
+    root = tmp_path_factory.mktemp("async-grpc")
+    trace = root / "honest.txt"
+    trace.write_text(f"{SLOW_SECONDS}\n0.02 0.05\n0.03\n0.04 0.01 0.02\n")
+    values = tiny_values(
+        num_honest=4,
+        num_byzantine=1,
+        attack="alie",
+        pipeline="arc > nnm > cwtm",
+        rounds=12,
+        eval_every=4,
+        round_deadline=20.0,
+        schedule="async",
+        speeds={
+            "honest": {"distribution": "trace", "file": str(trace)},
+            "byzantine": {"distribution": "constant", "seconds": 0.03},
+        },
+        **{"async": {"buffer_size": 3, "staleness_bound": 2}},
+    )
+    path = root / "async.yaml"
+    path.write_text(from_dict(values).to_yaml())
+    out = root / "run"
+    assert main(["run", str(path), "--engine", "grpc", "--out", str(out), "--no-progress"]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def _windows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line)["window"] for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_a_grpc_async_run_with_a_very_slow_worker_completes(grpc_async_run: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = grpc_async_run
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 12
+    windows = _windows(out)
+    # The straggler is in no window (its first step outlasts the run), every window is full without it, no
+    # worker is twice in a window, and no vector older than the bound is aggregated.
+    assert all(0 not in w["workers"] for w in windows)
+    assert all(w["closed"] == "full" and len(set(w["workers"])) == len(w["workers"]) == 3 for w in windows)
+    assert all(max(w["staleness"]) <= 2 for w in windows)
+    # arrivals.jsonl agrees with rounds.jsonl: each update takes the last taken arrival of each worker in it.
+    events = read_arrivals(out / "arrivals.jsonl")
+    arrivals = {e["seq"]: e for e in events if e["event"] == "arrival"}
+    updates = [e for e in events if e["event"] == "update"]
+    assert [u["window"] for u in updates] == windows
+    for update in updates:
+        taken = [arrivals[s] for s in update["seqs"]]
+        assert [a["worker"] for a in taken] == update["window"]["workers"]
+        assert all(a["outcome"] in ("accepted", "replaced") for a in taken)
+        assert [a["at"] - a["version"] for a in taken] == update["window"]["staleness"]
+    assert all(a["observed"]["seqs"] for a in arrivals.values() if a["worker"] == 4)
+
+
+def test_arcsim_replay_of_a_grpc_async_run_ends_on_its_parameters(
+    grpc_async_run: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, summary = grpc_async_run
+    assert main(["replay", str(out), "--out", str(tmp_path / "replay")]) == 0
+    replayed = json.loads((tmp_path / "replay" / "summary.json").read_text())
+    assert replayed["final_params_sha256"] == summary["final_params_sha256"]
+    assert replayed["engine"] == "replay" and "same final parameters" in capsys.readouterr().out
+    assert _windows(tmp_path / "replay") == _windows(out)
+
+
+def test_a_replay_under_another_defence_keeps_the_schedule(
+    grpc_async_run: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, summary = grpc_async_run
+    assert main(["replay", str(out), "--out", str(tmp_path / "cwmed"), "--set", "pipeline=nnm > cwmed"]) == 0
+    replayed = json.loads((tmp_path / "cwmed" / "summary.json").read_text())
+    assert replayed["final_params_sha256"] != summary["final_params_sha256"]
+    assert [w["workers"] for w in _windows(tmp_path / "cwmed")] == [w["workers"] for w in _windows(out)]
+    # What fixes the schedule cannot change, and a run without an arrival log is no replay's input.
+    capsys.readouterr()
+    assert main(["replay", str(out), "--out", str(tmp_path / "k"), "--set", "num_byzantine=0"]) == 2
+    assert "cannot change what the log fixes" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path / "cwmed"), "--out", str(tmp_path / "again")]) == 2
+    assert "has no arrivals.jsonl" in capsys.readouterr().err
