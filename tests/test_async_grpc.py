@@ -30,16 +30,16 @@ torch.set_num_threads(1)
 
 
 def _async_values(**changes: Any) -> dict[str, Any]:
-    return tiny_values(
-        num_honest=3,
-        num_byzantine=1,
-        attack="alie",
-        pipeline="nnm > cwtm",
-        rounds=3,
-        schedule="async",
-        **{"async": {"buffer_size": 2, "staleness_bound": 0, "window_f": 0}},
-        **changes,
-    )
+    values = {
+        "num_honest": 3,
+        "num_byzantine": 1,
+        "attack": "alie",
+        "pipeline": "nnm > cwtm",
+        "rounds": 3,
+        "schedule": "async",
+        "async": {"buffer_size": 2, "staleness_bound": 0, "window_f": 0},
+    }
+    return tiny_values(**{**values, **changes})
 
 
 # --- the coordinator over the wire ---------------------------------------------------------------------
@@ -212,6 +212,14 @@ def grpc_async_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     return out, json.loads((out / "summary.json").read_text())
 
 
+def _arrived_after_update(path: Path, update: int) -> bool:
+    """Whether arrivals.jsonl holds an arrival after update ``update``'s line."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    events = [json.loads(line) for line in lines[:-1]]  # the last line may be half written
+    updates = [i for i, e in enumerate(events) if e["event"] == "update" and e["round"] == update]
+    return bool(updates) and any(e["event"] == "arrival" for e in events[updates[0] + 1 :])
+
+
 def _windows(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line)["window"] for line in (out / "rounds.jsonl").read_text().splitlines()]
 
@@ -263,3 +271,61 @@ def test_a_replay_under_another_defence_keeps_the_schedule(
     assert "cannot change what the log fixes" in capsys.readouterr().err
     assert main(["replay", str(tmp_path / "cwmed"), "--out", str(tmp_path / "again")]) == 2
     assert "has no arrivals.jsonl" in capsys.readouterr().err
+
+
+async def test_a_grpc_async_run_stopped_and_resumed_replays_to_its_final_parameters(tmp_path: Path) -> None:
+    # Prepare: the services in this process, at steady speeds; the coordinator is stopped after a few updates.
+    from arcsim.adversaries.service import run_adversary
+    from arcsim.coordinator.service import CoordinatorServer
+    from arcsim.engine.replay import replay_arrivals
+    from arcsim.workers.service import WorkerSettings, run_worker
+
+    values = _async_values(rounds=10, eval_every=5, round_deadline=10.0)
+    values["async"] = {"buffer_size": 3, "staleness_bound": 2}
+    values["speeds"] = {"honest": {"distribution": "lognormal", "median": 0.02, "sigma": 0.5}}
+    config = from_dict(values)
+    out = tmp_path / "run"
+    out.mkdir()
+
+    async def run_until(resume: bool, stop_after: int | None) -> dict[str, Any]:
+        server = CoordinatorServer(CoordinatorSettings(config=config, out_dir=out, secret=TEST_SECRET, resume=resume))
+        serving = asyncio.create_task(server.serve())
+        while not (out / "coordinator.json").exists():
+            await asyncio.sleep(0.01)
+        port = json.loads((out / "coordinator.json").read_text())["port"]
+        workers = [
+            asyncio.create_task(
+                (run_worker if i < config.num_honest else run_adversary)(
+                    WorkerSettings(
+                        coordinator=f"127.0.0.1:{port}",
+                        worker_id=i,
+                        token=dict(_md(config, i))["authorization"].removeprefix("Bearer "),
+                        max_retry_seconds=5,
+                    )
+                )
+            )
+            for i in range(config.num_workers)
+        ]
+        try:
+            if stop_after is not None:
+                # ... once an arrival came after that update: the log then runs past the checkpoint.
+                while not _arrived_after_update(out / "arrivals.jsonl", stop_after - 1):
+                    await asyncio.sleep(0.005)
+                server.coordinator.request_stop()
+            return await asyncio.wait_for(serving, 60)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    # Act: stop after 4 updates, resume to the end, replay the log.
+    stopped = await run_until(resume=False, stop_after=4)
+    completed = await run_until(resume=True, stop_after=None)
+    events = read_arrivals(out / "arrivals.jsonl")
+    replayed = await asyncio.to_thread(replay_arrivals, config, events, tmp_path / "replay")
+
+    # Assert: the log was cut back to the checkpoint (updates numbered 0..9 once each), and the replay of the
+    # stopped-and-resumed run ends on its parameters.
+    assert stopped["status"] == "stopped" and completed["status"] == "completed"
+    assert [e["round"] for e in events if e["event"] == "update"] == list(range(10))
+    assert replayed["final_params_sha256"] == completed["final_params_sha256"]
