@@ -33,8 +33,9 @@ are refused, as the synchronous engines refuse them.
 
 Determinism: the durations, batches and attack noise derive from the run's seed, and the event queue
 breaks ties by worker id, so a config gives the same ``final_params_sha256`` every time, also when it
-is stopped and resumed (a checkpoint holds the event queue, the vectors in flight and the momenta). Not
-yet: the gRPC engine, ``arcsim replay``, and timing attacks beyond speed.
+is stopped and resumed (a checkpoint holds the event queue, the vectors in flight and the momenta). The
+gRPC engine runs the same schedule in real time (arcsim/coordinator/asynchronous.py), and
+``arcsim replay`` (arcsim/engine/replay.py) re-runs such a run in process from its arrival log.
 """
 
 from __future__ import annotations
