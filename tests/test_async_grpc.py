@@ -173,11 +173,38 @@ async def test_the_coordinator_buffers_refuses_stale_and_future_vectors_and_logs
     versions.cancel()
 
 
-async def test_held_attackers_run_on_the_inproc_engine_only(tmp_path: Path) -> None:
-    values = _async_values()
-    values["async"] = {**values["async"], "byzantine_timing": "hold"}
-    with pytest.raises(ValueError, match="hold .* runs on the inproc engine only"):
-        await serve(CoordinatorSettings(config=from_dict(values), out_dir=tmp_path, secret=TEST_SECRET))
+def test_held_attackers_wait_for_the_window_they_fill_together(tmp_path: Path) -> None:
+    # Prepare: 2 attackers faster than the honest workers, holding their vectors (K = 5 of 6 honest + 2).
+    values = tiny_values(
+        num_honest=6,
+        num_byzantine=2,
+        attack="alie",
+        pipeline="arc > nnm > cwtm",
+        rounds=8,
+        eval_every=4,
+        round_deadline=20.0,
+        schedule="async",
+        speeds={
+            "honest": {"distribution": "lognormal", "median": 0.05, "sigma": 0.5},
+            "byzantine": {"distribution": "constant", "seconds": 0.01},
+        },
+        **{"async": {"buffer_size": 5, "staleness_bound": 3, "byzantine_timing": "hold"}},
+    )
+    path = tmp_path / "hold.yaml"
+    path.write_text(from_dict(values).to_yaml())
+
+    # Act
+    assert main(["run", str(path), "--engine", "grpc", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["replay", str(tmp_path / "run"), "--out", str(tmp_path / "replay")]) == 0
+
+    # Assert: every crafted vector was crafted from a window holding K - 2 honest vectors (the attackers waited
+    # until, together, they filled it), attackers are in windows, and the replay ends on the run's parameters.
+    events = read_arrivals(tmp_path / "run" / "arrivals.jsonl")
+    crafted = [e for e in events if e["event"] == "arrival" and e["worker"] >= 6]
+    assert crafted and all(len(e["observed"]["seqs"]) >= 3 for e in crafted)
+    windows = _windows(tmp_path / "run")
+    assert any(w["workers"][-2:] == [6, 7] for w in windows)
+    assert all(len(w["workers"]) == 5 and w["closed"] == "full" for w in windows)  # never more than K
 
 
 # --- whole runs with the services as processes, and their replays --------------------------------------------

@@ -176,7 +176,7 @@ def test_messages_have_the_documented_fields() -> None:
     assert fields("GradientChunk") == {"round": 1, "worker_id": 2, "header": 3, "data": 4, "train_loss": 5, "step": 6}
     assert fields("FetchMomentumRequest") == {"worker_id": 1}
     assert fields("SubmitReply") == {"accepted": 1, "round": 2, "message": 3}
-    assert fields("ObserveRequest") == {"worker_id": 1, "round": 2}
+    assert fields("ObserveRequest") == {"worker_id": 1, "round": 2, "wait_for_honest": 3}
     assert fields("ObserveEvent") == {"vector": 1, "chunk": 2}
     assert fields("ObservedVector") == {"worker_id": 1, "header": 2, "seq": 3}
 

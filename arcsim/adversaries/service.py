@@ -10,7 +10,10 @@ Under ``schedule: async`` each id steps at its own speed: it observes the open w
 (``async.byzantine_timing: arrival``) or when it starts its step (``start``), crafts from the honest
 vectors it saw with the key of that observation (arcsim.schedule.observation_key: ids that saw the same
 vectors craft the same matrix, and ``arcsim replay`` crafts it again), and submits its row with the
-observed version. Craftings of one process run one at a time (they share the attack's state).
+observed version. With ``hold`` an id that arrives waits with the others of its process until the open
+window holds enough honest vectors for them to fill it together (``Observe`` with ``wait_for_honest``:
+K minus the ids waiting), and then they all observe the same window, craft and land at once.
+Craftings of one process run one at a time (they share the attack's state).
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ class Collusion:
     def __init__(self) -> None:
         self.crafter: Crafter | None = None
         self.crafting = asyncio.Lock()  # schedule: async: one crafting at a time (the attack's state is shared)
+        self.held: set[int] = set()  # byzantine_timing hold: the ids waiting to land together
+        self.more_held = asyncio.Event()  # set (and replaced) when an id joins them
+
+    def hold(self, worker_id: int) -> None:
+        self.held.add(worker_id)
+        self.more_held.set()
+        self.more_held = asyncio.Event()
         self._round: int | None = None
         self._matrix: asyncio.Future[torch.Tensor | None] | None = None
 
@@ -126,38 +136,79 @@ class AdversaryParticipant(Participant):
         if not self.worker.needs_observation:
             return await super().step(stub, step, newest, duration)
         started = time.perf_counter()
-        if self.worker.config.async_.get("byzantine_timing", "arrival") == "start":
+        timing = self.worker.config.async_.get("byzantine_timing", "arrival")
+        if timing == "start":
             crafted = await self._observe_and_craft(stub, *newest())
             await asyncio.sleep(max(duration - (time.perf_counter() - started), 0.0))
             return crafted
         await asyncio.sleep(duration)
+        if timing == "hold":
+            return await self._hold_and_land(stub, newest)
         return await self._observe_and_craft(stub, *newest())
+
+    async def _hold_and_land(self, stub, newest) -> tuple[int, torch.Tensor, float] | None:
+        """Wait with the other held ids of this process until the open window holds K minus their number of
+        honest vectors, then craft from them (the same for every held id: the same key, one matrix). As many
+        held ids as K land at once, from the open window's honest vectors or the last window's; with none
+        yet the step is sat out."""
+        collusion, config = self.collusion, self.worker.config
+        collusion.hold(self.worker_id)
+        try:
+            while True:
+                version, params = newest()
+                need = max(config.buffer_size - len(collusion.held), 0)
+                more = collusion.more_held
+                observing = asyncio.ensure_future(
+                    self._observe(stub, version, params.numel(), what="version", wait_for_honest=need)
+                )
+                joined = asyncio.ensure_future(more.wait())
+                await asyncio.wait({observing, joined}, return_when=asyncio.FIRST_COMPLETED)
+                joined.cancel()
+                if not observing.done():  # another id joined: fewer honest vectors are needed now
+                    observing.cancel()
+                    await asyncio.wait({observing})
+                    continue
+                observed = observing.result()
+                if observed is not None and len(observed) >= need:
+                    break
+                if observed is None:  # the model moved on: ask again at the newest version
+                    await asyncio.sleep(0.01)
+        finally:
+            collusion.held.discard(self.worker_id)
+        return await self._craft(version, observed) if observed else None
 
     async def _observe_and_craft(
         self, stub, version: int, params: torch.Tensor
     ) -> tuple[int, torch.Tensor, float] | None:
         """This id's row crafted from the honest vectors of the window open at ``version``; None when the
         coordinator has none yet or moved on to a newer version meanwhile (the step is sat out)."""
-        from arcsim.schedule import observation_key
-
-        worker = self.worker
         observed = await self._observe(stub, version, params.numel(), what="version")
         if not observed:
             return None
+        return await self._craft(version, observed)
+
+    async def _craft(self, version: int, observed: list[codec.ObservedTensor]) -> tuple[int, torch.Tensor, float]:
+        """This id's row of the matrix crafted from ``observed``, with the observation's key."""
+        from arcsim.schedule import observation_key
+
+        worker = self.worker
         honest = torch.stack([item.vector for item in observed])
         key = observation_key(version, [item.seq for item in observed])
         async with self.collusion.crafting:
             matrix = await asyncio.to_thread(worker.crafter.craft_all, honest, key)
         return version, matrix[worker.index].clone(), float("nan")
 
-    async def _observe(self, stub, round_: int, d: int, *, what: str) -> list[codec.ObservedTensor] | None:
+    async def _observe(
+        self, stub, round_: int, d: int, *, what: str, wait_for_honest: int = 0
+    ) -> list[codec.ObservedTensor] | None:
         """The honest vectors ``Observe`` gives for ``round_`` (a version under ``schedule: async``, ``what``
-        says which), in worker-id order; None when the coordinator answers that this one is sat out."""
+        says which), in worker-id order; None when the coordinator answers that this one is sat out.
+        ``wait_for_honest``: ObserveRequest.wait_for_honest (schedule: async)."""
         reader = codec.ObserveEventReader(max_bytes=d * 4, expected_shape=(d,), expected_dtype="float32")
         observed = []
         try:
             async for event in stub.Observe(
-                pb.ObserveRequest(worker_id=self.worker_id, round=round_),
+                pb.ObserveRequest(worker_id=self.worker_id, round=round_, wait_for_honest=wait_for_honest),
                 metadata=self.metadata,
                 timeout=self.round_timeout,
             ):

@@ -19,8 +19,8 @@ workers' real arrivals instead of a simulated clock:
   the new version.
 * ``Observe`` answers at once with the honest vectors of the open window (the last window's when it
   holds none), each with its arrival number; an adversary crafts from them and submits with the observed
-  version. ``byzantine_timing: hold`` (attackers landing together) needs the coordinator to release
-  them and runs on the inproc engine only.
+  version. With ``wait_for_honest`` it answers once the open window holds that many honest vectors:
+  how attackers that hold their vectors (``byzantine_timing: hold``) learn when, together, they fill it.
 
 Every vector taken or refused is one line of ``arrivals.jsonl`` (:class:`arcsim.schedule.ArrivalLog`),
 and every update one more, in the order the coordinator took them: ``arcsim replay`` re-runs the run in
@@ -35,6 +35,7 @@ update; ``--resume`` cuts arrivals.jsonl back to it, so the log and the model ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -110,12 +111,6 @@ class AsyncCoordinator(Coordinator):
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         config = settings.config
-        timing = str(config.async_.get("byzantine_timing", "arrival"))
-        if timing == "hold" and config.num_byzantine:
-            raise ValueError(
-                "async.byzantine_timing: hold (attackers landing together) runs on the inproc engine only; the "
-                "gRPC engine runs arrival and start"
-            )
         self._arrivals = _Arrivals(settings.out_dir / ARRIVALS_FILE)
         super().__init__(settings)
         self._arrivals.open(self.run_id, config.num_workers)
@@ -126,11 +121,24 @@ class AsyncCoordinator(Coordinator):
         self._version = self.state.round  # the newest version announced
         self._observations: dict[int, tuple[int, list[int]]] = {}  # Byzantine worker -> its last (version, seqs)
         self._ready = asyncio.Event()  # the window may close: full, or stuck
-        self._idle = asyncio.Event()  # no update in progress
+        # No update due or in progress: submissions and observations wait while one is (a full buffer takes no
+        # more vectors before its update, which the run loop makes at its next turn).
+        self._idle = asyncio.Event()
         self._idle.set()
         self._blocked: set[int] = set()  # workers whose vector since the last update was non-finite
         self._stale = self._non_finite = 0  # refusals since the last update
         self._window_opened = time.monotonic()
+        self._changed_window = asyncio.Event()  # set (and replaced) whenever the buffer or the version changes
+
+    async def _until_idle(self) -> None:
+        """Return once no update is due or in progress (checked again after each wake: the first of several
+        submissions woken together may fill the buffer)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    def _window_changed(self) -> None:
+        self._changed_window.set()
+        self._changed_window = asyncio.Event()
 
     # --- the schedule's hooks -------------------------------------------------------------------
     def _engine_state(self) -> Any:
@@ -177,7 +185,7 @@ class AsyncCoordinator(Coordinator):
     async def _take(
         self, owner: tuple[str, int], reader: codec.VectorReader, vector: Tensor, received: int
     ) -> pb.SubmitReply:
-        await self._idle.wait()  # an update in progress: this vector arrives after it, at the new version
+        await self._until_idle()  # an update due or in progress: this vector arrives after it, at the new version
         worker_id, version, at = reader.worker_id, reader.round, self._version
         arrivals = self._arrivals
         seq = arrivals.seq
@@ -212,6 +220,7 @@ class AsyncCoordinator(Coordinator):
                 f"computed on version {version}, more than {self.buffer.staleness_bound} behind version {at}",
             )
         self._blocked.discard(worker_id)
+        self._window_changed()
         self.metrics.submissions.labels(owner[0]).inc()
         self.metrics.received_bytes.inc(received)
         self._check_ready()
@@ -224,6 +233,7 @@ class AsyncCoordinator(Coordinator):
         others = sum(1 for w in range(self.config.num_workers) if w not in in_buffer and w not in self._blocked)
         if self.buffer.full or len(in_buffer) + others < self.buffer.size:
             self._ready.set()
+            self._idle.clear()
 
     # --- Observe --------------------------------------------------------------------------------
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext):
@@ -231,18 +241,14 @@ class AsyncCoordinator(Coordinator):
             self._check_observer(context, request.worker_id)
         except Rejection as error:
             await error.abort(context)
-        await self._idle.wait()
-        if request.round != self._version:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"version {request.round} is not the newest (version {self._version})",
-            )
-        num_honest = self.config.num_honest
-        honest = {e.worker_id: (e.payload[2], e.payload[0]) for e in self.buffer.entries() if e.worker_id < num_honest}
-        if not honest:
-            honest = dict(self._arrivals.last_window)
-        self._observations[request.worker_id] = (self._version, [honest[w][0] for w in sorted(honest)])
         async with self._subscription("Observe", request.worker_id, context):
+            honest = await self._observed(request.round, request.wait_for_honest)
+            if honest is None:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"version {request.round} is not the newest (version {self._version})",
+                )
+            self._observations[request.worker_id] = (self._version, [honest[w][0] for w in sorted(honest)])
             stream = wire.observe_stream(
                 {w: v for w, (_, v) in honest.items()},
                 chunk_bytes=self.settings.chunk_bytes,
@@ -251,12 +257,34 @@ class AsyncCoordinator(Coordinator):
             for event in stream:
                 await context.write(event)
 
+    async def _observed(self, version: int, wait_for_honest: int) -> dict[int, tuple[int, Tensor]] | None:
+        """The honest vectors (worker -> (seq, vector)) an Observe at ``version`` answers with; None when the
+        model is not (or no longer) at ``version``. ``wait_for_honest`` > 0: the open window's alone, once it
+        holds that many, or after round_deadline seconds with what it holds."""
+        deadline = time.monotonic() + self.config.round_deadline
+        while True:
+            await self._until_idle()
+            if version != self._version:
+                return None
+            num_honest = self.config.num_honest
+            honest = {
+                e.worker_id: (e.payload[2], e.payload[0]) for e in self.buffer.entries() if e.worker_id < num_honest
+            }
+            if wait_for_honest <= 0:
+                return honest or dict(self._arrivals.last_window)
+            if len(honest) >= wait_for_honest or time.monotonic() >= deadline:
+                return honest
+            changed = self._changed_window
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(deadline - time.monotonic(), 0.0))
+
     # --- the run --------------------------------------------------------------------------------
     async def _announce(self) -> None:
         """Announce the model's current version on every Rounds stream; its window opens now."""
         current = await self._open_round()
         self._version = current.number
         self._window_opened = time.monotonic()
+        self._window_changed()
 
     async def run_rounds(self) -> str:
         loop = asyncio.get_running_loop()

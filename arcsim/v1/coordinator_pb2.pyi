@@ -127,12 +127,14 @@ class SubmitReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ObserveRequest(_message.Message):
-    __slots__ = ("worker_id", "round")
+    __slots__ = ("worker_id", "round", "wait_for_honest")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_HONEST_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     round: int
-    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    wait_for_honest: int
+    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ..., wait_for_honest: _Optional[int] = ...) -> None: ...
 
 class FetchMomentumRequest(_message.Message):
     __slots__ = ("worker_id",)
