@@ -50,13 +50,14 @@ class Collusion:
         self.crafting = asyncio.Lock()  # schedule: async: one crafting at a time (the attack's state is shared)
         self.held: set[int] = set()  # byzantine_timing hold: the ids waiting to land together
         self.more_held = asyncio.Event()  # set (and replaced) when an id joins them
+        self._round: int | None = None
+        self._matrix: asyncio.Future[torch.Tensor | None] | None = None
 
     def hold(self, worker_id: int) -> None:
+        """``worker_id`` waits with the others to land together (byzantine_timing: hold)."""
         self.held.add(worker_id)
         self.more_held.set()
         self.more_held = asyncio.Event()
-        self._round: int | None = None
-        self._matrix: asyncio.Future[torch.Tensor | None] | None = None
 
     def crafter_for(self, config: RunConfig) -> Crafter:
         if self.crafter is None or self.crafter.config != config:
