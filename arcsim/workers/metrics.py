@@ -62,7 +62,8 @@ class WorkerMetrics:
         r = self.registry
         self.compute_seconds = Histogram(
             "arcsim_worker_compute_seconds",
-            "Time to compute one round's vector (an observing adversary: including its wait for the honest ones).",
+            "Time to compute one round's vector (an observing adversary: including its wait for the honest ones; "
+            "schedule: async: the whole step, its drawn duration included).",
             ["role"],
             buckets=_COMPUTE_BUCKETS,
             registry=r,
