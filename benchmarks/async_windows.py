@@ -4,7 +4,8 @@ the windows held (Byzantine share, staleness, stale refusals, simulated time), a
     python benchmarks/async_windows.py runs/async-fashion
 
 The windows' numbers come from rounds.jsonl (``window``, arcsim/engine/asynchronous.py): the Byzantine
-share and the staleness are averaged over every update's window and every vector in it. docs/async.md
+share and the staleness are averaged over every update's window and every vector in it; the clock is the
+last update's time (simulated seconds on the inproc engine, real ones on the grpc engine). docs/async.md
 shows this table; its runs are in docs/results/async-fashion.jsonl.gz, archived with ``--all-rounds`` so
 that ``arcsim archive --extract docs/results/async-fashion.jsonl.gz runs/async-fashion`` gives this
 script every window back.
@@ -63,7 +64,7 @@ def main() -> None:
         )
     print(
         "| pipeline | schedule | max test acc % | final test acc % | Byzantine share per window | "
-        "mean staleness | stale refused | simulated s |"
+        "mean staleness | stale refused | clock s |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in sorted(rows, key=lambda r: (r[1] != "sync", r[1], r[0])):
