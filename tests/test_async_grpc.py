@@ -356,3 +356,24 @@ async def test_a_grpc_async_run_stopped_and_resumed_replays_to_its_final_paramet
     assert stopped["status"] == "stopped" and completed["status"] == "completed"
     assert [e["round"] for e in events if e["event"] == "update"] == list(range(10))
     assert replayed["final_params_sha256"] == completed["final_params_sha256"]
+
+
+def test_a_log_whose_crafted_vector_has_no_observation_is_refused_before_anything_is_written(
+    grpc_async_run: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the run's log with the observation of its first crafted vector taken out (what a log of a data
+    # attack, or of an adversary other than arcsim's, gives a replay that must craft).
+    out, _ = grpc_async_run
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "config.yaml").write_text((out / "config.yaml").read_text())
+    lines = (out / "arrivals.jsonl").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if '"observed"' in line)
+    event = json.loads(lines[first])
+    del event["observed"]
+    lines[first] = json.dumps(event)
+    (edited / "arrivals.jsonl").write_text("\n".join(lines) + "\n")
+    # Act / assert
+    assert main(["replay", str(edited), "--out", str(tmp_path / "replay")]) == 2
+    assert f"arrival {event['seq']}: worker 4 crafts its vector" in capsys.readouterr().err
+    assert not (tmp_path / "replay").exists()

@@ -100,16 +100,23 @@ def replay_arrivals(
         **{w.worker_id: w for w in honest_workers},
         **{i: w.trainer for i, w in byzantine.items() if w.trainer is not None},
     }
-    state = RunState(config, out_dir, device=device, attack_state=crafter.state)
     settings = config.async_
     weighting = str(settings.get("staleness_weighting", "none"))
     exponent = float(settings.get("staleness_exponent", 0.5))
 
-    # Where each version's parameters and each arrival's vector are last needed, to keep no more of them.
+    # Where each version's parameters and each arrival's vector are last needed, to keep no more of them;
+    # and whether every crafted vector can be crafted again (checked before anything is written).
     last_use_version: dict[int, int] = {}
     last_use_seq: dict[int, int] = {}
     for index, event in enumerate(body):
         if event["event"] == "arrival":
+            crafted = event["worker"] not in trainers and event["outcome"] != "non_finite"
+            if crafted and not event.get("observed"):
+                raise ReplayError(
+                    f"arrival {event['seq']}: worker {event['worker']} crafts its vector from observed honest ones, "
+                    "and the log has no observation for it (the run's attack trained on data, e.g. label_flip, "
+                    "or its adversary was not arcsim's): a replay cannot craft it"
+                )
             if event["worker"] in trainers and event["outcome"] != "non_finite":
                 last_use_version[int(event["version"])] = index
             for seq in (event.get("observed") or {}).get("seqs", ()):
@@ -117,6 +124,7 @@ def replay_arrivals(
         else:
             for seq in event["seqs"]:
                 last_use_seq[int(seq)] = index
+    state = RunState(config, out_dir, device=device, attack_state=crafter.state)
     params: dict[int, Tensor] = {state.round: state.params}
     vectors: dict[int, tuple[int, Tensor | None, float]] = {}  # seq -> (worker, vector or None if left out, loss)
     momenta: dict[int, Tensor] = {}  # a trainer's last finite vector received
@@ -136,12 +144,7 @@ def replay_arrivals(
                 trainer.set_momentum(momenta.get(worker_id))
                 vector, loss = trainer.step(params[version], int(event["step"])), trainer.last_loss
             else:
-                observed = event.get("observed")
-                if not observed:
-                    raise ReplayError(
-                        f"arrival {seq}: worker {worker_id}'s crafted vector has no observation in the log (an "
-                        "adversary other than arcsim's, which a replay cannot compute again)"
-                    )
+                observed = event["observed"]
                 missing = [s for s in observed["seqs"] if int(s) not in vectors]
                 if missing:
                     raise ReplayError(f"arrival {seq}: observed arrival {missing[0]} is not in the log before it")
