@@ -108,14 +108,15 @@ def byzfl_curves(results: Path, cell: Cell, *, steps: int, eval_every: int) -> d
 
 
 def arcsim_curves(folder: Path, cell: Cell) -> dict[int, dict[int, float]]:
-    """{seed: {rounds done: test accuracy}} of one cell from arcsim run folders of the protocol sweep."""
+    """{seed: {rounds done: test accuracy}} of one cell from arcsim run folders of the protocol sweep; a run the
+    batched engine stopped as diverged counts at chance at every evaluation it did not reach, as reports count it."""
     name, params, _ = ATTACKS[cell.attack]
     curves: dict[int, dict[int, float]] = {}
     for summary_path in sorted(folder.glob("*/summary.json")):
         summary = json.loads(summary_path.read_text())
         config = summary.get("config", {})
         if not (
-            summary.get("status") == "completed"
+            summary.get("status") in ("completed", "diverged")
             and config.get("attack") == name
             and (config.get("attack_params") or {}) == params
             and config.get("pipeline") == cell.pipeline
@@ -126,7 +127,12 @@ def arcsim_curves(folder: Path, cell: Cell) -> dict[int, dict[int, float]]:
         ):
             continue
         records = [json.loads(line) for line in (summary_path.parent / "rounds.jsonl").read_text().splitlines()]
-        curves[config["seed"]] = {r["round"] + 1: r["accuracy"] for r in records if r.get("accuracy") is not None}
+        curve = {r["round"] + 1: r["accuracy"] for r in records if r.get("accuracy") is not None}
+        if summary["status"] == "diverged":  # stopped when it turned non-finite: at chance from there (as reports)
+            every = config["eval_every"]
+            chance = 1.0 / summary["num_classes"]
+            curve.update({done: chance for done in range(every, config["rounds"] + 1, every) if done not in curve})
+        curves[config["seed"]] = curve
     return curves
 
 
