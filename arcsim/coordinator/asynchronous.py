@@ -125,6 +125,7 @@ class AsyncCoordinator(Coordinator):
         # more vectors before its update, which the run loop makes at its next turn).
         self._idle = asyncio.Event()
         self._idle.set()
+        self._over = False  # the run loop has ended: no more arrivals
         self._blocked: set[int] = set()  # workers whose vector since the last update was non-finite
         self._stale = self._non_finite = 0  # refusals since the last update
         self._window_opened = time.monotonic()
@@ -186,6 +187,8 @@ class AsyncCoordinator(Coordinator):
         self, owner: tuple[str, int], reader: codec.VectorReader, vector: Tensor, received: int
     ) -> pb.SubmitReply:
         await self._until_idle()  # an update due or in progress: this vector arrives after it, at the new version
+        if self._over:
+            raise Rejection(grpc.StatusCode.FAILED_PRECONDITION, "ended", "the run has ended")
         worker_id, version, at = reader.worker_id, reader.round, self._version
         arrivals = self._arrivals
         seq = arrivals.seq
@@ -264,7 +267,7 @@ class AsyncCoordinator(Coordinator):
         deadline = time.monotonic() + self.config.round_deadline
         while True:
             await self._until_idle()
-            if version != self._version:
+            if version != self._version or self._over:
                 return None
             num_honest = self.config.num_honest
             honest = {
@@ -319,7 +322,11 @@ class AsyncCoordinator(Coordinator):
                     )
                 )
         finally:
+            # The run is over: what still waits for an update is refused (the log is closed, and a resumed run
+            # goes on from the checkpoint).
+            self._over = True
             self._idle.set()
+            self._arrivals.log.close()
         return "completed" if self.state.done else "stopped"
 
     async def _update(self, loop: asyncio.AbstractEventLoop) -> RoundRecord:
