@@ -90,6 +90,26 @@ class RunConfig:
         return int(self.async_.get("buffer_size", self.num_honest))
 
     @property
+    def staleness_bound(self) -> int:
+        """``schedule: async``: a vector more versions behind the model than this is refused; default 0."""
+        return int(self.async_.get("staleness_bound", 0))
+
+    @property
+    def staleness_weighting(self) -> str:
+        """``schedule: async``: none, inverse_sqrt or polynomial (arcsim.schedule.staleness_weight); default none."""
+        return str(self.async_.get("staleness_weighting", "none"))
+
+    @property
+    def staleness_exponent(self) -> float:
+        """``schedule: async``: the exponent of ``staleness_weighting: polynomial``; default 0.5."""
+        return float(self.async_.get("staleness_exponent", 0.5))
+
+    @property
+    def byzantine_timing(self) -> str:
+        """``schedule: async``: when omniscient attackers craft and land (arrival, start, hold); default arrival."""
+        return str(self.async_.get("byzantine_timing", "arrival"))
+
+    @property
     def num_workers(self) -> int:
         return self.num_honest + self.num_byzantine
 

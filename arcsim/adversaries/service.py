@@ -137,7 +137,7 @@ class AdversaryParticipant(Participant):
         if not self.worker.needs_observation:
             return await super().step(stub, step, newest, duration)
         started = time.perf_counter()
-        timing = self.worker.config.async_.get("byzantine_timing", "arrival")
+        timing = self.worker.config.byzantine_timing
         if timing == "start":
             crafted = await self._observe_and_craft(stub, *newest())
             await asyncio.sleep(max(duration - (time.perf_counter() - started), 0.0))

@@ -114,10 +114,7 @@ class AsyncCoordinator(Coordinator):
         self._arrivals = _Arrivals(settings.out_dir / ARRIVALS_FILE)
         super().__init__(settings)
         self._arrivals.open(self.run_id, config.num_workers)
-        settings_ = config.async_
-        self.buffer = Buffer(size=config.buffer_size, staleness_bound=int(settings_.get("staleness_bound", 0)))
-        self._weighting = str(settings_.get("staleness_weighting", "none"))
-        self._exponent = float(settings_.get("staleness_exponent", 0.5))
+        self.buffer = Buffer(size=config.buffer_size, staleness_bound=config.staleness_bound)
         self._version = self.state.round  # the newest version announced
         self._observations: dict[int, tuple[int, list[int]]] = {}  # Byzantine worker -> its last (version, seqs)
         self._ready = asyncio.Event()  # the window may close: full, or stuck
@@ -337,7 +334,9 @@ class AsyncCoordinator(Coordinator):
         num_honest = self.config.num_honest
         vectors = {}
         for entry in window:
-            weight = staleness_weight(entry.staleness, weighting=self._weighting, exponent=self._exponent)
+            weight = staleness_weight(
+                entry.staleness, weighting=self.config.staleness_weighting, exponent=self.config.staleness_exponent
+            )
             vectors[entry.worker_id] = entry.payload[0] if weight == 1.0 else entry.payload[0] * weight
         honest = {e.worker_id: (e.payload[2], e.payload[0]) for e in window if e.worker_id < num_honest}
         if honest:

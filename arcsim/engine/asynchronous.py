@@ -145,11 +145,8 @@ def run_async_inproc(
         attack_state=crafter.state,
         engine_state=sim,
     )
-    settings = config.async_
-    buffer = Buffer(size=config.buffer_size, staleness_bound=int(settings.get("staleness_bound", 0)))
-    weighting = str(settings.get("staleness_weighting", "none"))
-    timing = str(settings.get("byzantine_timing", "arrival"))
-    exponent = float(settings.get("staleness_exponent", 0.5))
+    buffer = Buffer(size=config.buffer_size, staleness_bound=config.staleness_bound)
+    weighting, exponent, timing = config.staleness_weighting, config.staleness_exponent, config.byzantine_timing
     speeds = Speeds(config.speeds, seed=config.seed, num_honest=config.num_honest, num_workers=config.num_workers)
     stale = non_finite = 0
     blocked: set[int] = set()  # workers whose vector since the last update was non-finite

@@ -100,9 +100,7 @@ def replay_arrivals(
         **{w.worker_id: w for w in honest_workers},
         **{i: w.trainer for i, w in byzantine.items() if w.trainer is not None},
     }
-    settings = config.async_
-    weighting = str(settings.get("staleness_weighting", "none"))
-    exponent = float(settings.get("staleness_exponent", 0.5))
+    weighting, exponent = config.staleness_weighting, config.staleness_exponent
 
     # Where each version's parameters and each arrival's vector are last needed, to keep no more of them;
     # and whether every crafted vector can be crafted again (checked before anything is written).
