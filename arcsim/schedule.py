@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arcsim.roles import role_of
 from arcsim.seeding import derive_seed
 
 __all__ = [
@@ -49,7 +50,9 @@ __all__ = [
     "check_speed",
     "observation_key",
     "read_arrivals",
+    "staleness_scaled",
     "staleness_weight",
+    "window_record",
 ]
 
 DISTRIBUTIONS: tuple[str, ...] = ("constant", "lognormal", "zipf", "trace")
@@ -73,6 +76,16 @@ def staleness_weight(staleness: int, *, weighting: str, exponent: float = 0.5) -
     if weighting == "polynomial":
         return (1.0 + staleness) ** -exponent
     raise ValueError(f"staleness_weighting must be one of {', '.join(STALENESS_WEIGHTINGS)}, got {weighting!r}")
+
+
+def staleness_scaled(vector: Any, staleness: int, *, weighting: str, exponent: float = 0.5) -> Any:
+    """``vector`` scaled by its :func:`staleness_weight` (the vector itself when the weight is 1).
+
+    >>> staleness_scaled(8.0, 3, weighting="inverse_sqrt"), staleness_scaled(8.0, 3, weighting="none")
+    (4.0, 8.0)
+    """
+    weight = staleness_weight(staleness, weighting=weighting, exponent=exponent)
+    return vector if weight == 1.0 else vector * weight
 
 
 def check_speed(role: str, spec: object) -> dict[str, Any]:
@@ -236,6 +249,12 @@ class Buffer:
     def full(self) -> bool:
         return len(self._entries) >= self.size
 
+    def stuck(self, blocked: set[int], num_workers: int) -> bool:
+        """Not full, and the workers neither in it nor ``blocked`` (they sent a non-finite vector since the
+        last update: a diverged model) are too few to fill it."""
+        others = sum(1 for w in range(num_workers) if w not in self._entries and w not in blocked)
+        return not self.full and len(self._entries) + others < self.size
+
     def entries(self) -> list[Entry]:
         return [self._entries[i] for i in sorted(self._entries)]
 
@@ -244,6 +263,31 @@ class Buffer:
         window = self.entries()
         self._entries.clear()
         return window
+
+
+def window_record(
+    window: Sequence[Entry],
+    *,
+    time: float,
+    closed: str,
+    stale_refused: int,
+    non_finite_refused: int,
+    num_honest: int,
+) -> dict[str, Any]:
+    """An update's ``window`` in rounds.jsonl (both engines): its time, the workers in it (id order) with
+    their roles and staleness, the Byzantine share, how it closed (full, deadline, stuck) and the vectors
+    refused since the last update."""
+    byzantine = sum(1 for e in window if e.worker_id >= num_honest)
+    return {
+        "time": time,
+        "workers": [e.worker_id for e in window],
+        "roles": [role_of(e.worker_id, num_honest=num_honest) for e in window],
+        "staleness": [e.staleness for e in window],
+        "byzantine_share": byzantine / len(window) if window else None,
+        "closed": closed,
+        "stale_refused": stale_refused,
+        "non_finite_refused": non_finite_refused,
+    }
 
 
 def worker_ids(entries: Sequence[Entry]) -> list[int]:

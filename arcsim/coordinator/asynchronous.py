@@ -48,7 +48,7 @@ from torch import Tensor
 
 from arcsim.coordinator.service import Coordinator, CoordinatorSettings, OpenRound, Rejection
 from arcsim.engine.rounds import RoundRecord
-from arcsim.schedule import ARRIVALS_FILE, ARRIVALS_FORMAT, ArrivalLog, Buffer, staleness_weight
+from arcsim.schedule import ARRIVALS_FILE, ARRIVALS_FORMAT, ArrivalLog, Buffer, staleness_scaled, window_record
 from arcsim.transport import codec, wire
 from arcsim.v1 import coordinator_pb2 as pb
 
@@ -229,9 +229,7 @@ class AsyncCoordinator(Coordinator):
     def _check_ready(self) -> None:
         """Set ``_ready`` when the buffer is full, or stuck: the workers that sent a non-finite vector since
         the last update leave too few others to fill it (a diverged model), as the inproc engine decides."""
-        in_buffer = {e.worker_id for e in self.buffer.entries()}
-        others = sum(1 for w in range(self.config.num_workers) if w not in in_buffer and w not in self._blocked)
-        if self.buffer.full or len(in_buffer) + others < self.buffer.size:
+        if self.buffer.full or self.buffer.stuck(self._blocked, self.config.num_workers):
             self._ready.set()
             self._idle.clear()
 
@@ -331,27 +329,24 @@ class AsyncCoordinator(Coordinator):
         self._idle.clear()
         closed = "full" if self.buffer.full else ("stuck" if self._ready.is_set() else "deadline")
         window = self.buffer.take()
-        num_honest = self.config.num_honest
-        vectors = {}
-        for entry in window:
-            weight = staleness_weight(
-                entry.staleness, weighting=self.config.staleness_weighting, exponent=self.config.staleness_exponent
+        config, num_honest = self.config, self.config.num_honest
+        vectors = {
+            e.worker_id: staleness_scaled(
+                e.payload[0], e.staleness, weighting=config.staleness_weighting, exponent=config.staleness_exponent
             )
-            vectors[entry.worker_id] = entry.payload[0] if weight == 1.0 else entry.payload[0] * weight
+            for e in window
+        }
         honest = {e.worker_id: (e.payload[2], e.payload[0]) for e in window if e.worker_id < num_honest}
         if honest:
             self._arrivals.last_window = honest
-        byzantine = sum(1 for e in window if e.worker_id >= num_honest)
-        record_window = {
-            "time": round(self._arrivals.now(), 6),
-            "workers": [e.worker_id for e in window],
-            "roles": [self.state.role(e.worker_id) for e in window],
-            "staleness": [e.staleness for e in window],
-            "byzantine_share": byzantine / len(window) if window else None,
-            "closed": closed,
-            "stale_refused": self._stale,
-            "non_finite_refused": self._non_finite,
-        }
+        record_window = window_record(
+            window,
+            time=round(self._arrivals.now(), 6),
+            closed=closed,
+            stale_refused=self._stale,
+            non_finite_refused=self._non_finite,
+            num_honest=num_honest,
+        )
         self._arrivals.log.write(
             "update", round=self.state.round, seqs=[e.payload[2] for e in window], window=record_window
         )

@@ -53,7 +53,7 @@ from arcsim.engine.byzantine import Crafter
 from arcsim.engine.honest import HonestWorker
 from arcsim.engine.inproc import make_workers
 from arcsim.engine.rounds import RoundRecord, RunState
-from arcsim.schedule import Buffer, EventQueue, Speeds, staleness_weight
+from arcsim.schedule import Buffer, EventQueue, Speeds, staleness_scaled, window_record
 
 __all__ = ["run_async_inproc"]
 
@@ -191,27 +191,26 @@ def run_async_inproc(
         """One update from the buffer's window; ``restarting``: the workers that take the model after it."""
         nonlocal stale, non_finite, opened_at
         window = buffer.take()
-        weights = [staleness_weight(e.staleness, weighting=weighting, exponent=exponent) for e in window]
-        vectors = {e.worker_id: e.payload[0] if w == 1.0 else e.payload[0] * w for e, w in zip(window, weights)}
+        vectors = {
+            e.worker_id: staleness_scaled(e.payload[0], e.staleness, weighting=weighting, exponent=exponent)
+            for e in window
+        }
         honest_rows = [e.payload[0] for e in window if e.worker_id < config.num_honest]
         if honest_rows:
             sim.last_honest = torch.stack(honest_rows)
         sim.restart, sim.window_opened = (restarting, now), now
-        byzantine_count = sum(1 for e in window if e.worker_id >= config.num_honest)
         record = state.close_round(
             vectors,
             train_losses={e.worker_id: e.payload[1] for e in window if e.worker_id < config.num_honest},
             opened_at=opened_at,
-            window={
-                "time": now,
-                "workers": [e.worker_id for e in window],
-                "roles": [state.role(e.worker_id) for e in window],
-                "staleness": [e.staleness for e in window],
-                "byzantine_share": byzantine_count / len(window) if window else None,
-                "closed": reason,
-                "stale_refused": stale,
-                "non_finite_refused": non_finite,
-            },
+            window=window_record(
+                window,
+                time=now,
+                closed=reason,
+                stale_refused=stale,
+                non_finite_refused=non_finite,
+                num_honest=config.num_honest,
+            ),
             refused=stale + non_finite,
         )
         stale = non_finite = 0
@@ -253,10 +252,7 @@ def run_async_inproc(
         # sent a non-finite vector since the last update leave too few others to fill it, the update closes
         # with what the buffer holds (the pipeline may skip it, as a synchronous round short of vectors).
         restarting = sorted({worker_id, *released} - set(sim.held))  # take the model again after this arrival
-        in_buffer = {e.worker_id for e in buffer.entries()}
-        open_workers = sum(1 for w in range(config.num_workers) if w not in in_buffer and w not in blocked)
-        stuck = not buffer.full and len(in_buffer) + open_workers < buffer.size
-        if buffer.full or stuck:
+        if buffer.full or buffer.stuck(blocked, config.num_workers):
             close(now, restarting, "full" if buffer.full else "stuck")
         for restarted in restarting:
             start(restarted, now)

@@ -39,7 +39,7 @@ from arcsim.config import RunConfig
 from arcsim.engine.byzantine import Crafter
 from arcsim.engine.inproc import make_workers
 from arcsim.engine.rounds import RoundRecord, RunState
-from arcsim.schedule import observation_key, staleness_weight
+from arcsim.schedule import observation_key, staleness_scaled
 
 __all__ = ["SCHEDULE_KEYS", "ReplayError", "replay_arrivals", "schedule_changes"]
 
@@ -174,8 +174,7 @@ def replay_arrivals(
                 if vector is None:
                     left_out += 1
                     continue
-                weight = staleness_weight(int(staleness), weighting=weighting, exponent=exponent)
-                taken[worker_id] = vector if weight == 1.0 else vector * weight
+                taken[worker_id] = staleness_scaled(vector, int(staleness), weighting=weighting, exponent=exponent)
                 losses[worker_id] = loss
             record = state.close_round(
                 taken,
