@@ -92,9 +92,11 @@ class _Arrivals:
             "momenta": sorted(self.momenta),
             "last_window": {str(w): seq for w, (seq, _) in sorted(self.last_window.items())},
         }
+        # No copies: a received vector is never modified (an entry is replaced by the worker's next one), and
+        # this runs at every update.
         tensors = {f"momentum/{w}": m for w, m in self.momenta.items()}
         tensors.update({f"last_window/{w}": v for w, (_, v) in self.last_window.items()})
-        return values, {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+        return values, tensors
 
     def load_state_dict(self, values: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
         self.seq = int(values["seq"])
