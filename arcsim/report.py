@@ -922,23 +922,24 @@ def _plot_heatmaps(
         figure, axes = _figure(
             len(variants), columns=len(variants), width=0.9 * len(fs) + 2.6, height=0.5 * len(rows) + 1.8
         )
-        for ax, variant in zip(axes, variants):
+        for index, (ax, variant) in enumerate(zip(axes, variants)):
             grid = [[100 * panels[variant].get((h, f), math.nan) for f in fs] for h in rows]
             image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
             for i, line in enumerate(grid):
                 for j, value in enumerate(line):
-                    if not math.isnan(value):  # dark text on the bright end of viridis, light on the dark end
-                        ax.text(
-                            j,
-                            i,
-                            f"{value:.1f}",
-                            ha="center",
-                            va="center",
-                            fontsize="small",
-                            color="black" if value > 60 else "white",
-                        )
+                    # dark text on the bright end of viridis, light on the dark end; a cell without runs says so
+                    missing = math.isnan(value)
+                    ax.text(
+                        j,
+                        i,
+                        "not run" if missing else f"{value:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize="small",
+                        color="grey" if missing else "black" if value > 60 else "white",
+                    )
             ax.set_xticks(range(len(fs)), [str(f) for f in fs])
-            ax.set_yticks(range(len(rows)), rows)
+            ax.set_yticks(range(len(rows)), rows if index == 0 else [])  # the panels share their rows
             ax.set_xlabel("f (Byzantine workers)")
             ax.set_title(variant[1])
         figure.colorbar(image, ax=list(axes), label="test worst-case accuracy (%)")
