@@ -9,6 +9,7 @@ plugins it names or fails with one line naming the module and the exception.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -413,6 +414,17 @@ def _check_pipeline_applies(config: RunConfig, pipeline: Any) -> None:
         raise _fail("pipeline", f"cannot aggregate the vectors of all {n} workers: {error}") from None
     if all(RULE_REGISTRY.is_builtin(name) for name in pipeline.stage_names):  # a plugin may change
         _APPLIES.add(key)
+
+
+def with_late_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config (a run's summary.json or config.yaml) with the keys added to RunConfig since it was
+    written at their defaults, so that it compares, groups and reports like the same config written today.
+
+    >>> sorted(set(with_late_defaults({"task": "synthetic"})) - {"task"}) == sorted(_LATE_DEFAULTS)
+    True
+    """
+    missing = {key: copy.deepcopy(value) for key, value in _LATE_DEFAULTS.items() if key not in recorded}
+    return {**recorded, **missing}
 
 
 def canonical_json(value: Any) -> str:

@@ -361,6 +361,11 @@ def _read_run(run_dir: Path) -> RunData | None:
         return None
     if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
         return None
+    from arcsim.config import with_late_defaults
+
+    # A run recorded before a config key was added lacks it: read it at its default, as the sweep does, so
+    # that the key neither splits runs of the same setting nor is missing from some runs' labels.
+    summary = {**summary, "config": with_late_defaults(summary["config"])}
     if summary.get("status") == DIVERGED:
         num_classes, done = summary.get("num_classes"), summary.get("rounds_completed")
         if not (isinstance(num_classes, int) and num_classes >= 2 and isinstance(done, int)):

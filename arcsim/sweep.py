@@ -426,7 +426,7 @@ def _same_config(summary: Mapping[str, Any], config: RunConfig) -> bool:
         return json.dumps(data, sort_keys=True, default=str)
 
     # A summary written before a key was added lacks it: compare it with that key at its default.
-    recorded = {**type(config)().to_dict(), **(summary.get("config") or {})}
+    recorded = _config_module().with_late_defaults(summary.get("config") or {})
     return canon(recorded) == canon(json.loads(canon(config.to_dict())))
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from arcsim.config import ConfigError, RunConfig, from_dict, load_config, loads_config
+from arcsim.config import ConfigError, RunConfig, from_dict, load_config, loads_config, with_late_defaults
 from arcsim.tasks import PARTITIONER_REGISTRY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,6 +81,31 @@ def test_yaml_round_trip_keeps_the_config_and_its_digest() -> None:
     # Assert
     assert again == config
     assert again.digest() == config.digest()
+
+
+def test_config_doctests() -> None:
+    import doctest
+
+    import arcsim.config
+
+    result = doctest.testmod(arcsim.config)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_config_recorded_before_keys_were_added_reads_as_today_with_them_at_their_defaults() -> None:
+    # Prepare: today's record of a config, and the same run as recorded before augment, schedule, async
+    # and speeds existed
+    today = from_dict({"task": "synthetic", "model": "mlp", "gamma": 0.5, "partitioner": "gamma_similarity"}).to_dict()
+    older = {key: value for key, value in today.items() if key not in ("augment", "schedule", "async", "speeds")}
+    # Execute
+    completed = with_late_defaults(older)
+    # Assert: equal to today's record, the recorded keys first in their order; recorded values are kept, a
+    # mutable default is a fresh copy each time, and the record itself is not modified
+    assert completed == today and list(completed)[: len(older)] == list(older)
+    assert with_late_defaults({**older, "augment": "crop_flip"})["augment"] == "crop_flip"
+    assert with_late_defaults(older)["async"] is not with_late_defaults(older)["async"]
+    assert "augment" not in older
+    assert from_dict(completed).digest() == from_dict(today).digest()
 
 
 def test_digest_changes_with_any_key() -> None:

@@ -468,6 +468,30 @@ def test_report_select_writes_the_kept_points_heatmaps_and_plots(
         assert f"](plots/{name})" in text
 
 
+@pytest.mark.parametrize("older_seed", [1, 2], ids=["older-runs-read-first", "older-runs-read-last"])
+def test_report_reads_runs_recorded_before_a_config_key_was_added_at_its_default(
+    selection_sweep: Path, tmp_path: Path, older_seed: int
+) -> None:
+    # Prepare: the same sweep twice; in the second, one seed's runs were recorded before the keys added
+    # since (augment, schedule, async, speeds) existed, as a sweep resumed across versions leaves them
+    today = Path(shutil.copytree(selection_sweep, tmp_path / "today"))
+    mixed = Path(shutil.copytree(selection_sweep, tmp_path / "mixed"))
+    older = [run for run in sorted(mixed.iterdir()) if run.name.endswith(f"-s{older_seed}")]
+    for run in older:
+        summary = json.loads((run / "summary.json").read_text())
+        for key in ("augment", "schedule", "async", "speeds"):
+            del summary["config"][key]
+        (run / "summary.json").write_text(json.dumps(summary))
+    assert len(older) == 48
+    # Execute
+    for sweep in (today, mixed):
+        write_report(sweep, select="validation")
+    # Assert: the same selection and tables (neither a crash on the missing keys nor the runs split by them)
+    for name in ("selected.csv", "candidates.csv", "tables.csv"):
+        assert (mixed / name).read_text() == (today / name).read_text(), name
+    assert (mixed / "report.md").read_text().replace("mixed", "today") == (today / "report.md").read_text()
+
+
 def test_report_without_select_writes_no_selection(selection_sweep: Path, tmp_path: Path) -> None:
     sweep = Path(shutil.copytree(selection_sweep, tmp_path / "sweep"))
     result = write_report(sweep)
