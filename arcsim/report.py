@@ -223,14 +223,17 @@ def best_accuracy(
 
 
 def worst_case(scores: Mapping[str, float]) -> tuple[str, float]:
-    """The attack with the lowest score and that score (the first such attack on ties).
+    """The attack with the lowest score and that score; on ties the first attack by name, so that the
+    answer does not depend on the order the runs were read in (a sweep folder, an archive's extraction).
 
     >>> worst_case({"sign_flip": 0.81, "alie": 0.62, "foe": 0.75})
     ('alie', 0.62)
+    >>> worst_case({"sign_flip": 0.1, "foe": 0.1, "label_flip": 0.4})
+    ('foe', 0.1)
     """
     if not scores:
         raise ValueError("worst_case: no attack scores given (scores = {})")
-    attack = min(scores, key=lambda a: scores[a])
+    attack = min(sorted(scores), key=lambda a: scores[a])
     return attack, scores[attack]
 
 

@@ -72,8 +72,10 @@ def test_worst_case_is_the_minimum_over_attacks() -> None:
     tables = attack_tables(best_accuracy(_points(HAND_TABLE)))
     # Execute
     worst = {pipeline: worst_case(row) for pipeline, row in tables[("s", 1)].items()}
-    # Assert: ties go to the first attack listed
+    # Assert: ties go to the first attack by name
     assert worst == {"P": ("alie", 0.60), "arc > P": ("alie", 0.80)}
+    # whatever order the attacks were read in
+    assert worst_case({"sign_flip": 0.8, "alie": 0.8}) == worst_case({"alie": 0.8, "sign_flip": 0.8}) == ("alie", 0.8)
 
 
 def test_worst_case_of_nothing_raises() -> None:
