@@ -290,10 +290,6 @@ def window_record(
     }
 
 
-def worker_ids(entries: Sequence[Entry]) -> list[int]:
-    return [e.worker_id for e in entries]
-
-
 def observation_key(version: int, seqs: Sequence[int]) -> int:
     """The crafting key of an omniscient attack that observed the arrivals ``seqs`` at model ``version``
     (gRPC engine and ``arcsim replay``): its attack noise and the Crafter's cache are keyed by it, so that
